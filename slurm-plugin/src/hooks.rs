@@ -1,0 +1,647 @@
+//! The SPANK entry points and the per-process state they share.
+//!
+//! Slurm loads the plugin into sbatch/salloc (allocator context), srun
+//! (local), slurmd and slurmstepd (remote). Only slurmstepd runs a wrapped
+//! step; the other contexts just register and validate `--vm-wrap`.
+
+use std::ffi::{c_char, c_int, CStr, CString, OsStr, OsString};
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::dirs::{self, StepPath, FINISHED_MARKER, IDENTITY_FILE};
+use crate::launch::{self, Env, Mode, StepIdentity, EXIT_CHECKPOINTED};
+use crate::options::{Config, WrapOptions};
+use crate::spank::{self, sys, Context, Spank};
+
+/// Step ids at and above this are Slurm's special steps (batch script,
+/// extern, interactive, pending): SLURM_MAX_NORMAL_STEP_ID in slurm.h.
+const MAX_NORMAL_STEP_ID: u32 = 0xffff_fff0;
+const BATCH_STEP_ID: u32 = 0xffff_fffe;
+
+/// SPANK hooks return 0 on success and a negative value on failure.
+const OK: c_int = 0;
+const FAIL: c_int = -1;
+
+/// What slurmstepd prepared for a wrapped step (remote context only).
+struct Prepared {
+    path: StepPath,
+    kvm_fd: RawFd,
+    uid: u32,
+    gid: u32,
+}
+
+struct State {
+    /// None until slurm_spank_init parsed plugstack.conf.
+    config: Option<Config>,
+    /// The parsed `--vm-wrap` argument; None if the option was not given.
+    wrap: Option<Result<WrapOptions, String>>,
+    prepared: Option<Prepared>,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    config: None,
+    wrap: None,
+    prepared: None,
+});
+
+impl State {
+    fn config(&self) -> Config {
+        self.config.clone().unwrap_or_default()
+    }
+}
+
+fn state() -> MutexGuard<'static, State> {
+    // A panic while holding the lock was already reported; the state
+    // itself is plain data and still usable.
+    STATE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs a hook body, turning a panic into a logged failure: unwinding into
+/// slurmstepd's C frames would abort the whole step daemon.
+fn guard(hook: &str, body: impl FnOnce() -> c_int) -> c_int {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(rc) => rc,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            spank::error(&format!("internal error in {hook}: {why}"));
+            FAIL
+        }
+    }
+}
+
+/// # Safety
+/// `argv` must hold `ac` valid C strings (Slurm's plugstack arguments).
+unsafe fn plugin_args(ac: c_int, argv: *mut *mut c_char) -> Vec<String> {
+    let count = usize::try_from(ac).unwrap_or(0);
+    if argv.is_null() {
+        return Vec::new();
+    }
+    (0..count)
+        .map(|i| CStr::from_ptr(*argv.add(i)).to_string_lossy().into_owned())
+        .collect()
+}
+
+fn option_table() -> &'static mut sys::spank_option {
+    Box::leak(Box::new(sys::spank_option {
+        name: c"vm-wrap".as_ptr().cast_mut(),
+        arginfo: c"OPTS".as_ptr().cast_mut(),
+        usage: c"Run each srun step of the job in a checkpointable VM (vmctl). OPTS is an optional comma list of interval=SECS (>=10), keep=N (1-10), mem=SIZE[KMGT], signal=NAME (default USR2: checkpoint and continue)."
+            .as_ptr()
+            .cast_mut(),
+        // 2: the argument is optional (--vm-wrap or --vm-wrap=OPTS).
+        has_arg: 2,
+        val: 0,
+        cb: Some(vm_wrap_option),
+    }))
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_init(sp: sys::spank_t, ac: c_int, argv: *mut *mut c_char) -> c_int {
+    guard("slurm_spank_init", || {
+        let ctx = spank::context();
+        // SAFETY: Slurm passes its plugstack.conf arguments as ac/argv.
+        let args = unsafe { plugin_args(ac, argv) };
+        let config = match Config::parse(args.iter().map(String::as_str)) {
+            Ok(config) => config,
+            Err(errors) => {
+                for e in &errors {
+                    spank::error(e);
+                }
+                // Only the step daemon must refuse to go on: a
+                // misconfigured wrap could lose a user's work, while
+                // sbatch and srun merely validate options.
+                if ctx == Context::Remote {
+                    return FAIL;
+                }
+                Config::default()
+            }
+        };
+        if ctx == Context::Slurmd {
+            // Once per slurmd start: tells admins which vmctl and checkpoint
+            // root the nodes will use.
+            spank::info(&format!(
+                "loaded; vmctl={} checkpoint_root={}",
+                config.vmctl.display(),
+                config.checkpoint_root.display()
+            ));
+        }
+        state().config = Some(config);
+        if matches!(ctx, Context::Local | Context::Remote | Context::Allocator) {
+            // SAFETY: `sp` is this hook's handle.
+            let spank = unsafe { Spank::new(sp) };
+            if let Err(e) = spank.register_option(option_table()) {
+                spank::error(&format!("cannot register --vm-wrap: {e}"));
+                return FAIL;
+            }
+        }
+        OK
+    })
+}
+
+extern "C" fn vm_wrap_option(_val: c_int, optarg: *const c_char, remote: c_int) -> c_int {
+    guard("--vm-wrap", || {
+        let arg = if optarg.is_null() {
+            None
+        } else {
+            // SAFETY: a non-NULL optarg is a C string owned by Slurm for the
+            // duration of the callback.
+            Some(
+                unsafe { CStr::from_ptr(optarg) }
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        };
+        let mut st = state();
+        let parsed = WrapOptions::parse(arg.as_deref(), &st.config());
+        let rc = match &parsed {
+            Ok(_) => OK,
+            Err(e) => {
+                spank::error(&format!(
+                    "invalid --vm-wrap={}: {e}",
+                    arg.as_deref().unwrap_or("")
+                ));
+                FAIL
+            }
+        };
+        // In slurmstepd a failing callback is only logged and the step
+        // would run unwrapped; keeping the error lets init_post_opt fail
+        // the step instead.
+        if rc == OK || remote != 0 {
+            st.wrap = Some(parsed);
+        }
+        rc
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_init_post_opt(
+    sp: sys::spank_t,
+    _ac: c_int,
+    _argv: *mut *mut c_char,
+) -> c_int {
+    guard("slurm_spank_init_post_opt", || {
+        if spank::context() != Context::Remote {
+            return OK;
+        }
+        // SAFETY: `sp` is this hook's handle.
+        let spank = unsafe { Spank::new(sp) };
+        match prepare_step(spank) {
+            Ok(()) => OK,
+            Err(e) => {
+                spank::error(&e);
+                FAIL
+            }
+        }
+    })
+}
+
+/// Runs as root in slurmstepd before any task is forked: creates the
+/// checkpoint directories and opens /dev/kvm for the tasks to inherit.
+fn prepare_step(spank: Spank) -> Result<(), String> {
+    let mut st = state();
+    let Some(wrap) = st.wrap.clone() else {
+        return Ok(());
+    };
+    let job_id = spank.u32_item(sys::S_JOB_ID)?;
+    let step_id = spank.u32_item(sys::S_JOB_STEPID)?;
+    if step_id >= MAX_NORMAL_STEP_ID {
+        if step_id == BATCH_STEP_ID {
+            spank::verbose(&format!(
+                "job {job_id}: the batch script runs natively; its srun steps are wrapped"
+            ));
+        }
+        return Ok(());
+    }
+    let opts =
+        wrap.map_err(|e| format!("job {job_id} step {step_id}: refusing to run: --vm-wrap: {e}"))?;
+    let uid = spank.u32_item(sys::S_JOB_UID)?;
+    let gid = spank.u32_item(sys::S_JOB_GID)?;
+    let user = user_name(uid)?;
+    let path = StepPath {
+        root: st.config().checkpoint_root,
+        user,
+        job_id,
+        step_id,
+    };
+    let dir = path.create(uid, gid).map_err(|e| {
+        format!(
+            "job {job_id} step {step_id}: cannot create checkpoint directory {}: {e}",
+            path.step_dir().display()
+        )
+    })?;
+    let kvm_fd = open_kvm()
+        .map_err(|e| format!("job {job_id} step {step_id}: cannot open /dev/kvm: {e}"))?;
+    spank::info(&format!(
+        "job {job_id} step {step_id}: wrapping in a VM; checkpoints in {}, /dev/kvm is fd {kvm_fd}, options {opts:?}",
+        dir.display()
+    ));
+    st.prepared = Some(Prepared {
+        path,
+        kvm_fd,
+        uid,
+        gid,
+    });
+    Ok(())
+}
+
+/// Opens /dev/kvm as root and deliberately without O_CLOEXEC: the task
+/// (vmctl, running as the job user) inherits the descriptor, so users need
+/// no access to the device node itself.
+fn open_kvm() -> std::io::Result<RawFd> {
+    // SAFETY: a constant path; the result is checked.
+    let fd = unsafe { libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn user_name(uid: u32) -> Result<String, String> {
+    let mut buf = vec![0 as c_char; 4096];
+    loop {
+        // SAFETY: all-zero is a valid passwd value (NULL pointers, 0 ids).
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: `pwd`, `buf` and `result` are valid for the call and
+        // `buf.len()` is the buffer's real size.
+        let rc =
+            unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() {
+            // A user without a passwd entry still needs a directory; the
+            // uid is unique and cannot contain a slash.
+            return Ok(uid.to_string());
+        }
+        // SAFETY: on success pw_name points into `buf`, NUL-terminated.
+        let name = unsafe { CStr::from_ptr(pwd.pw_name) }
+            .to_string_lossy()
+            .into_owned();
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Ok(uid.to_string());
+        }
+        return Ok(name);
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_task_init(
+    sp: sys::spank_t,
+    _ac: c_int,
+    _argv: *mut *mut c_char,
+) -> c_int {
+    guard("slurm_spank_task_init", || {
+        if spank::context() != Context::Remote {
+            return OK;
+        }
+        // SAFETY: `sp` is this hook's handle.
+        let spank = unsafe { Spank::new(sp) };
+        let Some(plan) = ({
+            let st = state();
+            st.prepared
+                .as_ref()
+                .map(|p| (p.path.clone(), p.kvm_fd, st.config().vmctl, st.wrap.clone()))
+        }) else {
+            return OK;
+        };
+        let (path, kvm_fd, vmctl, Some(Ok(opts))) = plan else {
+            return OK;
+        };
+        // Only returns on failure: on success the process is vmctl now.
+        let e = exec_vmctl(spank, &path, kvm_fd, &vmctl, &opts);
+        spank::error(&e);
+        // The task's stderr is the user's: say why the step died there too.
+        let _ = writeln!(std::io::stderr(), "vmwrap: error: {e}");
+        FAIL
+    })
+}
+
+/// Runs in the task process, as the job user, right before slurmstepd would
+/// execve() the task. The step's argv array cannot grow (S_JOB_ARGV returns
+/// slurmstepd's own array, sized for the original command), so instead of
+/// editing it the plugin execs vmctl itself, first doing what exec_task()
+/// would still have done after this hook.
+fn exec_vmctl(
+    spank: Spank,
+    path: &StepPath,
+    kvm_fd: RawFd,
+    vmctl: &Path,
+    opts: &WrapOptions,
+) -> String {
+    match build_exec(spank, path, kvm_fd, vmctl, opts) {
+        Ok((argv, env)) => {
+            let argv_c = to_cstrings(argv.iter().map(|a| a.as_bytes()));
+            let env_c = to_cstrings(env.0.iter().map(Vec::as_slice));
+            let (Some(argv_c), Some(env_c)) = (argv_c, env_c) else {
+                return "argument or environment contains a NUL byte".into();
+            };
+            let argv_p = null_terminated(&argv_c);
+            let env_p = null_terminated(&env_c);
+            // SAFETY: both arrays are NULL-terminated and point into
+            // CStrings that outlive the call (it only returns on failure).
+            unsafe { libc::execve(argv_p[0], argv_p.as_ptr(), env_p.as_ptr()) };
+            format!(
+                "cannot execute {}: {}",
+                vmctl.display(),
+                std::io::Error::last_os_error()
+            )
+        }
+        Err(e) => e,
+    }
+}
+
+fn to_cstrings<'a>(items: impl Iterator<Item = &'a [u8]>) -> Option<Vec<CString>> {
+    items.map(|b| CString::new(b).ok()).collect()
+}
+
+fn null_terminated(items: &[CString]) -> Vec<*const c_char> {
+    items
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+fn build_exec(
+    spank: Spank,
+    path: &StepPath,
+    kvm_fd: RawFd,
+    vmctl: &Path,
+    opts: &WrapOptions,
+) -> Result<(Vec<OsString>, Env), String> {
+    let argv = spank.argv()?;
+    if argv.is_empty() {
+        return Err("the step has no command".into());
+    }
+    let mut env = spank.env()?;
+    let task_id = spank.u32_item(sys::S_TASK_GLOBAL_ID)?;
+    let local_id = spank.int_item(sys::S_TASK_ID)?;
+    let total = spank.u32_item(sys::S_JOB_TOTAL_TASK_COUNT)?;
+    let restarts = restart_count(spank, &env);
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let where_ = format!("job {} step {} task {task_id}", path.job_id, path.step_id);
+
+    let mut dir = path.step_dir();
+    if let Some(sub) = dirs::task_subdir(total, task_id) {
+        dir.push(sub);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("{where_}: cannot create {}: {e}", dir.display())),
+        }
+    }
+
+    let identity = StepIdentity {
+        job_id: path.job_id,
+        step_id: path.step_id,
+        task_id,
+        argv: launch::lossy(&argv),
+        cwd: cwd.to_string_lossy().into_owned(),
+    };
+    let mode = if restarts > 0 {
+        match resumable(&dir, &identity, vmctl) {
+            Ok(()) => Mode::Restore,
+            Err(why) => {
+                spank::info(&format!(
+                    "{where_}: restart {restarts}: starting afresh: {why}"
+                ));
+                Mode::Run
+            }
+        }
+    } else {
+        Mode::Run
+    };
+    if mode == Mode::Run {
+        start_afresh(&dir, &identity).map_err(|e| format!("{where_}: {e}"))?;
+    }
+
+    apply_rlimits(&mut env);
+    // exec_task() gives the first local task a TMPDIR (creating it if set),
+    // after task_init; keep that behaviour for wrapped tasks.
+    if local_id == 0 {
+        match env.get("TMPDIR") {
+            None => env.set("TMPDIR", b"/tmp"),
+            Some(tmp) => {
+                let _ = std::fs::create_dir(Path::new(OsStr::from_bytes(tmp)));
+            }
+        }
+    }
+    env.set("VMWRAP_CHECKPOINT_DIR", dir.as_os_str().as_bytes());
+
+    let mut program = argv;
+    program[0] = launch::resolve_program(&program[0], &env, &cwd);
+    let vm_argv = launch::vmctl_argv(mode, vmctl, kvm_fd, &dir, opts, &program);
+    spank::verbose(&format!(
+        "{where_}: exec {}",
+        vm_argv
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    Ok((vm_argv, env))
+}
+
+fn restart_count(spank: Spank, env: &Env) -> u32 {
+    // srun steps inherit SLURM_RESTART_COUNT from the batch script's
+    // environment; the item covers steps launched some other way.
+    let from_env = env
+        .get("SLURM_RESTART_COUNT")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let from_item = spank.u32_item(sys::S_SLURM_RESTART_COUNT).unwrap_or(0);
+    from_env.max(from_item)
+}
+
+/// Says why `dir` cannot be resumed, or Ok if vmctl restore should run.
+fn resumable(dir: &Path, now: &StepIdentity, vmctl: &Path) -> Result<(), String> {
+    if dir.join(FINISHED_MARKER).exists() {
+        return Err("the previous run of this task had finished".into());
+    }
+    let text = match std::fs::read(dir.join(IDENTITY_FILE)) {
+        Ok(text) => text,
+        Err(e) => return Err(format!("no usable {IDENTITY_FILE}: {e}")),
+    };
+    let then: StepIdentity =
+        serde_json::from_slice(&text).map_err(|e| format!("{IDENTITY_FILE} is unreadable: {e}"))?;
+    if let Some(why) = then.mismatch(now) {
+        return Err(format!(
+            "the checkpoint does not belong to this step: {why}"
+        ));
+    }
+    let out = Command::new(vmctl)
+        .arg("inspect")
+        .arg(dir)
+        .arg("--verify")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run {} inspect: {e}", vmctl.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "vmctl inspect --verify found no valid checkpoint ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn start_afresh(dir: &Path, identity: &StepIdentity) -> Result<(), String> {
+    let removed =
+        dirs::clear_contents(dir).map_err(|e| format!("cannot empty {}: {e}", dir.display()))?;
+    if removed > 0 {
+        spank::verbose(&format!(
+            "removed {removed} stale entries from {}",
+            dir.display()
+        ));
+    }
+    let json = serde_json::to_vec_pretty(identity).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(IDENTITY_FILE), json)
+        .map_err(|e| format!("cannot write {}: {e}", dir.join(IDENTITY_FILE).display()))
+}
+
+/// Applies SLURM_RLIMIT_* as slurmstepd's set_user_limits() would have after
+/// task_init: the soft limit is raised or lowered to the submit host's value,
+/// capped at the hard limit unless the user asked with --propagate.
+fn apply_rlimits(env: &mut Env) {
+    for req in launch::take_rlimits(env) {
+        let Some(resource) = rlimit_resource(&req.name) else {
+            continue;
+        };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid out-pointer.
+        if unsafe { libc::getrlimit(resource, &mut lim) } < 0 || lim.rlim_cur == req.value {
+            continue;
+        }
+        lim.rlim_cur = req.value;
+        if !req.user_requested && lim.rlim_cur > lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+        }
+        // SAFETY: `lim` is a valid, initialised rlimit.
+        if unsafe { libc::setrlimit(resource, &lim) } < 0 {
+            let msg = format!(
+                "cannot propagate RLIMIT_{} of {} from the submit host: {}",
+                req.name,
+                req.value,
+                std::io::Error::last_os_error()
+            );
+            if req.user_requested {
+                spank::error(&msg);
+            } else {
+                spank::verbose(&msg);
+            }
+        }
+    }
+}
+
+fn rlimit_resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+    Some(match name {
+        "CPU" => libc::RLIMIT_CPU,
+        "FSIZE" => libc::RLIMIT_FSIZE,
+        "DATA" => libc::RLIMIT_DATA,
+        "STACK" => libc::RLIMIT_STACK,
+        "CORE" => libc::RLIMIT_CORE,
+        "RSS" => libc::RLIMIT_RSS,
+        "NPROC" => libc::RLIMIT_NPROC,
+        "NOFILE" => libc::RLIMIT_NOFILE,
+        "MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "AS" => libc::RLIMIT_AS,
+        _ => return None,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_task_exit(
+    sp: sys::spank_t,
+    _ac: c_int,
+    _argv: *mut *mut c_char,
+) -> c_int {
+    guard("slurm_spank_task_exit", || {
+        if spank::context() != Context::Remote {
+            return OK;
+        }
+        // SAFETY: `sp` is this hook's handle.
+        let spank = unsafe { Spank::new(sp) };
+        let (path, uid, gid) = {
+            let st = state();
+            let Some(p) = st.prepared.as_ref() else {
+                return OK;
+            };
+            (p.path.clone(), p.uid, p.gid)
+        };
+        if let Err(e) = record_exit(spank, &path, uid, gid) {
+            spank::error(&e);
+        }
+        // Bookkeeping trouble must not change the task's own result.
+        OK
+    })
+}
+
+/// Runs as root in slurmstepd after a task ended: marks its checkpoint
+/// directory finished unless vmctl said "checkpointed, resume me" or was
+/// killed (then the last periodic checkpoint is what a requeue resumes).
+fn record_exit(spank: Spank, path: &StepPath, uid: u32, gid: u32) -> Result<(), String> {
+    let status = spank.int_item(sys::S_TASK_EXIT_STATUS)?;
+    let task_id = spank.u32_item(sys::S_TASK_GLOBAL_ID)?;
+    let total = spank.u32_item(sys::S_JOB_TOTAL_TASK_COUNT)?;
+    let where_ = format!("job {} step {} task {task_id}", path.job_id, path.step_id);
+    if libc::WIFSIGNALED(status) {
+        spank::info(&format!(
+            "{where_}: vmctl killed by signal {}; a requeue resumes from the last checkpoint",
+            libc::WTERMSIG(status)
+        ));
+        return Ok(());
+    }
+    if !libc::WIFEXITED(status) {
+        return Ok(());
+    }
+    let code = libc::WEXITSTATUS(status);
+    if code == EXIT_CHECKPOINTED {
+        spank::info(&format!(
+            "{where_}: checkpointed; a requeue of the job resumes it"
+        ));
+        return Ok(());
+    }
+    spank::verbose(&format!("{where_}: finished with exit status {code}"));
+    let sub = dirs::task_subdir(total, task_id);
+    path.open(sub.as_deref())
+        .and_then(|dir| dir.create_file(OsStr::new(FINISHED_MARKER), uid, gid))
+        .map(drop)
+        .map_err(|e| format!("{where_}: cannot mark the checkpoint directory finished: {e}"))
+}
+
+#[no_mangle]
+pub extern "C" fn slurm_spank_exit(
+    _sp: sys::spank_t,
+    _ac: c_int,
+    _argv: *mut *mut c_char,
+) -> c_int {
+    guard("slurm_spank_exit", || {
+        if let Some(p) = state().prepared.take() {
+            // SAFETY: the descriptor was opened by prepare_step and is not
+            // used after this point; the tasks hold their own copies.
+            unsafe { libc::close(p.kvm_fd) };
+        }
+        OK
+    })
+}

@@ -1,0 +1,393 @@
+//! Parsing and validation of the plugin's two inputs: the site's plugstack.conf
+//! arguments and the user's `--vm-wrap=OPTS`. Kept free of FFI so it can be
+//! unit-tested without a Slurm process around it.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Shortest checkpoint interval accepted: a full checkpoint stops the
+/// program, so anything shorter would spend most of the time checkpointing.
+pub const MIN_INTERVAL_SECS: u32 = 10;
+/// Checkpoint generations kept on disk; each can be as large as guest RAM.
+pub const KEEP_RANGE: std::ops::RangeInclusive<u32> = 1..=10;
+/// TERM is what Slurm sends on scancel, requeue and preemption; vmctl turns it
+/// into "checkpoint and exit", so it cannot also be the keep-running signal.
+const CHECKPOINT_SIGNALS: &[&str] = &["USR1", "USR2", "HUP", "ALRM", "URG", "WINCH"];
+const DEFAULT_SIGNAL: &str = "USR2";
+
+/// How slurmstepd spells an optional option argument that was not given
+/// (`--vm-wrap` alone): Slurm formats the NULL optarg with "%s".
+const NULL_OPTARG: &str = "(null)";
+
+/// A memory size as vmctl's `--mem` takes it: a count with a binary unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemSize {
+    count: u64,
+    unit: char,
+}
+
+impl MemSize {
+    pub fn bytes(self) -> u64 {
+        // parse() only builds sizes whose byte count fits.
+        self.count << shift_of(self.unit)
+    }
+
+    /// Parses `8G`, `512m`, `1T`. A bare number is refused rather than
+    /// guessed at: Slurm's own `--mem` reads it as MiB, a byte count is the
+    /// other common reading, and either guess would surprise someone.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let Some(last) = text.chars().last() else {
+            return Err("empty size".into());
+        };
+        if last.is_ascii_digit() {
+            return Err(format!(
+                "'{text}' has no unit; write e.g. {text}G or {text}M (units K, M, G, T)"
+            ));
+        }
+        let unit = last.to_ascii_uppercase();
+        if !matches!(unit, 'K' | 'M' | 'G' | 'T') {
+            return Err(format!(
+                "'{text}' has unit '{last}'; the units are K, M, G and T"
+            ));
+        }
+        let digits = &text[..text.len() - last.len_utf8()];
+        let count: u64 = parse_decimal(digits)
+            .ok_or_else(|| format!("'{text}' is not a whole number followed by K, M, G or T"))?;
+        if count == 0 {
+            return Err("size must be greater than zero".into());
+        }
+        // Reject values whose byte count would overflow before anyone
+        // compares them against max_mem.
+        if count.checked_mul(1u64 << shift_of(unit)).is_none() {
+            return Err(format!("'{text}' is too large"));
+        }
+        Ok(MemSize { count, unit })
+    }
+}
+
+fn shift_of(unit: char) -> u32 {
+    match unit {
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => 40,
+    }
+}
+
+impl fmt::Display for MemSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.count, self.unit)
+    }
+}
+
+/// Parses ASCII digits only: `str::parse` also accepts a leading '+', which
+/// would make "+10" valid in one place and not another.
+fn parse_decimal<T: std::str::FromStr>(text: &str) -> Option<T> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+fn parse_interval(value: &str) -> Result<u32, String> {
+    let secs: u32 =
+        parse_decimal(value).ok_or_else(|| format!("'{value}' is not a number of seconds"))?;
+    if secs < MIN_INTERVAL_SECS {
+        return Err(format!(
+            "{secs} seconds is too short; the minimum is {MIN_INTERVAL_SECS}"
+        ));
+    }
+    Ok(secs)
+}
+
+fn parse_keep(value: &str) -> Result<u32, String> {
+    let keep: u32 =
+        parse_decimal(value).ok_or_else(|| format!("'{value}' is not a whole number"))?;
+    if !KEEP_RANGE.contains(&keep) {
+        return Err(format!(
+            "{keep} is out of range; keep must be {} to {}",
+            KEEP_RANGE.start(),
+            KEEP_RANGE.end()
+        ));
+    }
+    Ok(keep)
+}
+
+/// Returns the canonical name (no SIG prefix, upper case) vmctl's
+/// `--on-signal` takes.
+fn parse_signal(value: &str) -> Result<String, String> {
+    let upper = value.trim().to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    if CHECKPOINT_SIGNALS.contains(&name) {
+        return Ok(name.to_string());
+    }
+    if name == "TERM" {
+        return Err(
+            "TERM is reserved: Slurm sends it before killing a job, and vmwrap then \
+             checkpoints and stops the program"
+                .into(),
+        );
+    }
+    Err(format!(
+        "'{value}' is not one of {}",
+        CHECKPOINT_SIGNALS.join(", ")
+    ))
+}
+
+/// Site configuration from the plugin's plugstack.conf line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub vmctl: PathBuf,
+    pub checkpoint_root: PathBuf,
+    pub default_interval: Option<u32>,
+    pub default_keep: Option<u32>,
+    pub max_mem: Option<MemSize>,
+    pub allow_user_override: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            vmctl: PathBuf::from("/usr/local/bin/vmctl"),
+            checkpoint_root: PathBuf::from("/var/lib/vmwrap/checkpoints"),
+            default_interval: None,
+            default_keep: None,
+            max_mem: None,
+            allow_user_override: true,
+        }
+    }
+}
+
+impl Config {
+    /// Parses `key=value` words. Every problem is reported, not just the
+    /// first, so an admin fixes plugstack.conf in one go.
+    pub fn parse<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Config, Vec<String>> {
+        let mut config = Config::default();
+        let mut errors = Vec::new();
+        for arg in args {
+            let Some((key, value)) = arg.split_once('=') else {
+                errors.push(format!("plugstack.conf argument '{arg}' is not key=value"));
+                continue;
+            };
+            let result = match key {
+                "vmctl" => absolute_path(value).map(|p| config.vmctl = p),
+                "checkpoint_root" => absolute_path(value).map(|p| config.checkpoint_root = p),
+                "default_interval" => {
+                    parse_interval(value).map(|v| config.default_interval = Some(v))
+                }
+                "default_keep" => parse_keep(value).map(|v| config.default_keep = Some(v)),
+                "max_mem" => MemSize::parse(value).map(|v| config.max_mem = Some(v)),
+                "allow_user_override" => match value {
+                    "yes" => {
+                        config.allow_user_override = true;
+                        Ok(())
+                    }
+                    "no" => {
+                        config.allow_user_override = false;
+                        Ok(())
+                    }
+                    _ => Err(format!("'{value}' is not yes or no")),
+                },
+                _ => {
+                    errors.push(format!(
+                        "unknown plugstack.conf argument '{arg}' (known: vmctl, checkpoint_root, \
+                         default_interval, default_keep, max_mem, allow_user_override)"
+                    ));
+                    continue;
+                }
+            };
+            if let Err(why) = result {
+                errors.push(format!("plugstack.conf argument {key}: {why}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+fn absolute_path(value: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(value);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(format!("'{value}' is not an absolute path"))
+    }
+}
+
+/// What one wrapped step asked for, after site defaults and limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrapOptions {
+    pub interval: Option<u32>,
+    pub keep: Option<u32>,
+    pub mem: Option<MemSize>,
+    pub signal: String,
+}
+
+impl WrapOptions {
+    /// Parses the `--vm-wrap` argument: absent, empty or Slurm's "(null)"
+    /// mean "wrap with the site defaults".
+    pub fn parse(optarg: Option<&str>, config: &Config) -> Result<WrapOptions, String> {
+        let mut opts = WrapOptions {
+            interval: config.default_interval,
+            keep: config.default_keep,
+            mem: None,
+            signal: DEFAULT_SIGNAL.to_string(),
+        };
+        let text = match optarg.map(str::trim) {
+            None | Some("") | Some(NULL_OPTARG) => return Ok(opts),
+            Some(text) => text,
+        };
+        for item in text.split(',') {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let Some((key, value)) = item.split_once('=') else {
+                return Err(format!(
+                    "'{item}' is not key=value (keys: interval, keep, mem, signal)"
+                ));
+            };
+            let (key, value) = (key.trim(), value.trim());
+            let policy_key = matches!(key, "interval" | "keep");
+            if policy_key && !config.allow_user_override {
+                return Err(format!(
+                    "{key}= is set by the site for all jobs and cannot be changed here"
+                ));
+            }
+            match key {
+                "interval" => {
+                    opts.interval =
+                        Some(parse_interval(value).map_err(|e| format!("interval: {e}"))?)
+                }
+                "keep" => opts.keep = Some(parse_keep(value).map_err(|e| format!("keep: {e}"))?),
+                "mem" => {
+                    let mem = MemSize::parse(value).map_err(|e| format!("mem: {e}"))?;
+                    if let Some(max) = config.max_mem {
+                        if mem.bytes() > max.bytes() {
+                            return Err(format!(
+                                "mem: {mem} is more than this site's limit of {max}"
+                            ));
+                        }
+                    }
+                    opts.mem = Some(mem);
+                }
+                "signal" => {
+                    opts.signal = parse_signal(value).map_err(|e| format!("signal: {e}"))?
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown key '{key}' (keys: interval, keep, mem, signal)"
+                    ))
+                }
+            }
+        }
+        Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(MemSize::parse("8G").unwrap().bytes(), 8 << 30);
+        assert_eq!(MemSize::parse("512m").unwrap().to_string(), "512M");
+        assert_eq!(MemSize::parse("1T").unwrap().bytes(), 1 << 40);
+        assert!(MemSize::parse("8").unwrap_err().contains("no unit"));
+        assert!(MemSize::parse("8X").is_err());
+        assert!(MemSize::parse("G").is_err());
+        assert!(MemSize::parse("+8G").is_err());
+        assert!(MemSize::parse("0G").is_err());
+        assert!(MemSize::parse("99999999999T").is_err());
+    }
+
+    #[test]
+    fn null_and_empty_mean_defaults() {
+        let config = Config {
+            default_interval: Some(600),
+            default_keep: Some(3),
+            ..Config::default()
+        };
+        for arg in [None, Some(""), Some("(null)")] {
+            let opts = WrapOptions::parse(arg, &config).unwrap();
+            assert_eq!(opts.interval, Some(600));
+            assert_eq!(opts.keep, Some(3));
+            assert_eq!(opts.mem, None);
+            assert_eq!(opts.signal, "USR2");
+        }
+    }
+
+    #[test]
+    fn full_opts() {
+        let opts = WrapOptions::parse(
+            Some("interval=600,keep=2,mem=8G,signal=SIGUSR1"),
+            &Config::default(),
+        )
+        .unwrap();
+        assert_eq!(opts.interval, Some(600));
+        assert_eq!(opts.keep, Some(2));
+        assert_eq!(opts.mem.unwrap().to_string(), "8G");
+        assert_eq!(opts.signal, "USR1");
+    }
+
+    #[test]
+    fn bad_opts_are_explained() {
+        let c = Config::default();
+        let err = |s| WrapOptions::parse(Some(s), &c).unwrap_err();
+        assert!(err("keep=abc").starts_with("keep:"));
+        assert!(err("keep=0").contains("1 to 10"));
+        assert!(err("keep=11").contains("1 to 10"));
+        assert!(err("interval=5").contains("minimum is 10"));
+        assert!(err("interval=-1").starts_with("interval:"));
+        assert!(err("signal=TERM").contains("reserved"));
+        assert!(err("signal=KILL").starts_with("signal:"));
+        assert!(err("colour=red").contains("unknown key 'colour'"));
+        assert!(err("keep").contains("not key=value"));
+    }
+
+    #[test]
+    fn site_limits() {
+        let c = Config {
+            max_mem: Some(MemSize::parse("4G").unwrap()),
+            allow_user_override: false,
+            ..Config::default()
+        };
+        assert!(WrapOptions::parse(Some("mem=4G"), &c).is_ok());
+        assert!(WrapOptions::parse(Some("mem=4097M"), &c)
+            .unwrap_err()
+            .contains("limit of 4G"));
+        assert!(WrapOptions::parse(Some("interval=60"), &c)
+            .unwrap_err()
+            .contains("set by the site"));
+        assert!(WrapOptions::parse(Some("signal=USR1"), &c).is_ok());
+    }
+
+    #[test]
+    fn config_args() {
+        let c = Config::parse([
+            "vmctl=/opt/vmwrap/vmctl",
+            "checkpoint_root=/scratch/ckpt",
+            "default_interval=300",
+            "default_keep=2",
+            "max_mem=16G",
+            "allow_user_override=no",
+        ])
+        .unwrap();
+        assert_eq!(c.vmctl, PathBuf::from("/opt/vmwrap/vmctl"));
+        assert_eq!(c.checkpoint_root, PathBuf::from("/scratch/ckpt"));
+        assert_eq!(c.default_interval, Some(300));
+        assert_eq!(c.default_keep, Some(2));
+        assert_eq!(c.max_mem.unwrap().bytes(), 16 << 30);
+        assert!(!c.allow_user_override);
+
+        let errors = Config::parse(["bogus=1", "vmctl=relative", "default_keep=99", "noequals"])
+            .unwrap_err();
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert!(errors[0].contains("'bogus=1'"));
+    }
+}
