@@ -1,0 +1,58 @@
+//! The `vmctl` command line.
+
+mod run;
+pub mod size;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status when vmctl itself fails (bad option, no KVM, internal error), following
+/// the convention of env(1) and timeout(1); 126 and 127 keep their shell meanings.
+pub const EXIT_VMCTL_FAILED: i32 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmctl",
+    version,
+    about = "Run a program inside a KVM virtual machine whose kernel is vmctl itself",
+    after_help = "Exit status: the program's own status (128+N if it was killed by signal N); \
+                  125 if vmctl failed; 126 if the program cannot be executed; 127 if it was not found."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run PROGRAM in a new VM
+    Run(run::RunArgs),
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    0
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    EXIT_VMCTL_FAILED
+                }
+                _ => {
+                    let msg = e.render().to_string();
+                    let first = msg.lines().next().unwrap_or("invalid arguments");
+                    let first = first.strip_prefix("error: ").unwrap_or(first);
+                    eprintln!("vmctl: {first} (see 'vmctl --help')");
+                    EXIT_VMCTL_FAILED
+                }
+            };
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run::run(args),
+    }
+}

@@ -1,0 +1,94 @@
+//! Virtual memory areas: what each range of a guest address space is backed by.
+
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A file mapped into the guest. The host descriptor is kept open so that faults can
+/// read it after the guest has closed its own descriptor, as on Linux.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MappedFile {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    #[serde(skip)]
+    pub file: Option<File>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Backing {
+    /// Zero-filled private memory (anonymous mappings, bss, heap, stack).
+    Anonymous,
+    /// Private copy-on-first-touch of a file range starting at `offset`.
+    File { file: Arc<MappedFile>, offset: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    Mapping,
+    Heap,
+    Stack,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: i32,
+    /// MAP_SHARED. Shared anonymous memory behaves as private while a job is a single
+    /// process; shared file mappings write through to the file.
+    pub shared: bool,
+    pub backing: Backing,
+    pub kind: VmaKind,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Charged against the memory limit, as Linux accounts private writable memory.
+    pub fn committed(&self) -> u64 {
+        if !self.shared || matches!(self.backing, Backing::Anonymous) {
+            if self.prot & libc::PROT_WRITE != 0 {
+                return self.len();
+            }
+        }
+        0
+    }
+
+    pub fn file_offset(&self, va: u64) -> Option<u64> {
+        match &self.backing {
+            Backing::File { offset, .. } => Some(offset + (va - self.start)),
+            Backing::Anonymous => None,
+        }
+    }
+
+    /// Splits off and returns the part from `at` on.
+    pub fn split_off(&mut self, at: u64) -> Vma {
+        debug_assert!(self.start < at && at < self.end);
+        let mut tail = self.clone();
+        tail.start = at;
+        if let Backing::File { offset, .. } = &mut tail.backing {
+            *offset += at - self.start;
+        }
+        self.end = at;
+        tail
+    }
+
+    pub fn can_merge(&self, next: &Vma) -> bool {
+        self.end == next.start
+            && self.prot == next.prot
+            && self.shared == next.shared
+            && self.kind == next.kind
+            && match (&self.backing, &next.backing) {
+                (Backing::Anonymous, Backing::Anonymous) => true,
+                (
+                    Backing::File { file: a, offset: oa },
+                    Backing::File { file: b, offset: ob },
+                ) => Arc::ptr_eq(a, b) && oa + self.len() == *ob,
+                _ => false,
+            }
+    }
+}

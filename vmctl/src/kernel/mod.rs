@@ -1,0 +1,404 @@
+//! The kernel layer: vmctl as the guest's operating system. It owns processes,
+//! their address spaces, descriptors and signals, and services every syscall and
+//! fault the machine layer reports, on the host, on the guest's behalf.
+
+pub mod files;
+pub mod loader;
+pub mod mm;
+pub mod process;
+pub mod signals;
+mod sigframe;
+
+pub use sigframe::sigreturn as sigframe_return;
+
+use crate::machine::{self, Exit, GuestMemory, MachineError, Vcpu, Vm};
+use files::{FdTable, OpenFile};
+use loader::{ExecError, HostInfo};
+use mm::{Access, AddressSpace, Fault, FrameAllocator, MmCtx};
+use process::{ExitStatus, Process};
+use signals::{default_action, sig_bit, DefaultAction, SIG_DFL, SIG_IGN};
+use std::collections::HashSet;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// A Linux error number returned to the guest as -errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub fn last() -> Errno {
+        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+pub type SysResult = Result<i64, Errno>;
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error("guest memory exhausted while starting the program (raise --mem)")]
+    NoMemory,
+}
+
+/// What the user asked `vmctl run` to start.
+pub struct Launch {
+    pub program: PathBuf,
+    pub argv: Vec<Vec<u8>>,
+    pub envp: Vec<Vec<u8>>,
+    /// Guest RAM, also the commit limit of private writable memory.
+    pub mem: u64,
+}
+
+pub struct Kernel {
+    pub vm: Vm,
+    pub vcpu: Vcpu,
+    pub mem: Arc<GuestMemory>,
+    pub frames: FrameAllocator,
+    pub proc: Process,
+    warned: HashSet<u64>,
+    exit: Option<ExitStatus>,
+}
+
+/// Slack beyond the commit limit for page tables and partly used 2 MiB blocks.
+fn ram_for(limit: u64) -> u64 {
+    (limit + limit / 8 + (64 << 20)).next_multiple_of(machine::memory::HUGE_PAGE)
+}
+
+fn host_rlimits() -> Vec<(u64, u64)> {
+    (0..16)
+        .map(|r| {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes into the local struct.
+            unsafe { libc::getrlimit(r as _, &mut l) };
+            (l.rlim_cur, l.rlim_max)
+        })
+        .collect()
+}
+
+fn host_hwcap() -> u64 {
+    // SAFETY: cpuid leaf 1 exists on every x86-64 CPU.
+    let r = unsafe { std::arch::x86_64::__cpuid(1) };
+    r.edx as u64
+}
+
+/// Size of the XSAVE area for the features the guest may use (CPUID 0xD.0 EBX).
+pub fn xsave_user_size() -> u64 {
+    // SAFETY: CPUID leaf 0xD exists wherever OSXSAVE is set, which KVM requires here.
+    let r = unsafe { std::arch::x86_64::__cpuid_count(0xd, 0) };
+    (r.ecx as u64).max(512 + 64)
+}
+
+fn dup_stdio(fd: i32) -> Option<Arc<OpenFile>> {
+    // SAFETY: F_DUPFD_CLOEXEC on one of our standard descriptors; the new descriptor is
+    // owned by the OwnedFd below.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
+    if new < 0 {
+        return None;
+    }
+    Some(Arc::new(OpenFile {
+        // SAFETY: `new` was just created and nothing else owns it.
+        host: unsafe { OwnedFd::from_raw_fd(new) },
+        path: None,
+        stdio: Some(fd),
+    }))
+}
+
+impl Kernel {
+    pub fn boot(vm: Vm, launch: &Launch) -> Result<Kernel, KernelError> {
+        let mem = vm.memory().clone();
+        let mut frames =
+            FrameAllocator::new(machine::layout::SYSTEM_SIZE, mem.size());
+        let mut mm = AddressSpace::new(&mem, &mut frames, vm.system_half(), launch.mem)
+            .ok_or(KernelError::NoMemory)?;
+        let mut vcpu = vm.create_vcpu(0, mm.root)?;
+        let rlimits = host_rlimits();
+        let stack = rlimits[libc::RLIMIT_STACK as usize].0.clamp(128 << 10, 64 << 20);
+        // SAFETY: these identity calls cannot fail.
+        let host = unsafe {
+            HostInfo {
+                hwcap: host_hwcap(),
+                minsigstksz: sigframe::frame_size(xsave_user_size()),
+                uid: libc::getuid(),
+                euid: libc::geteuid(),
+                gid: libc::getgid(),
+                egid: libc::getegid(),
+            }
+        };
+        let start = {
+            let mut ctx = MmCtx {
+                mem: &mem,
+                frames: &mut frames,
+                vcpu: &mut vcpu,
+            };
+            loader::load_program(
+                &mut mm,
+                &mut ctx,
+                &launch.program,
+                &launch.argv,
+                &launch.envp,
+                stack.next_multiple_of(4096),
+                &host,
+            )?
+        };
+        {
+            let regs = vcpu.user_regs_mut();
+            *regs = Default::default();
+            regs.rip = start.entry;
+            regs.rsp = start.stack_pointer;
+            regs.rflags = 0x202;
+        }
+        let mut files = FdTable::default();
+        for fd in 0..3 {
+            if let Some(f) = dup_stdio(fd) {
+                files.install_at(fd, files::FdEntry { file: f, cloexec: false });
+            }
+        }
+        let mut name = [0u8; 16];
+        let base = start.exe.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
+        let n = base.len().min(15);
+        name[..n].copy_from_slice(&base[..n]);
+        // SAFETY: identity calls that cannot fail.
+        let (pid, ppid, pgid, sid) = unsafe {
+            (libc::getpid(), libc::getppid(), libc::getpgrp(), libc::getsid(0))
+        };
+        let proc = Process {
+            pid,
+            ppid,
+            pgid,
+            sid,
+            mm,
+            files,
+            signals: Default::default(),
+            exe: start.exe,
+            rlimits,
+            umask: {
+                // SAFETY: umask is read by setting and restoring it.
+                let m = unsafe { libc::umask(0o022) };
+                unsafe { libc::umask(m) };
+                m
+            },
+            clear_child_tid: 0,
+            robust_list: (0, 0),
+            rseq: None,
+            name,
+        };
+        Ok(Kernel {
+            vm,
+            vcpu,
+            mem,
+            frames,
+            proc,
+            warned: HashSet::new(),
+            exit: None,
+        })
+    }
+
+    pub fn ram_for(limit: u64) -> u64 {
+        ram_for(limit)
+    }
+
+    /// Runs `f` with the current address space and what it needs from the machine.
+    pub fn with_mm<R>(&mut self, f: impl FnOnce(&mut AddressSpace, &mut MmCtx) -> R) -> R {
+        let mut ctx = MmCtx {
+            mem: &self.mem,
+            frames: &mut self.frames,
+            vcpu: &mut self.vcpu,
+        };
+        f(&mut self.proc.mm, &mut ctx)
+    }
+
+    pub fn read_user(&mut self, va: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let mut buf = vec![0u8; len];
+        self.with_mm(|mm, ctx| mm.read(ctx, va, &mut buf))?;
+        Ok(buf)
+    }
+
+    pub fn write_user(&mut self, va: u64, data: &[u8]) -> Result<(), Errno> {
+        self.with_mm(|mm, ctx| mm.write(ctx, va, data))
+    }
+
+    pub fn read_user_u64(&mut self, va: u64) -> Result<u64, Errno> {
+        self.with_mm(|mm, ctx| mm.read_u64(ctx, va))
+    }
+
+    pub fn read_cstr(&mut self, va: u64) -> Result<Vec<u8>, Errno> {
+        if va == 0 {
+            return Err(Errno(libc::EFAULT));
+        }
+        self.with_mm(|mm, ctx| mm.read_cstr(ctx, va, libc::PATH_MAX as usize))
+    }
+
+    pub fn user_iovecs(&mut self, va: u64, len: u64, access: Access) -> Result<Vec<libc::iovec>, Errno> {
+        self.with_mm(|mm, ctx| mm.host_ranges(ctx, va, len, access))
+    }
+
+    /// Records that the guest is done; the run loop stops after this exit.
+    pub fn exit(&mut self, status: ExitStatus) {
+        // Shared file mappings reach their files before the job is gone.
+        self.proc.mm.write_back_shared(&self.mem, 0, mm::address_space::TASK_SIZE);
+        self.exit = Some(status);
+    }
+
+    pub fn warn_unsupported(&mut self, nr: u64) {
+        if self.warned.insert(nr) {
+            eprintln!(
+                "vmctl: warning: unsupported syscall {} ({nr}), returning ENOSYS",
+                crate::syscalls::name(nr)
+            );
+        }
+    }
+
+    /// Runs the guest until it exits.
+    pub fn run(&mut self) -> Result<ExitStatus, KernelError> {
+        loop {
+            if let Some(status) = self.exit {
+                return Ok(status);
+            }
+            match self.vcpu.run()? {
+                Exit::Syscall => crate::syscalls::handle(self),
+                Exit::Exception {
+                    vector,
+                    error_code,
+                    cr2,
+                } => self.exception(vector, error_code, cr2)?,
+                Exit::Interrupted => {}
+            }
+            self.deliver_pending()?;
+        }
+    }
+
+    fn exception(&mut self, vector: u8, error_code: u64, cr2: u64) -> Result<(), KernelError> {
+        let (sig, code, addr) = match vector {
+            14 => {
+                let access = if error_code & 0x10 != 0 {
+                    Access::Exec
+                } else if error_code & 2 != 0 {
+                    Access::Write
+                } else {
+                    Access::Read
+                };
+                // A protection fault on a present page is final; a missing page may be
+                // mapped lazily.
+                let result = if error_code & 1 != 0 && self.proc.mm.find(cr2).is_some() {
+                    // Present but not permitted: maybe a stale read-only translation
+                    // after an upgrade, which fault() treats as already mapped.
+                    self.with_mm(|mm, ctx| mm.fault(ctx, cr2, access))
+                        .and_then(|()| {
+                            let leaf = self.proc.mm.leaf(&self.mem, cr2);
+                            match leaf {
+                                Some(l)
+                                    if access == Access::Write
+                                        && l.value & machine::system::PTE_RW == 0 =>
+                                {
+                                    Err(Fault::Protection)
+                                }
+                                _ => Ok(()),
+                            }
+                        })
+                } else {
+                    self.with_mm(|mm, ctx| mm.fault(ctx, cr2, access))
+                };
+                match result {
+                    Ok(()) => return Ok(()),
+                    Err(Fault::Unmapped) => (libc::SIGSEGV, 1, cr2),   // SEGV_MAPERR
+                    Err(Fault::Protection) => (libc::SIGSEGV, 2, cr2), // SEGV_ACCERR
+                    Err(Fault::OutOfMemory) => {
+                        eprintln!("vmctl: guest out of memory at {cr2:#x}; raise --mem");
+                        (libc::SIGKILL, 0, 0)
+                    }
+                    Err(Fault::Machine(e)) => return Err(e.into()),
+                }
+            }
+            0 => (libc::SIGFPE, 1, self.vcpu.user_regs().rip), // FPE_INTDIV
+            1 | 3 => {
+                // Clear TF so a single-step trap does not fire again on resume.
+                self.vcpu.user_regs_mut().rflags &= !(1 << 8);
+                (libc::SIGTRAP, if vector == 3 { 1 } else { 2 }, self.vcpu.user_regs().rip)
+            }
+            6 => (libc::SIGILL, 2, self.vcpu.user_regs().rip), // ILL_ILLOPN
+            16 | 19 => (libc::SIGFPE, 0, self.vcpu.user_regs().rip),
+            17 => (libc::SIGBUS, 1, self.vcpu.user_regs().rip),
+            _ => (libc::SIGSEGV, 0x80, 0), // SI_KERNEL, as Linux reports #GP
+        };
+        self.force_signal(sig, code, addr, vector, error_code)
+    }
+
+    /// Delivers a synchronous signal caused by the current instruction.
+    fn force_signal(&mut self, sig: i32, code: i32, addr: u64, trapno: u8, err: u64) -> Result<(), KernelError> {
+        let action = self.proc.signals.action(sig);
+        let blocked = self.proc.signals.blocked & sig_bit(sig) != 0;
+        if sig == libc::SIGKILL || action.handler == SIG_DFL || action.handler == SIG_IGN || blocked {
+            // A fault that cannot be handled kills, as Linux does for blocked or
+            // ignored synchronous signals.
+            self.exit(ExitStatus::Signal(sig));
+            return Ok(());
+        }
+        let info = sigframe::SigInfo {
+            signo: sig,
+            code,
+            addr,
+            pid: 0,
+            uid: 0,
+        };
+        self.setup_frame(sig, info, trapno, err)
+    }
+
+    /// Queues signal `sig` for the guest process (kill/tgkill to itself).
+    pub fn send_signal(&mut self, sig: i32) {
+        if sig == 0 {
+            return;
+        }
+        self.proc.signals.pending |= sig_bit(sig);
+    }
+
+    fn deliver_pending(&mut self) -> Result<(), KernelError> {
+        while self.exit.is_none() {
+            let Some(sig) = self.proc.signals.next_deliverable() else {
+                return Ok(());
+            };
+            self.proc.signals.pending &= !sig_bit(sig);
+            let action = self.proc.signals.action(sig);
+            if action.handler == SIG_IGN {
+                continue;
+            }
+            if action.handler == SIG_DFL {
+                match default_action(sig) {
+                    DefaultAction::Ignore | DefaultAction::Continue | DefaultAction::Stop => continue,
+                    DefaultAction::Terminate | DefaultAction::CoreDump => {
+                        self.exit(ExitStatus::Signal(sig));
+                        return Ok(());
+                    }
+                }
+            }
+            let info = sigframe::SigInfo {
+                signo: sig,
+                code: -6, // SI_TKILL
+                addr: 0,
+                pid: self.proc.pid,
+                // SAFETY: getuid cannot fail.
+                uid: unsafe { libc::getuid() },
+            };
+            self.setup_frame(sig, info, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    fn setup_frame(&mut self, sig: i32, info: sigframe::SigInfo, trapno: u8, err: u64) -> Result<(), KernelError> {
+        match sigframe::push(self, sig, info, trapno, err) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                // No room for the frame: Linux kills with SIGSEGV.
+                self.exit(ExitStatus::Signal(libc::SIGSEGV));
+                Ok(())
+            }
+        }
+    }
+}

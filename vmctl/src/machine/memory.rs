@@ -1,0 +1,142 @@
+//! Guest-physical memory: one host mapping that backs the guest's RAM memslot.
+//!
+//! The mapping is reserved with MAP_NORESERVE and populated 2 MiB at a time as the
+//! kernel layer hands frames out, because on this platform a guest first touch of an
+//! unpopulated host page costs microseconds while a populated, THP-backed 2 MiB page
+//! costs nothing (see shared/PLATFORM.md "Memory").
+
+use std::io;
+use std::ptr::NonNull;
+
+pub const HUGE_PAGE: u64 = 2 << 20;
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Guest-physical RAM `[0, size)` backed by an anonymous, 2 MiB aligned host mapping.
+pub struct GuestMemory {
+    base: NonNull<u8>,
+    size: u64,
+    /// Host-side start of the raw mapping (before alignment), for munmap.
+    raw: *mut libc::c_void,
+    raw_len: usize,
+}
+
+// SAFETY: GuestMemory owns its mapping; the raw pointers are only dereferenced through
+// bounds-checked accessors, and concurrent guest access is the guest's own business,
+// exactly as with real RAM.
+unsafe impl Send for GuestMemory {}
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    pub fn new(size: u64) -> io::Result<Self> {
+        let size = size.next_multiple_of(HUGE_PAGE);
+        let raw_len = (size + HUGE_PAGE) as usize;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choice
+        // aliases no Rust object.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                raw_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let aligned = (raw as u64).next_multiple_of(HUGE_PAGE);
+        // SAFETY: [aligned, aligned+size) lies inside the mapping just created.
+        unsafe {
+            libc::madvise(aligned as *mut _, size as usize, libc::MADV_HUGEPAGE);
+        }
+        Ok(GuestMemory {
+            base: NonNull::new(aligned as *mut u8).expect("mmap returned null"),
+            size,
+            raw,
+            raw_len,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn host_base(&self) -> u64 {
+        self.base.as_ptr() as u64
+    }
+
+    /// Host pointer for `len` bytes at guest-physical `gpa`, if entirely inside RAM.
+    pub fn host_ptr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let end = gpa.checked_add(len)?;
+        if end > self.size {
+            return None;
+        }
+        // SAFETY: gpa < size, so the offset stays inside the mapping.
+        Some(unsafe { self.base.as_ptr().add(gpa as usize) })
+    }
+
+    /// A byte slice of guest memory. The guest may change it concurrently only when
+    /// other vCPUs run; callers copy out what they need before acting on it.
+    pub fn slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let p = self.host_ptr(gpa, len)?;
+        // SAFETY: bounds checked by host_ptr; the mapping lives as long as self.
+        Some(unsafe { std::slice::from_raw_parts(p, len as usize) })
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    pub fn slice_mut(&self, gpa: u64, len: u64) -> Option<&mut [u8]> {
+        let p = self.host_ptr(gpa, len)?;
+        // SAFETY: bounds checked; guest RAM is plain memory shared with the guest, which
+        // is the whole point of this type, so handing out a mutable view is sound as long
+        // as no two such views overlap in one Rust scope (callers keep them short-lived).
+        Some(unsafe { std::slice::from_raw_parts_mut(p, len as usize) })
+    }
+
+    pub fn read_u64(&self, gpa: u64) -> u64 {
+        let p = self.host_ptr(gpa, 8).expect("read_u64 outside guest RAM");
+        // SAFETY: in bounds; guest memory may be unaligned from Rust's point of view.
+        unsafe { (p as *const u64).read_unaligned() }
+    }
+
+    pub fn write_u64(&self, gpa: u64, value: u64) {
+        let p = self.host_ptr(gpa, 8).expect("write_u64 outside guest RAM");
+        // SAFETY: in bounds, see read_u64.
+        unsafe { (p as *mut u64).write_unaligned(value) }
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        self.slice_mut(gpa, data.len() as u64)
+            .expect("write outside guest RAM")
+            .copy_from_slice(data);
+    }
+
+    pub fn zero(&self, gpa: u64, len: u64) {
+        self.slice_mut(gpa, len)
+            .expect("zero outside guest RAM")
+            .fill(0);
+    }
+
+    /// Fault the host pages behind `[gpa, gpa+len)` in now, so the guest's first touch
+    /// finds them present (and THP-backed).
+    pub fn populate(&self, gpa: u64, len: u64) -> io::Result<()> {
+        let p = self
+            .host_ptr(gpa, len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the range is inside our mapping; MADV_POPULATE_WRITE only faults pages in.
+        let r = unsafe { libc::madvise(p as *mut _, len as usize, MADV_POPULATE_WRITE) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in new().
+        unsafe {
+            libc::munmap(self.raw, self.raw_len);
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! One vCPU running guest user code, and the exits it reports.
+//!
+//! The kernel layer sees the guest's user-mode registers (`user_regs`) whatever the
+//! exit: after a syscall the pad's state is translated back (RIP from RCX, RFLAGS from
+//! R11), after an exception the interrupted RIP/RSP/RFLAGS come from the frame the CPU
+//! pushed on the exception stack. On resume the machine writes them back the matching
+//! way, so the kernel layer never deals with CPL0 state.
+
+use super::layout::*;
+use super::memory::GuestMemory;
+use super::system::{self, DETOUR_LIST_CAPACITY, DETOUR_LIST_VA, DETOUR_RIP, FIRST_RUN_RIP};
+use super::MachineError;
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xcrs, CpuId, Msrs, Xsave};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use std::sync::Arc;
+
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SFMASK: u32 = 0xc000_0084;
+
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy)]
+pub enum Exit {
+    /// The guest executed `syscall`; the number and arguments are in `user_regs`.
+    Syscall,
+    /// A CPU exception in guest user mode.
+    Exception {
+        vector: u8,
+        error_code: u64,
+        /// Faulting address for page faults.
+        cr2: u64,
+    },
+    /// KVM_RUN was interrupted by a host signal.
+    Interrupted,
+}
+
+#[derive(Clone, Copy)]
+enum Resume {
+    /// Never run in user mode yet: load everything with SET_SREGS/SET_REGS.
+    Fresh,
+    /// Stopped on the pad's MMIO store.
+    Syscall,
+    /// Stopped in an exception stub at CPL0; `frame` is the guest-physical address of
+    /// the interrupt frame (RIP, CS, RFLAGS, RSP, SS).
+    Exception { frame: u64, stub_regs: kvm_regs },
+    /// Interrupted by a signal: the vCPU state is untouched and resumes as is.
+    Untouched,
+}
+
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u64,
+    mem: Arc<GuestMemory>,
+    template: kvm_sregs,
+    user: kvm_regs,
+    resume: Resume,
+    /// System registers at the last exception exit (CPL0 in a stub).
+    stub_sregs: kvm_sregs,
+    cr3: u64,
+    fs_base: u64,
+    gs_base: u64,
+    tsd: bool,
+    sregs_dirty: bool,
+    xsave_size: usize,
+}
+
+impl Vcpu {
+    pub(super) fn start(
+        fd: VcpuFd,
+        index: u64,
+        mem: Arc<GuestMemory>,
+        cpuid: &CpuId,
+        xcr0: u64,
+        xsave_size: usize,
+        cr3: u64,
+    ) -> Result<Vcpu, MachineError> {
+        let k = |what, e| MachineError::Kvm(what, e);
+        fd.set_cpuid2(cpuid).map_err(|e| k("KVM_SET_CPUID2", e))?;
+        let template = fd.get_sregs().map_err(|e| k("KVM_GET_SREGS", e))?;
+        let mut vcpu = Vcpu {
+            fd,
+            index,
+            mem,
+            template,
+            user: kvm_regs::default(),
+            resume: Resume::Fresh,
+            stub_sregs: template,
+            cr3,
+            fs_base: 0,
+            gs_base: 0,
+            tsd: false,
+            sregs_dirty: true,
+            xsave_size,
+        };
+        vcpu.first_run()?;
+        vcpu.set_xcr0(xcr0)?;
+        vcpu.fd.set_sync_valid_reg(SyncReg::Register);
+        Ok(vcpu)
+    }
+
+    /// A vCPU starts in a fully emulated mode; one KVM_RUN at CPL0 switches it to the
+    /// fast mode (shared/PLATFORM.md). Only after that may STAR/LSTAR be set.
+    fn first_run(&mut self) -> Result<(), MachineError> {
+        let k = |what, e| MachineError::Kvm(what, e);
+        let sregs = system::kernel_sregs(&self.template, self.index, self.cr3, false);
+        self.fd.set_sregs(&sregs).map_err(|e| k("KVM_SET_SREGS", e))?;
+        let regs = kvm_regs {
+            rip: FIRST_RUN_RIP,
+            rsp: kstack_top(self.index),
+            rflags: 2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(|e| k("KVM_SET_REGS", e))?;
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, _)) if port == PORT_FIRST_RUN as u16 => {}
+            other => {
+                return Err(MachineError::VcpuFailed(format!(
+                    "first run of vCPU {} ended with {:?} instead of its start-up report",
+                    self.index,
+                    other.map(|e| format!("{e:?}"))
+                )))
+            }
+        }
+        let msrs = Msrs::from_entries(&[
+            msr(MSR_STAR, system::STAR),
+            msr(MSR_LSTAR, PAD_VA),
+            msr(MSR_CSTAR, PAD_VA),
+            msr(MSR_SFMASK, system::SFMASK),
+        ])
+        .expect("four MSRs fit");
+        let n = self.fd.set_msrs(&msrs).map_err(|e| k("KVM_SET_MSRS", e))?;
+        if n != 4 {
+            return Err(MachineError::VcpuFailed(format!(
+                "KVM_SET_MSRS accepted {n} of 4 MSRs"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enables every XSAVE feature KVM offers, so AVX-512 code does not #UD.
+    pub fn set_xcr0(&self, xcr0: u64) -> Result<(), MachineError> {
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = xcr0;
+        self.fd
+            .set_xcrs(&xcrs)
+            .map_err(|e| MachineError::Kvm("KVM_SET_XCRS", e))
+    }
+
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    pub fn user_regs(&self) -> &kvm_regs {
+        &self.user
+    }
+
+    pub fn user_regs_mut(&mut self) -> &mut kvm_regs {
+        &mut self.user
+    }
+
+    pub fn fs_base(&self) -> u64 {
+        self.fs_base
+    }
+
+    pub fn gs_base(&self) -> u64 {
+        self.gs_base
+    }
+
+    pub fn set_fs_base(&mut self, base: u64) {
+        self.fs_base = base;
+        self.sregs_dirty = true;
+    }
+
+    pub fn set_gs_base(&mut self, base: u64) {
+        self.gs_base = base;
+        self.sregs_dirty = true;
+    }
+
+    pub fn cr3(&self) -> u64 {
+        self.cr3
+    }
+
+    pub fn set_cr3(&mut self, cr3: u64) {
+        self.cr3 = cr3;
+        self.sregs_dirty = true;
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Sets an immediate exit so that the next KVM_RUN returns at once (used from a
+    /// signal handler on this vCPU's thread).
+    pub fn kvm_run_ptr(&mut self) -> *mut kvm_bindings::kvm_run {
+        self.fd.get_kvm_run() as *mut _
+    }
+
+    fn user_sregs(&self) -> kvm_sregs {
+        system::user_sregs(
+            &self.template,
+            self.index,
+            self.cr3,
+            self.fs_base,
+            self.gs_base,
+            self.tsd,
+        )
+    }
+
+    fn prepare_resume(&mut self) -> Result<(), MachineError> {
+        let k = |what, e| MachineError::Kvm(what, e);
+        match self.resume {
+            Resume::Fresh => {
+                self.fd
+                    .set_sregs(&self.user_sregs())
+                    .map_err(|e| k("KVM_SET_SREGS", e))?;
+                self.fd
+                    .set_regs(&self.user)
+                    .map_err(|e| k("KVM_SET_REGS", e))?;
+            }
+            Resume::Syscall => {
+                if self.sregs_dirty {
+                    self.fd
+                        .set_sregs(&self.user_sregs())
+                        .map_err(|e| k("KVM_SET_SREGS", e))?;
+                }
+                self.fd.sync_regs_mut().regs = self.user;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+            }
+            Resume::Exception { frame, stub_regs } => {
+                if self.sregs_dirty {
+                    let mut s = self.stub_sregs;
+                    s.fs.base = self.fs_base;
+                    s.gs.base = self.gs_base;
+                    s.cr3 = self.cr3;
+                    self.fd.set_sregs(&s).map_err(|e| k("KVM_SET_SREGS", e))?;
+                }
+                self.mem.write_u64(frame, self.user.rip);
+                self.mem.write_u64(frame + 16, self.user.rflags);
+                self.mem.write_u64(frame + 24, self.user.rsp);
+                let mut regs = self.user;
+                regs.rip = stub_regs.rip;
+                regs.rsp = stub_regs.rsp;
+                regs.rflags = stub_regs.rflags;
+                self.fd.sync_regs_mut().regs = regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+            }
+            Resume::Untouched => {}
+        }
+        self.sregs_dirty = false;
+        Ok(())
+    }
+
+    /// Runs the guest until the next syscall, exception or interruption.
+    pub fn run(&mut self) -> Result<Exit, MachineError> {
+        self.prepare_resume()?;
+        self.fd.set_kvm_immediate_exit(0);
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::MmioWrite(addr, _)) if addr == MMIO_GPA => Ok(None),
+            Ok(VcpuExit::IoOut(port, _)) if port < 32 => Ok(Some(port as u8)),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.resume = Resume::Untouched;
+                return Ok(Exit::Interrupted);
+            }
+            Err(e) => return Err(MachineError::Kvm("KVM_RUN", e)),
+        };
+        match exit {
+            Ok(None) => {
+                let regs = self.fd.sync_regs().regs;
+                self.user = regs;
+                self.user.rip = regs.rcx;
+                self.user.rflags = regs.r11;
+                self.resume = Resume::Syscall;
+                Ok(Exit::Syscall)
+            }
+            Ok(Some(vector)) => self.exception_exit(vector),
+            Err(what) => Err(MachineError::VcpuFailed(format!(
+                "unexpected exit {what} at {}",
+                self.describe_state()
+            ))),
+        }
+    }
+
+    fn exception_exit(&mut self, vector: u8) -> Result<Exit, MachineError> {
+        let stub_regs = self.fd.sync_regs().regs;
+        self.stub_sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| MachineError::Kvm("KVM_GET_SREGS", e))?;
+        let mut frame = stub_regs.rsp.wrapping_sub(DIRECT_MAP);
+        if frame >= SYSTEM_SIZE {
+            return Err(MachineError::VcpuFailed(format!(
+                "exception {vector} with a stack outside the exception stacks (rsp {:#x})",
+                stub_regs.rsp
+            )));
+        }
+        let error_code = if matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30) {
+            let e = self.mem.read_u64(frame);
+            frame += 8;
+            e
+        } else {
+            0
+        };
+        let cs = self.mem.read_u64(frame + 8);
+        if cs & 3 != 3 {
+            return Err(MachineError::VcpuFailed(format!(
+                "exception {vector} (error {error_code:#x}) in supervisor mode at rip {:#x}, cr2 {:#x}",
+                self.mem.read_u64(frame),
+                self.stub_sregs.cr2
+            )));
+        }
+        self.user = stub_regs;
+        self.user.rip = self.mem.read_u64(frame);
+        self.user.rflags = self.mem.read_u64(frame + 16);
+        self.user.rsp = self.mem.read_u64(frame + 24);
+        self.resume = Resume::Exception { frame, stub_regs };
+        Ok(Exit::Exception {
+            vector,
+            error_code,
+            cr2: self.stub_sregs.cr2,
+        })
+    }
+
+    /// Writes page-table entries from guest CPL0, the only way the shadow MMU notices a
+    /// change to an entry that is already present. `writes` are (guest-physical address
+    /// of the entry, new value) pairs.
+    pub fn write_table_entries(&mut self, writes: &[(u64, u64)]) -> Result<(), MachineError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let k = |what, e| MachineError::Kvm(what, e);
+        let restore = match self.resume {
+            Resume::Exception { .. } => {
+                let mut s = self.stub_sregs;
+                s.cr3 = self.cr3;
+                s
+            }
+            _ => self.user_sregs(),
+        };
+        let cpl0 = system::kernel_sregs(&self.template, self.index, self.cr3, self.tsd);
+        self.fd.set_sregs(&cpl0).map_err(|e| k("KVM_SET_SREGS", e))?;
+        for chunk in writes.chunks(DETOUR_LIST_CAPACITY as usize) {
+            for (i, &(gpa, value)) in chunk.iter().enumerate() {
+                let at = DETOUR_LIST_GPA + i as u64 * 16;
+                self.mem.write_u64(at, direct_map(gpa));
+                self.mem.write_u64(at + 8, value);
+            }
+            let regs = kvm_regs {
+                rip: DETOUR_RIP,
+                rsi: DETOUR_LIST_VA,
+                rcx: chunk.len() as u64,
+                // Below any interrupt frame that may sit at the top of the stack.
+                rsp: kstack_top(self.index) - 2048,
+                rflags: 2,
+                ..Default::default()
+            };
+            self.fd.set_regs(&regs).map_err(|e| k("KVM_SET_REGS", e))?;
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) if port == PORT_DETOUR_DONE as u16 => {}
+                other => {
+                    return Err(MachineError::VcpuFailed(format!(
+                        "page-table detour ended with {:?}",
+                        other.map(|e| format!("{e:?}"))
+                    )))
+                }
+            }
+        }
+        self.fd.set_sregs(&restore).map_err(|e| k("KVM_SET_SREGS", e))?;
+        // The next resume rewrites every general register from our copies.
+        if matches!(self.resume, Resume::Untouched) {
+            self.resume = Resume::Fresh;
+        }
+        self.sregs_dirty = false;
+        Ok(())
+    }
+
+    /// The full XSAVE area (FPU, SSE, AVX...), for signal frames and checkpoints.
+    pub fn get_xsave(&self) -> Result<Xsave, MachineError> {
+        let mut xsave = Xsave::new((self.xsave_size - 4096).div_ceil(4))
+            .map_err(|e| MachineError::VcpuFailed(format!("xsave buffer: {e:?}")))?;
+        // SAFETY: the buffer was sized from KVM_CAP_XSAVE2 as the ioctl requires.
+        unsafe { self.fd.get_xsave2(&mut xsave) }
+            .map_err(|e| MachineError::Kvm("KVM_GET_XSAVE2", e))?;
+        Ok(xsave)
+    }
+
+    pub fn set_xsave(&self, xsave: &Xsave) -> Result<(), MachineError> {
+        // SAFETY: the buffer came from get_xsave on a vCPU of the same kind.
+        unsafe { self.fd.set_xsave2(xsave) }.map_err(|e| MachineError::Kvm("KVM_SET_XSAVE", e))
+    }
+
+    fn describe_state(&self) -> String {
+        match self.fd.get_regs() {
+            Ok(r) => format!("rip {:#x} rsp {:#x}", r.rip, r.rsp),
+            Err(_) => "unknown state".into(),
+        }
+    }
+}
+
+fn msr(index: u32, data: u64) -> kvm_bindings::kvm_msr_entry {
+    kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }
+}

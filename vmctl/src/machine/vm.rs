@@ -1,0 +1,126 @@
+//! The KVM VM: /dev/kvm, the VM file descriptor, guest RAM and its memslot.
+
+use super::layout::{MAX_RAM, SYSTEM_SIZE};
+use super::memory::GuestMemory;
+use super::system::{self, SystemHalf};
+use super::vcpu::Vcpu;
+use super::MachineError;
+use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::Arc;
+
+/// Where /dev/kvm comes from: opened by us, or inherited from a privileged launcher.
+#[derive(Clone, Copy, Debug)]
+pub enum KvmSource {
+    Open,
+    InheritedFd(RawFd),
+}
+
+pub fn open_kvm(source: KvmSource) -> Result<Kvm, MachineError> {
+    match source {
+        KvmSource::Open => Kvm::new().map_err(|e| MachineError::KvmOpen(e.errno())),
+        KvmSource::InheritedFd(fd) => {
+            // SAFETY: fcntl(F_GETFD) only queries whether fd is open.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(MachineError::KvmFd(fd, "it is not an open file descriptor"));
+            }
+            // SAFETY: the descriptor is open and we take ownership of it; the API version
+            // check below refuses anything that is not /dev/kvm.
+            let kvm = unsafe { Kvm::from_raw_fd(fd) };
+            if kvm.get_api_version() != 12 {
+                // Do not let Kvm's drop close a descriptor we have not validated as ours.
+                std::mem::forget(kvm);
+                return Err(MachineError::KvmFd(fd, "it is not /dev/kvm"));
+            }
+            // SAFETY: plain fcntl on a descriptor we now own: keep it out of anything we exec.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            Ok(kvm)
+        }
+    }
+}
+
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    mem: Arc<GuestMemory>,
+    system: SystemHalf,
+    cpuid: CpuId,
+    xcr0: u64,
+}
+
+impl Vm {
+    /// A VM with `ram` bytes of guest RAM after the system area.
+    pub fn new(kvm: Kvm, ram: u64) -> Result<Vm, MachineError> {
+        if ram > MAX_RAM {
+            return Err(MachineError::TooMuchMemory(ram, MAX_RAM));
+        }
+        let fd = kvm.create_vm().map_err(|e| MachineError::Kvm("KVM_CREATE_VM", e))?;
+        let mem = GuestMemory::new(SYSTEM_SIZE + ram).map_err(MachineError::GuestRam)?;
+        mem.populate(0, SYSTEM_SIZE).map_err(MachineError::GuestRam)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: mem.size(),
+            userspace_addr: mem.host_base(),
+        };
+        // SAFETY: the region is backed by `mem`, which the VM keeps alive (Arc) for as long
+        // as the memslot exists.
+        unsafe { fd.set_user_memory_region(region) }
+            .map_err(|e| MachineError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| MachineError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let xcr0 = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0xd && e.index == 0)
+            .map(|e| (e.eax as u64) | ((e.edx as u64) << 32))
+            .unwrap_or(0x7);
+        let system = system::build(&mem);
+        Ok(Vm {
+            kvm,
+            fd,
+            mem: Arc::new(mem),
+            system,
+            cpuid,
+            xcr0,
+        })
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    pub fn system_half(&self) -> &SystemHalf {
+        &self.system
+    }
+
+    pub fn xcr0(&self) -> u64 {
+        self.xcr0
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Creates vCPU `index` and puts it through its first (CPL0) run, with `cr3` as
+    /// its address space.
+    pub fn create_vcpu(&self, index: u64, cr3: u64) -> Result<Vcpu, MachineError> {
+        let fd = self
+            .fd
+            .create_vcpu(index)
+            .map_err(|e| MachineError::Kvm("KVM_CREATE_VCPU", e))?;
+        let xsave_size = (self.fd.check_extension_int(kvm_ioctls::Cap::Xsave2).max(4096)) as usize;
+        Vcpu::start(
+            fd,
+            index,
+            self.mem.clone(),
+            &self.cpuid,
+            self.xcr0,
+            xsave_size,
+            cr3,
+        )
+    }
+}

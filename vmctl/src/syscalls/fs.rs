@@ -1,0 +1,713 @@
+//! Files, directories and descriptors. Paths are the host's (the guest sees the
+//! host filesystem); descriptors are translated through the guest's fd table, and
+//! bulk I/O goes straight between the host file and guest memory.
+
+use super::procfs;
+use crate::kernel::files::{FdEntry, OpenFile};
+use crate::kernel::mm::Access;
+use crate::kernel::{Errno, Kernel, SysResult};
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+/// Runs a raw host syscall, turning -1 into the host errno.
+pub(super) fn host(r: i64) -> SysResult {
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+macro_rules! sys {
+    ($nr:expr $(, $arg:expr)* $(,)?) => {
+        // SAFETY: every pointer argument points at a live local buffer or CString of the
+        // size the syscall expects, or into guest RAM through bounds-checked iovecs.
+        $crate::syscalls::fs::host(unsafe { libc::syscall($nr $(, $arg)*) } as i64)
+    };
+}
+pub(super) use sys;
+
+pub(super) fn dirfd(k: &Kernel, fd: u64) -> Result<RawFd, Errno> {
+    let fd = fd as i32;
+    if fd == libc::AT_FDCWD {
+        Ok(libc::AT_FDCWD)
+    } else {
+        k.proc.files.host(fd)
+    }
+}
+
+pub(super) fn path(k: &mut Kernel, ptr: u64) -> Result<CString, Errno> {
+    let bytes = k.read_cstr(ptr)?;
+    CString::new(bytes).map_err(|_| Errno(libc::EINVAL))
+}
+
+fn host_fd(k: &Kernel, fd: u64) -> Result<RawFd, Errno> {
+    k.proc.files.host(fd as i32)
+}
+
+fn nofile(k: &Kernel) -> u64 {
+    k.proc.rlimit(libc::RLIMIT_NOFILE as u32).0
+}
+
+/// Installs a new host descriptor as the lowest free guest descriptor.
+pub(super) fn install(k: &mut Kernel, host: RawFd, cloexec: bool) -> SysResult {
+    // SAFETY: `host` was just returned by a successful host call and is owned by no one.
+    let owned = unsafe { OwnedFd::from_raw_fd(host) };
+    // Keep vmctl's own descriptors out of anything vmctl might exec.
+    // SAFETY: plain fcntl on a descriptor we own.
+    unsafe { libc::fcntl(host, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let file = Arc::new(OpenFile {
+        host: owned,
+        path: None,
+        stdio: None,
+    });
+    let limit = nofile(k);
+    Ok(k.proc.files.install(file, cloexec, 0, limit)? as i64)
+}
+
+pub fn read(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let iov = k.user_iovecs(a[1], a[2], Access::Write)?;
+    let n = iov.len().min(1024) as i32;
+    sys!(libc::SYS_readv, fd, iov.as_ptr(), n)
+}
+
+pub fn write(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let iov = k.user_iovecs(a[1], a[2], Access::Read)?;
+    let n = iov.len().min(1024) as i32;
+    sys!(libc::SYS_writev, fd, iov.as_ptr(), n)
+}
+
+pub fn pread(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let iov = k.user_iovecs(a[1], a[2], Access::Write)?;
+    let n = iov.len().min(1024) as i32;
+    sys!(libc::SYS_preadv, fd, iov.as_ptr(), n, a[3], 0)
+}
+
+pub fn pwrite(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let iov = k.user_iovecs(a[1], a[2], Access::Read)?;
+    let n = iov.len().min(1024) as i32;
+    sys!(libc::SYS_pwritev, fd, iov.as_ptr(), n, a[3], 0)
+}
+
+fn guest_iovecs(k: &mut Kernel, ptr: u64, count: u64, write_to_guest: bool) -> Result<Vec<libc::iovec>, Errno> {
+    if count > 1024 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let raw = k.read_user(ptr, count as usize * 16)?;
+    let access = if write_to_guest { Access::Write } else { Access::Read };
+    let mut out = Vec::new();
+    for c in raw.chunks(16) {
+        let base = u64::from_le_bytes(c[0..8].try_into().expect("8"));
+        let len = u64::from_le_bytes(c[8..16].try_into().expect("8"));
+        out.extend(k.user_iovecs(base, len, access)?);
+    }
+    out.truncate(1024);
+    Ok(out)
+}
+
+pub fn readv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let iov = guest_iovecs(k, a[1], a[2], !is_write)?;
+    let nr = if is_write { libc::SYS_writev } else { libc::SYS_readv };
+    sys!(nr, fd, iov.as_ptr(), iov.len() as i32)
+}
+
+pub fn preadv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let iov = guest_iovecs(k, a[1], a[2], !is_write)?;
+    let nr = if is_write { libc::SYS_pwritev } else { libc::SYS_preadv };
+    sys!(nr, fd, iov.as_ptr(), iov.len() as i32, a[3], a[4])
+}
+
+pub fn openat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysResult {
+    let p = path(k, pathp)?;
+    let flags = flags as i32;
+    let cloexec = flags & libc::O_CLOEXEC != 0;
+    if let Some(fd) = procfs::open(k, &p, flags)? {
+        return install(k, fd, cloexec);
+    }
+    let d = dirfd(k, dfd)?;
+    let fd = sys!(libc::SYS_openat, d, p.as_ptr(), flags | libc::O_CLOEXEC, mode as u32)?;
+    install(k, fd as RawFd, cloexec)
+}
+
+pub fn close(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    k.proc.files.remove(a[0] as i32)?;
+    Ok(0)
+}
+
+pub fn close_range(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (first, last, flags) = (a[0] as u32, a[1] as u32, a[2] as u32);
+    if first > last {
+        return Err(Errno(libc::EINVAL));
+    }
+    for fd in k.proc.files.fds() {
+        let u = fd as u32;
+        if u >= first && u <= last {
+            if flags & 4 != 0 {
+                k.proc.files.get_mut(fd)?.cloexec = true;
+            } else {
+                let _ = k.proc.files.remove(fd);
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn lseek(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(libc::SYS_lseek, fd, a[1], a[2] as i32)
+}
+
+pub fn fstatat(k: &mut Kernel, dfd: u64, pathp: u64, out: u64, flags: u64) -> SysResult {
+    let p = path(k, pathp)?;
+    let mut st = [0u8; 144];
+    if let Some(r) = procfs::stat(k, &p, &mut st)? {
+        k.write_user(out, &st)?;
+        return Ok(r);
+    }
+    let d = if p.as_bytes().is_empty() && flags as i32 & libc::AT_EMPTY_PATH != 0 {
+        host_fd(k, dfd)?
+    } else {
+        dirfd(k, dfd)?
+    };
+    sys!(libc::SYS_newfstatat, d, p.as_ptr(), st.as_mut_ptr(), flags as i32)?;
+    k.write_user(out, &st)?;
+    Ok(0)
+}
+
+pub fn fstat(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let mut st = [0u8; 144];
+    sys!(libc::SYS_fstat, fd, st.as_mut_ptr())?;
+    k.write_user(a[1], &st)?;
+    Ok(0)
+}
+
+pub fn statx(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let p = path(k, a[1])?;
+    let flags = a[2] as i32;
+    let d = if p.as_bytes().is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
+        host_fd(k, a[0])?
+    } else {
+        dirfd(k, a[0])?
+    };
+    let p = procfs::redirect(k, p);
+    let mut buf = [0u8; 256];
+    sys!(libc::SYS_statx, d, p.as_ptr(), flags, a[3] as u32, buf.as_mut_ptr())?;
+    k.write_user(a[4], &buf)?;
+    Ok(0)
+}
+
+pub fn statfs(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let p = path(k, a[0])?;
+    let mut buf = [0u8; 120];
+    sys!(libc::SYS_statfs, p.as_ptr(), buf.as_mut_ptr())?;
+    k.write_user(a[1], &buf)?;
+    Ok(0)
+}
+
+pub fn fstatfs(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let mut buf = [0u8; 120];
+    sys!(libc::SYS_fstatfs, fd, buf.as_mut_ptr())?;
+    k.write_user(a[1], &buf)?;
+    Ok(0)
+}
+
+pub fn getdents64(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    let mut buf = vec![0u8; (a[2] as usize).min(1 << 20)];
+    let n = sys!(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len())?;
+    k.write_user(a[1], &buf[..n as usize])?;
+    Ok(n)
+}
+
+pub fn faccessat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64, flags: u64) -> SysResult {
+    let p = path(k, pathp)?;
+    let p = procfs::redirect(k, p);
+    let d = dirfd(k, dfd)?;
+    sys!(libc::SYS_faccessat2, d, p.as_ptr(), mode as i32, flags as i32)
+}
+
+pub fn readlinkat(k: &mut Kernel, dfd: u64, pathp: u64, buf: u64, size: u64) -> SysResult {
+    let p = path(k, pathp)?;
+    if size as i64 <= 0 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let target = match procfs::readlink(k, &p)? {
+        Some(t) => t,
+        None => {
+            let d = dirfd(k, dfd)?;
+            let mut out = vec![0u8; (size as usize).min(libc::PATH_MAX as usize * 4)];
+            let n = sys!(libc::SYS_readlinkat, d, p.as_ptr(), out.as_mut_ptr(), out.len())?;
+            out.truncate(n as usize);
+            out
+        }
+    };
+    let n = target.len().min(size as usize);
+    k.write_user(buf, &target[..n])?;
+    Ok(n as i64)
+}
+
+pub fn fcntl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = a[0] as i32;
+    let cmd = a[1] as i32;
+    match cmd {
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
+            let file = k.proc.files.get(fd)?.file.clone();
+            let limit = nofile(k);
+            if a[2] >= limit {
+                return Err(Errno(libc::EINVAL));
+            }
+            let new = k.proc.files.install(file, cmd == libc::F_DUPFD_CLOEXEC, a[2] as i32, limit)?;
+            Ok(new as i64)
+        }
+        libc::F_GETFD => Ok(i64::from(k.proc.files.get(fd)?.cloexec)),
+        libc::F_SETFD => {
+            k.proc.files.get_mut(fd)?.cloexec = a[2] & libc::FD_CLOEXEC as u64 != 0;
+            Ok(0)
+        }
+        libc::F_GETLK | libc::F_SETLK | libc::F_SETLKW | libc::F_OFD_GETLK | libc::F_OFD_SETLK
+        | libc::F_OFD_SETLKW => {
+            let h = host_fd(k, a[0])?;
+            let mut fl = k.read_user(a[2], 32)?;
+            let r = sys!(libc::SYS_fcntl, h, cmd, fl.as_mut_ptr())?;
+            if cmd == libc::F_GETLK || cmd == libc::F_OFD_GETLK {
+                k.write_user(a[2], &fl)?;
+            }
+            Ok(r)
+        }
+        libc::F_GETFL | libc::F_SETFL | libc::F_GETPIPE_SZ | libc::F_SETPIPE_SZ
+        | libc::F_ADD_SEALS | libc::F_GET_SEALS | libc::F_GETOWN | libc::F_SETOWN => {
+            let h = host_fd(k, a[0])?;
+            sys!(libc::SYS_fcntl, h, cmd, a[2])
+        }
+        _ => Err(Errno(libc::EINVAL)),
+    }
+}
+
+pub fn ioctl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = a[0] as i32;
+    let req = a[1];
+    let h = host_fd(k, a[0])?;
+    // (request, bytes copied in, bytes copied out) for the terminal and descriptor
+    // requests programs make; anything else is refused as "not a terminal".
+    let (copy_in, copy_out): (usize, usize) = match req {
+        0x5401 => (0, 36),                  // TCGETS
+        0x5402..=0x5404 => (36, 0),         // TCSETS, TCSETSW, TCSETSF
+        0x5413 => (0, 8),                   // TIOCGWINSZ
+        0x5414 => (8, 0),                   // TIOCSWINSZ
+        0x540f | 0x5429 => (0, 4),          // TIOCGPGRP, TIOCGSID
+        0x5410 => (4, 0),                   // TIOCSPGRP
+        0x541b | 0x5411 => (0, 4),          // FIONREAD, TIOCOUTQ
+        0x5421 | 0x5452 => (4, 0),          // FIONBIO, FIOASYNC
+        0x540b | 0x5409 | 0x540a => {
+            // TCFLSH, TCSBRK, TCXONC take their argument by value.
+            return sys!(libc::SYS_ioctl, h, req, a[2]);
+        }
+        0x5451 => {
+            k.proc.files.get_mut(fd)?.cloexec = true; // FIOCLEX
+            return Ok(0);
+        }
+        0x5450 => {
+            k.proc.files.get_mut(fd)?.cloexec = false; // FIONCLEX
+            return Ok(0);
+        }
+        _ => return Err(Errno(libc::ENOTTY)),
+    };
+    let mut buf = if copy_in > 0 {
+        k.read_user(a[2], copy_in)?
+    } else {
+        vec![0u8; copy_out]
+    };
+    let r = sys!(libc::SYS_ioctl, h, req, buf.as_mut_ptr())?;
+    if copy_out > 0 {
+        k.write_user(a[2], &buf)?;
+    }
+    Ok(r)
+}
+
+pub fn dup(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let file = k.proc.files.get(a[0] as i32)?.file.clone();
+    let limit = nofile(k);
+    Ok(k.proc.files.install(file, false, 0, limit)? as i64)
+}
+
+pub fn dup3(k: &mut Kernel, old: u64, new: u64, flags: u64, is_dup2: bool) -> SysResult {
+    let (old, new) = (old as i32, new as i32);
+    let file = k.proc.files.get(old)?.file.clone();
+    if old == new {
+        return if is_dup2 { Ok(new as i64) } else { Err(Errno(libc::EINVAL)) };
+    }
+    if new < 0 || new as u64 >= nofile(k) {
+        return Err(Errno(libc::EBADF));
+    }
+    if flags & !(libc::O_CLOEXEC as u64) != 0 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let cloexec = flags & libc::O_CLOEXEC as u64 != 0;
+    drop(k.proc.files.install_at(new, FdEntry { file, cloexec }));
+    Ok(new as i64)
+}
+
+pub fn pipe2(k: &mut Kernel, out: u64, flags: u64) -> SysResult {
+    let flags = flags as i32;
+    if flags & !(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_DIRECT) != 0 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let mut fds = [0i32; 2];
+    sys!(libc::SYS_pipe2, fds.as_mut_ptr(), (flags & !libc::O_CLOEXEC) | libc::O_CLOEXEC)?;
+    let cloexec = flags & libc::O_CLOEXEC != 0;
+    let r = install(k, fds[0], cloexec)?;
+    let w = install(k, fds[1], cloexec)?;
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&(r as i32).to_le_bytes());
+    b[4..].copy_from_slice(&(w as i32).to_le_bytes());
+    if let Err(e) = k.write_user(out, &b) {
+        let _ = k.proc.files.remove(r as i32);
+        let _ = k.proc.files.remove(w as i32);
+        return Err(e);
+    }
+    Ok(0)
+}
+
+pub fn unlinkat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64) -> SysResult {
+    let p = path(k, pathp)?;
+    let d = dirfd(k, dfd)?;
+    sys!(libc::SYS_unlinkat, d, p.as_ptr(), flags as i32)
+}
+
+pub fn renameat2(k: &mut Kernel, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
+    let (o, n) = (path(k, op)?, path(k, np)?);
+    let (od, nd) = (dirfd(k, od)?, dirfd(k, nd)?);
+    sys!(libc::SYS_renameat2, od, o.as_ptr(), nd, n.as_ptr(), flags as u32)
+}
+
+pub fn mkdirat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64) -> SysResult {
+    let p = path(k, pathp)?;
+    let d = dirfd(k, dfd)?;
+    sys!(libc::SYS_mkdirat, d, p.as_ptr(), mode as u32)
+}
+
+pub fn linkat(k: &mut Kernel, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
+    let (o, n) = (path(k, op)?, path(k, np)?);
+    let (od, nd) = (dirfd(k, od)?, dirfd(k, nd)?);
+    sys!(libc::SYS_linkat, od, o.as_ptr(), nd, n.as_ptr(), flags as i32)
+}
+
+pub fn symlinkat(k: &mut Kernel, target: u64, dfd: u64, pathp: u64) -> SysResult {
+    let (t, p) = (path(k, target)?, path(k, pathp)?);
+    let d = dirfd(k, dfd)?;
+    sys!(libc::SYS_symlinkat, t.as_ptr(), d, p.as_ptr())
+}
+
+pub fn fchmodat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64) -> SysResult {
+    let p = path(k, pathp)?;
+    let d = dirfd(k, dfd)?;
+    sys!(libc::SYS_fchmodat, d, p.as_ptr(), mode as u32)
+}
+
+pub fn fchmod(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(libc::SYS_fchmod, fd, a[1] as u32)
+}
+
+pub fn fchownat(k: &mut Kernel, dfd: u64, pathp: u64, uid: u64, gid: u64, flags: u64) -> SysResult {
+    let p = path(k, pathp)?;
+    let d = dirfd(k, dfd)?;
+    sys!(libc::SYS_fchownat, d, p.as_ptr(), uid as u32, gid as u32, flags as i32)
+}
+
+pub fn fchown(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(libc::SYS_fchown, fd, a[1] as u32, a[2] as u32)
+}
+
+pub fn truncate(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let p = path(k, a[0])?;
+    sys!(libc::SYS_truncate, p.as_ptr(), a[1] as i64)
+}
+
+pub fn ftruncate(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(libc::SYS_ftruncate, fd, a[1] as i64)
+}
+
+pub fn fsync(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(nr, fd)
+}
+
+pub fn sync() -> SysResult {
+    sys!(libc::SYS_sync)
+}
+
+pub fn fallocate(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(libc::SYS_fallocate, fd, a[1] as i32, a[2] as i64, a[3] as i64)
+}
+
+pub fn fadvise(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(libc::SYS_fadvise64, fd, a[1] as i64, a[2] as i64, a[3] as i32)
+}
+
+pub fn flock(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(libc::SYS_flock, fd, a[1] as i32)
+}
+
+pub fn utimensat(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let p = if a[1] == 0 { None } else { Some(path(k, a[1])?) };
+    let d = if p.is_none() { host_fd(k, a[0])? } else { dirfd(k, a[0])? };
+    let times = if a[2] == 0 { None } else { Some(k.read_user(a[2], 32)?) };
+    sys!(
+        libc::SYS_utimensat,
+        d,
+        p.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()),
+        times.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
+        a[3] as i32
+    )
+}
+
+pub fn utimes_legacy(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
+    let (dfd, pathp, times, size) = match nr {
+        libc::SYS_futimesat => (a[0], a[1], a[2], 32),
+        libc::SYS_utime => (libc::AT_FDCWD as u64, a[0], a[1], 16),
+        _ => (libc::AT_FDCWD as u64, a[0], a[1], 32),
+    };
+    let p = path(k, pathp)?;
+    let d = dirfd(k, dfd)?;
+    let t = if times == 0 { None } else { Some(k.read_user(times, size)?) };
+    let tp = t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
+    match nr {
+        libc::SYS_utime => sys!(libc::SYS_utime, p.as_ptr(), tp),
+        _ => sys!(libc::SYS_futimesat, d, p.as_ptr(), tp),
+    }
+}
+
+pub fn getcwd(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    let n = sys!(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len())?;
+    if n as u64 > a[1] {
+        return Err(Errno(libc::ERANGE));
+    }
+    k.write_user(a[0], &buf[..n as usize])?;
+    Ok(n)
+}
+
+pub fn chdir(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let p = path(k, a[0])?;
+    sys!(libc::SYS_chdir, p.as_ptr())
+}
+
+pub fn fchdir(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(k, a[0])?;
+    sys!(libc::SYS_fchdir, fd)
+}
+
+pub fn umask(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let old = k.proc.umask;
+    k.proc.umask = a[0] as u32 & 0o777;
+    // Files are created by vmctl on the guest's behalf, so the host umask is the guest's.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(k.proc.umask) };
+    Ok(old as i64)
+}
+
+/// poll over guest descriptors: translated to host descriptors and back.
+pub fn poll(k: &mut Kernel, fds_ptr: u64, nfds: u64, timeout_ms: i64) -> SysResult {
+    if nfds > nofile(k).max(1024) {
+        return Err(Errno(libc::EINVAL));
+    }
+    let raw = k.read_user(fds_ptr, nfds as usize * 8)?;
+    let mut host_fds: Vec<libc::pollfd> = Vec::with_capacity(nfds as usize);
+    let mut invalid = Vec::new();
+    for (i, c) in raw.chunks(8).enumerate() {
+        let fd = i32::from_le_bytes(c[0..4].try_into().expect("4"));
+        let events = i16::from_le_bytes(c[4..6].try_into().expect("2"));
+        let hfd = if fd < 0 {
+            -1
+        } else {
+            match k.proc.files.host(fd) {
+                Ok(h) => h,
+                Err(_) => {
+                    invalid.push(i);
+                    -1
+                }
+            }
+        };
+        host_fds.push(libc::pollfd { fd: hfd, events, revents: 0 });
+    }
+    let mut n = if invalid.len() == host_fds.len() && !host_fds.is_empty() {
+        0
+    } else {
+        // SAFETY: host_fds is a live array of nfds pollfd structs.
+        host(unsafe { libc::poll(host_fds.as_mut_ptr(), host_fds.len() as u64, timeout_ms as i32) } as i64)?
+    };
+    let mut out = raw.clone();
+    for (i, p) in host_fds.iter().enumerate() {
+        let rev = if invalid.contains(&i) { libc::POLLNVAL } else { p.revents };
+        out[i * 8 + 6..i * 8 + 8].copy_from_slice(&rev.to_le_bytes());
+    }
+    n += invalid.len() as i64;
+    k.write_user(fds_ptr, &out)?;
+    Ok(n)
+}
+
+fn timespec_ms(k: &mut Kernel, ptr: u64) -> Result<i64, Errno> {
+    if ptr == 0 {
+        return Ok(-1);
+    }
+    let b = k.read_user(ptr, 16)?;
+    let s = i64::from_le_bytes(b[0..8].try_into().expect("8"));
+    let ns = i64::from_le_bytes(b[8..16].try_into().expect("8"));
+    if s < 0 || !(0..1_000_000_000).contains(&ns) {
+        return Err(Errno(libc::EINVAL));
+    }
+    Ok(s.saturating_mul(1000).saturating_add((ns + 999_999) / 1_000_000).min(i32::MAX as i64))
+}
+
+pub fn ppoll(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let t = timespec_ms(k, a[2])?;
+    poll(k, a[0], a[1], t)
+}
+
+/// select and pselect6, implemented with poll over the same descriptors.
+pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
+    let nfds = a[0] as usize;
+    if nfds > 1024 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let words = nfds.div_ceil(64);
+    let mut sets = [vec![0u64; words], vec![0u64; words], vec![0u64; words]];
+    for (i, set) in sets.iter_mut().enumerate() {
+        if a[1 + i] != 0 && words > 0 {
+            let b = k.read_user(a[1 + i], words * 8)?;
+            for (w, c) in set.iter_mut().zip(b.chunks(8)) {
+                *w = u64::from_le_bytes(c.try_into().expect("8"));
+            }
+        }
+    }
+    let timeout = if is_pselect {
+        timespec_ms(k, a[4])?
+    } else if a[4] == 0 {
+        -1
+    } else {
+        let b = k.read_user(a[4], 16)?;
+        let s = i64::from_le_bytes(b[0..8].try_into().expect("8"));
+        let us = i64::from_le_bytes(b[8..16].try_into().expect("8"));
+        (s * 1000 + (us + 999) / 1000).min(i32::MAX as i64)
+    };
+    let bit = |set: &Vec<u64>, fd: usize| set[fd / 64] >> (fd % 64) & 1 == 1;
+    let mut pfds = Vec::new();
+    let mut which = Vec::new();
+    for fd in 0..nfds {
+        let mut ev = 0i16;
+        if bit(&sets[0], fd) {
+            ev |= libc::POLLIN;
+        }
+        if bit(&sets[1], fd) {
+            ev |= libc::POLLOUT;
+        }
+        if bit(&sets[2], fd) {
+            ev |= libc::POLLPRI;
+        }
+        if ev != 0 {
+            let h = k.proc.files.host(fd as i32)?;
+            pfds.push(libc::pollfd { fd: h, events: ev, revents: 0 });
+            which.push(fd);
+        }
+    }
+    // SAFETY: pfds is a live array of pollfd structs.
+    host(unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as u64, timeout as i32) } as i64)?;
+    let mut out = [vec![0u64; words], vec![0u64; words], vec![0u64; words]];
+    let mut count = 0;
+    for (p, &fd) in pfds.iter().zip(&which) {
+        let r = p.revents;
+        for (i, mask) in [libc::POLLIN | libc::POLLHUP | libc::POLLERR, libc::POLLOUT | libc::POLLERR, libc::POLLPRI]
+            .iter()
+            .enumerate()
+        {
+            if r & mask != 0 && bit(&sets[i], fd) {
+                out[i][fd / 64] |= 1 << (fd % 64);
+                count += 1;
+            }
+        }
+    }
+    for (i, set) in out.iter().enumerate() {
+        if a[1 + i] != 0 && words > 0 {
+            let b: Vec<u8> = set.iter().flat_map(|w| w.to_le_bytes()).collect();
+            k.write_user(a[1 + i], &b)?;
+        }
+    }
+    Ok(count)
+}
+
+pub fn sendfile(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (out, inp) = (host_fd(k, a[0])?, host_fd(k, a[1])?);
+    let mut off = if a[2] != 0 { Some(k.read_user(a[2], 8)?) } else { None };
+    let r = sys!(
+        libc::SYS_sendfile,
+        out,
+        inp,
+        off.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        a[3]
+    )?;
+    if let Some(o) = off {
+        k.write_user(a[2], &o)?;
+    }
+    Ok(r)
+}
+
+pub fn copy_file_range(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[2])?);
+    let mut oin = if a[1] != 0 { Some(k.read_user(a[1], 8)?) } else { None };
+    let mut oout = if a[3] != 0 { Some(k.read_user(a[3], 8)?) } else { None };
+    let r = sys!(
+        libc::SYS_copy_file_range,
+        inp,
+        oin.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        out,
+        oout.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        a[4],
+        a[5] as u32
+    )?;
+    if let Some(o) = oin {
+        k.write_user(a[1], &o)?;
+    }
+    if let Some(o) = oout {
+        k.write_user(a[3], &o)?;
+    }
+    Ok(r)
+}
+
+pub fn memfd_create(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let name = path(k, a[0])?;
+    let flags = a[1] as u32;
+    let fd = sys!(libc::SYS_memfd_create, name.as_ptr(), flags | libc::MFD_CLOEXEC)?;
+    install(k, fd as RawFd, flags & libc::MFD_CLOEXEC != 0)
+}
+
+pub fn eventfd(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
+    let flags = if nr == libc::SYS_eventfd2 { a[1] as i32 } else { 0 };
+    let fd = sys!(libc::SYS_eventfd2, a[0] as u32, flags | libc::EFD_CLOEXEC)?;
+    install(k, fd as RawFd, flags & libc::EFD_CLOEXEC != 0)
+}
+
+pub fn mknodat(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
+    let (dfd, p, mode, dev) = if nr == libc::SYS_mknod {
+        (libc::AT_FDCWD as u64, a[0], a[1], a[2])
+    } else {
+        (a[0], a[1], a[2], a[3])
+    };
+    let p = path(k, p)?;
+    let d = dirfd(k, dfd)?;
+    sys!(libc::SYS_mknodat, d, p.as_ptr(), mode as u32, dev as u32)
+}

@@ -1,0 +1,246 @@
+//! mmap and friends, on the guest's address space.
+
+use super::fs::sys;
+use crate::kernel::mm::{Access, Backing, MappedFile, VmaKind};
+use crate::kernel::{Errno, Kernel, SysResult};
+use crate::machine::layout::PAGE_SIZE;
+use crate::machine::memory::HUGE_PAGE;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+const MAP_SHARED_VALIDATE: u64 = 3;
+const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+const MAP_TYPE: u64 = 0xf;
+const PROT_MASK: u64 = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+const TASK_SIZE: u64 = crate::kernel::mm::address_space::TASK_SIZE;
+
+fn page_aligned(x: u64) -> bool {
+    x % PAGE_SIZE == 0
+}
+
+fn file_backing(k: &mut Kernel, fd: u64, offset: u64, shared: bool, prot: u64) -> Result<Option<Backing>, Errno> {
+    let host = k.proc.files.host(fd as i32)?;
+    let mut st = [0u8; 144];
+    sys!(libc::SYS_fstat, host, st.as_mut_ptr())?;
+    // SAFETY: the kernel's struct stat has the same layout as libc::stat on x86-64.
+    let st: libc::stat = unsafe { std::ptr::read_unaligned(st.as_ptr() as *const libc::stat) };
+    let fmt = st.st_mode & libc::S_IFMT;
+    if fmt == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 5) {
+        return Ok(None); // /dev/zero: anonymous memory
+    }
+    if fmt != libc::S_IFREG && fmt != libc::S_IFBLK {
+        return Err(Errno(libc::ENODEV));
+    }
+    // SAFETY: querying flags of a descriptor we hold.
+    let fl = unsafe { libc::fcntl(host, libc::F_GETFL) };
+    let mode = fl & libc::O_ACCMODE;
+    if mode == libc::O_WRONLY || (shared && prot & libc::PROT_WRITE as u64 != 0 && mode != libc::O_RDWR) {
+        return Err(Errno(libc::EACCES));
+    }
+    let dup = sys!(libc::SYS_fcntl, host, libc::F_DUPFD_CLOEXEC, 0)?;
+    let mut link = vec![0u8; 4096];
+    let p = std::ffi::CString::new(format!("/proc/self/fd/{host}")).expect("no NUL");
+    // SAFETY: readlink into a local buffer of the given size.
+    let n = unsafe { libc::readlink(p.as_ptr(), link.as_mut_ptr() as *mut _, link.len()) };
+    link.truncate(n.max(0) as usize);
+    Ok(Some(Backing::File {
+        file: Arc::new(MappedFile {
+            path: std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&link)),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            // SAFETY: `dup` is a fresh descriptor owned by nothing else.
+            file: Some(unsafe { File::from_raw_fd(dup as i32) }),
+        }),
+        offset,
+    }))
+}
+
+
+pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (addr, len, prot, flags, fd, off) = (a[0], a[1], a[2], a[3], a[4], a[5]);
+    if len == 0 || !page_aligned(off) || prot & !PROT_MASK & !0x0300_0000 != 0 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(Errno(libc::ENOMEM))?;
+    if len > TASK_SIZE {
+        return Err(Errno(libc::ENOMEM));
+    }
+    let shared = match flags & MAP_TYPE {
+        x if x == libc::MAP_SHARED as u64 || x == MAP_SHARED_VALIDATE => true,
+        x if x == libc::MAP_PRIVATE as u64 => false,
+        _ => return Err(Errno(libc::EINVAL)),
+    };
+    let prot = prot & PROT_MASK;
+    let anonymous = flags & libc::MAP_ANONYMOUS as u64 != 0;
+    let backing = if anonymous {
+        Backing::Anonymous
+    } else {
+        file_backing(k, fd, off, shared, prot)?.unwrap_or(Backing::Anonymous)
+    };
+    let fixed = flags & libc::MAP_FIXED as u64 != 0;
+    let noreplace = flags & MAP_FIXED_NOREPLACE != 0;
+    let start = if fixed || noreplace {
+        if !page_aligned(addr) || addr.checked_add(len).is_none_or(|e| e > TASK_SIZE) {
+            return Err(Errno(if fixed { libc::EINVAL } else { libc::ENOMEM }));
+        }
+        if noreplace && !fixed {
+            let taken = (0..len / PAGE_SIZE).any(|i| k.proc.mm.find(addr + i * PAGE_SIZE).is_some());
+            if taken {
+                return Err(Errno(libc::EEXIST));
+            }
+        }
+        addr
+    } else {
+        let hint = if flags & libc::MAP_32BIT as u64 != 0 && addr == 0 { 0x4000_0000 } else { addr & !(PAGE_SIZE - 1) };
+        k.proc.mm.find_free(hint, len).ok_or(Errno(libc::ENOMEM))?
+    };
+    let start = k.with_mm(|mm, ctx| {
+        mm.map(ctx, start, len, prot as i32, shared, backing, VmaKind::Mapping)
+    })?;
+    if flags & libc::MAP_POPULATE as u64 != 0 && prot != 0 {
+        let mut va = start;
+        while va < start + len {
+            let _ = k.with_mm(|mm, ctx| mm.translate_for(ctx, va, Access::Read));
+            va = (va & !(HUGE_PAGE - 1)) + HUGE_PAGE;
+        }
+    }
+    Ok(start as i64)
+}
+
+pub fn munmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (addr, len) = (a[0], a[1]);
+    if !page_aligned(addr) || len == 0 || addr.checked_add(len).is_none_or(|e| e > TASK_SIZE) {
+        return Err(Errno(libc::EINVAL));
+    }
+    let len = len.next_multiple_of(PAGE_SIZE);
+    k.with_mm(|mm, ctx| mm.unmap(ctx, addr, len))?;
+    Ok(0)
+}
+
+pub fn mprotect(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (addr, len, prot) = (a[0], a[1], a[2]);
+    if !page_aligned(addr) || prot & !PROT_MASK & !0x0300_0000 != 0 {
+        return Err(Errno(libc::EINVAL));
+    }
+    if len == 0 {
+        return Ok(0);
+    }
+    let len = len.next_multiple_of(PAGE_SIZE);
+    k.with_mm(|mm, ctx| mm.protect(ctx, addr, len, (prot & PROT_MASK) as i32))?;
+    Ok(0)
+}
+
+pub fn brk(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    Ok(k.with_mm(|mm, ctx| mm.set_brk(ctx, a[0])) as i64)
+}
+
+pub fn madvise(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (addr, len, advice) = (a[0], a[1], a[2] as i32);
+    if !page_aligned(addr) {
+        return Err(Errno(libc::EINVAL));
+    }
+    let len = len.next_multiple_of(PAGE_SIZE);
+    match advice {
+        libc::MADV_DONTNEED | libc::MADV_REMOVE => {
+            k.with_mm(|mm, ctx| mm.discard(ctx, addr, len))?;
+            Ok(0)
+        }
+        _ => Ok(0),
+    }
+}
+
+pub fn msync(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    if !page_aligned(a[0]) {
+        return Err(Errno(libc::EINVAL));
+    }
+    k.proc.mm.write_back_shared(&k.mem, a[0], a[0] + a[1]);
+    Ok(0)
+}
+
+pub fn mincore(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (addr, len, vec) = (a[0], a[1], a[2]);
+    if !page_aligned(addr) {
+        return Err(Errno(libc::EINVAL));
+    }
+    let pages = len.div_ceil(PAGE_SIZE);
+    let mut out = vec![0u8; pages as usize];
+    for (i, b) in out.iter_mut().enumerate() {
+        let va = addr + i as u64 * PAGE_SIZE;
+        if k.proc.mm.find(va).is_none() {
+            return Err(Errno(libc::ENOMEM));
+        }
+        *b = u8::from(crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, va).is_some());
+    }
+    k.write_user(vec, &out)?;
+    Ok(0)
+}
+
+pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (old, old_len, new_len, flags, new_addr) = (a[0], a[1], a[2], a[3], a[4]);
+    const MAYMOVE: u64 = 1;
+    const FIXED: u64 = 2;
+    if !page_aligned(old) || new_len == 0 || flags & !7 != 0 || (flags & FIXED != 0 && flags & MAYMOVE == 0) {
+        return Err(Errno(libc::EINVAL));
+    }
+    let old_len = old_len.next_multiple_of(PAGE_SIZE);
+    let new_len = new_len.next_multiple_of(PAGE_SIZE);
+    let vma = k.proc.mm.find(old).cloned().ok_or(Errno(libc::EFAULT))?;
+    if old_len == 0 || old + old_len > vma.end {
+        return Err(Errno(libc::EFAULT));
+    }
+    if flags & FIXED == 0 {
+        if new_len <= old_len {
+            if new_len < old_len {
+                k.with_mm(|mm, ctx| mm.unmap(ctx, old + new_len, old_len - new_len))?;
+            }
+            return Ok(old as i64);
+        }
+        // Grow in place when the range after it is free.
+        let tail = old + old_len;
+        let grow = new_len - old_len;
+        let free = old + old_len == vma.end
+            && tail.checked_add(grow).is_some_and(|e| e <= TASK_SIZE)
+            && (0..grow / PAGE_SIZE).all(|i| k.proc.mm.find(tail + i * PAGE_SIZE).is_none());
+        if free {
+            let mut ext = vma.clone();
+            ext.start = tail;
+            if let Backing::File { offset, .. } = &mut ext.backing {
+                *offset += tail - vma.start;
+            }
+            k.with_mm(|mm, ctx| mm.map(ctx, tail, grow, ext.prot, ext.shared, ext.backing.clone(), ext.kind))?;
+            return Ok(old as i64);
+        }
+        if flags & MAYMOVE == 0 {
+            return Err(Errno(libc::ENOMEM));
+        }
+    }
+    let dest = if flags & FIXED != 0 {
+        if !page_aligned(new_addr) || new_addr < old + old_len && old < new_addr + new_len {
+            return Err(Errno(libc::EINVAL));
+        }
+        new_addr
+    } else {
+        k.proc.mm.find_free(0, new_len).ok_or(Errno(libc::ENOMEM))?
+    };
+    let mut backing = vma.backing.clone();
+    if let Backing::File { offset, .. } = &mut backing {
+        *offset += old - vma.start;
+    }
+    k.with_mm(|mm, ctx| mm.map(ctx, dest, new_len, vma.prot, vma.shared, backing, vma.kind))?;
+    // Copy what the guest has touched; untouched pages come back from their backing.
+    let copy = old_len.min(new_len);
+    let mut off = 0;
+    while off < copy {
+        let src = crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, old + off);
+        if let Some(src) = src {
+            let dst = k.with_mm(|mm, ctx| mm.translate_for(ctx, dest + off, Access::Read))?;
+            let bytes = k.mem.slice(src, PAGE_SIZE).ok_or(Errno(libc::EFAULT))?.to_vec();
+            k.mem.write(dst, &bytes);
+        }
+        off += PAGE_SIZE;
+    }
+    k.with_mm(|mm, ctx| mm.unmap(ctx, old, old_len))?;
+    Ok(dest as i64)
+}

@@ -1,0 +1,100 @@
+//! The parts of /proc/self that must describe the guest rather than vmctl: the
+//! executable, the memory map and the descriptors. Everything else under /proc is
+//! the host's.
+
+use super::fs::{host, sys};
+use crate::kernel::{Errno, Kernel};
+use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
+
+enum Entry {
+    Exe,
+    Maps,
+    Fd(i32),
+    FdDir,
+}
+
+fn classify(k: &Kernel, path: &CStr) -> Option<Entry> {
+    let p = path.to_bytes();
+    let rest = p
+        .strip_prefix(b"/proc/self/")
+        .or_else(|| p.strip_prefix(b"/proc/thread-self/"))
+        .or_else(|| {
+            let pid = format!("/proc/{}/", k.proc.pid);
+            p.strip_prefix(pid.as_bytes())
+        })?;
+    match rest {
+        b"exe" => Some(Entry::Exe),
+        b"maps" => Some(Entry::Maps),
+        b"fd" | b"fd/" => Some(Entry::FdDir),
+        _ => {
+            let n = rest.strip_prefix(b"fd/")?;
+            std::str::from_utf8(n).ok()?.parse().ok().map(Entry::Fd)
+        }
+    }
+}
+
+fn host_fd_path(k: &Kernel, fd: i32) -> Result<CString, Errno> {
+    let h = k.proc.files.host(fd).map_err(|_| Errno(libc::ENOENT))?;
+    Ok(CString::new(format!("/proc/self/fd/{h}")).expect("no NUL"))
+}
+
+/// Opens a guest-specific /proc file, or None for an ordinary path.
+pub fn open(k: &mut Kernel, path: &CStr, flags: i32) -> Result<Option<RawFd>, Errno> {
+    let fd = match classify(k, path) {
+        None | Some(Entry::FdDir) => return Ok(None),
+        Some(Entry::Exe) => {
+            let exe = CString::new(k.proc.exe.as_os_str().as_encoded_bytes()).expect("path");
+            sys!(libc::SYS_openat, libc::AT_FDCWD, exe.as_ptr(), flags | libc::O_CLOEXEC, 0)?
+        }
+        Some(Entry::Fd(n)) => {
+            let p = host_fd_path(k, n)?;
+            sys!(libc::SYS_openat, libc::AT_FDCWD, p.as_ptr(), flags | libc::O_CLOEXEC, 0)?
+        }
+        Some(Entry::Maps) => {
+            let text = k.proc.mm.proc_maps();
+            let name = c"maps";
+            let fd = sys!(libc::SYS_memfd_create, name.as_ptr(), libc::MFD_CLOEXEC)?;
+            // SAFETY: writing a local buffer to the memfd just created.
+            host(unsafe { libc::write(fd as i32, text.as_ptr() as *const _, text.len()) } as i64)?;
+            // SAFETY: rewinding our own descriptor.
+            unsafe { libc::lseek(fd as i32, 0, libc::SEEK_SET) };
+            fd
+        }
+    };
+    Ok(Some(fd as RawFd))
+}
+
+pub fn stat(k: &mut Kernel, path: &CStr, st: &mut [u8; 144]) -> Result<Option<i64>, Errno> {
+    match classify(k, path) {
+        Some(Entry::Exe) | Some(Entry::Fd(_)) => {
+            let p = redirect(k, path.to_owned());
+            sys!(libc::SYS_newfstatat, libc::AT_FDCWD, p.as_ptr(), st.as_mut_ptr(), 0)?;
+            Ok(Some(0))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The host path to use for `path` in calls that only look at it.
+pub fn redirect(k: &Kernel, path: CString) -> CString {
+    match classify(k, &path) {
+        Some(Entry::Exe) => CString::new(k.proc.exe.as_os_str().as_encoded_bytes()).expect("path"),
+        Some(Entry::Fd(n)) => host_fd_path(k, n).unwrap_or(path),
+        _ => path,
+    }
+}
+
+pub fn readlink(k: &mut Kernel, path: &CStr) -> Result<Option<Vec<u8>>, Errno> {
+    match classify(k, path) {
+        Some(Entry::Exe) => Ok(Some(k.proc.exe.as_os_str().as_encoded_bytes().to_vec())),
+        Some(Entry::Fd(n)) => {
+            let p = host_fd_path(k, n)?;
+            let mut out = vec![0u8; libc::PATH_MAX as usize];
+            let len = sys!(libc::SYS_readlinkat, libc::AT_FDCWD, p.as_ptr(), out.as_mut_ptr(), out.len())?;
+            out.truncate(len as usize);
+            Ok(Some(out))
+        }
+        _ => Ok(None),
+    }
+}
