@@ -250,6 +250,7 @@ fn load_segments(
                 Backing::File {
                     file: img.file.clone(),
                     offset,
+                    region: None,
                 },
                 VmaKind::Mapping,
             )

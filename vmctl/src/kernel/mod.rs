@@ -14,7 +14,7 @@ pub use sigframe::sigreturn as sigframe_return;
 use crate::machine::{self, Exit, GuestMemory, MachineError, Vcpu, Vm};
 use files::{FdTable, OpenFile};
 use loader::{ExecError, HostInfo};
-use mm::{Access, AddressSpace, Fault, FrameAllocator, MmCtx};
+use mm::{Access, AddressSpace, Fault, FrameAllocator, MmCtx, SharedRegions};
 use process::{ExitStatus, Process};
 use signals::{default_action, sig_bit, DefaultAction, SIG_DFL, SIG_IGN};
 use std::collections::HashSet;
@@ -60,6 +60,7 @@ pub struct Kernel {
     pub mem: Arc<GuestMemory>,
     pub frames: FrameAllocator,
     pub proc: Process,
+    pub shared: SharedRegions,
     warned: HashSet<u64>,
     exit: Option<ExitStatus>,
 }
@@ -196,6 +197,7 @@ impl Kernel {
             mem,
             frames,
             proc,
+            shared: SharedRegions::default(),
             warned: HashSet::new(),
             exit: None,
         })
@@ -243,7 +245,7 @@ impl Kernel {
     /// Records that the guest is done; the run loop stops after this exit.
     pub fn exit(&mut self, status: ExitStatus) {
         // Shared file mappings reach their files before the job is gone.
-        self.proc.mm.write_back_shared(&self.mem, 0, mm::address_space::TASK_SIZE);
+        self.shared.msync_all();
         self.exit = Some(status);
     }
 
@@ -309,6 +311,7 @@ impl Kernel {
                 match result {
                     Ok(()) => return Ok(()),
                     Err(Fault::Unmapped) => (libc::SIGSEGV, 1, cr2),   // SEGV_MAPERR
+                    Err(Fault::BeyondFile) => (libc::SIGBUS, 2, cr2),  // BUS_ADRERR
                     Err(Fault::Protection) => (libc::SIGSEGV, 2, cr2), // SEGV_ACCERR
                     Err(Fault::OutOfMemory) => {
                         eprintln!("vmctl: guest out of memory at {cr2:#x}; raise --mem");

@@ -28,8 +28,11 @@ pub const SYSTEM_SIZE: u64 = 0x20_0000;
 
 /// A guest-physical address with no memslot: a user store to it exits to the VMM.
 pub const MMIO_GPA: u64 = 0x40_0000_0000;
+/// Guest-physical window for shared file mappings, each in its own memslot.
+pub const SHARED_WINDOW: u64 = 0x30_0000_0000;
+pub const SHARED_WINDOW_END: u64 = MMIO_GPA;
 /// Largest guest RAM this layout supports (the direct map's tables must fit).
-pub const MAX_RAM: u64 = 0x30_0000_0000;
+pub const MAX_RAM: u64 = SHARED_WINDOW - SYSTEM_SIZE;
 
 pub const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
 /// User-executable page holding the syscall entry (LSTAR) and the MMIO doorbell after it.

@@ -124,3 +124,36 @@ impl Vm {
         )
     }
 }
+
+impl Vm {
+    /// Adds a memslot mapping guest-physical `gpa` to `len` bytes at host `addr`.
+    ///
+    /// # Safety
+    /// `addr..addr+len` must stay mapped until `remove_slot(slot)` is called.
+    pub unsafe fn add_slot(&self, slot: u32, gpa: u64, len: u64, addr: u64, read_only: bool) -> Result<(), MachineError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if read_only { kvm_bindings::KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: addr,
+        };
+        // SAFETY: the caller guarantees the host range outlives the slot.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| MachineError::Kvm("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    /// Removes a memslot; KVM drops every translation into it.
+    pub fn remove_slot(&self, slot: u32, gpa: u64) -> Result<(), MachineError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| MachineError::Kvm("KVM_SET_USER_MEMORY_REGION", e))
+    }
+}

@@ -20,7 +20,14 @@ fn page_aligned(x: u64) -> bool {
     x % PAGE_SIZE == 0
 }
 
-fn file_backing(k: &mut Kernel, fd: u64, offset: u64, shared: bool, prot: u64) -> Result<Option<Backing>, Errno> {
+fn file_backing(
+    k: &mut Kernel,
+    fd: u64,
+    offset: u64,
+    len: u64,
+    shared: bool,
+    prot: u64,
+) -> Result<Option<Backing>, Errno> {
     let host = k.proc.files.host(fd as i32)?;
     let mut st = [0u8; 144];
     sys!(libc::SYS_fstat, host, st.as_mut_ptr())?;
@@ -45,7 +52,15 @@ fn file_backing(k: &mut Kernel, fd: u64, offset: u64, shared: bool, prot: u64) -
     // SAFETY: readlink into a local buffer of the given size.
     let n = unsafe { libc::readlink(p.as_ptr(), link.as_mut_ptr() as *mut _, link.len()) };
     link.truncate(n.max(0) as usize);
+    let region = if shared {
+        let writable = mode == libc::O_RDWR;
+        let r = k.shared.create(&k.vm, host, offset, len, writable).map_err(Errno)?;
+        Some(r)
+    } else {
+        None
+    };
     Ok(Some(Backing::File {
+        region,
         file: Arc::new(MappedFile {
             path: std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&link)),
             dev: st.st_dev,
@@ -77,7 +92,7 @@ pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let backing = if anonymous {
         Backing::Anonymous
     } else {
-        file_backing(k, fd, off, shared, prot)?.unwrap_or(Backing::Anonymous)
+        file_backing(k, fd, off, len, shared, prot)?.unwrap_or(Backing::Anonymous)
     };
     let fixed = flags & libc::MAP_FIXED as u64 != 0;
     let noreplace = flags & MAP_FIXED_NOREPLACE != 0;
@@ -96,9 +111,11 @@ pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         let hint = if flags & libc::MAP_32BIT as u64 != 0 && addr == 0 { 0x4000_0000 } else { addr & !(PAGE_SIZE - 1) };
         k.proc.mm.find_free(hint, len).ok_or(Errno(libc::ENOMEM))?
     };
-    let start = k.with_mm(|mm, ctx| {
+    let mapped = k.with_mm(|mm, ctx| {
         mm.map(ctx, start, len, prot as i32, shared, backing, VmaKind::Mapping)
-    })?;
+    });
+    collect_regions(k)?;
+    let start = mapped?;
     if flags & libc::MAP_POPULATE as u64 != 0 && prot != 0 {
         let mut va = start;
         while va < start + len {
@@ -116,7 +133,16 @@ pub fn munmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     }
     let len = len.next_multiple_of(PAGE_SIZE);
     k.with_mm(|mm, ctx| mm.unmap(ctx, addr, len))?;
+    collect_regions(k)?;
     Ok(0)
+}
+
+/// Drops the memslots of shared mappings that are gone.
+fn collect_regions(k: &mut Kernel) -> Result<(), Errno> {
+    k.shared.collect(&k.vm).map_err(|e| {
+        eprintln!("vmctl: {e}");
+        Errno(libc::ENOMEM)
+    })
 }
 
 pub fn mprotect(k: &mut Kernel, a: [u64; 6]) -> SysResult {
@@ -128,6 +154,20 @@ pub fn mprotect(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         return Ok(0);
     }
     let len = len.next_multiple_of(PAGE_SIZE);
+    if prot & libc::PROT_WRITE as u64 != 0 {
+        let mut va = addr;
+        while va < addr + len {
+            match k.proc.mm.find(va) {
+                Some(v) => {
+                    if v.region().is_some_and(|r| !r.writable) {
+                        return Err(Errno(libc::EACCES));
+                    }
+                    va = v.end;
+                }
+                None => break,
+            }
+        }
+    }
     k.with_mm(|mm, ctx| mm.protect(ctx, addr, len, (prot & PROT_MASK) as i32))?;
     Ok(0)
 }
@@ -155,7 +195,17 @@ pub fn msync(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     if !page_aligned(a[0]) {
         return Err(Errno(libc::EINVAL));
     }
-    k.proc.mm.write_back_shared(&k.mem, a[0], a[0] + a[1]);
+    let (start, end) = (a[0], a[0].saturating_add(a[1]));
+    let mut va = start;
+    while va < end {
+        let Some(v) = k.proc.mm.find(va) else {
+            return Err(Errno(libc::ENOMEM));
+        };
+        if let Some(r) = v.region() {
+            r.msync();
+        }
+        va = v.end;
+    }
     Ok(0)
 }
 
@@ -187,6 +237,13 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let old_len = old_len.next_multiple_of(PAGE_SIZE);
     let new_len = new_len.next_multiple_of(PAGE_SIZE);
     let vma = k.proc.mm.find(old).cloned().ok_or(Errno(libc::EFAULT))?;
+    if let Some(r) = vma.region() {
+        // The mapping can only move or grow within the file range its memslot covers.
+        let off = vma.file_offset(old).expect("file vma");
+        if off + new_len > r.file_offset + r.len {
+            return Err(Errno(libc::ENOMEM));
+        }
+    }
     if old_len == 0 || old + old_len > vma.end {
         return Err(Errno(libc::EFAULT));
     }
@@ -230,7 +287,7 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     }
     k.with_mm(|mm, ctx| mm.map(ctx, dest, new_len, vma.prot, vma.shared, backing, vma.kind))?;
     // Copy what the guest has touched; untouched pages come back from their backing.
-    let copy = old_len.min(new_len);
+    let copy = if vma.shared { 0 } else { old_len.min(new_len) };
     let mut off = 0;
     while off < copy {
         let src = crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, old + off);
@@ -242,5 +299,6 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         off += PAGE_SIZE;
     }
     k.with_mm(|mm, ctx| mm.unmap(ctx, old, old_len))?;
+    collect_regions(k)?;
     Ok(dest as i64)
 }

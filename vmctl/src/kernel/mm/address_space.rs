@@ -10,6 +10,7 @@
 use super::frames::FrameAllocator;
 use super::page_table::{self as pt, Leaf, Update, PTE_SHARED};
 use super::vma::{Backing, MappedFile, Vma, VmaKind};
+use crate::machine::layout::SHARED_WINDOW;
 use crate::kernel::Errno;
 use crate::machine::layout::PAGE_SIZE;
 use crate::machine::memory::{GuestMemory, HUGE_PAGE};
@@ -43,6 +44,8 @@ pub enum Fault {
     Protection,
     /// Guest RAM is exhausted.
     OutOfMemory,
+    /// A shared file mapping beyond the end of its file (SIGBUS).
+    BeyondFile,
     Machine(MachineError),
 }
 
@@ -227,7 +230,6 @@ impl AddressSpace {
         if !self.overlaps(start, end) {
             return Ok(());
         }
-        self.write_back_shared(ctx.mem, start, end);
         self.split_at(start);
         self.split_at(end);
         self.change_range(ctx, start, end, RangeOp::Unmap)
@@ -369,37 +371,8 @@ impl AddressSpace {
     fn refill_page(&self, mem: &GuestMemory, va: u64, frame: u64) {
         mem.zero(frame, PAGE_SIZE);
         if let Some(v) = self.find(va) {
-            if let (Some(off), Backing::File { file, .. }) = (v.file_offset(va), &v.backing) {
+            if let (Some(off), Backing::File { file, region: None, .. }) = (v.file_offset(va), &v.backing) {
                 read_file_pages(mem, file, off, &[frame]);
-            }
-        }
-    }
-
-    /// Writes the pages of shared file mappings in `[start, end)` back to their files.
-    pub fn write_back_shared(&self, mem: &GuestMemory, start: u64, end: u64) {
-        for (_, v) in self.vmas.range(..end).filter(|(_, v)| v.end > start) {
-            let Backing::File { file, .. } = &v.backing else {
-                continue;
-            };
-            if !v.shared || v.prot & libc::PROT_WRITE == 0 {
-                continue;
-            }
-            let Some(f) = &file.file else { continue };
-            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let mut va = v.start.max(start);
-            while va < v.end.min(end) {
-                let off = v.file_offset(va).expect("file vma");
-                if off >= size {
-                    break;
-                }
-                if let Some(gpa) = pt::translate(mem, self.root, va) {
-                    let n = PAGE_SIZE.min(size - off);
-                    if let Some(bytes) = mem.slice(gpa, n) {
-                        use std::os::unix::fs::FileExt;
-                        let _ = f.write_all_at(bytes, off);
-                    }
-                }
-                va += PAGE_SIZE;
             }
         }
     }
@@ -436,6 +409,9 @@ impl AddressSpace {
             return Ok(());
         }
         let table = pt::ensure_pt(mem, ctx.frames, pd_slot).ok_or(Fault::OutOfMemory)?;
+        if let Some(region) = vma.region() {
+            return self.fault_shared(mem, &vma, region, table, start, end, va);
+        }
         let mut missing: Vec<(u64, u64)> = Vec::new();
         let mut p = start;
         while p < end {
@@ -477,6 +453,46 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Points the window's page-table entries at the file's pages in its memslot.
+    #[allow(clippy::too_many_arguments)]
+    fn fault_shared(
+        &self,
+        mem: &GuestMemory,
+        vma: &Vma,
+        region: &super::shared::SharedRegion,
+        table: u64,
+        start: u64,
+        end: u64,
+        va: u64,
+    ) -> Result<(), Fault> {
+        let Backing::File { file, .. } = &vma.backing else {
+            return Err(Fault::Unmapped);
+        };
+        let size = file
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        if vma.file_offset(va).unwrap_or(u64::MAX) >= size {
+            return Err(Fault::BeyondFile);
+        }
+        let flags = pt::leaf_flags(vma.prot) | PTE_SHARED;
+        let mut p = start;
+        while p < end {
+            let off = vma.file_offset(p).expect("file vma");
+            if off >= size {
+                break;
+            }
+            let slot = table + crate::machine::system::pt_index(p, 1) * 8;
+            if !pt::is_mapped(mem.read_u64(slot)) {
+                let gpa = region.gpa + (off - region.file_offset);
+                mem.write_u64(slot, gpa | flags);
+            }
+            p += PAGE_SIZE;
+        }
+        Ok(())
+    }
+
     /// Guest-physical address for a host access to `va` on the guest's behalf, mapping
     /// the page if needed. Fails like copy_to_user/copy_from_user would.
     pub fn translate_for(&mut self, ctx: &mut MmCtx, va: u64, access: Access) -> Result<u64, Errno> {
@@ -492,6 +508,14 @@ impl AddressSpace {
             Err(_) => return Err(Errno(libc::EFAULT)),
         }
         pt::translate(ctx.mem, self.root, va).ok_or(Errno(libc::EFAULT))
+    }
+
+    /// Host address behind guest-physical `gpa`, which `va` maps to.
+    fn host_ptr(&self, mem: &GuestMemory, va: u64, gpa: u64, len: u64) -> Option<*mut u8> {
+        if gpa < SHARED_WINDOW {
+            return mem.host_ptr(gpa, len);
+        }
+        self.find(va)?.region()?.host_ptr(gpa, len)
     }
 
     /// Host slices covering guest `[va, va+len)`, for I/O straight into guest memory.
@@ -512,7 +536,7 @@ impl AddressSpace {
             let gpa = self.translate_for(ctx, p, access)?;
             let page_end = (p & !(PAGE_SIZE - 1)) + PAGE_SIZE;
             let n = page_end.min(end) - p;
-            let host = ctx.mem.host_ptr(gpa, n).ok_or(Errno(libc::EFAULT))?;
+            let host = self.host_ptr(ctx.mem, p, gpa, n).ok_or(Errno(libc::EFAULT))?;
             match out.last_mut() {
                 Some(last) if (last.iov_base as u64 + last.iov_len as u64) == host as u64 => {
                     last.iov_len += n as usize;
@@ -562,7 +586,10 @@ impl AddressSpace {
         loop {
             let gpa = self.translate_for(ctx, p, Access::Read)?;
             let page_end = (p & !(PAGE_SIZE - 1)) + PAGE_SIZE;
-            let chunk = ctx.mem.slice(gpa, page_end - p).ok_or(Errno(libc::EFAULT))?;
+            let ptr = self.host_ptr(ctx.mem, p, gpa, page_end - p).ok_or(Errno(libc::EFAULT))?;
+            // SAFETY: host_ptr checked that the whole range lies in guest RAM or in the
+            // shared region mapped at `p`.
+            let chunk = unsafe { std::slice::from_raw_parts(ptr, (page_end - p) as usize) };
             if let Some(nul) = chunk.iter().position(|&b| b == 0) {
                 out.extend_from_slice(&chunk[..nul]);
                 return Ok(out);
@@ -625,7 +652,7 @@ impl AddressSpace {
         for v in self.vmas.values() {
             let r = |f: i32, c: char| if v.prot & f != 0 { c } else { '-' };
             let (off, dev, ino, name) = match &v.backing {
-                Backing::File { file, offset } => (
+                Backing::File { file, offset, .. } => (
                     *offset,
                     file.dev,
                     file.ino,

@@ -3,8 +3,10 @@
 pub mod address_space;
 pub mod frames;
 pub mod page_table;
+pub mod shared;
 pub mod vma;
 
 pub use address_space::{Access, AddressSpace, Fault, MmCtx};
 pub use frames::FrameAllocator;
-pub use vma::{Backing, MappedFile, Vma, VmaKind};
+pub use shared::SharedRegions;
+pub use vma::{Backing, MappedFile, VmaKind};

@@ -5,6 +5,8 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::shared::SharedRegion;
+
 /// A file mapped into the guest. The host descriptor is kept open so that faults can
 /// read it after the guest has closed its own descriptor, as on Linux.
 #[derive(Debug, Serialize, Deserialize)]
@@ -20,8 +22,14 @@ pub struct MappedFile {
 pub enum Backing {
     /// Zero-filled private memory (anonymous mappings, bss, heap, stack).
     Anonymous,
-    /// Private copy-on-first-touch of a file range starting at `offset`.
-    File { file: Arc<MappedFile>, offset: u64 },
+    /// A file range starting at `offset`: a private copy made on first touch, or,
+    /// with `region`, the file's own pages (MAP_SHARED).
+    File {
+        file: Arc<MappedFile>,
+        offset: u64,
+        #[serde(skip)]
+        region: Option<Arc<SharedRegion>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,12 +58,19 @@ impl Vma {
 
     /// Charged against the memory limit, as Linux accounts private writable memory.
     pub fn committed(&self) -> u64 {
-        if !self.shared || matches!(self.backing, Backing::Anonymous) {
-            if self.prot & libc::PROT_WRITE != 0 {
-                return self.len();
-            }
+        let private = !self.shared || matches!(self.backing, Backing::Anonymous);
+        if private && self.prot & libc::PROT_WRITE != 0 {
+            self.len()
+        } else {
+            0
         }
-        0
+    }
+
+    pub fn region(&self) -> Option<&Arc<SharedRegion>> {
+        match &self.backing {
+            Backing::File { region, .. } => region.as_ref(),
+            Backing::Anonymous => None,
+        }
     }
 
     pub fn file_offset(&self, va: u64) -> Option<u64> {
@@ -85,9 +100,25 @@ impl Vma {
             && match (&self.backing, &next.backing) {
                 (Backing::Anonymous, Backing::Anonymous) => true,
                 (
-                    Backing::File { file: a, offset: oa },
-                    Backing::File { file: b, offset: ob },
-                ) => Arc::ptr_eq(a, b) && oa + self.len() == *ob,
+                    Backing::File {
+                        file: a,
+                        offset: oa,
+                        region: ra,
+                    },
+                    Backing::File {
+                        file: b,
+                        offset: ob,
+                        region: rb,
+                    },
+                ) => {
+                    Arc::ptr_eq(a, b)
+                        && oa + self.len() == *ob
+                        && match (ra, rb) {
+                            (None, None) => true,
+                            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+                            _ => false,
+                        }
+                }
                 _ => false,
             }
     }
