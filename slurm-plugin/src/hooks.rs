@@ -8,6 +8,7 @@ use std::ffi::{c_char, c_int, CStr, CString, OsStr, OsString};
 use std::io::Write;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -243,7 +244,7 @@ fn prepare_step(spank: Spank) -> Result<(), String> {
     let kvm_fd = open_kvm()
         .map_err(|e| format!("job {job_id} step {step_id}: cannot open /dev/kvm: {e}"))?;
     spank::info(&format!(
-        "job {job_id} step {step_id}: wrapping in a VM; checkpoints in {}, /dev/kvm is fd {kvm_fd}, options {opts:?}",
+        "job {job_id} step {step_id}: wrapping in a VM; checkpoints in {}, /dev/kvm is fd {kvm_fd}; {opts}",
         dir.display()
     ));
     st.prepared = Some(Prepared {
@@ -397,7 +398,8 @@ fn build_exec(
     let mut dir = path.step_dir();
     if let Some(sub) = dirs::task_subdir(total, task_id) {
         dir.push(sub);
-        match std::fs::create_dir(&dir) {
+        // 0700 like the levels above: checkpoints hold the task's memory.
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(format!("{where_}: cannot create {}: {e}", dir.display())),

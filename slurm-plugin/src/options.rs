@@ -227,6 +227,23 @@ pub struct WrapOptions {
     pub signal: String,
 }
 
+impl fmt::Display for WrapOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn or_default<T: fmt::Display>(v: &Option<T>) -> String {
+            v.as_ref()
+                .map_or_else(|| "vmctl default".into(), T::to_string)
+        }
+        write!(
+            f,
+            "interval={} keep={} mem={} signal={}",
+            or_default(&self.interval),
+            or_default(&self.keep),
+            or_default(&self.mem),
+            self.signal
+        )
+    }
+}
+
 impl WrapOptions {
     /// Parses the `--vm-wrap` argument: absent, empty or Slurm's "(null)"
     /// mean "wrap with the site defaults".
@@ -333,6 +350,7 @@ mod tests {
         assert_eq!(opts.keep, Some(2));
         assert_eq!(opts.mem.unwrap().to_string(), "8G");
         assert_eq!(opts.signal, "USR1");
+        assert_eq!(opts.to_string(), "interval=600 keep=2 mem=8G signal=USR1");
     }
 
     #[test]
