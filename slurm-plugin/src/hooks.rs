@@ -42,12 +42,18 @@ struct State {
     /// The parsed `--vm-wrap` argument; None if the option was not given.
     wrap: Option<Result<WrapOptions, String>>,
     prepared: Option<Prepared>,
+    /// Why a step that should be wrapped cannot be. Failing
+    /// init_post_opt instead would make Slurm 22.05 report the step as
+    /// successful (srun exits 0, a batch job ends COMPLETED), so the
+    /// error is kept until task_init, where failing makes each task exit 1.
+    step_error: Option<String>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
     config: None,
     wrap: None,
     prepared: None,
+    step_error: None,
 });
 
 impl State {
@@ -118,6 +124,12 @@ pub extern "C" fn slurm_spank_init(sp: sys::spank_t, ac: c_int, argv: *mut *mut 
             Err(errors) => {
                 for e in &errors {
                     spank::error(e);
+                }
+                if ctx == Context::Slurmd {
+                    spank::error(
+                        "every job step on this node will fail until plugstack.conf is fixed",
+                    );
+                    return OK;
                 }
                 // Only the step daemon must refuse to go on: a
                 // misconfigured wrap could lose a user's work, while
@@ -197,13 +209,11 @@ pub extern "C" fn slurm_spank_init_post_opt(
         }
         // SAFETY: `sp` is this hook's handle.
         let spank = unsafe { Spank::new(sp) };
-        match prepare_step(spank) {
-            Ok(()) => OK,
-            Err(e) => {
-                spank::error(&e);
-                FAIL
-            }
+        if let Err(e) = prepare_step(spank) {
+            spank::error(&e);
+            state().step_error = Some(e);
         }
+        OK
     })
 }
 
@@ -310,6 +320,10 @@ pub extern "C" fn slurm_spank_task_init(
         }
         // SAFETY: `sp` is this hook's handle.
         let spank = unsafe { Spank::new(sp) };
+        let step_error = state().step_error.clone();
+        if let Some(e) = step_error {
+            return fail_task(&e);
+        }
         let Some(plan) = ({
             let st = state();
             st.prepared
@@ -324,10 +338,16 @@ pub extern "C" fn slurm_spank_task_init(
         // Only returns on failure: on success the process is vmctl now.
         let e = exec_vmctl(spank, &path, kvm_fd, &vmctl, &opts);
         spank::error(&e);
-        // The task's stderr is the user's: say why the step died there too.
-        let _ = writeln!(std::io::stderr(), "vmwrap: error: {e}");
-        FAIL
+        fail_task(&e)
     })
+}
+
+/// Ends a task that cannot be wrapped: slurmstepd exits the task with
+/// status 1 when task_init fails, rather than running it unwrapped.
+fn fail_task(why: &str) -> c_int {
+    // The task's stderr is the user's: say why the step died there too.
+    let _ = writeln!(std::io::stderr(), "vmwrap: error: {why}");
+    FAIL
 }
 
 /// Runs in the task process, as the job user, right before slurmstepd would
