@@ -1,9 +1,13 @@
 //! vmctl: the vmwrap VMM. It runs a job's programs at CPL3 inside a KVM VM and is
 //! their kernel: syscalls and faults exit to vmctl, which services them on the host.
 
+mod checkpoint;
 mod cli;
+mod clock;
+mod control;
 mod kernel;
 mod machine;
+mod runner;
 mod syscalls;
 
 fn main() {

@@ -1,5 +1,9 @@
 //! The `vmctl` command line.
 
+mod checkpoint;
+mod inspect;
+mod options;
+mod restore;
 mod run;
 pub mod size;
 
@@ -14,8 +18,9 @@ pub const EXIT_VMCTL_FAILED: i32 = 125;
     name = "vmctl",
     version,
     about = "Run a program inside a KVM virtual machine whose kernel is vmctl itself",
-    after_help = "Exit status: the program's own status (128+N if it was killed by signal N); \
-                  125 if vmctl failed; 126 if the program cannot be executed; 127 if it was not found."
+    after_help = "Exit status of run and restore: the program's own status (128+N if it was \
+                  killed by signal N); 75 after --on-signal SIG=checkpoint-exit; 125 if vmctl \
+                  failed; 126 if the program cannot be executed; 127 if it was not found."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -26,6 +31,28 @@ pub struct Cli {
 pub enum Command {
     /// Run PROGRAM in a new VM
     Run(run::RunArgs),
+    /// Resume a job from its newest usable checkpoint in DIR
+    Restore(restore::RestoreArgs),
+    /// Ask the job running with --checkpoint-dir DIR for a checkpoint
+    Checkpoint(checkpoint::CheckpointCmd),
+    /// List and verify the checkpoints in DIR
+    Inspect(inspect::InspectArgs),
+}
+
+/// Opens /dev/kvm (or takes the inherited descriptor), reporting failure on stderr.
+pub fn open_kvm_or_report(args: &options::KvmArgs) -> Option<kvm_ioctls::Kvm> {
+    use crate::machine::{open_kvm, KvmSource};
+    let source = match args.kvm_fd {
+        Some(fd) => KvmSource::InheritedFd(fd),
+        None => KvmSource::Open,
+    };
+    match open_kvm(source) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!("vmctl: {e}");
+            None
+        }
+    }
 }
 
 pub fn main() -> i32 {
@@ -54,5 +81,8 @@ pub fn main() -> i32 {
     };
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Restore(args) => restore::restore(args),
+        Command::Checkpoint(args) => checkpoint::checkpoint(args),
+        Command::Inspect(args) => inspect::inspect(args),
     }
 }

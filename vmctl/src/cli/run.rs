@@ -1,13 +1,16 @@
 //! `vmctl run`: start a program in a fresh VM and wait for it.
 
+use super::options::{CheckpointArgs, KvmArgs};
 use super::size::parse_size;
-use super::EXIT_VMCTL_FAILED;
+use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
 use crate::kernel::loader::resolve_program;
 use crate::kernel::{Kernel, KernelError, Launch};
 use crate::machine::layout::MAX_RAM;
-use crate::machine::{open_kvm, KvmSource, Vm};
+use crate::machine::Vm;
+use crate::runner::{JobMeta, Runner};
 use clap::Args;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -15,9 +18,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub mem: Option<u64>,
 
-    /// Use this inherited descriptor, already open on /dev/kvm, instead of opening it
-    #[arg(long, value_name = "N")]
-    pub kvm_fd: Option<i32>,
+    #[command(flatten)]
+    pub kvm: KvmArgs,
+
+    /// Directory for this job's checkpoints (created 0700 if missing)
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 
     /// The program to run, found in PATH like a shell would
     #[arg(required = true)]
@@ -42,9 +51,22 @@ pub fn run(args: RunArgs) -> i32 {
     if Kernel::ram_for(mem) > MAX_RAM {
         eprintln!(
             "vmctl: --mem {mem} is larger than the {} GiB a VM supports; choose a smaller --mem",
-            MAX_RAM >> 31
+            MAX_RAM >> 30
         );
         return EXIT_VMCTL_FAILED;
+    }
+    let ckpt = match args.checkpoint.options(args.checkpoint_dir.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmctl: {e}");
+            return EXIT_VMCTL_FAILED;
+        }
+    };
+    if let Some(c) = &ckpt {
+        if let Err(e) = crate::runner::prepare_dir(&c.dir) {
+            eprintln!("vmctl: {e}");
+            return EXIT_VMCTL_FAILED;
+        }
     }
     let name = args.program.to_string_lossy().into_owned();
     let path_env = std::env::var_os("PATH");
@@ -55,18 +77,10 @@ pub fn run(args: RunArgs) -> i32 {
             return e.exit_code();
         }
     };
-    let source = match args.kvm_fd {
-        Some(fd) => KvmSource::InheritedFd(fd),
-        None => KvmSource::Open,
+    let Some(kvm) = open_kvm_or_report(&args.kvm) else {
+        return EXIT_VMCTL_FAILED;
     };
-    let kvm = match open_kvm(source) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("vmctl: {e}");
-            return EXIT_VMCTL_FAILED;
-        }
-    };
-    let vm = match Vm::new(kvm, Kernel::ram_for(mem)) {
+    let vm = match Vm::new(&kvm, Kernel::ram_for(mem)) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("vmctl: {e}");
@@ -75,6 +89,10 @@ pub fn run(args: RunArgs) -> i32 {
     };
     let mut argv = vec![args.program.as_bytes().to_vec()];
     argv.extend(args.args.into_iter().map(|a| a.into_vec()));
+    let meta = JobMeta {
+        program: program.display().to_string(),
+        argv: argv.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect(),
+    };
     let envp = std::env::vars_os()
         .map(|(k, v)| {
             let mut e = k.into_vec();
@@ -89,13 +107,19 @@ pub fn run(args: RunArgs) -> i32 {
         envp,
         mem,
     };
-    let result = Kernel::boot(vm, &launch).and_then(|mut k| k.run());
-    match result {
-        Ok(status) => status.shell_code(),
+    let kernel = match Kernel::boot(vm, &launch) {
+        Ok(k) => k,
         Err(KernelError::Exec(e)) => {
             eprintln!("vmctl: {e}");
-            e.exit_code()
+            return e.exit_code();
         }
+        Err(e) => {
+            eprintln!("vmctl: {e}");
+            return EXIT_VMCTL_FAILED;
+        }
+    };
+    match Runner::new(kernel, ckpt, &args.checkpoint.on_signal, meta) {
+        Ok(r) => r.run(),
         Err(e) => {
             eprintln!("vmctl: {e}");
             EXIT_VMCTL_FAILED

@@ -137,12 +137,9 @@ fn open_image(path: &Path) -> Result<(Image, Vec<u8>), ExecError> {
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Ok((
         Image {
-            file: Arc::new(MappedFile {
-                path: canonical,
-                dev: md.dev(),
-                ino: md.ino(),
-                file: Some(file),
-            }),
+            file: Arc::new(
+                MappedFile::new(canonical, file).map_err(|e| ExecError::Io(shown.clone(), e))?,
+            ),
             header: hdr,
             phdrs,
         },

@@ -7,6 +7,7 @@ pub mod loader;
 pub mod mm;
 pub mod process;
 pub mod signals;
+pub mod persist;
 mod sigframe;
 
 pub use sigframe::sigreturn as sigframe_return;
@@ -63,6 +64,9 @@ pub struct Kernel {
     pub shared: SharedRegions,
     warned: HashSet<u64>,
     exit: Option<ExitStatus>,
+    /// Added to the host's monotonic clocks, so a restored guest's CLOCK_MONOTONIC
+    /// continues from its checkpoint instead of jumping.
+    pub clock_offset_ns: i64,
 }
 
 /// Slack beyond the commit limit for page tables and partly used 2 MiB blocks.
@@ -97,7 +101,7 @@ pub fn xsave_user_size() -> u64 {
     (r.ecx as u64).max(512 + 64)
 }
 
-fn dup_stdio(fd: i32) -> Option<Arc<OpenFile>> {
+pub(crate) fn dup_stdio(fd: i32) -> Option<Arc<OpenFile>> {
     // SAFETY: F_DUPFD_CLOEXEC on one of our standard descriptors; the new descriptor is
     // owned by the OwnedFd below.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100) };
@@ -200,6 +204,7 @@ impl Kernel {
             shared: SharedRegions::default(),
             warned: HashSet::new(),
             exit: None,
+            clock_offset_ns: 0,
         })
     }
 
@@ -258,23 +263,23 @@ impl Kernel {
         }
     }
 
-    /// Runs the guest until it exits.
-    pub fn run(&mut self) -> Result<ExitStatus, KernelError> {
-        loop {
-            if let Some(status) = self.exit {
-                return Ok(status);
-            }
-            match self.vcpu.run()? {
-                Exit::Syscall => crate::syscalls::handle(self),
-                Exit::Exception {
-                    vector,
-                    error_code,
-                    cr2,
-                } => self.exception(vector, error_code, cr2)?,
-                Exit::Interrupted => {}
-            }
-            self.deliver_pending()?;
+    /// Runs the guest to its next exit and handles it. Returns the exit status once
+    /// the guest is gone.
+    pub fn step(&mut self) -> Result<Option<ExitStatus>, KernelError> {
+        if let Some(status) = self.exit {
+            return Ok(Some(status));
         }
+        match self.vcpu.run()? {
+            Exit::Syscall => crate::syscalls::handle(self),
+            Exit::Exception {
+                vector,
+                error_code,
+                cr2,
+            } => self.exception(vector, error_code, cr2)?,
+            Exit::Interrupted => {}
+        }
+        self.deliver_pending()?;
+        Ok(self.exit)
     }
 
     fn exception(&mut self, vector: u8, error_code: u64, cr2: u64) -> Result<(), KernelError> {

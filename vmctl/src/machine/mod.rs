@@ -9,7 +9,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use memory::GuestMemory;
-pub use vcpu::{Exit, Vcpu};
+pub use vcpu::{Exit, Vcpu, VcpuState};
 pub use vm::{open_kvm, KvmSource, Vm};
 
 use thiserror::Error;

@@ -14,6 +14,30 @@ use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xcrs, CpuId, Msrs, Xsave};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use std::sync::Arc;
 
+/// A vCPU's guest-visible state in a checkpoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    pub index: u64,
+    /// rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags, as user mode sees them.
+    pub regs: [u64; 18],
+    pub fs_base: u64,
+    pub gs_base: u64,
+    /// The XSAVE image (KVM's 4 KiB region, then any extended words), in 32-bit words.
+    pub xsave: Vec<u32>,
+}
+
+trait XsaveWords {
+    fn as_slice_with_header(&self) -> Vec<u32>;
+}
+
+impl XsaveWords for Xsave {
+    fn as_slice_with_header(&self) -> Vec<u32> {
+        let mut v = self.as_fam_struct_ref().xsave.region.to_vec();
+        v.extend_from_slice(self.as_slice());
+        v
+    }
+}
+
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
@@ -262,12 +286,14 @@ impl Vcpu {
     /// Runs the guest until the next syscall, exception or interruption.
     pub fn run(&mut self) -> Result<Exit, MachineError> {
         self.prepare_resume()?;
-        self.fd.set_kvm_immediate_exit(0);
         let exit = match self.fd.run() {
             Ok(VcpuExit::MmioWrite(addr, _)) if addr == MMIO_GPA => Ok(None),
             Ok(VcpuExit::IoOut(port, _)) if port < 32 => Ok(Some(port as u8)),
             Ok(other) => Err(format!("{other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Cleared only here, after it did its job: a kick that lands between
+                // two runs must still stop the next one.
+                self.fd.set_kvm_immediate_exit(0);
                 self.resume = Resume::Untouched;
                 return Ok(Exit::Interrupted);
             }
@@ -396,6 +422,77 @@ impl Vcpu {
     pub fn set_xsave(&self, xsave: &Xsave) -> Result<(), MachineError> {
         // SAFETY: the buffer came from get_xsave on a vCPU of the same kind.
         unsafe { self.fd.set_xsave2(xsave) }.map_err(|e| MachineError::Kvm("KVM_SET_XSAVE", e))
+    }
+
+    /// The guest-visible CPU state, for a checkpoint. None when the vCPU was stopped
+    /// inside a CPL0 stub (it then reaches a clean exit on its next run).
+    pub fn capture(&mut self) -> Result<Option<VcpuState>, MachineError> {
+        if let Resume::Untouched = self.resume {
+            let regs = self.fd.get_regs().map_err(|e| MachineError::Kvm("KVM_GET_REGS", e))?;
+            let sregs = self.fd.get_sregs().map_err(|e| MachineError::Kvm("KVM_GET_SREGS", e))?;
+            if sregs.cs.dpl != 3 {
+                return Ok(None);
+            }
+            self.user = regs;
+            self.fs_base = sregs.fs.base;
+            self.gs_base = sregs.gs.base;
+            self.resume = Resume::Fresh;
+        }
+        let xsave = self.get_xsave()?;
+        let u = &self.user;
+        Ok(Some(VcpuState {
+            index: self.index,
+            regs: [
+                u.rax, u.rbx, u.rcx, u.rdx, u.rsi, u.rdi, u.rsp, u.rbp, u.r8, u.r9, u.r10, u.r11,
+                u.r12, u.r13, u.r14, u.r15, u.rip, u.rflags,
+            ],
+            fs_base: self.fs_base,
+            gs_base: self.gs_base,
+            xsave: xsave.as_slice_with_header(),
+        }))
+    }
+
+    /// Loads a captured state; the next run enters user mode with it.
+    pub fn restore(&mut self, s: &VcpuState) -> Result<(), MachineError> {
+        let r = &s.regs;
+        self.user = kvm_regs {
+            rax: r[0],
+            rbx: r[1],
+            rcx: r[2],
+            rdx: r[3],
+            rsi: r[4],
+            rdi: r[5],
+            rsp: r[6],
+            rbp: r[7],
+            r8: r[8],
+            r9: r[9],
+            r10: r[10],
+            r11: r[11],
+            r12: r[12],
+            r13: r[13],
+            r14: r[14],
+            r15: r[15],
+            rip: r[16],
+            rflags: r[17],
+        };
+        self.fs_base = s.fs_base;
+        self.gs_base = s.gs_base;
+        self.resume = Resume::Fresh;
+        let mut xsave = self.get_xsave()?;
+        {
+            // SAFETY: exclusive access to the buffer we own; only the fixed 4 KiB region
+            // plus as many trailing words as both sides have are copied.
+            let fam = unsafe { xsave.as_mut_fam_struct() };
+            for (i, w) in fam.xsave.region.iter_mut().enumerate() {
+                *w = s.xsave.get(i).copied().unwrap_or(0);
+            }
+        }
+        let extra = s.xsave.len().saturating_sub(1024);
+        if extra > 0 {
+            let n = xsave.as_slice().len().min(extra);
+            xsave.as_mut_slice()[..n].copy_from_slice(&s.xsave[1024..1024 + n]);
+        }
+        self.set_xsave(&xsave)
     }
 
     fn describe_state(&self) -> String {

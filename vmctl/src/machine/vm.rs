@@ -41,7 +41,6 @@ pub fn open_kvm(source: KvmSource) -> Result<Kvm, MachineError> {
 }
 
 pub struct Vm {
-    kvm: Kvm,
     fd: VmFd,
     mem: Arc<GuestMemory>,
     system: SystemHalf,
@@ -51,7 +50,7 @@ pub struct Vm {
 
 impl Vm {
     /// A VM with `ram` bytes of guest RAM after the system area.
-    pub fn new(kvm: Kvm, ram: u64) -> Result<Vm, MachineError> {
+    pub fn new(kvm: &Kvm, ram: u64) -> Result<Vm, MachineError> {
         if ram > MAX_RAM {
             return Err(MachineError::TooMuchMemory(ram, MAX_RAM));
         }
@@ -80,7 +79,6 @@ impl Vm {
             .unwrap_or(0x7);
         let system = system::build(&mem);
         Ok(Vm {
-            kvm,
             fd,
             mem: Arc::new(mem),
             system,
@@ -99,10 +97,6 @@ impl Vm {
 
     pub fn xcr0(&self) -> u64 {
         self.xcr0
-    }
-
-    pub fn kvm(&self) -> &Kvm {
-        &self.kvm
     }
 
     /// Creates vCPU `index` and puts it through its first (CPL0) run, with `cr3` as

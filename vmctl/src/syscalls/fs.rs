@@ -73,11 +73,22 @@ pub fn read(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     sys!(libc::SYS_readv, fd, iov.as_ptr(), n)
 }
 
+/// Linux raises SIGPIPE for a write to a pipe or socket nobody reads; vmctl itself
+/// ignores SIGPIPE, so the host call only reports EPIPE and the guest's signal is
+/// raised here.
+pub(super) fn epipe_sigpipe(k: &mut Kernel, r: SysResult) -> SysResult {
+    if r == Err(Errno(libc::EPIPE)) {
+        k.send_signal(libc::SIGPIPE);
+    }
+    r
+}
+
 pub fn write(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let fd = host_fd(k, a[0])?;
     let iov = k.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
-    sys!(libc::SYS_writev, fd, iov.as_ptr(), n)
+    let r = sys!(libc::SYS_writev, fd, iov.as_ptr(), n);
+    epipe_sigpipe(k, r)
 }
 
 pub fn pread(k: &mut Kernel, a: [u64; 6]) -> SysResult {
@@ -91,7 +102,8 @@ pub fn pwrite(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let fd = host_fd(k, a[0])?;
     let iov = k.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
-    sys!(libc::SYS_pwritev, fd, iov.as_ptr(), n, a[3], 0)
+    let r = sys!(libc::SYS_pwritev, fd, iov.as_ptr(), n, a[3], 0);
+    epipe_sigpipe(k, r)
 }
 
 fn guest_iovecs(k: &mut Kernel, ptr: u64, count: u64, write_to_guest: bool) -> Result<Vec<libc::iovec>, Errno> {
@@ -114,14 +126,16 @@ pub fn readv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(k, a[0])?;
     let iov = guest_iovecs(k, a[1], a[2], !is_write)?;
     let nr = if is_write { libc::SYS_writev } else { libc::SYS_readv };
-    sys!(nr, fd, iov.as_ptr(), iov.len() as i32)
+    let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32);
+    epipe_sigpipe(k, r)
 }
 
 pub fn preadv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(k, a[0])?;
     let iov = guest_iovecs(k, a[1], a[2], !is_write)?;
     let nr = if is_write { libc::SYS_pwritev } else { libc::SYS_preadv };
-    sys!(nr, fd, iov.as_ptr(), iov.len() as i32, a[3], a[4])
+    let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32, a[3], a[4]);
+    epipe_sigpipe(k, r)
 }
 
 pub fn openat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysResult {
@@ -659,7 +673,8 @@ pub fn sendfile(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         inp,
         off.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
         a[3]
-    )?;
+    );
+    let r = epipe_sigpipe(k, r)?;
     if let Some(o) = off {
         k.write_user(a[2], &o)?;
     }
@@ -710,4 +725,120 @@ pub fn mknodat(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
     let p = path(k, p)?;
     let d = dirfd(k, dfd)?;
     sys!(libc::SYS_mknodat, d, p.as_ptr(), mode as u32, dev as u32)
+}
+
+pub fn splice(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[2])?);
+    let mut oin = if a[1] != 0 { Some(k.read_user(a[1], 8)?) } else { None };
+    let mut oout = if a[3] != 0 { Some(k.read_user(a[3], 8)?) } else { None };
+    let r = sys!(
+        libc::SYS_splice,
+        inp,
+        oin.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        out,
+        oout.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        a[4],
+        a[5] as u32
+    );
+    let r = epipe_sigpipe(k, r)?;
+    if let Some(o) = oin {
+        k.write_user(a[1], &o)?;
+    }
+    if let Some(o) = oout {
+        k.write_user(a[3], &o)?;
+    }
+    Ok(r)
+}
+
+pub fn tee(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[1])?);
+    let r = sys!(libc::SYS_tee, inp, out, a[2], a[3] as u32);
+    epipe_sigpipe(k, r)
+}
+
+/// XATTR_SIZE_MAX and XATTR_LIST_MAX.
+const XATTR_MAX: usize = 1 << 16;
+
+/// Where an xattr call finds its file: a path (following symlinks or not) or a descriptor.
+enum XattrTarget {
+    Path(CString),
+    LinkPath(CString),
+    Fd(RawFd),
+}
+
+fn xattr_target(k: &mut Kernel, nr: i64, arg: u64) -> Result<XattrTarget, Errno> {
+    use libc::*;
+    Ok(match nr {
+        SYS_getxattr | SYS_setxattr | SYS_listxattr | SYS_removexattr => {
+            XattrTarget::Path(procfs::redirect(k, path(k, arg)?))
+        }
+        SYS_lgetxattr | SYS_lsetxattr | SYS_llistxattr | SYS_lremovexattr => {
+            XattrTarget::LinkPath(path(k, arg)?)
+        }
+        _ => XattrTarget::Fd(host_fd(k, arg)?),
+    })
+}
+
+fn xattr_name(k: &mut Kernel, ptr: u64) -> Result<CString, Errno> {
+    let name = k.read_cstr(ptr)?;
+    if name.is_empty() || name.len() > 255 {
+        return Err(Errno(libc::ERANGE));
+    }
+    CString::new(name).map_err(|_| Errno(libc::EINVAL))
+}
+
+/// The getxattr, setxattr, listxattr and removexattr families.
+pub fn xattr(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
+    use libc::*;
+    let target = xattr_target(k, nr, a[0])?;
+    match nr {
+        SYS_getxattr | SYS_lgetxattr | SYS_fgetxattr => {
+            let name = xattr_name(k, a[1])?;
+            let mut buf = vec![0u8; (a[3] as usize).min(XATTR_MAX)];
+            let (p, n) = (buf.as_mut_ptr(), buf.len());
+            let r = match &target {
+                XattrTarget::Path(t) => sys!(SYS_getxattr, t.as_ptr(), name.as_ptr(), p, n),
+                XattrTarget::LinkPath(t) => sys!(SYS_lgetxattr, t.as_ptr(), name.as_ptr(), p, n),
+                XattrTarget::Fd(fd) => sys!(SYS_fgetxattr, *fd, name.as_ptr(), p, n),
+            }?;
+            if n > 0 {
+                k.write_user(a[2], &buf[..r as usize])?;
+            }
+            Ok(r)
+        }
+        SYS_setxattr | SYS_lsetxattr | SYS_fsetxattr => {
+            let name = xattr_name(k, a[1])?;
+            if a[3] as usize > XATTR_MAX {
+                return Err(Errno(E2BIG));
+            }
+            let val = k.read_user(a[2], a[3] as usize)?;
+            let (p, n, f) = (val.as_ptr(), val.len(), a[4] as i32);
+            match &target {
+                XattrTarget::Path(t) => sys!(SYS_setxattr, t.as_ptr(), name.as_ptr(), p, n, f),
+                XattrTarget::LinkPath(t) => sys!(SYS_lsetxattr, t.as_ptr(), name.as_ptr(), p, n, f),
+                XattrTarget::Fd(fd) => sys!(SYS_fsetxattr, *fd, name.as_ptr(), p, n, f),
+            }
+        }
+        SYS_listxattr | SYS_llistxattr | SYS_flistxattr => {
+            let mut buf = vec![0u8; (a[2] as usize).min(XATTR_MAX)];
+            let (p, n) = (buf.as_mut_ptr(), buf.len());
+            let r = match &target {
+                XattrTarget::Path(t) => sys!(SYS_listxattr, t.as_ptr(), p, n),
+                XattrTarget::LinkPath(t) => sys!(SYS_llistxattr, t.as_ptr(), p, n),
+                XattrTarget::Fd(fd) => sys!(SYS_flistxattr, *fd, p, n),
+            }?;
+            if n > 0 {
+                k.write_user(a[1], &buf[..r as usize])?;
+            }
+            Ok(r)
+        }
+        _ => {
+            let name = xattr_name(k, a[1])?;
+            match &target {
+                XattrTarget::Path(t) => sys!(SYS_removexattr, t.as_ptr(), name.as_ptr()),
+                XattrTarget::LinkPath(t) => sys!(SYS_lremovexattr, t.as_ptr(), name.as_ptr()),
+                XattrTarget::Fd(fd) => sys!(SYS_fremovexattr, *fd, name.as_ptr()),
+            }
+        }
+    }
 }

@@ -61,13 +61,14 @@ fn file_backing(
     };
     Ok(Some(Backing::File {
         region,
-        file: Arc::new(MappedFile {
-            path: std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&link)),
-            dev: st.st_dev,
-            ino: st.st_ino,
-            // SAFETY: `dup` is a fresh descriptor owned by nothing else.
-            file: Some(unsafe { File::from_raw_fd(dup as i32) }),
-        }),
+        file: Arc::new(
+            MappedFile::new(
+                std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&link)),
+                // SAFETY: `dup` is a fresh descriptor owned by nothing else.
+                unsafe { File::from_raw_fd(dup as i32) },
+            )
+            .map_err(|_| Errno(libc::EIO))?,
+        ),
         offset,
     }))
 }

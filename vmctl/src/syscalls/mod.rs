@@ -35,11 +35,51 @@ pub fn handle(k: &mut Kernel) {
     let a = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
     let ret = match dispatch(k, nr, a) {
         Ok(ret) => ret,
+        Err(e) if e.0 == libc::EINTR && !interrupts_guest(k, nr) => {
+            // A host signal meant for vmctl (a checkpoint request, a signal with no
+            // guest handler) stopped a blocking call: run the syscall again once we
+            // are done, so the guest never notices (Linux's ERESTARTNOHAND).
+            let r = k.vcpu.user_regs_mut();
+            r.rip -= 2;
+            r.rax = nr;
+            return;
+        }
         Err(e) => Ret::Value(-(e.0 as i64)),
     };
     if let Ret::Value(v) = ret {
         k.vcpu.user_regs_mut().rax = v as u64;
     }
+}
+
+/// Whether an interrupted syscall must fail with EINTR: a signal is about to run a
+/// guest handler, and the call is not restarted after handlers (no SA_RESTART, or a
+/// call Linux never restarts).
+fn interrupts_guest(k: &Kernel, nr: u64) -> bool {
+    use crate::kernel::signals::{SA_RESTART, SIG_DFL, SIG_IGN};
+    let forwarded = (1..64)
+        .filter(|&s| crate::control::signals::peek_pending() & (1 << s) != 0)
+        .filter(|&s| crate::control::signals::action(s) == crate::control::signals::SignalAction::Forward)
+        .fold(0u64, |m, s| m | crate::kernel::signals::sig_bit(s));
+    let ready = (k.proc.signals.pending | forwarded) & !k.proc.signals.blocked;
+    let never_restarted = matches!(
+        nr as i64,
+        libc::SYS_pause
+            | libc::SYS_rt_sigsuspend
+            | libc::SYS_nanosleep
+            | libc::SYS_clock_nanosleep
+            | libc::SYS_poll
+            | libc::SYS_ppoll
+            | libc::SYS_select
+            | libc::SYS_pselect6
+            | libc::SYS_rt_sigtimedwait
+    );
+    (1..=64).any(|sig| {
+        if ready & crate::kernel::signals::sig_bit(sig) == 0 {
+            return false;
+        }
+        let act = k.proc.signals.action(sig);
+        act.handler != SIG_DFL && act.handler != SIG_IGN && (never_restarted || act.flags & SA_RESTART == 0)
+    })
 }
 
 fn v(r: SysResult) -> Result<Ret, crate::kernel::Errno> {

@@ -65,6 +65,20 @@ impl SharedRegions {
         len: u64,
         writable: bool,
     ) -> Result<Arc<SharedRegion>, i32> {
+        self.create_at(vm, fd, file_offset, len, writable, None)
+    }
+
+    /// Like `create`, at a given (gpa, slot) when restoring a checkpoint, since the
+    /// guest's page tables point there.
+    pub fn create_at(
+        &mut self,
+        vm: &Vm,
+        fd: RawFd,
+        file_offset: u64,
+        len: u64,
+        writable: bool,
+        fixed: Option<(u64, u32)>,
+    ) -> Result<Arc<SharedRegion>, i32> {
         let len = len.next_multiple_of(PAGE_SIZE);
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
         // SAFETY: a new shared mapping of the guest's file at an address of the
@@ -75,7 +89,12 @@ impl SharedRegions {
         if host == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOMEM));
         }
-        let gpa = match self.free.iter().position(|&(_, l)| l >= len) {
+        let gpa = match fixed {
+            Some((gpa, _)) => {
+                self.next_gpa = self.next_gpa.max(gpa + len - SHARED_WINDOW);
+                gpa
+            }
+            None => match self.free.iter().position(|&(_, l)| l >= len) {
             Some(i) => {
                 let (g, l) = self.free[i];
                 if l == len {
@@ -95,11 +114,18 @@ impl SharedRegions {
                 self.next_gpa += len;
                 g
             }
+            },
         };
-        let slot = self.free_slots.pop().unwrap_or_else(|| {
-            self.next_slot += 1;
-            self.next_slot
-        });
+        let slot = match fixed {
+            Some((_, slot)) => {
+                self.next_slot = self.next_slot.max(slot);
+                slot
+            }
+            None => self.free_slots.pop().unwrap_or_else(|| {
+                self.next_slot += 1;
+                self.next_slot
+            }),
+        };
         let region = Arc::new(SharedRegion {
             slot,
             gpa,
@@ -134,6 +160,10 @@ impl SharedRegions {
             }
         }
         Ok(())
+    }
+
+    pub fn live(&self) -> &[Arc<SharedRegion>] {
+        &self.live
     }
 
     pub fn msync_all(&self) {

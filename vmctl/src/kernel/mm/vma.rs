@@ -14,8 +14,29 @@ pub struct MappedFile {
     pub path: PathBuf,
     pub dev: u64,
     pub ino: u64,
+    /// Size and modification time when mapped: a restore refuses a file that changed,
+    /// since pages the guest has not touched yet would come from the new contents.
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub mtime_ns: i64,
     #[serde(skip)]
     pub file: Option<File>,
+}
+
+impl MappedFile {
+    pub fn new(path: PathBuf, file: File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let md = file.metadata()?;
+        Ok(MappedFile {
+            path,
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            file: Some(file),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

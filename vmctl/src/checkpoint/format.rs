@@ -1,0 +1,96 @@
+//! The on-disk checkpoint format (specified in docs/CHECKPOINT-FORMAT.md).
+//!
+//! DIR/gen-NNNNNN/ holds one generation: `manifest.json` (everything but guest RAM),
+//! `manifest.sum` (CRC32 of the manifest) and `memory.img` (the guest-physical pages
+//! that are not all zero, in chunks listed in the manifest, each with its CRC32).
+//! DIR/latest is a symlink to the newest complete generation.
+
+use crate::kernel::persist::KernelState;
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any change a reader of the previous version could misread.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+pub const MANIFEST_SUM: &str = "manifest.sum";
+pub const MEMORY: &str = "memory.img";
+pub const LATEST: &str = "latest";
+pub const GEN_PREFIX: &str = "gen-";
+pub const PAGE_SIZE: u64 = 4096;
+/// Data per memory chunk (and per CRC).
+pub const CHUNK_BYTES: u64 = 4 << 20;
+
+pub fn generation_dir_name(generation: u64) -> String {
+    format!("{GEN_PREFIX}{generation:06}")
+}
+
+pub fn parse_generation_dir(name: &str) -> Option<u64> {
+    let n = name.strip_prefix(GEN_PREFIX)?;
+    (n.len() >= 6 && n.bytes().all(|b| b.is_ascii_digit())).then(|| n.parse().ok())?
+}
+
+/// A run of `pages` consecutive guest-physical pages starting at `gpa`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Run {
+    pub gpa: u64,
+    pub pages: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Chunk {
+    /// Offset of the chunk's data in the image file.
+    pub offset: u64,
+    pub runs: Vec<Run>,
+    pub crc32: u32,
+}
+
+impl Chunk {
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.pages * PAGE_SIZE).sum()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryImage {
+    pub file: String,
+    pub page_size: u64,
+    /// Size of guest RAM (the memslot) the image belongs to.
+    pub ram_bytes: u64,
+    /// Bytes of data in the file (non-zero pages only).
+    pub data_bytes: u64,
+    pub chunks: Vec<Chunk>,
+}
+
+/// CPUID feature words the guest could see. Guests see the host's CPUID here (it
+/// cannot be virtualized on this platform), so a restore needs every one of them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CpuFeatures {
+    pub vendor: String,
+    pub words: Vec<CpuidWord>,
+    pub xcr0: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CpuidWord {
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub register: String,
+    pub bits: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub vmctl_version: String,
+    pub generation: u64,
+    /// "full" today; incremental generations will name their parent.
+    pub kind: String,
+    pub parent: Option<u64>,
+    pub created_unix: i64,
+    pub host: String,
+    pub owner_uid: u32,
+    pub program: String,
+    pub argv: Vec<String>,
+    pub cpu: CpuFeatures,
+    pub memory: MemoryImage,
+    pub kernel: KernelState,
+}

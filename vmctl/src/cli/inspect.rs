@@ -1,0 +1,123 @@
+//! `vmctl inspect DIR`: what generations a checkpoint directory holds, and whether
+//! they are intact.
+
+use crate::checkpoint::format::generation_dir_name;
+use crate::checkpoint::read;
+use clap::Args;
+use std::path::PathBuf;
+
+/// Exit status when the directory holds no usable generation.
+pub const EXIT_NONE_USABLE: i32 = 1;
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A checkpoint directory
+    pub dir: PathBuf,
+
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+
+    /// Check every byte of every generation against its checksums
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// Seconds since the epoch as an RFC 3339 UTC time.
+pub fn rfc3339(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Civil-from-days (proleptic Gregorian), as in Howard Hinnant's date algorithms.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+pub fn inspect(args: InspectArgs) -> i32 {
+    let gens = match read::list_generations(&args.dir) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("vmctl: {e}");
+            return super::EXIT_VMCTL_FAILED;
+        }
+    };
+    let latest = read::latest(&args.dir);
+    let mut rows = Vec::new();
+    let mut usable = 0;
+    for g in gens {
+        let gen_dir = args.dir.join(generation_dir_name(g));
+        let result = read::load_manifest(&gen_dir).and_then(|m| {
+            if args.verify {
+                read::verify_memory(&gen_dir, &m)?;
+            }
+            Ok(m)
+        });
+        let row = match result {
+            Ok(m) => {
+                usable += 1;
+                serde_json::json!({
+                    "generation": g,
+                    "latest": latest == Some(g),
+                    "status": if args.verify { "verified" } else { "ok" },
+                    "created": rfc3339(m.created_unix),
+                    "host": m.host,
+                    "program": m.program,
+                    "argv": m.argv,
+                    "memory_bytes": m.memory.data_bytes,
+                    "format_version": m.format_version,
+                    "vmctl_version": m.vmctl_version,
+                })
+            }
+            Err(e) => serde_json::json!({
+                "generation": g,
+                "latest": latest == Some(g),
+                "status": "unusable",
+                "error": e.to_string(),
+            }),
+        };
+        rows.push(row);
+    }
+    if args.json {
+        println!("{}", serde_json::json!({"dir": args.dir, "generations": rows}));
+    } else if rows.is_empty() {
+        println!("{}: no checkpoint generations", args.dir.display());
+    } else {
+        for r in &rows {
+            let g = r["generation"].as_u64().unwrap_or(0);
+            let mark = if r["latest"].as_bool() == Some(true) { " (latest)" } else { "" };
+            if r["status"] == "unusable" {
+                println!("generation {g}{mark}: UNUSABLE: {}", r["error"].as_str().unwrap_or(""));
+            } else {
+                println!(
+                    "generation {g}{mark}: {} {}, {:.1} MiB, host {}, program {}",
+                    r["status"].as_str().unwrap_or(""),
+                    r["created"].as_str().unwrap_or(""),
+                    r["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                    r["host"].as_str().unwrap_or(""),
+                    r["program"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    if usable > 0 {
+        0
+    } else {
+        EXIT_NONE_USABLE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_000_000), "2026-11-18T08:26:40Z");
+    }
+}

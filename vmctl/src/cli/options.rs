@@ -1,0 +1,77 @@
+//! Options shared by `run` and `restore`.
+
+use crate::control::signals::{parse_signal, SignalAction};
+use crate::runner::{CheckpointOptions, DEFAULT_KEEP};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// Take checkpoints periodically, every SECS seconds
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
+    pub checkpoint_interval: Option<u64>,
+
+    /// How many complete generations to keep
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP, value_parser = parse_keep)]
+    pub keep: usize,
+
+    /// What a host signal does: SIG=checkpoint (take one and go on) or
+    /// SIG=checkpoint-exit (take one and exit with status 75). Repeatable.
+    #[arg(long = "on-signal", value_name = "SIG=ACTION", value_parser = parse_on_signal)]
+    pub on_signal: Vec<(i32, SignalAction)>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KvmArgs {
+    /// Use this inherited descriptor, already open on /dev/kvm, instead of opening it
+    #[arg(long, value_name = "N")]
+    pub kvm_fd: Option<i32>,
+}
+
+impl CheckpointArgs {
+    pub fn options(&self, dir: Option<PathBuf>) -> Result<Option<CheckpointOptions>, String> {
+        match dir {
+            Some(dir) => Ok(Some(CheckpointOptions {
+                dir,
+                interval: self.checkpoint_interval.map(Duration::from_secs),
+                keep: self.keep,
+            })),
+            None if self.checkpoint_interval.is_some() => {
+                Err("--checkpoint-interval needs --checkpoint-dir".into())
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn parse_interval(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{s}' is not a whole number of seconds (1 or more)")),
+    }
+}
+
+fn parse_keep(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1000).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a generation count from 1 to 1000")),
+    }
+}
+
+fn parse_on_signal(s: &str) -> Result<(i32, SignalAction), String> {
+    let (sig, action) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not SIG=ACTION, e.g. TERM=checkpoint-exit"))?;
+    let signo = parse_signal(sig).ok_or_else(|| format!("'{sig}' is not a signal name or number"))?;
+    if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+        return Err(format!("{sig} cannot be caught"));
+    }
+    let action = match action {
+        "checkpoint" => SignalAction::Checkpoint,
+        "checkpoint-exit" => SignalAction::CheckpointExit,
+        "forward" => SignalAction::Forward,
+        _ => return Err(format!("'{action}' is not an action: use checkpoint, checkpoint-exit or forward")),
+    };
+    Ok((signo, action))
+}

@@ -1,0 +1,98 @@
+//! `vmctl restore DIR`: resume a job from its newest usable checkpoint.
+
+use super::options::{CheckpointArgs, KvmArgs};
+use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
+use crate::checkpoint::format::generation_dir_name;
+use crate::checkpoint::{cpu, read, CheckpointError};
+use crate::kernel::Kernel;
+use crate::machine::layout::SYSTEM_SIZE;
+use crate::machine::Vm;
+use crate::runner::{JobMeta, Runner};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The job's checkpoint directory
+    pub dir: PathBuf,
+
+    /// Restore this generation instead of the newest usable one
+    #[arg(long, value_name = "N")]
+    pub generation: Option<u64>,
+
+    #[command(flatten)]
+    pub kvm: KvmArgs,
+
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+}
+
+pub fn restore(args: RestoreArgs) -> i32 {
+    let dir = args.dir.clone();
+    let candidates = match args.generation {
+        Some(g) => vec![g],
+        None => match read::candidates(&dir) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("vmctl: {e}");
+                return EXIT_VMCTL_FAILED;
+            }
+        },
+    };
+    if candidates.is_empty() {
+        eprintln!("vmctl: {}: no checkpoint generations to restore", dir.display());
+        return EXIT_VMCTL_FAILED;
+    }
+    let ckpt = match args.checkpoint.options(Some(dir.clone())) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmctl: {e}");
+            return EXIT_VMCTL_FAILED;
+        }
+    };
+    let Some(kvm) = open_kvm_or_report(&args.kvm) else {
+        return EXIT_VMCTL_FAILED;
+    };
+    let newest = candidates[0];
+    for g in candidates {
+        let gen_dir = dir.join(generation_dir_name(g));
+        match try_generation(&kvm, &gen_dir) {
+            Ok((kernel, meta)) => {
+                if g != newest {
+                    eprintln!("vmctl: restored generation {g}, the newest usable one");
+                }
+                return match Runner::new(kernel, ckpt, &args.checkpoint.on_signal, meta) {
+                    Ok(r) => r.run(),
+                    Err(e) => {
+                        eprintln!("vmctl: {e}");
+                        EXIT_VMCTL_FAILED
+                    }
+                };
+            }
+            Err(e) => eprintln!("vmctl: generation {g} is unusable: {e}"),
+        }
+    }
+    eprintln!("vmctl: {}: no usable checkpoint; start the job afresh", dir.display());
+    EXIT_VMCTL_FAILED
+}
+
+fn try_generation(kvm: &kvm_ioctls::Kvm, gen_dir: &std::path::Path) -> Result<(Kernel, JobMeta), String> {
+    let manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
+    let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
+    let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
+    let missing = cpu::missing_features(&manifest.cpu, vm.xcr0());
+    if !missing.is_empty() {
+        return Err(CheckpointError::Refused(format!(
+            "this host's CPU lacks features the job was shown: {}; restore it on a host with the same CPU features",
+            missing.join(", ")
+        ))
+        .to_string());
+    }
+    read::load_memory(gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
+    let meta = JobMeta {
+        program: manifest.program.clone(),
+        argv: manifest.argv.clone(),
+    };
+    let kernel = Kernel::restore(vm, manifest.kernel).map_err(|e| e.to_string())?;
+    Ok((kernel, meta))
+}

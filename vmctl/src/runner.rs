@@ -1,0 +1,257 @@
+//! Drives a job: runs the guest, and between exits serves what the outside world
+//! asks for (host signals, checkpoint requests from the control socket or the timer).
+
+use crate::checkpoint::{self, format::*, write};
+use crate::control::signals::{self, SignalAction};
+use crate::control::{socket, Request, Requests};
+use crate::kernel::Kernel;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Exit status meaning "checkpointed on request; resume me with vmctl restore".
+pub const EXIT_CHECKPOINTED: i32 = 75;
+
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    pub dir: PathBuf,
+    pub interval: Option<Duration>,
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobMeta {
+    pub program: String,
+    pub argv: Vec<String>,
+}
+
+pub struct Runner {
+    kernel: Kernel,
+    ckpt: Option<CheckpointOptions>,
+    requests: Requests,
+    _socket: Option<socket::ControlSocket>,
+    meta: JobMeta,
+}
+
+/// Creates (0700) or checks the checkpoint directory: it must be the caller's own.
+pub fn prepare_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(md) => {
+            if !md.is_dir() {
+                return Err(format!("--checkpoint-dir {}: not a directory", dir.display()));
+            }
+            // SAFETY: getuid cannot fail.
+            let me = unsafe { libc::getuid() };
+            if md.uid() != me {
+                return Err(format!(
+                    "--checkpoint-dir {}: owned by uid {}, not by you (uid {me}); use a directory of your own",
+                    dir.display(),
+                    md.uid()
+                ));
+            }
+            if md.permissions().mode() & 0o077 != 0 {
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("--checkpoint-dir {}: cannot create it: {e}", dir.display())),
+        Err(e) => Err(format!("--checkpoint-dir {}: {e}", dir.display())),
+    }
+}
+
+pub struct Taken {
+    pub generation: u64,
+    pub path: PathBuf,
+    pub memory_bytes: u64,
+    pub total_bytes: u64,
+    pub frozen_seconds: f64,
+}
+
+impl Taken {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ok": true,
+            "generation": self.generation,
+            "path": self.path,
+            "memory_bytes": self.memory_bytes,
+            "bytes": self.total_bytes,
+            "seconds": self.frozen_seconds,
+        })
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    unsafe { libc::gethostname(buf.as_mut_ptr() as *mut _, buf.len()) };
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+impl Runner {
+    pub fn new(
+        kernel: Kernel,
+        ckpt: Option<CheckpointOptions>,
+        on_signal: &[(i32, SignalAction)],
+        meta: JobMeta,
+    ) -> Result<Runner, String> {
+        let mut kernel = kernel;
+        signals::register_vcpu(kernel.vcpu.kvm_run_ptr());
+        let extra: Vec<i32> = on_signal.iter().map(|&(s, _)| s).collect();
+        signals::install(&extra);
+        for &(sig, action) in on_signal {
+            signals::set_action(sig, action);
+        }
+        let requests = Requests::new();
+        let mut sock = None;
+        if let Some(c) = &ckpt {
+            prepare_dir(&c.dir)?;
+            sock = Some(socket::serve(&c.dir, requests.clone()).map_err(|e| {
+                format!("--checkpoint-dir {}: cannot serve the control socket: {e}", c.dir.display())
+            })?);
+            if let Some(i) = c.interval {
+                requests.start_interval(i);
+            }
+        } else if on_signal.iter().any(|&(_, a)| a != SignalAction::Forward) {
+            return Err("--on-signal ...=checkpoint needs --checkpoint-dir".into());
+        }
+        Ok(Runner {
+            kernel,
+            ckpt,
+            requests,
+            _socket: sock,
+            meta,
+        })
+    }
+
+    pub fn run(mut self) -> i32 {
+        loop {
+            match self.kernel.step() {
+                Ok(Some(status)) => {
+                    self.finished();
+                    return status.shell_code();
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    eprintln!("vmctl: {e}");
+                    return crate::cli::EXIT_VMCTL_FAILED;
+                }
+            }
+            let pending = signals::take_pending();
+            let mut checkpoint_now = false;
+            let mut exit_after: Option<i32> = None;
+            for sig in 1..64 {
+                if pending & (1 << sig) == 0 {
+                    continue;
+                }
+                match signals::action(sig) {
+                    SignalAction::Forward => self.kernel.send_signal(sig),
+                    SignalAction::Checkpoint => checkpoint_now = true,
+                    SignalAction::CheckpointExit => exit_after = Some(sig),
+                }
+            }
+            let requests = self.requests.take();
+            if !(checkpoint_now || exit_after.is_some() || !requests.is_empty()) {
+                continue;
+            }
+            let result = self.checkpoint();
+            let reply = match &result {
+                Ok(t) => t.to_json().to_string(),
+                Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
+            };
+            for Request { reply: tx } in requests {
+                if let Some(tx) = tx {
+                    let _ = tx.send(reply.clone());
+                }
+            }
+            match (result, exit_after) {
+                (Ok(_), Some(_)) => return EXIT_CHECKPOINTED,
+                (Err(e), Some(sig)) => {
+                    eprintln!("vmctl: checkpoint failed: {e}; the job is stopped without one, as signal {sig} asked");
+                    return 128 + sig;
+                }
+                (Err(e), None) => {
+                    eprintln!("vmctl: checkpoint failed: {e}; the job goes on and earlier generations stay valid");
+                }
+                (Ok(_), None) => {}
+            }
+        }
+    }
+
+    /// Freezes the guest (it is not running while we are here), writes a generation,
+    /// and prunes old ones.
+    pub fn checkpoint(&mut self) -> Result<Taken, String> {
+        let Some(opts) = self.ckpt.clone() else {
+            return Err("no --checkpoint-dir was given".into());
+        };
+        let t0 = crate::clock::monotonic_ns();
+        let state = loop {
+            match self.kernel.snapshot().map_err(|e| e.to_string())? {
+                Some(s) => break s,
+                // Stopped inside a stub: one more run reaches a clean exit.
+                None => {
+                    if let Some(_status) = self.kernel.step().map_err(|e| e.to_string())? {
+                        return Err("the job ended before the checkpoint".into());
+                    }
+                }
+            }
+        };
+        let generation = write::next_generation(&opts.dir).map_err(|e| e.to_string())?;
+        let mut manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            vmctl_version: env!("CARGO_PKG_VERSION").to_string(),
+            generation,
+            kind: "full".into(),
+            parent: None,
+            created_unix: crate::clock::realtime_s(),
+            host: hostname(),
+            // SAFETY: getuid cannot fail.
+            owner_uid: unsafe { libc::getuid() },
+            program: self.meta.program.clone(),
+            argv: self.meta.argv.clone(),
+            cpu: checkpoint::cpu::host_features(self.kernel.vm.xcr0()),
+            memory: MemoryImage {
+                file: MEMORY.into(),
+                page_size: PAGE_SIZE,
+                ram_bytes: 0,
+                data_bytes: 0,
+                chunks: Vec::new(),
+            },
+            kernel: state,
+        };
+        let limit = self.kernel.frames.high_water();
+        let written = write::write_generation(&opts.dir, &self.kernel.mem, limit, &mut manifest)
+            .map_err(|e| e.to_string())?;
+        write::prune(&opts.dir, opts.keep);
+        Ok(Taken {
+            generation: written.generation,
+            path: written.path,
+            memory_bytes: written.memory_bytes,
+            total_bytes: written.total_bytes,
+            frozen_seconds: (crate::clock::monotonic_ns() - t0) as f64 / 1e9,
+        })
+    }
+
+    /// A job that ended on its own needs no checkpoint: remove its generations.
+    fn finished(&self) {
+        if let Some(c) = &self.ckpt {
+            if let Ok(gens) = checkpoint::read::list_generations(&c.dir) {
+                for g in gens {
+                    let _ = std::fs::remove_dir_all(c.dir.join(generation_dir_name(g)));
+                }
+            }
+            let _ = std::fs::remove_file(c.dir.join(LATEST));
+        }
+    }
+}
+
+pub fn dir_for_display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub const DEFAULT_KEEP: usize = 2;
+pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
