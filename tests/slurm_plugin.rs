@@ -280,3 +280,85 @@ fn sbatch_wraps_srun_steps_but_not_the_script() {
         .collect();
     assert_eq!(entries, ["0"], "unexpected entries in the job directory");
 }
+
+/// Requeue resumes a step from its checkpoint: the counter printed by the
+/// step carries on after the restart instead of starting again from 0.
+///
+/// Ignored until vmctl implements --checkpoint-dir/--on-signal and
+/// `vmctl restore`; run it with `cargo test --test slurm_plugin -- --ignored`.
+#[test]
+#[ignore = "needs vmctl checkpoint and restore"]
+fn requeued_step_resumes_from_its_checkpoint() {
+    need_slurm!();
+    const TICKS: u32 = 30;
+    let dir = user_dir("requeue");
+    let output = dir.join("job.out");
+    // perl, not a shell loop: a wrapped step is one process.
+    let script = format!(
+        "echo \"script start ${{SLURM_RESTART_COUNT:-0}}\"\n\
+         srun /usr/bin/perl -e '$|=1; for $i (0..{last}) {{ print \"$i\\n\"; sleep 1 }}'\n",
+        last = TICKS - 1
+    );
+    let out = run_as_user(
+        &[
+            "sbatch",
+            "--parsable",
+            "--requeue",
+            "--open-mode=append",
+            "--vm-wrap",
+            "-o",
+            output.to_str().unwrap(),
+            "--wrap",
+            &script,
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let job = out.stdout_str().trim().to_string();
+
+    // Requeue once the step has made some progress.
+    let numbers =
+        |text: &str| -> Vec<u32> { text.lines().filter_map(|l| l.parse().ok()).collect() };
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    while numbers(&fs::read_to_string(&output).unwrap_or_default()).len() < 3 {
+        assert!(Instant::now() < deadline, "job {job} made no progress");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = run("scontrol", &["requeue", &job], Path::new("/"));
+    assert_eq!(out.code, 0, "{out:?}");
+    let requeued_at = Instant::now();
+    while scontrol_field(&job, "JobState").as_deref() != Some("PENDING") {
+        assert!(Instant::now() < deadline, "job {job} was not requeued");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Releasing a requeued job within the same second makes slurmd refuse
+    // it ("Job credential revoked"); two whole seconds are safe.
+    if let Some(left) = Duration::from_secs(2).checked_sub(requeued_at.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let out = run(
+        "scontrol",
+        &["update", &format!("jobid={job}"), "starttime=now"],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    assert_eq!(scontrol_field(&job, "Restarts").as_deref(), Some("1"));
+    let (first, second) = text
+        .split_once("script start 1\n")
+        .unwrap_or_else(|| panic!("the job did not restart:\n{text}"));
+    let before = numbers(first);
+    let after = numbers(second);
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "expected output from both runs:\n{text}"
+    );
+    assert!(
+        after[0] >= *before.last().unwrap(),
+        "the step started again instead of resuming:\n{text}"
+    );
+    assert_eq!(after.last(), Some(&(TICKS - 1)), "{text}");
+}
