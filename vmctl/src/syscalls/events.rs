@@ -83,7 +83,11 @@ pub fn inotify_rm_watch(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 
 pub fn timerfd_create(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let flags = a[1] as i32;
-    let fd = sys!(libc::SYS_timerfd_create, a[0] as i32, flags | libc::TFD_CLOEXEC)?;
+    let fd = sys!(
+        libc::SYS_timerfd_create,
+        a[0] as i32,
+        flags | libc::TFD_CLOEXEC
+    )?;
     install(k, fd as RawFd, flags & libc::TFD_CLOEXEC != 0)
 }
 
@@ -91,7 +95,13 @@ pub fn timerfd_settime(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let fd = host_fd(k, a[0])?;
     let new = k.read_user(a[2], 32)?;
     let mut old = [0u8; 32];
-    sys!(libc::SYS_timerfd_settime, fd, a[1] as i32, new.as_ptr(), old.as_mut_ptr())?;
+    sys!(
+        libc::SYS_timerfd_settime,
+        fd,
+        a[1] as i32,
+        new.as_ptr(),
+        old.as_mut_ptr()
+    )?;
     if a[3] != 0 {
         k.write_user(a[3], &old)?;
     }

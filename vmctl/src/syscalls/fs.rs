@@ -106,12 +106,21 @@ pub fn pwrite(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     epipe_sigpipe(k, r)
 }
 
-fn guest_iovecs(k: &mut Kernel, ptr: u64, count: u64, write_to_guest: bool) -> Result<Vec<libc::iovec>, Errno> {
+fn guest_iovecs(
+    k: &mut Kernel,
+    ptr: u64,
+    count: u64,
+    write_to_guest: bool,
+) -> Result<Vec<libc::iovec>, Errno> {
     if count > 1024 {
         return Err(Errno(libc::EINVAL));
     }
     let raw = k.read_user(ptr, count as usize * 16)?;
-    let access = if write_to_guest { Access::Write } else { Access::Read };
+    let access = if write_to_guest {
+        Access::Write
+    } else {
+        Access::Read
+    };
     let mut out = Vec::new();
     for c in raw.chunks(16) {
         let base = u64::from_le_bytes(c[0..8].try_into().expect("8"));
@@ -125,7 +134,11 @@ fn guest_iovecs(k: &mut Kernel, ptr: u64, count: u64, write_to_guest: bool) -> R
 pub fn readv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(k, a[0])?;
     let iov = guest_iovecs(k, a[1], a[2], !is_write)?;
-    let nr = if is_write { libc::SYS_writev } else { libc::SYS_readv };
+    let nr = if is_write {
+        libc::SYS_writev
+    } else {
+        libc::SYS_readv
+    };
     let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32);
     epipe_sigpipe(k, r)
 }
@@ -133,7 +146,11 @@ pub fn readv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
 pub fn preadv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(k, a[0])?;
     let iov = guest_iovecs(k, a[1], a[2], !is_write)?;
-    let nr = if is_write { libc::SYS_pwritev } else { libc::SYS_preadv };
+    let nr = if is_write {
+        libc::SYS_pwritev
+    } else {
+        libc::SYS_preadv
+    };
     let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32, a[3], a[4]);
     epipe_sigpipe(k, r)
 }
@@ -146,7 +163,13 @@ pub fn openat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64, mode: u64) -> Sy
         return install(k, fd, cloexec);
     }
     let d = dirfd(k, dfd)?;
-    let fd = sys!(libc::SYS_openat, d, p.as_ptr(), flags | libc::O_CLOEXEC, mode as u32)?;
+    let fd = sys!(
+        libc::SYS_openat,
+        d,
+        p.as_ptr(),
+        flags | libc::O_CLOEXEC,
+        mode as u32
+    )?;
     install(k, fd as RawFd, cloexec)
 }
 
@@ -190,7 +213,13 @@ pub fn fstatat(k: &mut Kernel, dfd: u64, pathp: u64, out: u64, flags: u64) -> Sy
     } else {
         dirfd(k, dfd)?
     };
-    sys!(libc::SYS_newfstatat, d, p.as_ptr(), st.as_mut_ptr(), flags as i32)?;
+    sys!(
+        libc::SYS_newfstatat,
+        d,
+        p.as_ptr(),
+        st.as_mut_ptr(),
+        flags as i32
+    )?;
     k.write_user(out, &st)?;
     Ok(0)
 }
@@ -213,7 +242,14 @@ pub fn statx(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     };
     let p = procfs::redirect(k, p);
     let mut buf = [0u8; 256];
-    sys!(libc::SYS_statx, d, p.as_ptr(), flags, a[3] as u32, buf.as_mut_ptr())?;
+    sys!(
+        libc::SYS_statx,
+        d,
+        p.as_ptr(),
+        flags,
+        a[3] as u32,
+        buf.as_mut_ptr()
+    )?;
     k.write_user(a[4], &buf)?;
     Ok(0)
 }
@@ -246,7 +282,13 @@ pub fn faccessat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64, flags: u64) ->
     let p = path(k, pathp)?;
     let p = procfs::redirect(k, p);
     let d = dirfd(k, dfd)?;
-    sys!(libc::SYS_faccessat2, d, p.as_ptr(), mode as i32, flags as i32)
+    sys!(
+        libc::SYS_faccessat2,
+        d,
+        p.as_ptr(),
+        mode as i32,
+        flags as i32
+    )
 }
 
 pub fn readlinkat(k: &mut Kernel, dfd: u64, pathp: u64, buf: u64, size: u64) -> SysResult {
@@ -259,7 +301,13 @@ pub fn readlinkat(k: &mut Kernel, dfd: u64, pathp: u64, buf: u64, size: u64) -> 
         None => {
             let d = dirfd(k, dfd)?;
             let mut out = vec![0u8; (size as usize).min(libc::PATH_MAX as usize * 4)];
-            let n = sys!(libc::SYS_readlinkat, d, p.as_ptr(), out.as_mut_ptr(), out.len())?;
+            let n = sys!(
+                libc::SYS_readlinkat,
+                d,
+                p.as_ptr(),
+                out.as_mut_ptr(),
+                out.len()
+            )?;
             out.truncate(n as usize);
             out
         }
@@ -279,7 +327,10 @@ pub fn fcntl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             if a[2] >= limit {
                 return Err(Errno(libc::EINVAL));
             }
-            let new = k.proc.files.install(file, cmd == libc::F_DUPFD_CLOEXEC, a[2] as i32, limit)?;
+            let new =
+                k.proc
+                    .files
+                    .install(file, cmd == libc::F_DUPFD_CLOEXEC, a[2] as i32, limit)?;
             Ok(new as i64)
         }
         libc::F_GETFD => Ok(i64::from(k.proc.files.get(fd)?.cloexec)),
@@ -287,7 +338,11 @@ pub fn fcntl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             k.proc.files.get_mut(fd)?.cloexec = a[2] & libc::FD_CLOEXEC as u64 != 0;
             Ok(0)
         }
-        libc::F_GETLK | libc::F_SETLK | libc::F_SETLKW | libc::F_OFD_GETLK | libc::F_OFD_SETLK
+        libc::F_GETLK
+        | libc::F_SETLK
+        | libc::F_SETLKW
+        | libc::F_OFD_GETLK
+        | libc::F_OFD_SETLK
         | libc::F_OFD_SETLKW => {
             let h = host_fd(k, a[0])?;
             let mut fl = k.read_user(a[2], 32)?;
@@ -297,8 +352,14 @@ pub fn fcntl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             }
             Ok(r)
         }
-        libc::F_GETFL | libc::F_SETFL | libc::F_GETPIPE_SZ | libc::F_SETPIPE_SZ
-        | libc::F_ADD_SEALS | libc::F_GET_SEALS | libc::F_GETOWN | libc::F_SETOWN => {
+        libc::F_GETFL
+        | libc::F_SETFL
+        | libc::F_GETPIPE_SZ
+        | libc::F_SETPIPE_SZ
+        | libc::F_ADD_SEALS
+        | libc::F_GET_SEALS
+        | libc::F_GETOWN
+        | libc::F_SETOWN => {
             let h = host_fd(k, a[0])?;
             sys!(libc::SYS_fcntl, h, cmd, a[2])
         }
@@ -313,14 +374,14 @@ pub fn ioctl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     // (request, bytes copied in, bytes copied out) for the terminal and descriptor
     // requests programs make; anything else is refused as "not a terminal".
     let (copy_in, copy_out): (usize, usize) = match req {
-        0x5401 => (0, 36),                  // TCGETS
-        0x5402..=0x5404 => (36, 0),         // TCSETS, TCSETSW, TCSETSF
-        0x5413 => (0, 8),                   // TIOCGWINSZ
-        0x5414 => (8, 0),                   // TIOCSWINSZ
-        0x540f | 0x5429 => (0, 4),          // TIOCGPGRP, TIOCGSID
-        0x5410 => (4, 0),                   // TIOCSPGRP
-        0x541b | 0x5411 => (0, 4),          // FIONREAD, TIOCOUTQ
-        0x5421 | 0x5452 => (4, 0),          // FIONBIO, FIOASYNC
+        0x5401 => (0, 36),          // TCGETS
+        0x5402..=0x5404 => (36, 0), // TCSETS, TCSETSW, TCSETSF
+        0x5413 => (0, 8),           // TIOCGWINSZ
+        0x5414 => (8, 0),           // TIOCSWINSZ
+        0x540f | 0x5429 => (0, 4),  // TIOCGPGRP, TIOCGSID
+        0x5410 => (4, 0),           // TIOCSPGRP
+        0x541b | 0x5411 => (0, 4),  // FIONREAD, TIOCOUTQ
+        0x5421 | 0x5452 => (4, 0),  // FIONBIO, FIOASYNC
         0x540b | 0x5409 | 0x540a => {
             // TCFLSH, TCSBRK, TCXONC take their argument by value.
             return sys!(libc::SYS_ioctl, h, req, a[2]);
@@ -357,7 +418,11 @@ pub fn dup3(k: &mut Kernel, old: u64, new: u64, flags: u64, is_dup2: bool) -> Sy
     let (old, new) = (old as i32, new as i32);
     let file = k.proc.files.get(old)?.file.clone();
     if old == new {
-        return if is_dup2 { Ok(new as i64) } else { Err(Errno(libc::EINVAL)) };
+        return if is_dup2 {
+            Ok(new as i64)
+        } else {
+            Err(Errno(libc::EINVAL))
+        };
     }
     if new < 0 || new as u64 >= nofile(k) {
         return Err(Errno(libc::EBADF));
@@ -376,7 +441,11 @@ pub fn pipe2(k: &mut Kernel, out: u64, flags: u64) -> SysResult {
         return Err(Errno(libc::EINVAL));
     }
     let mut fds = [0i32; 2];
-    sys!(libc::SYS_pipe2, fds.as_mut_ptr(), (flags & !libc::O_CLOEXEC) | libc::O_CLOEXEC)?;
+    sys!(
+        libc::SYS_pipe2,
+        fds.as_mut_ptr(),
+        (flags & !libc::O_CLOEXEC) | libc::O_CLOEXEC
+    )?;
     let cloexec = flags & libc::O_CLOEXEC != 0;
     let r = install(k, fds[0], cloexec)?;
     let w = install(k, fds[1], cloexec)?;
@@ -400,7 +469,14 @@ pub fn unlinkat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64) -> SysResult {
 pub fn renameat2(k: &mut Kernel, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
     let (o, n) = (path(k, op)?, path(k, np)?);
     let (od, nd) = (dirfd(k, od)?, dirfd(k, nd)?);
-    sys!(libc::SYS_renameat2, od, o.as_ptr(), nd, n.as_ptr(), flags as u32)
+    sys!(
+        libc::SYS_renameat2,
+        od,
+        o.as_ptr(),
+        nd,
+        n.as_ptr(),
+        flags as u32
+    )
 }
 
 pub fn mkdirat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64) -> SysResult {
@@ -412,7 +488,14 @@ pub fn mkdirat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64) -> SysResult {
 pub fn linkat(k: &mut Kernel, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
     let (o, n) = (path(k, op)?, path(k, np)?);
     let (od, nd) = (dirfd(k, od)?, dirfd(k, nd)?);
-    sys!(libc::SYS_linkat, od, o.as_ptr(), nd, n.as_ptr(), flags as i32)
+    sys!(
+        libc::SYS_linkat,
+        od,
+        o.as_ptr(),
+        nd,
+        n.as_ptr(),
+        flags as i32
+    )
 }
 
 pub fn symlinkat(k: &mut Kernel, target: u64, dfd: u64, pathp: u64) -> SysResult {
@@ -435,7 +518,14 @@ pub fn fchmod(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 pub fn fchownat(k: &mut Kernel, dfd: u64, pathp: u64, uid: u64, gid: u64, flags: u64) -> SysResult {
     let p = path(k, pathp)?;
     let d = dirfd(k, dfd)?;
-    sys!(libc::SYS_fchownat, d, p.as_ptr(), uid as u32, gid as u32, flags as i32)
+    sys!(
+        libc::SYS_fchownat,
+        d,
+        p.as_ptr(),
+        uid as u32,
+        gid as u32,
+        flags as i32
+    )
 }
 
 pub fn fchown(k: &mut Kernel, a: [u64; 6]) -> SysResult {
@@ -464,12 +554,24 @@ pub fn sync() -> SysResult {
 
 pub fn fallocate(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let fd = host_fd(k, a[0])?;
-    sys!(libc::SYS_fallocate, fd, a[1] as i32, a[2] as i64, a[3] as i64)
+    sys!(
+        libc::SYS_fallocate,
+        fd,
+        a[1] as i32,
+        a[2] as i64,
+        a[3] as i64
+    )
 }
 
 pub fn fadvise(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let fd = host_fd(k, a[0])?;
-    sys!(libc::SYS_fadvise64, fd, a[1] as i64, a[2] as i64, a[3] as i32)
+    sys!(
+        libc::SYS_fadvise64,
+        fd,
+        a[1] as i64,
+        a[2] as i64,
+        a[3] as i32
+    )
 }
 
 pub fn flock(k: &mut Kernel, a: [u64; 6]) -> SysResult {
@@ -478,9 +580,21 @@ pub fn flock(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 }
 
 pub fn utimensat(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let p = if a[1] == 0 { None } else { Some(path(k, a[1])?) };
-    let d = if p.is_none() { host_fd(k, a[0])? } else { dirfd(k, a[0])? };
-    let times = if a[2] == 0 { None } else { Some(k.read_user(a[2], 32)?) };
+    let p = if a[1] == 0 {
+        None
+    } else {
+        Some(path(k, a[1])?)
+    };
+    let d = if p.is_none() {
+        host_fd(k, a[0])?
+    } else {
+        dirfd(k, a[0])?
+    };
+    let times = if a[2] == 0 {
+        None
+    } else {
+        Some(k.read_user(a[2], 32)?)
+    };
     sys!(
         libc::SYS_utimensat,
         d,
@@ -498,7 +612,11 @@ pub fn utimes_legacy(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
     };
     let p = path(k, pathp)?;
     let d = dirfd(k, dfd)?;
-    let t = if times == 0 { None } else { Some(k.read_user(times, size)?) };
+    let t = if times == 0 {
+        None
+    } else {
+        Some(k.read_user(times, size)?)
+    };
     let tp = t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
     match nr {
         libc::SYS_utime => sys!(libc::SYS_utime, p.as_ptr(), tp),
@@ -557,17 +675,31 @@ pub fn poll(k: &mut Kernel, fds_ptr: u64, nfds: u64, timeout_ms: i64) -> SysResu
                 }
             }
         };
-        host_fds.push(libc::pollfd { fd: hfd, events, revents: 0 });
+        host_fds.push(libc::pollfd {
+            fd: hfd,
+            events,
+            revents: 0,
+        });
     }
     let mut n = if invalid.len() == host_fds.len() && !host_fds.is_empty() {
         0
     } else {
         // SAFETY: host_fds is a live array of nfds pollfd structs.
-        host(unsafe { libc::poll(host_fds.as_mut_ptr(), host_fds.len() as u64, timeout_ms as i32) } as i64)?
+        host(unsafe {
+            libc::poll(
+                host_fds.as_mut_ptr(),
+                host_fds.len() as u64,
+                timeout_ms as i32,
+            )
+        } as i64)?
     };
     let mut out = raw.clone();
     for (i, p) in host_fds.iter().enumerate() {
-        let rev = if invalid.contains(&i) { libc::POLLNVAL } else { p.revents };
+        let rev = if invalid.contains(&i) {
+            libc::POLLNVAL
+        } else {
+            p.revents
+        };
         out[i * 8 + 6..i * 8 + 8].copy_from_slice(&rev.to_le_bytes());
     }
     n += invalid.len() as i64;
@@ -575,7 +707,7 @@ pub fn poll(k: &mut Kernel, fds_ptr: u64, nfds: u64, timeout_ms: i64) -> SysResu
     Ok(n)
 }
 
-fn timespec_ms(k: &mut Kernel, ptr: u64) -> Result<i64, Errno> {
+pub(super) fn timespec_ms(k: &mut Kernel, ptr: u64) -> Result<i64, Errno> {
     if ptr == 0 {
         return Ok(-1);
     }
@@ -585,7 +717,9 @@ fn timespec_ms(k: &mut Kernel, ptr: u64) -> Result<i64, Errno> {
     if s < 0 || !(0..1_000_000_000).contains(&ns) {
         return Err(Errno(libc::EINVAL));
     }
-    Ok(s.saturating_mul(1000).saturating_add((ns + 999_999) / 1_000_000).min(i32::MAX as i64))
+    Ok(s.saturating_mul(1000)
+        .saturating_add((ns + 999_999) / 1_000_000)
+        .min(i32::MAX as i64))
 }
 
 pub fn ppoll(k: &mut Kernel, a: [u64; 6]) -> SysResult {
@@ -635,7 +769,11 @@ pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
         }
         if ev != 0 {
             let h = k.proc.files.host(fd as i32)?;
-            pfds.push(libc::pollfd { fd: h, events: ev, revents: 0 });
+            pfds.push(libc::pollfd {
+                fd: h,
+                events: ev,
+                revents: 0,
+            });
             which.push(fd);
         }
     }
@@ -645,9 +783,13 @@ pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
     let mut count = 0;
     for (p, &fd) in pfds.iter().zip(&which) {
         let r = p.revents;
-        for (i, mask) in [libc::POLLIN | libc::POLLHUP | libc::POLLERR, libc::POLLOUT | libc::POLLERR, libc::POLLPRI]
-            .iter()
-            .enumerate()
+        for (i, mask) in [
+            libc::POLLIN | libc::POLLHUP | libc::POLLERR,
+            libc::POLLOUT | libc::POLLERR,
+            libc::POLLPRI,
+        ]
+        .iter()
+        .enumerate()
         {
             if r & mask != 0 && bit(&sets[i], fd) {
                 out[i][fd / 64] |= 1 << (fd % 64);
@@ -666,12 +808,17 @@ pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
 
 pub fn sendfile(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let (out, inp) = (host_fd(k, a[0])?, host_fd(k, a[1])?);
-    let mut off = if a[2] != 0 { Some(k.read_user(a[2], 8)?) } else { None };
+    let mut off = if a[2] != 0 {
+        Some(k.read_user(a[2], 8)?)
+    } else {
+        None
+    };
     let r = sys!(
         libc::SYS_sendfile,
         out,
         inp,
-        off.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        off.as_mut()
+            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
         a[3]
     );
     let r = epipe_sigpipe(k, r)?;
@@ -683,14 +830,24 @@ pub fn sendfile(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 
 pub fn copy_file_range(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[2])?);
-    let mut oin = if a[1] != 0 { Some(k.read_user(a[1], 8)?) } else { None };
-    let mut oout = if a[3] != 0 { Some(k.read_user(a[3], 8)?) } else { None };
+    let mut oin = if a[1] != 0 {
+        Some(k.read_user(a[1], 8)?)
+    } else {
+        None
+    };
+    let mut oout = if a[3] != 0 {
+        Some(k.read_user(a[3], 8)?)
+    } else {
+        None
+    };
     let r = sys!(
         libc::SYS_copy_file_range,
         inp,
-        oin.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        oin.as_mut()
+            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
         out,
-        oout.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        oout.as_mut()
+            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
         a[4],
         a[5] as u32
     )?;
@@ -706,12 +863,20 @@ pub fn copy_file_range(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 pub fn memfd_create(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let name = path(k, a[0])?;
     let flags = a[1] as u32;
-    let fd = sys!(libc::SYS_memfd_create, name.as_ptr(), flags | libc::MFD_CLOEXEC)?;
+    let fd = sys!(
+        libc::SYS_memfd_create,
+        name.as_ptr(),
+        flags | libc::MFD_CLOEXEC
+    )?;
     install(k, fd as RawFd, flags & libc::MFD_CLOEXEC != 0)
 }
 
 pub fn eventfd(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
-    let flags = if nr == libc::SYS_eventfd2 { a[1] as i32 } else { 0 };
+    let flags = if nr == libc::SYS_eventfd2 {
+        a[1] as i32
+    } else {
+        0
+    };
     let fd = sys!(libc::SYS_eventfd2, a[0] as u32, flags | libc::EFD_CLOEXEC)?;
     install(k, fd as RawFd, flags & libc::EFD_CLOEXEC != 0)
 }
@@ -729,14 +894,24 @@ pub fn mknodat(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
 
 pub fn splice(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[2])?);
-    let mut oin = if a[1] != 0 { Some(k.read_user(a[1], 8)?) } else { None };
-    let mut oout = if a[3] != 0 { Some(k.read_user(a[3], 8)?) } else { None };
+    let mut oin = if a[1] != 0 {
+        Some(k.read_user(a[1], 8)?)
+    } else {
+        None
+    };
+    let mut oout = if a[3] != 0 {
+        Some(k.read_user(a[3], 8)?)
+    } else {
+        None
+    };
     let r = sys!(
         libc::SYS_splice,
         inp,
-        oin.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        oin.as_mut()
+            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
         out,
-        oout.as_mut().map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
+        oout.as_mut()
+            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
         a[4],
         a[5] as u32
     );
@@ -767,14 +942,15 @@ enum XattrTarget {
 }
 
 fn xattr_target(k: &mut Kernel, nr: i64, arg: u64) -> Result<XattrTarget, Errno> {
-    use libc::*;
     Ok(match nr {
-        SYS_getxattr | SYS_setxattr | SYS_listxattr | SYS_removexattr => {
-            XattrTarget::Path(procfs::redirect(k, path(k, arg)?))
+        libc::SYS_getxattr | libc::SYS_setxattr | libc::SYS_listxattr | libc::SYS_removexattr => {
+            let p = path(k, arg)?;
+            XattrTarget::Path(procfs::redirect(k, p))
         }
-        SYS_lgetxattr | SYS_lsetxattr | SYS_llistxattr | SYS_lremovexattr => {
-            XattrTarget::LinkPath(path(k, arg)?)
-        }
+        libc::SYS_lgetxattr
+        | libc::SYS_lsetxattr
+        | libc::SYS_llistxattr
+        | libc::SYS_lremovexattr => XattrTarget::LinkPath(path(k, arg)?),
         _ => XattrTarget::Fd(host_fd(k, arg)?),
     })
 }
@@ -789,43 +965,48 @@ fn xattr_name(k: &mut Kernel, ptr: u64) -> Result<CString, Errno> {
 
 /// The getxattr, setxattr, listxattr and removexattr families.
 pub fn xattr(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
-    use libc::*;
     let target = xattr_target(k, nr, a[0])?;
     match nr {
-        SYS_getxattr | SYS_lgetxattr | SYS_fgetxattr => {
+        libc::SYS_getxattr | libc::SYS_lgetxattr | libc::SYS_fgetxattr => {
             let name = xattr_name(k, a[1])?;
             let mut buf = vec![0u8; (a[3] as usize).min(XATTR_MAX)];
             let (p, n) = (buf.as_mut_ptr(), buf.len());
             let r = match &target {
-                XattrTarget::Path(t) => sys!(SYS_getxattr, t.as_ptr(), name.as_ptr(), p, n),
-                XattrTarget::LinkPath(t) => sys!(SYS_lgetxattr, t.as_ptr(), name.as_ptr(), p, n),
-                XattrTarget::Fd(fd) => sys!(SYS_fgetxattr, *fd, name.as_ptr(), p, n),
+                XattrTarget::Path(t) => sys!(libc::SYS_getxattr, t.as_ptr(), name.as_ptr(), p, n),
+                XattrTarget::LinkPath(t) => {
+                    sys!(libc::SYS_lgetxattr, t.as_ptr(), name.as_ptr(), p, n)
+                }
+                XattrTarget::Fd(fd) => sys!(libc::SYS_fgetxattr, *fd, name.as_ptr(), p, n),
             }?;
             if n > 0 {
                 k.write_user(a[2], &buf[..r as usize])?;
             }
             Ok(r)
         }
-        SYS_setxattr | SYS_lsetxattr | SYS_fsetxattr => {
+        libc::SYS_setxattr | libc::SYS_lsetxattr | libc::SYS_fsetxattr => {
             let name = xattr_name(k, a[1])?;
             if a[3] as usize > XATTR_MAX {
-                return Err(Errno(E2BIG));
+                return Err(Errno(libc::E2BIG));
             }
             let val = k.read_user(a[2], a[3] as usize)?;
             let (p, n, f) = (val.as_ptr(), val.len(), a[4] as i32);
             match &target {
-                XattrTarget::Path(t) => sys!(SYS_setxattr, t.as_ptr(), name.as_ptr(), p, n, f),
-                XattrTarget::LinkPath(t) => sys!(SYS_lsetxattr, t.as_ptr(), name.as_ptr(), p, n, f),
-                XattrTarget::Fd(fd) => sys!(SYS_fsetxattr, *fd, name.as_ptr(), p, n, f),
+                XattrTarget::Path(t) => {
+                    sys!(libc::SYS_setxattr, t.as_ptr(), name.as_ptr(), p, n, f)
+                }
+                XattrTarget::LinkPath(t) => {
+                    sys!(libc::SYS_lsetxattr, t.as_ptr(), name.as_ptr(), p, n, f)
+                }
+                XattrTarget::Fd(fd) => sys!(libc::SYS_fsetxattr, *fd, name.as_ptr(), p, n, f),
             }
         }
-        SYS_listxattr | SYS_llistxattr | SYS_flistxattr => {
+        libc::SYS_listxattr | libc::SYS_llistxattr | libc::SYS_flistxattr => {
             let mut buf = vec![0u8; (a[2] as usize).min(XATTR_MAX)];
             let (p, n) = (buf.as_mut_ptr(), buf.len());
             let r = match &target {
-                XattrTarget::Path(t) => sys!(SYS_listxattr, t.as_ptr(), p, n),
-                XattrTarget::LinkPath(t) => sys!(SYS_llistxattr, t.as_ptr(), p, n),
-                XattrTarget::Fd(fd) => sys!(SYS_flistxattr, *fd, p, n),
+                XattrTarget::Path(t) => sys!(libc::SYS_listxattr, t.as_ptr(), p, n),
+                XattrTarget::LinkPath(t) => sys!(libc::SYS_llistxattr, t.as_ptr(), p, n),
+                XattrTarget::Fd(fd) => sys!(libc::SYS_flistxattr, *fd, p, n),
             }?;
             if n > 0 {
                 k.write_user(a[1], &buf[..r as usize])?;
@@ -835,9 +1016,9 @@ pub fn xattr(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
         _ => {
             let name = xattr_name(k, a[1])?;
             match &target {
-                XattrTarget::Path(t) => sys!(SYS_removexattr, t.as_ptr(), name.as_ptr()),
-                XattrTarget::LinkPath(t) => sys!(SYS_lremovexattr, t.as_ptr(), name.as_ptr()),
-                XattrTarget::Fd(fd) => sys!(SYS_fremovexattr, *fd, name.as_ptr()),
+                XattrTarget::Path(t) => sys!(libc::SYS_removexattr, t.as_ptr(), name.as_ptr()),
+                XattrTarget::LinkPath(t) => sys!(libc::SYS_lremovexattr, t.as_ptr(), name.as_ptr()),
+                XattrTarget::Fd(fd) => sys!(libc::SYS_fremovexattr, *fd, name.as_ptr()),
             }
         }
     }

@@ -2,11 +2,13 @@
 //! the six argument registers and returns a value or an errno, which the dispatcher
 //! puts in RAX as Linux would.
 
+mod events;
 pub(crate) mod fs;
 mod identity;
 mod memory;
 mod misc;
 mod names;
+mod net;
 mod procfs;
 mod signal;
 mod time;
@@ -58,7 +60,9 @@ fn interrupts_guest(k: &Kernel, nr: u64) -> bool {
     use crate::kernel::signals::{SA_RESTART, SIG_DFL, SIG_IGN};
     let forwarded = (1..64)
         .filter(|&s| crate::control::signals::peek_pending() & (1 << s) != 0)
-        .filter(|&s| crate::control::signals::action(s) == crate::control::signals::SignalAction::Forward)
+        .filter(|&s| {
+            crate::control::signals::action(s) == crate::control::signals::SignalAction::Forward
+        })
         .fold(0u64, |m, s| m | crate::kernel::signals::sig_bit(s));
     let ready = (k.proc.signals.pending | forwarded) & !k.proc.signals.blocked;
     let never_restarted = matches!(
@@ -78,7 +82,9 @@ fn interrupts_guest(k: &Kernel, nr: u64) -> bool {
             return false;
         }
         let act = k.proc.signals.action(sig);
-        act.handler != SIG_DFL && act.handler != SIG_IGN && (never_restarted || act.flags & SA_RESTART == 0)
+        act.handler != SIG_DFL
+            && act.handler != SIG_IGN
+            && (never_restarted || act.flags & SA_RESTART == 0)
     })
 }
 
@@ -86,6 +92,8 @@ fn v(r: SysResult) -> Result<Ret, crate::kernel::Errno> {
     r.map(Ret::Value)
 }
 
+// The syscall numbers keep libc's lower-case names, so the match reads like the man pages.
+#[allow(non_upper_case_globals)]
 fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::Errno> {
     use libc::*;
     let n = nr as i64;
@@ -100,13 +108,25 @@ fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::
         SYS_preadv => v(fs::preadv(k, a, false)),
         SYS_pwritev => v(fs::preadv(k, a, true)),
         SYS_open => v(fs::openat(k, AT_FDCWD as u64, a[0], a[1], a[2])),
-        SYS_creat => v(fs::openat(k, AT_FDCWD as u64, a[0], (O_CREAT | O_WRONLY | O_TRUNC) as u64, a[1])),
+        SYS_creat => v(fs::openat(
+            k,
+            AT_FDCWD as u64,
+            a[0],
+            (O_CREAT | O_WRONLY | O_TRUNC) as u64,
+            a[1],
+        )),
         SYS_openat => v(fs::openat(k, a[0], a[1], a[2], a[3])),
         SYS_close => v(fs::close(k, a)),
         SYS_close_range => v(fs::close_range(k, a)),
         SYS_lseek => v(fs::lseek(k, a)),
         SYS_stat => v(fs::fstatat(k, AT_FDCWD as u64, a[0], a[1], 0)),
-        SYS_lstat => v(fs::fstatat(k, AT_FDCWD as u64, a[0], a[1], AT_SYMLINK_NOFOLLOW as u64)),
+        SYS_lstat => v(fs::fstatat(
+            k,
+            AT_FDCWD as u64,
+            a[0],
+            a[1],
+            AT_SYMLINK_NOFOLLOW as u64,
+        )),
         SYS_fstat => v(fs::fstat(k, a)),
         SYS_newfstatat => v(fs::fstatat(k, a[0], a[1], a[2], a[3])),
         SYS_statx => v(fs::statx(k, a)),
@@ -128,12 +148,26 @@ fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::
         SYS_unlink => v(fs::unlinkat(k, AT_FDCWD as u64, a[0], 0)),
         SYS_unlinkat => v(fs::unlinkat(k, a[0], a[1], a[2])),
         SYS_rmdir => v(fs::unlinkat(k, AT_FDCWD as u64, a[0], AT_REMOVEDIR as u64)),
-        SYS_rename => v(fs::renameat2(k, AT_FDCWD as u64, a[0], AT_FDCWD as u64, a[1], 0)),
+        SYS_rename => v(fs::renameat2(
+            k,
+            AT_FDCWD as u64,
+            a[0],
+            AT_FDCWD as u64,
+            a[1],
+            0,
+        )),
         SYS_renameat => v(fs::renameat2(k, a[0], a[1], a[2], a[3], 0)),
         SYS_renameat2 => v(fs::renameat2(k, a[0], a[1], a[2], a[3], a[4])),
         SYS_mkdir => v(fs::mkdirat(k, AT_FDCWD as u64, a[0], a[1])),
         SYS_mkdirat => v(fs::mkdirat(k, a[0], a[1], a[2])),
-        SYS_link => v(fs::linkat(k, AT_FDCWD as u64, a[0], AT_FDCWD as u64, a[1], 0)),
+        SYS_link => v(fs::linkat(
+            k,
+            AT_FDCWD as u64,
+            a[0],
+            AT_FDCWD as u64,
+            a[1],
+            0,
+        )),
         SYS_linkat => v(fs::linkat(k, a[0], a[1], a[2], a[3], a[4])),
         SYS_symlink => v(fs::symlinkat(k, a[0], AT_FDCWD as u64, a[1])),
         SYS_symlinkat => v(fs::symlinkat(k, a[0], a[1], a[2])),
@@ -141,7 +175,14 @@ fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::
         SYS_fchmodat => v(fs::fchmodat(k, a[0], a[1], a[2])),
         SYS_fchmod => v(fs::fchmod(k, a)),
         SYS_chown => v(fs::fchownat(k, AT_FDCWD as u64, a[0], a[1], a[2], 0)),
-        SYS_lchown => v(fs::fchownat(k, AT_FDCWD as u64, a[0], a[1], a[2], AT_SYMLINK_NOFOLLOW as u64)),
+        SYS_lchown => v(fs::fchownat(
+            k,
+            AT_FDCWD as u64,
+            a[0],
+            a[1],
+            a[2],
+            AT_SYMLINK_NOFOLLOW as u64,
+        )),
         SYS_fchownat => v(fs::fchownat(k, a[0], a[1], a[2], a[3], a[4])),
         SYS_fchown => v(fs::fchown(k, a)),
         SYS_truncate => v(fs::truncate(k, a)),
@@ -166,8 +207,43 @@ fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::
         SYS_memfd_create => v(fs::memfd_create(k, a)),
         SYS_eventfd2 | SYS_eventfd => v(fs::eventfd(k, n, a)),
         SYS_mknod | SYS_mknodat => v(fs::mknodat(k, n, a)),
-        SYS_getxattr | SYS_lgetxattr | SYS_fgetxattr | SYS_listxattr | SYS_llistxattr
-        | SYS_flistxattr => Ok(Ret::Value(-(ENODATA as i64))),
+        SYS_getxattr | SYS_lgetxattr | SYS_fgetxattr | SYS_setxattr | SYS_lsetxattr
+        | SYS_fsetxattr | SYS_listxattr | SYS_llistxattr | SYS_flistxattr | SYS_removexattr
+        | SYS_lremovexattr | SYS_fremovexattr => v(fs::xattr(k, n, a)),
+        SYS_splice => v(fs::splice(k, a)),
+        SYS_tee => v(fs::tee(k, a)),
+
+        // event descriptors
+        SYS_epoll_create | SYS_epoll_create1 => v(events::epoll_create(k, n, a)),
+        SYS_epoll_ctl => v(events::epoll_ctl(k, a)),
+        SYS_epoll_wait | SYS_epoll_pwait => v(events::epoll_wait(k, a, a[3] as i32 as i64)),
+        SYS_epoll_pwait2 => {
+            let t = fs::timespec_ms(k, a[3]);
+            v(t.and_then(|t| events::epoll_wait(k, a, t)))
+        }
+        SYS_inotify_init => v(events::inotify_init(k, 0)),
+        SYS_inotify_init1 => v(events::inotify_init(k, a[0])),
+        SYS_inotify_add_watch => v(events::inotify_add_watch(k, a)),
+        SYS_inotify_rm_watch => v(events::inotify_rm_watch(k, a)),
+        SYS_timerfd_create => v(events::timerfd_create(k, a)),
+        SYS_timerfd_settime => v(events::timerfd_settime(k, a)),
+        SYS_timerfd_gettime => v(events::timerfd_gettime(k, a)),
+
+        // sockets
+        SYS_socket => v(net::socket(k, a)),
+        SYS_socketpair => v(net::socketpair(k, a)),
+        SYS_connect | SYS_bind => v(net::with_addr(k, n, a)),
+        SYS_listen => v(net::listen(k, a)),
+        SYS_shutdown => v(net::shutdown(k, a)),
+        SYS_accept => v(net::accept4(k, a, 0)),
+        SYS_accept4 => v(net::accept4(k, a, a[3])),
+        SYS_getsockname | SYS_getpeername => v(net::sockname(k, n, a)),
+        SYS_setsockopt => v(net::setsockopt(k, a)),
+        SYS_getsockopt => v(net::getsockopt(k, a)),
+        SYS_sendto => v(net::sendto(k, a)),
+        SYS_recvfrom => v(net::recvfrom(k, a)),
+        SYS_sendmsg => v(net::sendmsg(k, a)),
+        SYS_recvmsg => v(net::recvmsg(k, a)),
 
         // memory
         SYS_mmap => v(memory::mmap(k, a)),
@@ -204,8 +280,8 @@ fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::
         SYS_getegid => Ok(Ret::Value(unsafe_id(libc::getegid) as i64)),
         SYS_getresuid | SYS_getresgid => v(identity::getres(k, n, a)),
         SYS_getgroups => v(identity::getgroups(k, a)),
-        SYS_setuid | SYS_setgid | SYS_setreuid | SYS_setregid | SYS_setresuid
-        | SYS_setresgid | SYS_setfsuid | SYS_setfsgid | SYS_setgroups => v(identity::setid(n, a)),
+        SYS_setuid | SYS_setgid | SYS_setreuid | SYS_setregid | SYS_setresuid | SYS_setresgid
+        | SYS_setfsuid | SYS_setfsgid | SYS_setgroups => v(identity::setid(n, a)),
         SYS_uname => v(identity::uname(k, a)),
         SYS_sysinfo => v(identity::sysinfo(k, a)),
         SYS_getrlimit => v(identity::prlimit(k, 0, a[0], 0, a[1])),
@@ -231,7 +307,11 @@ fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::
         SYS_kill => v(signal::kill(k, a)),
         SYS_tgkill => v(signal::tgkill(k, a[0] as i32, a[1] as i32, a[2] as i32)),
         SYS_tkill => v(signal::tgkill(k, k.proc.pid, a[0] as i32, a[1] as i32)),
-        SYS_rt_sigsuspend | SYS_pause => v(signal::suspend(k)),
+        SYS_rt_sigsuspend => v(signal::rt_sigsuspend(k, a)),
+        SYS_pause => v(signal::suspend(k, None)),
+        SYS_setitimer => v(signal::setitimer(k, a)),
+        SYS_getitimer => v(signal::getitimer(k, a)),
+        SYS_alarm => v(signal::alarm(a)),
         SYS_rt_sigtimedwait => v(signal::sigtimedwait(k, a)),
 
         // process and thread plumbing

@@ -48,7 +48,11 @@ struct AddrOut {
 
 impl AddrOut {
     fn new(k: &mut Kernel, ptr: u64, len_ptr: u64) -> Result<AddrOut, Errno> {
-        let guest_len = if ptr != 0 && len_ptr != 0 { read_u32(k, len_ptr)? } else { 0 };
+        let guest_len = if ptr != 0 && len_ptr != 0 {
+            read_u32(k, len_ptr)?
+        } else {
+            0
+        };
         if (guest_len as i32) < 0 {
             return Err(Errno(libc::EINVAL));
         }
@@ -71,7 +75,9 @@ impl AddrOut {
         if !self.wanted() {
             return Ok(());
         }
-        let n = (self.len as usize).min(self.guest_len as usize).min(SOCKADDR_MAX);
+        let n = (self.len as usize)
+            .min(self.guest_len as usize)
+            .min(SOCKADDR_MAX);
         if n > 0 {
             k.write_user(self.ptr, &self.buf[..n])?;
         }
@@ -81,14 +87,25 @@ impl AddrOut {
 
 pub fn socket(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let ty = a[1] as i32;
-    let fd = sys!(libc::SYS_socket, a[0] as i32, ty | libc::SOCK_CLOEXEC, a[2] as i32)?;
+    let fd = sys!(
+        libc::SYS_socket,
+        a[0] as i32,
+        ty | libc::SOCK_CLOEXEC,
+        a[2] as i32
+    )?;
     install(k, fd as RawFd, ty & libc::SOCK_CLOEXEC != 0)
 }
 
 pub fn socketpair(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let ty = a[1] as i32;
     let mut fds = [0i32; 2];
-    sys!(libc::SYS_socketpair, a[0] as i32, ty | libc::SOCK_CLOEXEC, a[2] as i32, fds.as_mut_ptr())?;
+    sys!(
+        libc::SYS_socketpair,
+        a[0] as i32,
+        ty | libc::SOCK_CLOEXEC,
+        a[2] as i32,
+        fds.as_mut_ptr()
+    )?;
     let cloexec = ty & libc::SOCK_CLOEXEC != 0;
     let first = install(k, fds[0], cloexec);
     let second = install(k, fds[1], cloexec);
@@ -157,7 +174,12 @@ pub fn sockname(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
         return Err(Errno(libc::EFAULT));
     }
     let mut out = AddrOut::new(k, a[1], a[2])?;
-    sys!(nr, fd, out.buf.as_mut_ptr(), &mut out.len as *mut libc::socklen_t)?;
+    sys!(
+        nr,
+        fd,
+        out.buf.as_mut_ptr(),
+        &mut out.len as *mut libc::socklen_t
+    )?;
     out.copy_out(k)?;
     Ok(0)
 }
@@ -168,9 +190,24 @@ pub fn setsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     if len > OPT_MAX {
         return Err(Errno(libc::EINVAL));
     }
-    let val = if a[3] == 0 || len == 0 { Vec::new() } else { k.read_user(a[3], len)? };
-    let p = if a[3] == 0 { std::ptr::null() } else { val.as_ptr() };
-    sys!(libc::SYS_setsockopt, fd, a[1] as i32, a[2] as i32, p, len as libc::socklen_t)
+    let val = if a[3] == 0 || len == 0 {
+        Vec::new()
+    } else {
+        k.read_user(a[3], len)?
+    };
+    let p = if a[3] == 0 {
+        std::ptr::null()
+    } else {
+        val.as_ptr()
+    };
+    sys!(
+        libc::SYS_setsockopt,
+        fd,
+        a[1] as i32,
+        a[2] as i32,
+        p,
+        len as libc::socklen_t
+    )
 }
 
 pub fn getsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
@@ -181,7 +218,14 @@ pub fn getsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     }
     let mut val = vec![0u8; (guest_len as usize).min(OPT_MAX)];
     let mut len = val.len() as libc::socklen_t;
-    sys!(libc::SYS_getsockopt, fd, a[1] as i32, a[2] as i32, val.as_mut_ptr(), &mut len as *mut libc::socklen_t)?;
+    sys!(
+        libc::SYS_getsockopt,
+        fd,
+        a[1] as i32,
+        a[2] as i32,
+        val.as_mut_ptr(),
+        &mut len as *mut libc::socklen_t
+    )?;
     let n = (len as usize).min(val.len());
     if n > 0 {
         k.write_user(a[3], &val[..n])?;
@@ -190,7 +234,12 @@ pub fn getsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     Ok(0)
 }
 
-fn msghdr(name: *mut u8, namelen: usize, iov: &mut [libc::iovec], control: &mut [u8]) -> libc::msghdr {
+fn msghdr(
+    name: *mut u8,
+    namelen: usize,
+    iov: &mut [libc::iovec],
+    control: &mut [u8],
+) -> libc::msghdr {
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
     m.msg_name = name as *mut _;
@@ -217,7 +266,11 @@ pub fn sendto(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let mut iov = k.user_iovecs(a[1], a[2], Access::Read)?;
     iov.truncate(IOV_MAX);
     let mut addr = addr_in(k, a[4], a[5])?;
-    let name = if addr.is_empty() { std::ptr::null_mut() } else { addr.as_mut_ptr() };
+    let name = if addr.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        addr.as_mut_ptr()
+    };
     let m = msghdr(name, addr.len(), &mut iov, &mut []);
     let flags = a[3] as i32;
     let r = sys!(libc::SYS_sendmsg, fd, &m as *const libc::msghdr, flags);
@@ -229,9 +282,18 @@ pub fn recvfrom(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let mut iov = k.user_iovecs(a[1], a[2], Access::Write)?;
     iov.truncate(IOV_MAX);
     let mut out = AddrOut::new(k, a[4], a[5])?;
-    let (name, namelen) = if out.wanted() { (out.buf.as_mut_ptr(), SOCKADDR_MAX) } else { (std::ptr::null_mut(), 0) };
+    let (name, namelen) = if out.wanted() {
+        (out.buf.as_mut_ptr(), SOCKADDR_MAX)
+    } else {
+        (std::ptr::null_mut(), 0)
+    };
     let mut m = msghdr(name, namelen, &mut iov, &mut []);
-    let n = sys!(libc::SYS_recvmsg, fd, &mut m as *mut libc::msghdr, a[3] as i32)?;
+    let n = sys!(
+        libc::SYS_recvmsg,
+        fd,
+        &mut m as *mut libc::msghdr,
+        a[3] as i32
+    )?;
     out.len = m.msg_namelen;
     out.copy_out(k)?;
     Ok(n)
@@ -264,8 +326,17 @@ fn read_msghdr(k: &mut Kernel, ptr: u64) -> Result<GuestMsg, Errno> {
     Ok(m)
 }
 
-fn guest_iovecs(k: &mut Kernel, ptr: u64, count: u64, access: Access) -> Result<Vec<libc::iovec>, Errno> {
-    let raw = if count == 0 { Vec::new() } else { k.read_user(ptr, count as usize * 16)? };
+fn guest_iovecs(
+    k: &mut Kernel,
+    ptr: u64,
+    count: u64,
+    access: Access,
+) -> Result<Vec<libc::iovec>, Errno> {
+    let raw = if count == 0 {
+        Vec::new()
+    } else {
+        k.read_user(ptr, count as usize * 16)?
+    };
     let mut out = Vec::new();
     for c in raw.chunks(16) {
         let base = u64::from_le_bytes(c[0..8].try_into().expect("8 bytes"));
@@ -277,7 +348,11 @@ fn guest_iovecs(k: &mut Kernel, ptr: u64, count: u64, access: Access) -> Result<
 }
 
 /// Walks the control messages in `buf`, calling `f` with each SCM_RIGHTS payload.
-fn for_each_rights(buf: &mut [u8], len: usize, mut f: impl FnMut(&mut [u8]) -> Result<(), Errno>) -> Result<(), Errno> {
+fn for_each_rights(
+    buf: &mut [u8],
+    len: usize,
+    mut f: impl FnMut(&mut [u8]) -> Result<(), Errno>,
+) -> Result<(), Errno> {
     let hdr = std::mem::size_of::<libc::cmsghdr>();
     let mut off = 0;
     while off + hdr <= len {
@@ -317,7 +392,11 @@ pub fn sendmsg(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         }
         Ok(())
     })?;
-    let name = if addr.is_empty() { std::ptr::null_mut() } else { addr.as_mut_ptr() };
+    let name = if addr.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        addr.as_mut_ptr()
+    };
     let m = msghdr(name, addr.len(), &mut iov, &mut control);
     let flags = a[2] as i32;
     let r = sys!(libc::SYS_sendmsg, fd, &m as *const libc::msghdr, flags);
@@ -329,12 +408,32 @@ pub fn recvmsg(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let gm = read_msghdr(k, a[1])?;
     let mut iov = guest_iovecs(k, gm.iov, gm.iovlen, Access::Write)?;
     let mut name = [0u8; SOCKADDR_MAX];
-    let (np, nl) = if gm.name != 0 { (name.as_mut_ptr(), SOCKADDR_MAX) } else { (std::ptr::null_mut(), 0) };
-    let mut control = vec![0u8; if gm.control == 0 { 0 } else { (gm.controllen as usize).min(OPT_MAX) }];
+    let (np, nl) = if gm.name != 0 {
+        (name.as_mut_ptr(), SOCKADDR_MAX)
+    } else {
+        (std::ptr::null_mut(), 0)
+    };
+    let mut control = vec![
+        0u8;
+        if gm.control == 0 {
+            0
+        } else {
+            (gm.controllen as usize).min(OPT_MAX)
+        }
+    ];
     let mut m = msghdr(np, nl, &mut iov, &mut control);
     let flags = a[2] as i32;
-    let n = sys!(libc::SYS_recvmsg, fd, &mut m as *mut libc::msghdr, flags | libc::MSG_CMSG_CLOEXEC)?;
-    let clen = if control.is_empty() { 0 } else { m.msg_controllen };
+    let n = sys!(
+        libc::SYS_recvmsg,
+        fd,
+        &mut m as *mut libc::msghdr,
+        flags | libc::MSG_CMSG_CLOEXEC
+    )?;
+    let clen = if control.is_empty() {
+        0
+    } else {
+        m.msg_controllen
+    };
     // Received descriptors become guest descriptors.
     let cloexec = flags & libc::MSG_CMSG_CLOEXEC != 0;
     for_each_rights(&mut control, clen, |fds| {

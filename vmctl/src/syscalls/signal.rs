@@ -122,12 +122,63 @@ pub fn tgkill(k: &mut Kernel, tgid: i32, tid: i32, sig: i32) -> SysResult {
     Ok(0)
 }
 
-/// sigsuspend/pause: with one thread and no signal source but the host, the only
-/// wake-up is a host signal to vmctl, which terminates the job today.
-pub fn suspend(_k: &mut Kernel) -> SysResult {
-    // SAFETY: pause blocks until a signal arrives.
-    unsafe { libc::pause() };
+/// sigsuspend and pause. A signal the new mask lets through may already be pending
+/// (raised by the guest itself): then the wait ends at once and the handler runs.
+/// Otherwise only a host signal to vmctl can end it.
+///
+/// Linux restores the pre-sigsuspend mask when the handler returns; the frame is
+/// pushed by the kernel layer from the current mask, so here the temporary mask is
+/// the one the handler returns to (see the report for the kernel change needed).
+pub fn suspend(k: &mut Kernel, mask: Option<u64>) -> SysResult {
+    if let Some(m) = mask {
+        k.proc.signals.blocked = m & !UNBLOCKABLE;
+    }
+    if k.proc.signals.next_deliverable().is_none() {
+        // SAFETY: pause blocks until a signal arrives.
+        unsafe { libc::pause() };
+    }
     Err(Errno(libc::EINTR))
+}
+
+pub fn rt_sigsuspend(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    if a[1] != 8 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let mask = k.read_user_u64(a[0])?;
+    suspend(k, Some(mask))
+}
+
+/// Interval timers and alarm() are the host's timers on vmctl: SIGALRM (or
+/// SIGVTALRM/SIGPROF) reaches vmctl, which passes it on to the guest as it does any
+/// host signal, and an unhandled one ends the job with that signal, as natively.
+pub fn setitimer(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let new = if a[1] == 0 {
+        vec![0u8; 32]
+    } else {
+        k.read_user(a[1], 32)?
+    };
+    let mut old = [0u8; 32];
+    sys!(
+        libc::SYS_setitimer,
+        a[0] as i32,
+        new.as_ptr(),
+        old.as_mut_ptr()
+    )?;
+    if a[2] != 0 {
+        k.write_user(a[2], &old)?;
+    }
+    Ok(0)
+}
+
+pub fn getitimer(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    let mut cur = [0u8; 32];
+    sys!(libc::SYS_getitimer, a[0] as i32, cur.as_mut_ptr())?;
+    k.write_user(a[1], &cur)?;
+    Ok(0)
+}
+
+pub fn alarm(a: [u64; 6]) -> SysResult {
+    sys!(libc::SYS_alarm, a[0] as u32)
 }
 
 pub fn sigtimedwait(k: &mut Kernel, a: [u64; 6]) -> SysResult {
