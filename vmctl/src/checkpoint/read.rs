@@ -99,10 +99,22 @@ pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
     Ok(manifest)
 }
 
-fn open_image(gen_dir: &Path, m: &Manifest) -> Result<(File, PathBuf), CheckpointError> {
+fn open_image(gen_dir: &Path, m: &Manifest, direct: bool) -> Result<(File, PathBuf), CheckpointError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = gen_dir.join(&m.memory.file);
     check_owner(&path)?;
-    let f = File::open(&path).map_err(|e| CheckpointError::Io(path.clone(), e))?;
+    // Direct I/O lands the pages straight in guest RAM, without first allocating a
+    // page-cache copy of each; filesystems without it get buffered reads.
+    let direct_open = || {
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+    };
+    let f = match direct.then(direct_open) {
+        Some(Ok(f)) => f,
+        _ => File::open(&path).map_err(|e| CheckpointError::Io(path.clone(), e))?,
+    };
     let len = f.metadata().map_err(|e| CheckpointError::Io(path.clone(), e))?.len();
     if len != m.memory.data_bytes {
         return Err(CheckpointError::Corrupt(
@@ -120,7 +132,7 @@ fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
 
 /// Checks every chunk of the memory image against its CRC without loading it.
 pub fn verify_memory(gen_dir: &Path, m: &Manifest) -> Result<(), CheckpointError> {
-    let (f, path) = open_image(gen_dir, m)?;
+    let (f, path) = open_image(gen_dir, m, false)?;
     let mut buf = Vec::new();
     for (i, c) in m.memory.chunks.iter().enumerate() {
         buf.resize(c.bytes() as usize, 0);
@@ -134,7 +146,7 @@ pub fn verify_memory(gen_dir: &Path, m: &Manifest) -> Result<(), CheckpointError
 
 /// Loads the memory image into guest RAM, checking each chunk's CRC as it lands.
 pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<(), CheckpointError> {
-    let (f, path) = open_image(gen_dir, m)?;
+    let (f, path) = open_image(gen_dir, m, true)?;
     for (i, c) in m.memory.chunks.iter().enumerate() {
         let mut iov = Vec::with_capacity(c.runs.len());
         for r in &c.runs {

@@ -1,5 +1,6 @@
 //! The `vmctl` command line.
 
+mod bench;
 mod checkpoint;
 mod inspect;
 mod options;
@@ -37,6 +38,9 @@ pub enum Command {
     Checkpoint(checkpoint::CheckpointCmd),
     /// List and verify the checkpoints in DIR
     Inspect(inspect::InspectArgs),
+    /// Time bare guest exits (for benchmarks)
+    #[command(hide = true)]
+    BenchExits(bench::BenchExitsArgs),
 }
 
 /// Opens /dev/kvm (or takes the inherited descriptor), reporting failure on stderr.
@@ -84,5 +88,6 @@ pub fn main() -> i32 {
         Command::Restore(args) => restore::restore(args),
         Command::Checkpoint(args) => checkpoint::checkpoint(args),
         Command::Inspect(args) => inspect::inspect(args),
+        Command::BenchExits(args) => bench::bench_exits(args),
     }
 }

@@ -90,7 +90,10 @@ pub fn run(args: RunArgs) -> i32 {
     let mut argv = vec![args.program.as_bytes().to_vec()];
     argv.extend(args.args.into_iter().map(|a| a.into_vec()));
     let meta = JobMeta {
-        program: program.display().to_string(),
+        program: std::fs::canonicalize(&program)
+            .unwrap_or_else(|_| program.clone())
+            .display()
+            .to_string(),
         argv: argv.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect(),
     };
     let envp = std::env::vars_os()
