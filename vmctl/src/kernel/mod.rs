@@ -194,6 +194,7 @@ impl Kernel {
             robust_list: (0, 0),
             rseq: None,
             name,
+            sleep_restart: None,
         };
         Ok(Kernel {
             vm,

@@ -74,6 +74,8 @@ pub struct ProcessState {
     pub robust_list: (u64, u64),
     pub rseq: Option<Rseq>,
     pub name: [u8; 16],
+    #[serde(default)]
+    pub sleep_restart: Option<(u64, i64)>,
     pub signals: SignalState,
     pub mm: AddressSpace,
     pub fds: Vec<FdState>,
@@ -182,6 +184,7 @@ impl Kernel {
             robust_list: p.robust_list,
             rseq: p.rseq,
             name: p.name,
+            sleep_restart: p.sleep_restart,
             signals: p.signals.clone(),
             mm: serde_json::from_value(mm).expect("address space deserializes"),
             fds: p.files.iter().map(|(&fd, e)| fd_state(fd, e)).collect(),
@@ -259,6 +262,7 @@ impl Kernel {
             robust_list: ps.robust_list,
             rseq: ps.rseq,
             name: ps.name,
+            sleep_restart: ps.sleep_restart,
         };
         Ok(Kernel {
             vm,

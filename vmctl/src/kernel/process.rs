@@ -47,6 +47,9 @@ pub struct Process {
     pub robust_list: (u64, u64),
     pub rseq: Option<Rseq>,
     pub name: [u8; 16],
+    /// A sleep interrupted by vmctl itself: (user RIP after its syscall, deadline in
+    /// guest CLOCK_MONOTONIC ns), so the restarted call sleeps only what was left.
+    pub sleep_restart: Option<(u64, i64)>,
 }
 
 impl Process {

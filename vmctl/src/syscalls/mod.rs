@@ -46,7 +46,14 @@ pub fn handle(k: &mut Kernel) {
             r.rax = nr;
             return;
         }
-        Err(e) => Ret::Value(-(e.0 as i64)),
+        Err(e) => {
+            // The guest sees this interruption itself, so a sleep it retries starts
+            // over from its own arguments.
+            if e.0 == libc::EINTR {
+                k.proc.sleep_restart = None;
+            }
+            Ret::Value(-(e.0 as i64))
+        }
     };
     if let Ret::Value(v) = ret {
         k.vcpu.user_regs_mut().rax = v as u64;

@@ -7,15 +7,94 @@ fn valid_clock(id: i32) -> bool {
     (0..=11).contains(&id) || id < 0
 }
 
+/// Clocks that count from boot: the guest's continue across a restore (see
+/// Kernel::clock_offset_ns) instead of following the new host's.
+fn is_monotonic(id: i32) -> bool {
+    matches!(
+        id,
+        libc::CLOCK_MONOTONIC
+            | libc::CLOCK_MONOTONIC_RAW
+            | libc::CLOCK_MONOTONIC_COARSE
+            | libc::CLOCK_BOOTTIME
+            | libc::CLOCK_BOOTTIME_ALARM
+    )
+}
+
+fn ts_bytes(ns: i64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&ns.div_euclid(1_000_000_000).to_le_bytes());
+    b[8..].copy_from_slice(&ns.rem_euclid(1_000_000_000).to_le_bytes());
+    b
+}
+
+fn ts_ns(b: &[u8]) -> Result<i64, Errno> {
+    let s = i64::from_le_bytes(b[..8].try_into().expect("8"));
+    let ns = i64::from_le_bytes(b[8..16].try_into().expect("8"));
+    if s < 0 || !(0..1_000_000_000).contains(&ns) {
+        return Err(Errno(libc::EINVAL));
+    }
+    Ok(s.saturating_mul(1_000_000_000).saturating_add(ns))
+}
+
+fn host_clock_ns(id: i32) -> Result<i64, Errno> {
+    let mut ts = [0u8; 16];
+    sys!(libc::SYS_clock_gettime, id, ts.as_mut_ptr())?;
+    ts_ns(&ts)
+}
+
 pub fn clock_gettime(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let id = a[0] as i32;
     if !valid_clock(id) {
         return Err(Errno(libc::EINVAL));
     }
-    let mut ts = [0u8; 16];
-    sys!(libc::SYS_clock_gettime, id, ts.as_mut_ptr())?;
-    k.write_user(a[1], &ts)?;
+    let mut ns = host_clock_ns(id)?;
+    if is_monotonic(id) {
+        ns += k.clock_offset_ns;
+    }
+    k.write_user(a[1], &ts_bytes(ns))?;
     Ok(0)
+}
+
+/// Sleeps until the host CLOCK_MONOTONIC reaches `deadline_host`. If a host signal
+/// interrupts it, the deadline is kept (in guest time, so it survives a restore) for
+/// the restarted call, and the remaining time goes to `rem`.
+fn sleep_until(k: &mut Kernel, deadline_host: i64, rem: u64) -> SysResult {
+    let target = ts_bytes(deadline_host);
+    // SAFETY: a local timespec; clock_nanosleep reports errors as its return value.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clock_nanosleep,
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            target.as_ptr(),
+            std::ptr::null_mut::<u8>(),
+        )
+    };
+    if r == 0 {
+        k.proc.sleep_restart = None;
+        return Ok(0);
+    }
+    let e = Errno::last();
+    if e.0 == libc::EINTR {
+        k.proc.sleep_restart = Some((k.vcpu.user_regs().rip, deadline_host + k.clock_offset_ns));
+        if rem != 0 {
+            let left = (deadline_host - host_clock_ns(libc::CLOCK_MONOTONIC)?).max(0);
+            k.write_user(rem, &ts_bytes(left))?;
+        }
+    }
+    Err(e)
+}
+
+/// The host deadline for a relative sleep of `ns`: the one saved when this very call
+/// was interrupted (a restarted syscall), else now + ns.
+fn relative_deadline(k: &mut Kernel, ns: i64) -> Result<i64, Errno> {
+    let rip = k.vcpu.user_regs().rip;
+    if let Some((at, guest_deadline)) = k.proc.sleep_restart.take() {
+        if at == rip {
+            return Ok(guest_deadline - k.clock_offset_ns);
+        }
+    }
+    Ok(host_clock_ns(libc::CLOCK_MONOTONIC)?.saturating_add(ns))
 }
 
 pub fn clock_getres(k: &mut Kernel, a: [u64; 6]) -> SysResult {
@@ -49,31 +128,35 @@ pub fn time(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 }
 
 pub fn nanosleep(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let req = k.read_user(a[0], 16)?;
-    let mut rem = [0u8; 16];
-    let r = sys!(libc::SYS_nanosleep, req.as_ptr(), rem.as_mut_ptr());
-    if r.is_err() && a[1] != 0 {
-        k.write_user(a[1], &rem)?;
-    }
-    r
+    let req = ts_ns(&k.read_user(a[0], 16)?)?;
+    let deadline = relative_deadline(k, req)?;
+    sleep_until(k, deadline, a[1])
 }
 
 pub fn clock_nanosleep(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let req = k.read_user(a[2], 16)?;
-    let mut rem = [0u8; 16];
-    // clock_nanosleep reports failure as its return value, not through errno.
-    // SAFETY: both pointers are local 16-byte timespec buffers.
-    let r = unsafe {
-        libc::syscall(libc::SYS_clock_nanosleep, a[0] as i32, a[1] as i32, req.as_ptr(), rem.as_mut_ptr())
-    };
-    if r < 0 {
-        let e = Errno::last();
-        if e.0 == libc::EINTR && a[3] != 0 {
-            k.write_user(a[3], &rem)?;
-        }
-        return Err(e);
+    let (id, flags) = (a[0] as i32, a[1] as i32);
+    if !valid_clock(id) || id == libc::CLOCK_THREAD_CPUTIME_ID {
+        return Err(Errno(libc::EINVAL));
     }
-    Ok(0)
+    let req = ts_ns(&k.read_user(a[2], 16)?)?;
+    if flags & libc::TIMER_ABSTIME == 0 {
+        let deadline = relative_deadline(k, req)?;
+        return sleep_until(k, deadline, a[3]);
+    }
+    if is_monotonic(id) {
+        return sleep_until(k, req - k.clock_offset_ns, 0);
+    }
+    // An absolute wall-clock (or CPU-time) deadline is the host's own.
+    let target = ts_bytes(req);
+    // SAFETY: a local timespec; errors come back as the return value.
+    let r = unsafe {
+        libc::syscall(libc::SYS_clock_nanosleep, id, libc::TIMER_ABSTIME, target.as_ptr(), std::ptr::null_mut::<u8>())
+    };
+    if r == 0 {
+        Ok(0)
+    } else {
+        Err(Errno::last())
+    }
 }
 
 pub fn times(k: &mut Kernel, a: [u64; 6]) -> SysResult {
