@@ -67,6 +67,10 @@ pub struct Kernel {
     /// Added to the host's monotonic clocks, so a restored guest's CLOCK_MONOTONIC
     /// continues from its checkpoint instead of jumping.
     pub clock_offset_ns: i64,
+    /// Added to the host TSC when guest rdtsc is trapped: set on a restore where the
+    /// host's TSC is behind the checkpoint's, so the guest's never goes backwards.
+    pub tsc_offset: u64,
+    pub tsc_trap: bool,
 }
 
 /// Slack beyond the commit limit for page tables and partly used 2 MiB blocks.
@@ -206,6 +210,8 @@ impl Kernel {
             warned: HashSet::new(),
             exit: None,
             clock_offset_ns: 0,
+            tsc_offset: 0,
+            tsc_trap: false,
         })
     }
 
@@ -326,6 +332,7 @@ impl Kernel {
                     Err(Fault::Machine(e)) => return Err(e.into()),
                 }
             }
+            13 if error_code == 0 && self.tsc_trap && self.emulate_rdtsc() => return Ok(()),
             0 => (libc::SIGFPE, 1, self.vcpu.user_regs().rip), // FPE_INTDIV
             1 | 3 => {
                 // Clear TF so a single-step trap does not fire again on resume.
@@ -338,6 +345,29 @@ impl Kernel {
             _ => (libc::SIGSEGV, 0x80, 0), // SI_KERNEL, as Linux reports #GP
         };
         self.force_signal(sig, code, addr, vector, error_code)
+    }
+
+    /// A trapped rdtsc or rdtscp: the host TSC plus the restore offset.
+    fn emulate_rdtsc(&mut self) -> bool {
+        let rip = self.vcpu.user_regs().rip;
+        let Ok(code) = self.read_user(rip, 3) else {
+            return false;
+        };
+        let len = match code.as_slice() {
+            [0x0f, 0x31, _] => 2,
+            [0x0f, 0x01, 0xf9] => 3,
+            _ => return false,
+        };
+        let tsc = crate::clock::host_tsc().wrapping_add(self.tsc_offset);
+        let index = self.vcpu.index();
+        let r = self.vcpu.user_regs_mut();
+        r.rax = tsc & 0xffff_ffff;
+        r.rdx = tsc >> 32;
+        if len == 3 {
+            r.rcx = index; // TSC_AUX: the guest CPU number
+        }
+        r.rip += len;
+        true
     }
 
     /// Delivers a synchronous signal caused by the current instruction.

@@ -89,6 +89,9 @@ pub struct KernelState {
     pub vcpus: Vec<VcpuState>,
     /// The guest's CLOCK_MONOTONIC when the checkpoint was taken.
     pub monotonic_ns: i64,
+    /// The TSC the guest would have read when the checkpoint was taken.
+    #[serde(default)]
+    pub tsc: u64,
 }
 
 fn host_fd_path(fd: RawFd) -> Option<PathBuf> {
@@ -195,6 +198,7 @@ impl Kernel {
             frames: self.frames.clone(),
             vcpus: vec![vcpu],
             monotonic_ns: crate::clock::monotonic_ns() + self.clock_offset_ns,
+            tsc: crate::clock::host_tsc().wrapping_add(self.tsc_offset),
         }))
     }
 
@@ -247,6 +251,22 @@ impl Kernel {
             .first()
             .ok_or_else(|| RestoreError::File("the checkpoint has no vCPU state".into()))?;
         vcpu.restore(vstate)?;
+        // The guest's TSC must not go backwards: on a host whose TSC is behind (another
+        // node, or after a reboot), trap rdtsc and add the difference.
+        // VMCTL_TEST_TSC_AHEAD pretends the checkpoint's TSC was that much further on,
+        // so tests can exercise this path on a single host.
+        let ahead: u64 = std::env::var("VMCTL_TEST_TSC_AHEAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let saved_tsc = state.tsc.saturating_add(ahead);
+        let now_tsc = crate::clock::host_tsc();
+        let (tsc_offset, tsc_trap) = if saved_tsc > now_tsc && crate::clock::trap_rdtsc_on_this_thread() {
+            vcpu.set_tsd(true);
+            (saved_tsc - now_tsc, true)
+        } else {
+            (0, false)
+        };
         let proc = Process {
             pid: ps.pid,
             ppid: ps.ppid,
@@ -275,6 +295,8 @@ impl Kernel {
             exit: None,
             // The guest's monotonic clock continues from where it stopped.
             clock_offset_ns: state.monotonic_ns - crate::clock::monotonic_ns(),
+            tsc_offset,
+            tsc_trap,
         })
     }
 }

@@ -209,6 +209,12 @@ impl Vcpu {
         self.sregs_dirty = true;
     }
 
+    /// CR4.TSD: makes guest rdtsc/rdtscp fault (with the host thread's PR_TSC_SIGSEGV).
+    pub fn set_tsd(&mut self, on: bool) {
+        self.tsd = on;
+        self.sregs_dirty = true;
+    }
+
     pub fn cr3(&self) -> u64 {
         self.cr3
     }
