@@ -261,3 +261,107 @@ print("not reached")
     assert_eq!(out.code, 128 + libc::SIGALRM);
     assert_eq!(out.stdout_str(), "100\n0.0 (0.0, 0.0)\n0 50\nwaiting\n");
 }
+
+/// Bugs: mremap lost the contents of a moved MAP_SHARED|MAP_ANONYMOUS mapping (it
+/// copied nothing for any shared mapping), and could not grow a shared file mapping
+/// past the range first mapped (ENOMEM). Python's mmap.resize uses both.
+#[test]
+fn mremap_grows_shared_mappings() {
+    need_kvm!();
+    if !have(PYTHON) {
+        return;
+    }
+    let dir = TempDir::new("mremap-shared");
+    let out = compare_script(
+        &dir,
+        PYTHON,
+        r#"
+import mmap, os
+m = mmap.mmap(-1, 4096)
+m[:11] = b"anon shared"
+m.resize(1 << 20)
+print(m[:11], len(m))
+with open("f", "w+b") as f:
+    f.write(b"a" * 4096); f.flush()
+    fm = mmap.mmap(f.fileno(), 4096)
+    fm.resize(3 * 4096)
+    fm[8192:8197] = b"grown"
+    fm.flush()
+    f.seek(8192); print(f.read(5), os.fstat(f.fileno()).st_size, fm[:3])
+    fm.resize(64 * 4096)
+    print(fm[8192:8197], fm[-1])
+os.unlink("f")
+"#,
+    );
+    assert_eq!(
+        out.stdout_str(),
+        "b'anon shared' 1048576\nb'grown' 12288 b'aaa'\nb'grown' 0\n"
+    );
+}
+
+/// Bug: listing /proc/self/fd showed vmctl's own descriptors (KVM, memslots...)
+/// and readlink on them then failed.
+#[test]
+fn proc_self_fd_lists_the_guests_descriptors() {
+    need_kvm!();
+    if !have(PYTHON) {
+        return;
+    }
+    let dir = TempDir::new("proc-fd");
+    let out = compare_script(
+        &dir,
+        PYTHON,
+        r#"
+import os
+# Descriptors the test runner leaked to the program are not the point here.
+os.closerange(3, 4096)
+print(sorted(os.listdir("/proc/self/fd"), key=int))
+fd = os.open("/dev/null", os.O_RDONLY)
+print(sorted(os.listdir("/proc/self/fd"), key=int), os.readlink(f"/proc/self/fd/{fd}"))
+with os.scandir("/proc/self/fd") as it:
+    print(sorted((e.name, e.is_symlink()) for e in it))
+"#,
+    );
+    assert!(
+        out.stdout_str()
+            .starts_with("['0', '1', '2', '3']\n['0', '1', '2', '3', '4'] /dev/null\n"),
+        "{out:?}"
+    );
+    // Natively the listing shows whatever the runner leaked, so only the VM is checked.
+    let out = Invocation::new("ls")
+        .args(["-L", "/proc/self/fd/"])
+        .cwd(dir.path())
+        .run_vm();
+    assert_eq!(out.stdout_str(), "0\n1\n2\n3\n", "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+}
+
+/// Bug: with the descriptor table full, open() of a missing path said ENOENT;
+/// Linux allocates the descriptor first and says EMFILE.
+#[test]
+fn full_descriptor_table_is_emfile_first() {
+    need_kvm!();
+    if !have(PYTHON) {
+        return;
+    }
+    let dir = TempDir::new("emfile");
+    let out = compare_script(
+        &dir,
+        PYTHON,
+        r#"
+import errno, os, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+fds = []
+try:
+    while True:
+        fds.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as e:
+    print("full", errno.errorcode[e.errno])
+try:
+    os.open("/does/not/exist", os.O_RDONLY)
+except OSError as e:
+    print("missing path", errno.errorcode[e.errno])
+"#,
+    );
+    assert_eq!(out.stdout_str(), "full EMFILE\nmissing path EMFILE\n");
+}

@@ -159,6 +159,11 @@ pub fn openat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64, mode: u64) -> Sy
     let p = path(k, pathp)?;
     let flags = flags as i32;
     let cloexec = flags & libc::O_CLOEXEC != 0;
+    // Linux takes a descriptor slot before looking at the path: with a full table
+    // the answer is EMFILE whatever the path.
+    if k.proc.files.lowest_free(0) as u64 >= nofile(k) {
+        return Err(Errno(libc::EMFILE));
+    }
     if let Some(fd) = procfs::open(k, &p, flags)? {
         return install(k, fd, cloexec);
     }
@@ -272,6 +277,11 @@ pub fn fstatfs(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 
 pub fn getdents64(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let fd = host_fd(k, a[0])?;
+    if procfs::is_fd_dir(fd) {
+        let buf = procfs::fd_dir_getdents(k, fd, a[2] as usize)?;
+        k.write_user(a[1], &buf)?;
+        return Ok(buf.len() as i64);
+    }
     let mut buf = vec![0u8; (a[2] as usize).min(1 << 20)];
     let n = sys!(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len())?;
     k.write_user(a[1], &buf[..n as usize])?;

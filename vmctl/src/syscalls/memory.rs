@@ -6,7 +6,7 @@ use crate::kernel::{Errno, Kernel, SysResult};
 use crate::machine::layout::PAGE_SIZE;
 use crate::machine::memory::HUGE_PAGE;
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -43,7 +43,9 @@ fn file_backing(
     // SAFETY: querying flags of a descriptor we hold.
     let fl = unsafe { libc::fcntl(host, libc::F_GETFL) };
     let mode = fl & libc::O_ACCMODE;
-    if mode == libc::O_WRONLY || (shared && prot & libc::PROT_WRITE as u64 != 0 && mode != libc::O_RDWR) {
+    if mode == libc::O_WRONLY
+        || (shared && prot & libc::PROT_WRITE as u64 != 0 && mode != libc::O_RDWR)
+    {
         return Err(Errno(libc::EACCES));
     }
     let dup = sys!(libc::SYS_fcntl, host, libc::F_DUPFD_CLOEXEC, 0)?;
@@ -54,7 +56,10 @@ fn file_backing(
     link.truncate(n.max(0) as usize);
     let region = if shared {
         let writable = mode == libc::O_RDWR;
-        let r = k.shared.create(&k.vm, host, offset, len, writable).map_err(Errno)?;
+        let r = k
+            .shared
+            .create(&k.vm, host, offset, len, writable)
+            .map_err(Errno)?;
         Some(r)
     } else {
         None
@@ -73,13 +78,14 @@ fn file_backing(
     }))
 }
 
-
 pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let (addr, len, prot, flags, fd, off) = (a[0], a[1], a[2], a[3], a[4], a[5]);
     if len == 0 || !page_aligned(off) || prot & !PROT_MASK & !0x0300_0000 != 0 {
         return Err(Errno(libc::EINVAL));
     }
-    let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or(Errno(libc::ENOMEM))?;
+    let len = len
+        .checked_next_multiple_of(PAGE_SIZE)
+        .ok_or(Errno(libc::ENOMEM))?;
     if len > TASK_SIZE {
         return Err(Errno(libc::ENOMEM));
     }
@@ -102,18 +108,31 @@ pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             return Err(Errno(if fixed { libc::EINVAL } else { libc::ENOMEM }));
         }
         if noreplace && !fixed {
-            let taken = (0..len / PAGE_SIZE).any(|i| k.proc.mm.find(addr + i * PAGE_SIZE).is_some());
+            let taken =
+                (0..len / PAGE_SIZE).any(|i| k.proc.mm.find(addr + i * PAGE_SIZE).is_some());
             if taken {
                 return Err(Errno(libc::EEXIST));
             }
         }
         addr
     } else {
-        let hint = if flags & libc::MAP_32BIT as u64 != 0 && addr == 0 { 0x4000_0000 } else { addr & !(PAGE_SIZE - 1) };
+        let hint = if flags & libc::MAP_32BIT as u64 != 0 && addr == 0 {
+            0x4000_0000
+        } else {
+            addr & !(PAGE_SIZE - 1)
+        };
         k.proc.mm.find_free(hint, len).ok_or(Errno(libc::ENOMEM))?
     };
     let mapped = k.with_mm(|mm, ctx| {
-        mm.map(ctx, start, len, prot as i32, shared, backing, VmaKind::Mapping)
+        mm.map(
+            ctx,
+            start,
+            len,
+            prot as i32,
+            shared,
+            backing,
+            VmaKind::Mapping,
+        )
     });
     collect_regions(k)?;
     let start = mapped?;
@@ -222,7 +241,9 @@ pub fn mincore(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         if k.proc.mm.find(va).is_none() {
             return Err(Errno(libc::ENOMEM));
         }
-        *b = u8::from(crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, va).is_some());
+        *b = u8::from(
+            crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, va).is_some(),
+        );
     }
     k.write_user(vec, &out)?;
     Ok(0)
@@ -232,21 +253,40 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let (old, old_len, new_len, flags, new_addr) = (a[0], a[1], a[2], a[3], a[4]);
     const MAYMOVE: u64 = 1;
     const FIXED: u64 = 2;
-    if !page_aligned(old) || new_len == 0 || flags & !7 != 0 || (flags & FIXED != 0 && flags & MAYMOVE == 0) {
+    if !page_aligned(old)
+        || new_len == 0
+        || flags & !7 != 0
+        || (flags & FIXED != 0 && flags & MAYMOVE == 0)
+    {
         return Err(Errno(libc::EINVAL));
     }
     let old_len = old_len.next_multiple_of(PAGE_SIZE);
     let new_len = new_len.next_multiple_of(PAGE_SIZE);
     let vma = k.proc.mm.find(old).cloned().ok_or(Errno(libc::EFAULT))?;
-    if let Some(r) = vma.region() {
-        // The mapping can only move or grow within the file range its memslot covers.
-        let off = vma.file_offset(old).expect("file vma");
-        if off + new_len > r.file_offset + r.len {
-            return Err(Errno(libc::ENOMEM));
-        }
-    }
     if old_len == 0 || old + old_len > vma.end {
         return Err(Errno(libc::EFAULT));
+    }
+    // The backing of the remapped range, as if it started at `old`.
+    let mut backing = vma.backing.clone();
+    if let Backing::File { offset, .. } = &mut backing {
+        *offset += old - vma.start;
+    }
+    if let (Some(r), Backing::File { file, offset, .. }) = (vma.region(), &backing) {
+        // A shared mapping's memslot covers only the file range first mapped; a
+        // larger one needs a memslot of its own. The file is the truth, so the old
+        // and new memslots show the same bytes.
+        if *offset + new_len > r.file_offset + r.len {
+            let fd = file.file.as_ref().ok_or(Errno(libc::ENOMEM))?.as_raw_fd();
+            let region = k
+                .shared
+                .create(&k.vm, fd, *offset, new_len, r.writable)
+                .map_err(Errno)?;
+            backing = Backing::File {
+                region: Some(region),
+                file: file.clone(),
+                offset: *offset,
+            };
+        }
     }
     if flags & FIXED == 0 {
         if new_len <= old_len {
@@ -262,15 +302,18 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             && tail.checked_add(grow).is_some_and(|e| e <= TASK_SIZE)
             && (0..grow / PAGE_SIZE).all(|i| k.proc.mm.find(tail + i * PAGE_SIZE).is_none());
         if free {
-            let mut ext = vma.clone();
-            ext.start = tail;
-            if let Backing::File { offset, .. } = &mut ext.backing {
-                *offset += tail - vma.start;
+            let mut ext = backing.clone();
+            if let Backing::File { offset, .. } = &mut ext {
+                *offset += old_len;
             }
-            k.with_mm(|mm, ctx| mm.map(ctx, tail, grow, ext.prot, ext.shared, ext.backing.clone(), ext.kind))?;
+            let mapped =
+                k.with_mm(|mm, ctx| mm.map(ctx, tail, grow, vma.prot, vma.shared, ext, vma.kind));
+            collect_regions(k)?;
+            mapped?;
             return Ok(old as i64);
         }
         if flags & MAYMOVE == 0 {
+            collect_regions(k)?;
             return Err(Errno(libc::ENOMEM));
         }
     }
@@ -282,19 +325,24 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     } else {
         k.proc.mm.find_free(0, new_len).ok_or(Errno(libc::ENOMEM))?
     };
-    let mut backing = vma.backing.clone();
-    if let Backing::File { offset, .. } = &mut backing {
-        *offset += old - vma.start;
-    }
     k.with_mm(|mm, ctx| mm.map(ctx, dest, new_len, vma.prot, vma.shared, backing, vma.kind))?;
     // Copy what the guest has touched; untouched pages come back from their backing.
-    let copy = if vma.shared { 0 } else { old_len.min(new_len) };
+    // Shared file pages live in the file; shared anonymous ones only in guest RAM.
+    let copy = if vma.region().is_some() {
+        0
+    } else {
+        old_len.min(new_len)
+    };
     let mut off = 0;
     while off < copy {
         let src = crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, old + off);
         if let Some(src) = src {
             let dst = k.with_mm(|mm, ctx| mm.translate_for(ctx, dest + off, Access::Read))?;
-            let bytes = k.mem.slice(src, PAGE_SIZE).ok_or(Errno(libc::EFAULT))?.to_vec();
+            let bytes = k
+                .mem
+                .slice(src, PAGE_SIZE)
+                .ok_or(Errno(libc::EFAULT))?
+                .to_vec();
             k.mem.write(dst, &bytes);
         }
         off += PAGE_SIZE;

@@ -45,11 +45,23 @@ pub fn open(k: &mut Kernel, path: &CStr, flags: i32) -> Result<Option<RawFd>, Er
         None | Some(Entry::FdDir) => return Ok(None),
         Some(Entry::Exe) => {
             let exe = CString::new(k.proc.exe.as_os_str().as_encoded_bytes()).expect("path");
-            sys!(libc::SYS_openat, libc::AT_FDCWD, exe.as_ptr(), flags | libc::O_CLOEXEC, 0)?
+            sys!(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                exe.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                0
+            )?
         }
         Some(Entry::Fd(n)) => {
             let p = host_fd_path(k, n)?;
-            sys!(libc::SYS_openat, libc::AT_FDCWD, p.as_ptr(), flags | libc::O_CLOEXEC, 0)?
+            sys!(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                0
+            )?
         }
         Some(Entry::Maps) => {
             let text = k.proc.mm.proc_maps();
@@ -69,7 +81,13 @@ pub fn stat(k: &mut Kernel, path: &CStr, st: &mut [u8; 144]) -> Result<Option<i6
     match classify(k, path) {
         Some(Entry::Exe) | Some(Entry::Fd(_)) => {
             let p = redirect(k, path.to_owned());
-            sys!(libc::SYS_newfstatat, libc::AT_FDCWD, p.as_ptr(), st.as_mut_ptr(), 0)?;
+            sys!(
+                libc::SYS_newfstatat,
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                st.as_mut_ptr(),
+                0
+            )?;
             Ok(Some(0))
         }
         _ => Ok(None),
@@ -91,10 +109,66 @@ pub fn readlink(k: &mut Kernel, path: &CStr) -> Result<Option<Vec<u8>>, Errno> {
         Some(Entry::Fd(n)) => {
             let p = host_fd_path(k, n)?;
             let mut out = vec![0u8; libc::PATH_MAX as usize];
-            let len = sys!(libc::SYS_readlinkat, libc::AT_FDCWD, p.as_ptr(), out.as_mut_ptr(), out.len())?;
+            let len = sys!(
+                libc::SYS_readlinkat,
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                out.as_mut_ptr(),
+                out.len()
+            )?;
             out.truncate(len as usize);
             Ok(Some(out))
         }
         _ => Ok(None),
     }
+}
+
+/// Whether host descriptor `host` is vmctl's own /proc/self/fd, which the guest gets
+/// for its /proc/self/fd: listing it must show the guest's descriptors instead.
+pub fn is_fd_dir(host: RawFd) -> bool {
+    let link = CString::new(format!("/proc/self/fd/{host}")).expect("no NUL");
+    let mut buf = [0u8; 64];
+    // SAFETY: readlink into a local buffer of the given size.
+    let n = unsafe { libc::readlink(link.as_ptr(), buf.as_mut_ptr() as *mut _, buf.len()) };
+    // SAFETY: getpid cannot fail.
+    let own = format!("/proc/{}/fd", unsafe { libc::getpid() });
+    n > 0 && &buf[..n as usize] == own.as_bytes()
+}
+
+/// getdents64 over the guest's descriptors. The directory offset is the host
+/// descriptor's file position, used as an entry index, so rewinddir and seekdir work.
+pub fn fd_dir_getdents(k: &mut Kernel, host_fd: RawFd, size: usize) -> Result<Vec<u8>, Errno> {
+    let mut names: Vec<(Vec<u8>, u8)> = vec![
+        (b".".to_vec(), libc::DT_DIR),
+        (b"..".to_vec(), libc::DT_DIR),
+    ];
+    names.extend(
+        k.proc
+            .files
+            .fds()
+            .into_iter()
+            .map(|fd| (fd.to_string().into_bytes(), libc::DT_LNK)),
+    );
+    let start = sys!(libc::SYS_lseek, host_fd, 0, libc::SEEK_CUR)? as usize;
+    let mut out = Vec::new();
+    let mut next = start;
+    for (i, (name, ty)) in names.iter().enumerate().skip(start) {
+        let reclen = (19 + name.len() + 1).next_multiple_of(8);
+        if out.len() + reclen > size {
+            break;
+        }
+        let mut rec = vec![0u8; reclen];
+        rec[0..8].copy_from_slice(&(0x1000 + i as u64).to_le_bytes());
+        rec[8..16].copy_from_slice(&(i as i64 + 1).to_le_bytes());
+        rec[16..18].copy_from_slice(&(reclen as u16).to_le_bytes());
+        rec[18] = *ty;
+        rec[19..19 + name.len()].copy_from_slice(name);
+        out.extend_from_slice(&rec);
+        next = i + 1;
+    }
+    if out.is_empty() && next < names.len() {
+        return Err(Errno(libc::EINVAL));
+    }
+    sys!(libc::SYS_lseek, host_fd, next as i64, libc::SEEK_SET)?;
+    Ok(out)
 }
