@@ -38,7 +38,10 @@ pub fn prepare_dir(dir: &Path) -> Result<(), String> {
     match std::fs::metadata(dir) {
         Ok(md) => {
             if !md.is_dir() {
-                return Err(format!("--checkpoint-dir {}: not a directory", dir.display()));
+                return Err(format!(
+                    "--checkpoint-dir {}: not a directory",
+                    dir.display()
+                ));
             }
             // SAFETY: getuid cannot fail.
             let me = unsafe { libc::getuid() };
@@ -111,7 +114,10 @@ impl Runner {
         if let Some(c) = &ckpt {
             prepare_dir(&c.dir)?;
             sock = Some(socket::serve(&c.dir, requests.clone()).map_err(|e| {
-                format!("--checkpoint-dir {}: cannot serve the control socket: {e}", c.dir.display())
+                format!(
+                    "--checkpoint-dir {}: cannot serve the control socket: {e}",
+                    c.dir.display()
+                )
             })?);
             if let Some(i) = c.interval {
                 requests.start_interval(i);
@@ -247,10 +253,6 @@ impl Runner {
             let _ = std::fs::remove_file(c.dir.join(LATEST));
         }
     }
-}
-
-pub fn dir_for_display(p: &Path) -> String {
-    p.display().to_string()
 }
 
 pub const DEFAULT_KEEP: usize = 2;

@@ -62,9 +62,9 @@ const NAMES: &[(u32, u32, &str, u32, &str)] = &[
 ];
 
 fn read(leaf: u32, subleaf: u32, reg: &str) -> u32 {
-    // SAFETY: CPUID is available on every x86-64 CPU; unsupported leaves read as zero
-    // or as the highest basic leaf, which only makes the check stricter.
-    let r = unsafe { __cpuid_count(leaf, subleaf) };
+    // Unsupported leaves read as zero or as the highest basic leaf, which only makes
+    // the check stricter.
+    let r = __cpuid_count(leaf, subleaf);
     match reg {
         "eax" => r.eax,
         "ebx" => r.ebx,
@@ -74,8 +74,7 @@ fn read(leaf: u32, subleaf: u32, reg: &str) -> u32 {
 }
 
 fn vendor() -> String {
-    // SAFETY: leaf 0 exists everywhere.
-    let r = unsafe { __cpuid_count(0, 0) };
+    let r = __cpuid_count(0, 0);
     let mut b = Vec::new();
     for w in [r.ebx, r.edx, r.ecx] {
         b.extend_from_slice(&w.to_le_bytes());
@@ -105,7 +104,11 @@ pub fn missing_features(saved: &CpuFeatures, host_xcr0: u64) -> Vec<String> {
     let mut missing = Vec::new();
     for w in &saved.words {
         // Bit 27 of leaf 1 ECX is OSXSAVE, an OS setting rather than a CPU feature.
-        let mask = if w.leaf == 1 && w.register == "ecx" { !(1 << 27) } else { !0 };
+        let mask = if w.leaf == 1 && w.register == "ecx" {
+            !(1 << 27)
+        } else {
+            !0
+        };
         let have = read(w.leaf, w.subleaf, &w.register);
         let lacking = w.bits & !have & mask;
         for bit in 0..32 {
@@ -116,7 +119,9 @@ pub fn missing_features(saved: &CpuFeatures, host_xcr0: u64) -> Vec<String> {
                 .iter()
                 .find(|n| n.0 == w.leaf && n.1 == w.subleaf && n.2 == w.register && n.3 == bit)
                 .map(|n| n.4.to_string())
-                .unwrap_or_else(|| format!("cpuid.{:#x}.{}.{}[{bit}]", w.leaf, w.subleaf, w.register));
+                .unwrap_or_else(|| {
+                    format!("cpuid.{:#x}.{}.{}[{bit}]", w.leaf, w.subleaf, w.register)
+                });
             missing.push(name);
         }
     }

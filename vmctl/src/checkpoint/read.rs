@@ -73,20 +73,25 @@ pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
             format!("checksum {got:08x} does not match {want:08x} in {MANIFEST_SUM} (damaged or truncated)"),
         ));
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt(mpath.clone(), e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| CheckpointError::Corrupt(mpath.clone(), e.to_string()))?;
     let version = value
         .get("format_version")
         .and_then(|v| v.as_u64())
-        .ok_or_else(|| CheckpointError::Corrupt(mpath.clone(), "no format_version: not a vmctl checkpoint".into()))?;
+        .ok_or_else(|| {
+            CheckpointError::Corrupt(
+                mpath.clone(),
+                "no format_version: not a vmctl checkpoint".into(),
+            )
+        })?;
     if version > FORMAT_VERSION as u64 {
         return Err(CheckpointError::Refused(format!(
             "{}: written by a newer vmctl (checkpoint format {version}; this vmctl reads format {FORMAT_VERSION}); restore it with that vmctl or newer",
             mpath.display()
         )));
     }
-    let manifest: Manifest =
-        serde_json::from_value(value).map_err(|e| CheckpointError::Corrupt(mpath.clone(), e.to_string()))?;
+    let manifest: Manifest = serde_json::from_value(value)
+        .map_err(|e| CheckpointError::Corrupt(mpath.clone(), e.to_string()))?;
     // SAFETY: getuid cannot fail.
     let me = unsafe { libc::getuid() };
     if manifest.owner_uid != me {
@@ -99,7 +104,11 @@ pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
     Ok(manifest)
 }
 
-fn open_image(gen_dir: &Path, m: &Manifest, direct: bool) -> Result<(File, PathBuf), CheckpointError> {
+fn open_image(
+    gen_dir: &Path,
+    m: &Manifest,
+    direct: bool,
+) -> Result<(File, PathBuf), CheckpointError> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = gen_dir.join(&m.memory.file);
     check_owner(&path)?;
@@ -115,11 +124,17 @@ fn open_image(gen_dir: &Path, m: &Manifest, direct: bool) -> Result<(File, PathB
         Some(Ok(f)) => f,
         _ => File::open(&path).map_err(|e| CheckpointError::Io(path.clone(), e))?,
     };
-    let len = f.metadata().map_err(|e| CheckpointError::Io(path.clone(), e))?.len();
+    let len = f
+        .metadata()
+        .map_err(|e| CheckpointError::Io(path.clone(), e))?
+        .len();
     if len != m.memory.data_bytes {
         return Err(CheckpointError::Corrupt(
             path,
-            format!("{len} bytes, the manifest says {} (truncated or damaged)", m.memory.data_bytes),
+            format!(
+                "{len} bytes, the manifest says {} (truncated or damaged)",
+                m.memory.data_bytes
+            ),
         ));
     }
     Ok((f, path))
@@ -138,7 +153,10 @@ pub fn verify_memory(gen_dir: &Path, m: &Manifest) -> Result<(), CheckpointError
         buf.resize(c.bytes() as usize, 0);
         read_exact_at(&f, &mut buf, c.offset).map_err(|e| CheckpointError::Io(path.clone(), e))?;
         if crc32fast::hash(&buf) != c.crc32 {
-            return Err(CheckpointError::Corrupt(path, format!("chunk {i} at offset {} fails its CRC32", c.offset)));
+            return Err(CheckpointError::Corrupt(
+                path,
+                format!("chunk {i} at offset {} fails its CRC32", c.offset),
+            ));
         }
     }
     Ok(())
@@ -152,7 +170,10 @@ pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<()
         for r in &c.runs {
             let bytes = r.pages * PAGE_SIZE;
             let p = mem.host_ptr(r.gpa, bytes).ok_or_else(|| {
-                CheckpointError::Corrupt(path.clone(), format!("chunk {i} names memory beyond the VM's RAM"))
+                CheckpointError::Corrupt(
+                    path.clone(),
+                    format!("chunk {i} names memory beyond the VM's RAM"),
+                )
             })?;
             iov.push(libc::iovec {
                 iov_base: p as *mut _,
@@ -166,7 +187,14 @@ pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<()
         while done < total {
             let n = (iov_work.len() - start).min(1024);
             // SAFETY: each iovec points into guest RAM, bounds-checked above.
-            let r = unsafe { libc::preadv(f.as_raw_fd(), iov_work[start..].as_ptr(), n as i32, (c.offset + done) as i64) };
+            let r = unsafe {
+                libc::preadv(
+                    f.as_raw_fd(),
+                    iov_work[start..].as_ptr(),
+                    n as i32,
+                    (c.offset + done) as i64,
+                )
+            };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -175,7 +203,10 @@ pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<()
                 return Err(CheckpointError::Io(path.clone(), e));
             }
             if r == 0 {
-                return Err(CheckpointError::Corrupt(path.clone(), format!("ends inside chunk {i} (truncated)")));
+                return Err(CheckpointError::Corrupt(
+                    path.clone(),
+                    format!("ends inside chunk {i} (truncated)"),
+                ));
             }
             done += r as u64;
             let mut left = r as usize;
@@ -196,7 +227,10 @@ pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<()
             h.update(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
         }
         if h.finalize() != c.crc32 {
-            return Err(CheckpointError::Corrupt(path, format!("chunk {i} at offset {} fails its CRC32", c.offset)));
+            return Err(CheckpointError::Corrupt(
+                path,
+                format!("chunk {i} at offset {} fails its CRC32", c.offset),
+            ));
         }
     }
     Ok(())

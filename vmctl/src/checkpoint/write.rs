@@ -64,7 +64,11 @@ fn create_image(path: &Path) -> Result<File, CheckpointError> {
 }
 
 /// Writes every non-zero page of guest RAM below `limit` to `path`.
-pub fn write_memory(mem: &GuestMemory, limit: u64, path: &Path) -> Result<MemoryImage, CheckpointError> {
+pub fn write_memory(
+    mem: &GuestMemory,
+    limit: u64,
+    path: &Path,
+) -> Result<MemoryImage, CheckpointError> {
     let file = create_image(path)?;
     let mut chunks = Vec::new();
     let mut offset = 0u64;
@@ -72,32 +76,35 @@ pub fn write_memory(mem: &GuestMemory, limit: u64, path: &Path) -> Result<Memory
     let mut current_bytes = 0u64;
     let limit = limit.min(mem.size());
 
-    let mut flush = |runs: &mut Vec<Run>, bytes: &mut u64, offset: &mut u64| -> Result<(), CheckpointError> {
-        if runs.is_empty() {
-            return Ok(());
-        }
-        let mut hasher = crc32fast::Hasher::new();
-        let iov: Vec<libc::iovec> = runs
-            .iter()
-            .map(|r| {
-                let data = mem.slice(r.gpa, r.pages * PAGE_SIZE).expect("run inside RAM");
-                hasher.update(data);
-                libc::iovec {
-                    iov_base: data.as_ptr() as *mut _,
-                    iov_len: data.len(),
-                }
-            })
-            .collect();
-        write_all_iov(&file, &iov, *offset).map_err(|e| io(path, e))?;
-        chunks.push(Chunk {
-            offset: *offset,
-            runs: std::mem::take(runs),
-            crc32: hasher.finalize(),
-        });
-        *offset += *bytes;
-        *bytes = 0;
-        Ok(())
-    };
+    let mut flush =
+        |runs: &mut Vec<Run>, bytes: &mut u64, offset: &mut u64| -> Result<(), CheckpointError> {
+            if runs.is_empty() {
+                return Ok(());
+            }
+            let mut hasher = crc32fast::Hasher::new();
+            let iov: Vec<libc::iovec> = runs
+                .iter()
+                .map(|r| {
+                    let data = mem
+                        .slice(r.gpa, r.pages * PAGE_SIZE)
+                        .expect("run inside RAM");
+                    hasher.update(data);
+                    libc::iovec {
+                        iov_base: data.as_ptr() as *mut _,
+                        iov_len: data.len(),
+                    }
+                })
+                .collect();
+            write_all_iov(&file, &iov, *offset).map_err(|e| io(path, e))?;
+            chunks.push(Chunk {
+                offset: *offset,
+                runs: std::mem::take(runs),
+                crc32: hasher.finalize(),
+            });
+            *offset += *bytes;
+            *bytes = 0;
+            Ok(())
+        };
 
     let mut gpa = 0u64;
     while gpa < limit {
@@ -131,7 +138,14 @@ fn write_all_iov(file: &File, iov: &[libc::iovec], mut offset: u64) -> std::io::
     while start < iov.len() {
         let n = (iov.len() - start).min(1024);
         // SAFETY: every iovec points at live guest RAM of the stated length.
-        let w = unsafe { libc::pwritev(file.as_raw_fd(), iov[start..].as_ptr(), n as i32, offset as i64) };
+        let w = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov[start..].as_ptr(),
+                n as i32,
+                offset as i64,
+            )
+        };
         if w < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -140,7 +154,10 @@ fn write_all_iov(file: &File, iov: &[libc::iovec], mut offset: u64) -> std::io::
             return Err(e);
         }
         if w == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "short write",
+            ));
         }
         offset += w as u64;
         let mut left = w as usize;
@@ -160,7 +177,9 @@ fn write_all_iov(file: &File, iov: &[libc::iovec], mut offset: u64) -> std::io::
 
 /// The next generation number: one past the highest complete one.
 pub fn next_generation(dir: &Path) -> Result<u64, CheckpointError> {
-    Ok(super::read::list_generations(dir)?.first().map_or(1, |g| g + 1))
+    Ok(super::read::list_generations(dir)?
+        .first()
+        .map_or(1, |g| g + 1))
 }
 
 /// Writes `manifest` and the memory of `mem` as a new generation of `dir`.
@@ -172,7 +191,11 @@ pub fn write_generation(
 ) -> Result<Written, CheckpointError> {
     let generation = manifest.generation;
     let final_dir = dir.join(generation_dir_name(generation));
-    let tmp = dir.join(format!("{}.tmp-{}", generation_dir_name(generation), std::process::id()));
+    let tmp = dir.join(format!(
+        "{}.tmp-{}",
+        generation_dir_name(generation),
+        std::process::id()
+    ));
     let _ = fs::remove_dir_all(&tmp);
     fs::DirBuilder::new()
         .mode(0o700)
@@ -180,14 +203,16 @@ pub fn write_generation(
         .map_err(|e| io(&tmp, e))?;
     let result = (|| {
         manifest.memory = write_memory(mem, memory_limit, &tmp.join(MEMORY))?;
-        let json = serde_json::to_vec(&manifest).map_err(|e| CheckpointError::Format(tmp.join(MANIFEST), e.to_string()))?;
+        let json = serde_json::to_vec(&manifest)
+            .map_err(|e| CheckpointError::Format(tmp.join(MANIFEST), e.to_string()))?;
         let mpath = tmp.join(MANIFEST);
         let mut f = create_file(&mpath)?;
         f.write_all(&json).map_err(|e| io(&mpath, e))?;
         f.sync_all().map_err(|e| io(&mpath, e))?;
         let spath = tmp.join(MANIFEST_SUM);
         let mut s = create_file(&spath)?;
-        writeln!(s, "crc32 {:08x} {}", crc32fast::hash(&json), MANIFEST).map_err(|e| io(&spath, e))?;
+        writeln!(s, "crc32 {:08x} {}", crc32fast::hash(&json), MANIFEST)
+            .map_err(|e| io(&spath, e))?;
         s.sync_all().map_err(|e| io(&spath, e))?;
         fsync_dir(&tmp)?;
         fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;

@@ -41,7 +41,8 @@ fn run(kvm: &kvm_ioctls::Kvm, count: u64) -> Result<f64, String> {
     let vm = Vm::new(kvm, 64 << 20).map_err(|e| e.to_string())?;
     let mem = vm.memory().clone();
     let mut frames = FrameAllocator::new(SYSTEM_SIZE, mem.size());
-    let mut mm = AddressSpace::new(&mem, &mut frames, vm.system_half(), 32 << 20).ok_or("no memory")?;
+    let mut mm =
+        AddressSpace::new(&mem, &mut frames, vm.system_half(), 32 << 20).ok_or("no memory")?;
     let mut vcpu = vm.create_vcpu(0, mm.root).map_err(|e| e.to_string())?;
     // movabs [MMIO_VA], al ; jmp back: every iteration is one exit. RCX stays at the
     // loop start, which is where the syscall path resumes the guest.
@@ -54,8 +55,16 @@ fn run(kvm: &kvm_ioctls::Kvm, count: u64) -> Result<f64, String> {
             frames: &mut frames,
             vcpu: &mut vcpu,
         };
-        mm.map(&mut ctx, CODE_VA, 4096, libc::PROT_READ | libc::PROT_EXEC, false, Backing::Anonymous, VmaKind::Mapping)
-            .map_err(|e| format!("map: errno {}", e.0))?;
+        mm.map(
+            &mut ctx,
+            CODE_VA,
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            false,
+            Backing::Anonymous,
+            VmaKind::Mapping,
+        )
+        .map_err(|e| format!("map: errno {}", e.0))?;
         mm.translate_for(&mut ctx, CODE_VA, Access::Read)
             .map_err(|e| format!("translate: errno {}", e.0))?
     };

@@ -41,7 +41,10 @@ pub fn checkpoint(args: CheckpointCmd) -> i32 {
         );
     }
     if !ok {
-        eprintln!("vmctl: checkpoint failed: {}", reply["error"].as_str().unwrap_or("unknown error"));
+        eprintln!(
+            "vmctl: checkpoint failed: {}",
+            reply["error"].as_str().unwrap_or("unknown error")
+        );
         return EXIT_CHECKPOINT_FAILED;
     }
     0

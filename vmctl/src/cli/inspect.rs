@@ -37,7 +37,12 @@ pub fn rfc3339(t: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 pub fn inspect(args: InspectArgs) -> i32 {
@@ -85,15 +90,25 @@ pub fn inspect(args: InspectArgs) -> i32 {
         rows.push(row);
     }
     if args.json {
-        println!("{}", serde_json::json!({"dir": args.dir, "generations": rows}));
+        println!(
+            "{}",
+            serde_json::json!({"dir": args.dir, "generations": rows})
+        );
     } else if rows.is_empty() {
         println!("{}: no checkpoint generations", args.dir.display());
     } else {
         for r in &rows {
             let g = r["generation"].as_u64().unwrap_or(0);
-            let mark = if r["latest"].as_bool() == Some(true) { " (latest)" } else { "" };
+            let mark = if r["latest"].as_bool() == Some(true) {
+                " (latest)"
+            } else {
+                ""
+            };
             if r["status"] == "unusable" {
-                println!("generation {g}{mark}: UNUSABLE: {}", r["error"].as_str().unwrap_or(""));
+                println!(
+                    "generation {g}{mark}: UNUSABLE: {}",
+                    r["error"].as_str().unwrap_or("")
+                );
             } else {
                 println!(
                     "generation {g}{mark}: {} {}, {:.1} MiB, host {}, program {}",

@@ -48,7 +48,9 @@ impl CheckpointArgs {
 fn parse_interval(s: &str) -> Result<u64, String> {
     match s.parse::<u64>() {
         Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!("'{s}' is not a whole number of seconds (1 or more)")),
+        _ => Err(format!(
+            "'{s}' is not a whole number of seconds (1 or more)"
+        )),
     }
 }
 
@@ -63,7 +65,8 @@ fn parse_on_signal(s: &str) -> Result<(i32, SignalAction), String> {
     let (sig, action) = s
         .split_once('=')
         .ok_or_else(|| format!("'{s}' is not SIG=ACTION, e.g. TERM=checkpoint-exit"))?;
-    let signo = parse_signal(sig).ok_or_else(|| format!("'{sig}' is not a signal name or number"))?;
+    let signo =
+        parse_signal(sig).ok_or_else(|| format!("'{sig}' is not a signal name or number"))?;
     if signo == libc::SIGKILL || signo == libc::SIGSTOP {
         return Err(format!("{sig} cannot be caught"));
     }
@@ -71,7 +74,11 @@ fn parse_on_signal(s: &str) -> Result<(i32, SignalAction), String> {
         "checkpoint" => SignalAction::Checkpoint,
         "checkpoint-exit" => SignalAction::CheckpointExit,
         "forward" => SignalAction::Forward,
-        _ => return Err(format!("'{action}' is not an action: use checkpoint, checkpoint-exit or forward")),
+        _ => {
+            return Err(format!(
+                "'{action}' is not an action: use checkpoint, checkpoint-exit or forward"
+            ))
+        }
     };
     Ok((signo, action))
 }

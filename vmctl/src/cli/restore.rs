@@ -40,7 +40,10 @@ pub fn restore(args: RestoreArgs) -> i32 {
         },
     };
     if candidates.is_empty() {
-        eprintln!("vmctl: {}: no checkpoint generations to restore", dir.display());
+        eprintln!(
+            "vmctl: {}: no checkpoint generations to restore",
+            dir.display()
+        );
         return EXIT_VMCTL_FAILED;
     }
     let ckpt = match args.checkpoint.options(Some(dir.clone())) {
@@ -72,11 +75,17 @@ pub fn restore(args: RestoreArgs) -> i32 {
             Err(e) => eprintln!("vmctl: generation {g} is unusable: {e}"),
         }
     }
-    eprintln!("vmctl: {}: no usable checkpoint; start the job afresh", dir.display());
+    eprintln!(
+        "vmctl: {}: no usable checkpoint; start the job afresh",
+        dir.display()
+    );
     EXIT_VMCTL_FAILED
 }
 
-fn try_generation(kvm: &kvm_ioctls::Kvm, gen_dir: &std::path::Path) -> Result<(Kernel, JobMeta), String> {
+fn try_generation(
+    kvm: &kvm_ioctls::Kvm,
+    gen_dir: &std::path::Path,
+) -> Result<(Kernel, JobMeta), String> {
     let manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
     let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;

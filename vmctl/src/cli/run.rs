@@ -94,7 +94,10 @@ pub fn run(args: RunArgs) -> i32 {
             .unwrap_or_else(|_| program.clone())
             .display()
             .to_string(),
-        argv: argv.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect(),
+        argv: argv
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
     };
     let envp = std::env::vars_os()
         .map(|(k, v)| {

@@ -14,7 +14,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('t') => (&lower[..lower.len() - 1], 40),
         _ => (lower, 0),
     };
-    let bad = || format!("'{s}' is not a size; use bytes or a number with K, M, G or T, e.g. 512M or 8G");
+    let bad =
+        || format!("'{s}' is not a size; use bytes or a number with K, M, G or T, e.g. 512M or 8G");
     let value: f64 = num.trim().parse().map_err(|_| bad())?;
     if !value.is_finite() || value <= 0.0 {
         return Err(bad());

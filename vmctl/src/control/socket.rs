@@ -27,7 +27,10 @@ pub fn serve(dir: &Path, requests: Requests) -> std::io::Result<ControlSocket> {
     if UnixStream::connect(&path).is_ok() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
-            format!("another vmctl is running for {} (its control socket answers)", dir.display()),
+            format!(
+                "another vmctl is running for {} (its control socket answers)",
+                dir.display()
+            ),
         ));
     }
     let _ = std::fs::remove_file(&path);
@@ -60,7 +63,8 @@ fn handle(conn: UnixStream, requests: &Requests) {
             let (tx, rx) = mpsc::channel();
             requests.push(Request { reply: Some(tx) });
             rx.recv().unwrap_or_else(|_| {
-                serde_json::json!({"ok": false, "error": "the job ended before the checkpoint"}).to_string()
+                serde_json::json!({"ok": false, "error": "the job ended before the checkpoint"})
+                    .to_string()
             })
         }
         _ => serde_json::json!({"ok": false, "error": "unknown request"}).to_string(),

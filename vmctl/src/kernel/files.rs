@@ -3,7 +3,6 @@
 //! closes) vmctl's KVM and control descriptors, and the table can be serialized.
 
 use crate::kernel::Errno;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -36,15 +35,6 @@ pub struct FdTable {
     map: BTreeMap<i32, FdEntry>,
 }
 
-/// What a checkpoint records of a descriptor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FdRecord {
-    pub fd: i32,
-    pub cloexec: bool,
-    pub path: Option<PathBuf>,
-    pub stdio: Option<i32>,
-}
-
 impl FdTable {
     pub fn get(&self, fd: i32) -> Result<&FdEntry, Errno> {
         self.map.get(&fd).ok_or(Errno(libc::EBADF))
@@ -69,7 +59,13 @@ impl FdTable {
         want
     }
 
-    pub fn install(&mut self, file: Arc<OpenFile>, cloexec: bool, min: i32, limit: u64) -> Result<i32, Errno> {
+    pub fn install(
+        &mut self,
+        file: Arc<OpenFile>,
+        cloexec: bool,
+        min: i32,
+        limit: u64,
+    ) -> Result<i32, Errno> {
         let fd = self.lowest_free(min);
         if fd as u64 >= limit {
             return Err(Errno(libc::EMFILE));
@@ -93,17 +89,5 @@ impl FdTable {
 
     pub fn fds(&self) -> Vec<i32> {
         self.map.keys().copied().collect()
-    }
-
-    pub fn records(&self) -> Vec<FdRecord> {
-        self.map
-            .iter()
-            .map(|(&fd, e)| FdRecord {
-                fd,
-                cloexec: e.cloexec,
-                path: e.file.path.clone(),
-                stdio: e.file.stdio,
-            })
-            .collect()
     }
 }

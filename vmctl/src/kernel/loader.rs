@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -100,7 +100,9 @@ struct Image {
 
 fn open_image(path: &Path) -> Result<(Image, Vec<u8>), ExecError> {
     let shown = path.display().to_string();
-    let md = path.metadata().map_err(|e| ExecError::Io(shown.clone(), e))?;
+    let md = path
+        .metadata()
+        .map_err(|e| ExecError::Io(shown.clone(), e))?;
     if md.is_dir() {
         return Err(ExecError::NotExecutable(shown, "Is a directory".into()));
     }
@@ -132,8 +134,12 @@ fn open_image(path: &Path) -> Result<(Image, Vec<u8>), ExecError> {
     use std::os::unix::fs::FileExt;
     file.read_exact_at(&mut ph_bytes, hdr.e_phoff)
         .map_err(|_| not_elf())?;
-    let ctx = goblin::container::Ctx::new(goblin::container::Container::Big, goblin::container::Endian::Little);
-    let phdrs = ProgramHeader::parse(&ph_bytes, 0, hdr.e_phnum as usize, ctx).map_err(|_| not_elf())?;
+    let ctx = goblin::container::Ctx::new(
+        goblin::container::Container::Big,
+        goblin::container::Endian::Little,
+    );
+    let phdrs =
+        ProgramHeader::parse(&ph_bytes, 0, hdr.e_phnum as usize, ctx).map_err(|_| not_elf())?;
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     Ok((
         Image {
@@ -177,8 +183,14 @@ fn parse_shebang(head: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
 }
 
 fn trim(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
-    let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = s
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    let end = s
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &s[start..end]
 }
 
@@ -216,10 +228,21 @@ fn load_segments(
         .filter(|p| p.p_type == program_header::PT_LOAD)
         .collect();
     if loads.is_empty() {
-        return Err(ExecError::NotExecutable(name, "no loadable segments".into()));
+        return Err(ExecError::NotExecutable(
+            name,
+            "no loadable segments".into(),
+        ));
     }
-    let lo = loads.iter().map(|p| p.p_vaddr & !(PAGE_SIZE - 1)).min().unwrap_or(0);
-    let hi = loads.iter().map(|p| p.p_vaddr + p.p_memsz).max().unwrap_or(0);
+    let lo = loads
+        .iter()
+        .map(|p| p.p_vaddr & !(PAGE_SIZE - 1))
+        .min()
+        .unwrap_or(0);
+    let hi = loads
+        .iter()
+        .map(|p| p.p_vaddr + p.p_memsz)
+        .max()
+        .unwrap_or(0);
     let span = (hi - lo).next_multiple_of(PAGE_SIZE);
     let bias = if img.header.e_type == header::ET_DYN {
         let want = if is_main { ELF_ET_DYN_BASE } else { 0 };
@@ -281,7 +304,9 @@ fn load_segments(
         .or_else(|| {
             loads
                 .iter()
-                .find(|p| p.p_offset <= img.header.e_phoff && img.header.e_phoff < p.p_offset + p.p_filesz)
+                .find(|p| {
+                    p.p_offset <= img.header.e_phoff && img.header.e_phoff < p.p_offset + p.p_filesz
+                })
                 .map(|p| bias + p.p_vaddr + (img.header.e_phoff - p.p_offset))
         })
         .unwrap_or(0);
@@ -384,12 +409,13 @@ pub fn load_program(
     .map_err(nomem)?;
 
     let mut sp = stack_top;
-    let mut push_bytes = |mm: &mut AddressSpace, ctx: &mut MmCtx, data: &[u8]| -> Result<u64, ExecError> {
-        sp -= data.len() as u64;
-        mm.write(ctx, sp, data).map_err(nomem)?;
-        Ok(sp)
-    };
-    let mut with_nul = |s: &[u8]| {
+    let mut push_bytes =
+        |mm: &mut AddressSpace, ctx: &mut MmCtx, data: &[u8]| -> Result<u64, ExecError> {
+            sp -= data.len() as u64;
+            mm.write(ctx, sp, data).map_err(nomem)?;
+            Ok(sp)
+        };
+    let with_nul = |s: &[u8]| {
         let mut v = s.to_vec();
         v.push(0);
         v
@@ -466,7 +492,10 @@ mod tests {
 
     #[test]
     fn shebang_forms() {
-        assert_eq!(parse_shebang(b"#!/bin/sh\necho"), Some((b"/bin/sh".to_vec(), None)));
+        assert_eq!(
+            parse_shebang(b"#!/bin/sh\necho"),
+            Some((b"/bin/sh".to_vec(), None))
+        );
         assert_eq!(
             parse_shebang(b"#! /usr/bin/env  python3 \n"),
             Some((b"/usr/bin/env".to_vec(), Some(b"python3".to_vec())))

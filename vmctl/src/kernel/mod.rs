@@ -5,10 +5,10 @@
 pub mod files;
 pub mod loader;
 pub mod mm;
-pub mod process;
-pub mod signals;
 pub mod persist;
+pub mod process;
 mod sigframe;
+pub mod signals;
 
 pub use sigframe::sigreturn as sigframe_return;
 
@@ -30,7 +30,11 @@ pub struct Errno(pub i32);
 
 impl Errno {
     pub fn last() -> Errno {
-        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        Errno(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
     }
 }
 
@@ -93,15 +97,13 @@ fn host_rlimits() -> Vec<(u64, u64)> {
 }
 
 fn host_hwcap() -> u64 {
-    // SAFETY: cpuid leaf 1 exists on every x86-64 CPU.
-    let r = unsafe { std::arch::x86_64::__cpuid(1) };
+    let r = std::arch::x86_64::__cpuid(1);
     r.edx as u64
 }
 
 /// Size of the XSAVE area for the features the guest may use (CPUID 0xD.0 EBX).
 pub fn xsave_user_size() -> u64 {
-    // SAFETY: CPUID leaf 0xD exists wherever OSXSAVE is set, which KVM requires here.
-    let r = unsafe { std::arch::x86_64::__cpuid_count(0xd, 0) };
+    let r = std::arch::x86_64::__cpuid_count(0xd, 0);
     (r.ecx as u64).max(512 + 64)
 }
 
@@ -123,13 +125,14 @@ pub(crate) fn dup_stdio(fd: i32) -> Option<Arc<OpenFile>> {
 impl Kernel {
     pub fn boot(vm: Vm, launch: &Launch) -> Result<Kernel, KernelError> {
         let mem = vm.memory().clone();
-        let mut frames =
-            FrameAllocator::new(machine::layout::SYSTEM_SIZE, mem.size());
+        let mut frames = FrameAllocator::new(machine::layout::SYSTEM_SIZE, mem.size());
         let mut mm = AddressSpace::new(&mem, &mut frames, vm.system_half(), launch.mem)
             .ok_or(KernelError::NoMemory)?;
         let mut vcpu = vm.create_vcpu(0, mm.root)?;
         let rlimits = host_rlimits();
-        let stack = rlimits[libc::RLIMIT_STACK as usize].0.clamp(128 << 10, 64 << 20);
+        let stack = rlimits[libc::RLIMIT_STACK as usize]
+            .0
+            .clamp(128 << 10, 64 << 20);
         // SAFETY: these identity calls cannot fail.
         let host = unsafe {
             HostInfo {
@@ -167,16 +170,31 @@ impl Kernel {
         let mut files = FdTable::default();
         for fd in 0..3 {
             if let Some(f) = dup_stdio(fd) {
-                files.install_at(fd, files::FdEntry { file: f, cloexec: false });
+                files.install_at(
+                    fd,
+                    files::FdEntry {
+                        file: f,
+                        cloexec: false,
+                    },
+                );
             }
         }
         let mut name = [0u8; 16];
-        let base = start.exe.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
+        let base = start
+            .exe
+            .file_name()
+            .map(|n| n.as_encoded_bytes().to_vec())
+            .unwrap_or_default();
         let n = base.len().min(15);
         name[..n].copy_from_slice(&base[..n]);
         // SAFETY: identity calls that cannot fail.
         let (pid, ppid, pgid, sid) = unsafe {
-            (libc::getpid(), libc::getppid(), libc::getpgrp(), libc::getsid(0))
+            (
+                libc::getpid(),
+                libc::getppid(),
+                libc::getpgrp(),
+                libc::getsid(0),
+            )
         };
         let proc = Process {
             pid,
@@ -250,7 +268,12 @@ impl Kernel {
         self.with_mm(|mm, ctx| mm.read_cstr(ctx, va, libc::PATH_MAX as usize))
     }
 
-    pub fn user_iovecs(&mut self, va: u64, len: u64, access: Access) -> Result<Vec<libc::iovec>, Errno> {
+    pub fn user_iovecs(
+        &mut self,
+        va: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Vec<libc::iovec>, Errno> {
         self.with_mm(|mm, ctx| mm.host_ranges(ctx, va, len, access))
     }
 
@@ -322,14 +345,13 @@ impl Kernel {
                 };
                 match result {
                     Ok(()) => return Ok(()),
-                    Err(Fault::Unmapped) => (libc::SIGSEGV, 1, cr2),   // SEGV_MAPERR
-                    Err(Fault::BeyondFile) => (libc::SIGBUS, 2, cr2),  // BUS_ADRERR
+                    Err(Fault::Unmapped) => (libc::SIGSEGV, 1, cr2), // SEGV_MAPERR
+                    Err(Fault::BeyondFile) => (libc::SIGBUS, 2, cr2), // BUS_ADRERR
                     Err(Fault::Protection) => (libc::SIGSEGV, 2, cr2), // SEGV_ACCERR
                     Err(Fault::OutOfMemory) => {
                         eprintln!("vmctl: guest out of memory at {cr2:#x}; raise --mem");
                         (libc::SIGKILL, 0, 0)
                     }
-                    Err(Fault::Machine(e)) => return Err(e.into()),
                 }
             }
             13 if error_code == 0 && self.tsc_trap && self.emulate_rdtsc() => return Ok(()),
@@ -337,7 +359,11 @@ impl Kernel {
             1 | 3 => {
                 // Clear TF so a single-step trap does not fire again on resume.
                 self.vcpu.user_regs_mut().rflags &= !(1 << 8);
-                (libc::SIGTRAP, if vector == 3 { 1 } else { 2 }, self.vcpu.user_regs().rip)
+                (
+                    libc::SIGTRAP,
+                    if vector == 3 { 1 } else { 2 },
+                    self.vcpu.user_regs().rip,
+                )
             }
             6 => (libc::SIGILL, 2, self.vcpu.user_regs().rip), // ILL_ILLOPN
             16 | 19 => (libc::SIGFPE, 0, self.vcpu.user_regs().rip),
@@ -371,10 +397,18 @@ impl Kernel {
     }
 
     /// Delivers a synchronous signal caused by the current instruction.
-    fn force_signal(&mut self, sig: i32, code: i32, addr: u64, trapno: u8, err: u64) -> Result<(), KernelError> {
+    fn force_signal(
+        &mut self,
+        sig: i32,
+        code: i32,
+        addr: u64,
+        trapno: u8,
+        err: u64,
+    ) -> Result<(), KernelError> {
         let action = self.proc.signals.action(sig);
         let blocked = self.proc.signals.blocked & sig_bit(sig) != 0;
-        if sig == libc::SIGKILL || action.handler == SIG_DFL || action.handler == SIG_IGN || blocked {
+        if sig == libc::SIGKILL || action.handler == SIG_DFL || action.handler == SIG_IGN || blocked
+        {
             // A fault that cannot be handled kills, as Linux does for blocked or
             // ignored synchronous signals.
             self.exit(ExitStatus::Signal(sig));
@@ -410,7 +444,9 @@ impl Kernel {
             }
             if action.handler == SIG_DFL {
                 match default_action(sig) {
-                    DefaultAction::Ignore | DefaultAction::Continue | DefaultAction::Stop => continue,
+                    DefaultAction::Ignore | DefaultAction::Continue | DefaultAction::Stop => {
+                        continue
+                    }
                     DefaultAction::Terminate | DefaultAction::CoreDump => {
                         self.exit(ExitStatus::Signal(sig));
                         return Ok(());
@@ -430,7 +466,13 @@ impl Kernel {
         Ok(())
     }
 
-    fn setup_frame(&mut self, sig: i32, info: sigframe::SigInfo, trapno: u8, err: u64) -> Result<(), KernelError> {
+    fn setup_frame(
+        &mut self,
+        sig: i32,
+        info: sigframe::SigInfo,
+        trapno: u8,
+        err: u64,
+    ) -> Result<(), KernelError> {
         match sigframe::push(self, sig, info, trapno, err) {
             Ok(()) => Ok(()),
             Err(_) => {

@@ -107,21 +107,30 @@ fn fd_state(fd: i32, e: &FdEntry) -> FdState {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         let ok = unsafe { libc::fstat(h, &mut st) } == 0;
         let fmt = st.st_mode & libc::S_IFMT;
-        let path = host_fd_path(h);
+        let path = host_fd_path(h).or_else(|| e.file.path.clone());
         let deleted = path
             .as_ref()
             .is_some_and(|p| p.as_os_str().as_bytes().ends_with(b" (deleted)"));
         match (ok, fmt, path) {
-            (true, libc::S_IFREG | libc::S_IFDIR | libc::S_IFCHR | libc::S_IFBLK, Some(path)) if !deleted => {
+            (true, libc::S_IFREG | libc::S_IFDIR | libc::S_IFCHR | libc::S_IFBLK, Some(path))
+                if !deleted =>
+            {
                 // SAFETY: queries on a descriptor we hold.
                 let (flags, offset) = unsafe {
-                    (libc::fcntl(h, libc::F_GETFL), libc::lseek(h, 0, libc::SEEK_CUR))
+                    (
+                        libc::fcntl(h, libc::F_GETFL),
+                        libc::lseek(h, 0, libc::SEEK_CUR),
+                    )
                 };
                 FdKind::Path {
                     path,
                     flags,
                     offset: offset.max(0),
-                    size: if fmt == libc::S_IFREG { st.st_size as u64 } else { 0 },
+                    size: if fmt == libc::S_IFREG {
+                        st.st_size as u64
+                    } else {
+                        0
+                    },
                     directory: fmt == libc::S_IFDIR,
                 }
             }
@@ -129,7 +138,10 @@ fn fd_state(fd: i32, e: &FdEntry) -> FdState {
                 what: match fmt {
                     libc::S_IFIFO => "pipe".into(),
                     libc::S_IFSOCK => "socket".into(),
-                    _ if deleted => format!("deleted file {}", p.map(|p| p.display().to_string()).unwrap_or_default()),
+                    _ if deleted => format!(
+                        "deleted file {}",
+                        p.map(|p| p.display().to_string()).unwrap_or_default()
+                    ),
                     _ => "unknown descriptor".into(),
                 },
             },
@@ -145,7 +157,12 @@ fn fd_state(fd: i32, e: &FdEntry) -> FdState {
 fn regions_of(mm: &AddressSpace) -> Vec<RegionState> {
     let mut out: Vec<RegionState> = Vec::new();
     for v in mm.vmas.values() {
-        let Backing::File { file, region: Some(r), .. } = &v.backing else {
+        let Backing::File {
+            file,
+            region: Some(r),
+            ..
+        } = &v.backing
+        else {
             continue;
         };
         match out.iter_mut().find(|x| x.gpa == r.gpa) {
@@ -210,9 +227,23 @@ impl Kernel {
         reopen_mapped_files(&mut mm)?;
         let mut shared = SharedRegions::default();
         for r in &state.regions {
-            let file = open_for(&r.path, if r.writable { libc::O_RDWR } else { libc::O_RDONLY })?;
+            let file = open_for(
+                &r.path,
+                if r.writable {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                },
+            )?;
             let region = shared
-                .create_at(&vm, file.as_raw_fd(), r.file_offset, r.len, r.writable, Some((r.gpa, r.slot)))
+                .create_at(
+                    &vm,
+                    file.as_raw_fd(),
+                    r.file_offset,
+                    r.len,
+                    r.writable,
+                    Some((r.gpa, r.slot)),
+                )
                 .map_err(|e| {
                     RestoreError::File(format!(
                         "{}: cannot map it again: {}",
@@ -230,7 +261,10 @@ impl Kernel {
         }
         let cwd = ps.cwd.clone();
         std::env::set_current_dir(&cwd).map_err(|e| {
-            RestoreError::File(format!("{}: cannot return to the job's working directory: {e}", cwd.display()))
+            RestoreError::File(format!(
+                "{}: cannot return to the job's working directory: {e}",
+                cwd.display()
+            ))
         })?;
         // SAFETY: umask cannot fail; files created for the guest use its umask.
         unsafe { libc::umask(ps.umask) };
@@ -261,12 +295,13 @@ impl Kernel {
             .unwrap_or(0);
         let saved_tsc = state.tsc.saturating_add(ahead);
         let now_tsc = crate::clock::host_tsc();
-        let (tsc_offset, tsc_trap) = if saved_tsc > now_tsc && crate::clock::trap_rdtsc_on_this_thread() {
-            vcpu.set_tsd(true);
-            (saved_tsc - now_tsc, true)
-        } else {
-            (0, false)
-        };
+        let (tsc_offset, tsc_trap) =
+            if saved_tsc > now_tsc && crate::clock::trap_rdtsc_on_this_thread() {
+                vcpu.set_tsd(true);
+                (saved_tsc - now_tsc, true)
+            } else {
+                (0, false)
+            };
         let proc = Process {
             pid: ps.pid,
             ppid: ps.ppid,
@@ -302,7 +337,8 @@ impl Kernel {
 }
 
 fn open_for(path: &std::path::Path, flags: i32) -> Result<OwnedFd, RestoreError> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| RestoreError::File("bad path".into()))?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| RestoreError::File("bad path".into()))?;
     // SAFETY: open with a valid C string; the result is owned below.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
     if fd < 0 {
@@ -323,9 +359,14 @@ fn reopen_mapped_files(mm: &mut AddressSpace) -> Result<(), RestoreError> {
             continue;
         };
         let f = std::fs::File::open(&file.path).map_err(|e| {
-            RestoreError::File(format!("{}: mapped by the job but cannot be opened now: {e}", file.path.display()))
+            RestoreError::File(format!(
+                "{}: mapped by the job but cannot be opened now: {e}",
+                file.path.display()
+            ))
         })?;
-        let md = f.metadata().map_err(|e| RestoreError::File(e.to_string()))?;
+        let md = f
+            .metadata()
+            .map_err(|e| RestoreError::File(e.to_string()))?;
         let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
         if file.size != 0 && (md.size() != file.size || mtime != file.mtime_ns) {
             return Err(RestoreError::File(format!(
@@ -335,7 +376,8 @@ fn reopen_mapped_files(mm: &mut AddressSpace) -> Result<(), RestoreError> {
                 md.size()
             )));
         }
-        let mut fresh = super::mm::MappedFile::new(file.path.clone(), f).map_err(|e| RestoreError::File(e.to_string()))?;
+        let mut fresh = super::mm::MappedFile::new(file.path.clone(), f)
+            .map_err(|e| RestoreError::File(e.to_string()))?;
         fresh.size = file.size;
         fresh.mtime_ns = file.mtime_ns;
         *file = Arc::new(fresh);
@@ -346,7 +388,10 @@ fn reopen_mapped_files(mm: &mut AddressSpace) -> Result<(), RestoreError> {
 fn reopen_fd(f: &FdState) -> Result<Arc<OpenFile>, RestoreError> {
     match &f.kind {
         FdKind::Stdio { stream } => dup_stdio(*stream).ok_or_else(|| {
-            RestoreError::File(format!("fd {}: standard stream {stream} is closed in this vmctl", f.fd))
+            RestoreError::File(format!(
+                "fd {}: standard stream {stream} is closed in this vmctl",
+                f.fd
+            ))
         }),
         FdKind::Path {
             path,
@@ -355,7 +400,12 @@ fn reopen_fd(f: &FdState) -> Result<Arc<OpenFile>, RestoreError> {
             size,
             directory,
         } => {
-            let keep = flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_TMPFILE | libc::O_NOCTTY);
+            let keep = flags
+                & !(libc::O_CREAT
+                    | libc::O_TRUNC
+                    | libc::O_EXCL
+                    | libc::O_TMPFILE
+                    | libc::O_NOCTTY);
             let host = open_for(path, keep)?;
             if !directory && *size > 0 {
                 // SAFETY: fstat into a local struct.

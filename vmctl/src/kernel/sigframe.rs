@@ -41,11 +41,12 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
     let regs = *k.vcpu.user_regs();
     let (ss_sp, ss_flags, ss_size) = k.proc.signals.altstack;
     let on_altstack = ss_size > 0 && regs.rsp > ss_sp && regs.rsp <= ss_sp + ss_size;
-    let mut sp = if action.flags & SA_ONSTACK != 0 && ss_flags & libc::SS_DISABLE == 0 && !on_altstack {
-        ss_sp + ss_size
-    } else {
-        regs.rsp - 128
-    };
+    let mut sp =
+        if action.flags & SA_ONSTACK != 0 && ss_flags & libc::SS_DISABLE == 0 && !on_altstack {
+            ss_sp + ss_size
+        } else {
+            regs.rsp - 128
+        };
     let xsize = xsave_user_size().min(KVM_XSAVE_REGION as u64);
     sp -= xsize + 4;
     sp &= !63;
@@ -71,11 +72,33 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
     put(&mut f, 0, action.restorer);
     put(&mut f, 8, 1 | 2 | 4); // UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
     put(&mut f, 24, ss_sp);
-    f[32..36].copy_from_slice(&(if on_altstack { libc::SS_ONSTACK } else { ss_flags }).to_le_bytes());
+    f[32..36].copy_from_slice(
+        &(if on_altstack {
+            libc::SS_ONSTACK
+        } else {
+            ss_flags
+        })
+        .to_le_bytes(),
+    );
     put(&mut f, 40, ss_size);
     let gprs = [
-        regs.r8, regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15, regs.rdi,
-        regs.rsi, regs.rbp, regs.rbx, regs.rdx, regs.rax, regs.rcx, regs.rsp, regs.rip,
+        regs.r8,
+        regs.r9,
+        regs.r10,
+        regs.r11,
+        regs.r12,
+        regs.r13,
+        regs.r14,
+        regs.r15,
+        regs.rdi,
+        regs.rsi,
+        regs.rbp,
+        regs.rbx,
+        regs.rdx,
+        regs.rax,
+        regs.rcx,
+        regs.rsp,
+        regs.rip,
         regs.rflags,
     ];
     for (i, v) in gprs.iter().enumerate() {
@@ -87,7 +110,15 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
     put(&mut f, UC_MCONTEXT + 152, err);
     put(&mut f, UC_MCONTEXT + 160, trapno as u64);
     put(&mut f, UC_MCONTEXT + 168, k.proc.signals.blocked);
-    put(&mut f, UC_MCONTEXT + 176, if info.signo == libc::SIGSEGV { info.addr } else { 0 });
+    put(
+        &mut f,
+        UC_MCONTEXT + 176,
+        if info.signo == libc::SIGSEGV {
+            info.addr
+        } else {
+            0
+        },
+    );
     put(&mut f, UC_MCONTEXT + 184, fpstate);
     put(&mut f, UC_SIGMASK, k.proc.signals.blocked);
     let si = SIGINFO as usize;
@@ -128,9 +159,11 @@ pub fn sigreturn(k: &mut Kernel) -> Result<(), Errno> {
     let g = |i: u64| get(UC_MCONTEXT + i * 8);
     let old_flags = k.vcpu.user_regs().rflags;
     let r = k.vcpu.user_regs_mut();
-    (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) = (g(0), g(1), g(2), g(3), g(4), g(5), g(6), g(7));
-    (r.rdi, r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip) =
-        (g(8), g(9), g(10), g(11), g(12), g(13), g(14), g(15), g(16));
+    (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+        (g(0), g(1), g(2), g(3), g(4), g(5), g(6), g(7));
+    (
+        r.rdi, r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip,
+    ) = (g(8), g(9), g(10), g(11), g(12), g(13), g(14), g(15), g(16));
     r.rflags = (old_flags & !USER_FLAGS) | (g(17) & USER_FLAGS);
     k.proc.signals.blocked = get(UC_SIGMASK) & !UNBLOCKABLE;
     let fpstate = get(UC_MCONTEXT + 184);

@@ -124,13 +124,27 @@ fn write_stubs(mem: &GuestMemory) {
     }
     // rsi = list of (entry address, value) pairs, rcx = count (> 0).
     let detour = [
-        0x48, 0x8b, 0x3e, // mov rdi, [rsi]
-        0x48, 0x8b, 0x46, 0x08, // mov rax, [rsi+8]
-        0x48, 0x89, 0x07, // mov [rdi], rax
-        0x48, 0x83, 0xc6, 0x10, // add rsi, 16
-        0x48, 0xff, 0xc9, // dec rcx
-        0x75, 0xed, // jnz loop
-        0xe6, PORT_DETOUR_DONE, // out PORT_DETOUR_DONE, al
+        0x48,
+        0x8b,
+        0x3e, // mov rdi, [rsi]
+        0x48,
+        0x8b,
+        0x46,
+        0x08, // mov rax, [rsi+8]
+        0x48,
+        0x89,
+        0x07, // mov [rdi], rax
+        0x48,
+        0x83,
+        0xc6,
+        0x10, // add rsi, 16
+        0x48,
+        0xff,
+        0xc9, // dec rcx
+        0x75,
+        0xed, // jnz loop
+        0xe6,
+        PORT_DETOUR_DONE, // out PORT_DETOUR_DONE, al
         0xf4,
     ];
     mem.write(STUBS_GPA + STUB_DETOUR, &detour);
@@ -275,7 +289,13 @@ pub fn user_sregs(
     s.cs = segment(USER_CS, true, 3);
     let ds = segment(USER_DS, false, 3);
     (s.ds, s.es, s.ss) = (ds, ds, ds);
-    s.fs = kvm_segment { base: fs_base, ..ds };
-    s.gs = kvm_segment { base: gs_base, ..ds };
+    s.fs = kvm_segment {
+        base: fs_base,
+        ..ds
+    };
+    s.gs = kvm_segment {
+        base: gs_base,
+        ..ds
+    };
     s
 }

@@ -128,7 +128,9 @@ impl Vcpu {
     fn first_run(&mut self) -> Result<(), MachineError> {
         let k = |what, e| MachineError::Kvm(what, e);
         let sregs = system::kernel_sregs(&self.template, self.index, self.cr3, false);
-        self.fd.set_sregs(&sregs).map_err(|e| k("KVM_SET_SREGS", e))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| k("KVM_SET_SREGS", e))?;
         let regs = kvm_regs {
             rip: FIRST_RUN_RIP,
             rsp: kstack_top(self.index),
@@ -179,9 +181,6 @@ impl Vcpu {
         self.index
     }
 
-    pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.mem
-    }
 
     pub fn user_regs(&self) -> &kvm_regs {
         &self.user
@@ -215,18 +214,8 @@ impl Vcpu {
         self.sregs_dirty = true;
     }
 
-    pub fn cr3(&self) -> u64 {
-        self.cr3
-    }
 
-    pub fn set_cr3(&mut self, cr3: u64) {
-        self.cr3 = cr3;
-        self.sregs_dirty = true;
-    }
 
-    pub fn fd(&self) -> &VcpuFd {
-        &self.fd
-    }
 
     /// Sets an immediate exit so that the next KVM_RUN returns at once (used from a
     /// signal handler on this vCPU's thread).
@@ -379,7 +368,9 @@ impl Vcpu {
             _ => self.user_sregs(),
         };
         let cpl0 = system::kernel_sregs(&self.template, self.index, self.cr3, self.tsd);
-        self.fd.set_sregs(&cpl0).map_err(|e| k("KVM_SET_SREGS", e))?;
+        self.fd
+            .set_sregs(&cpl0)
+            .map_err(|e| k("KVM_SET_SREGS", e))?;
         for chunk in writes.chunks(DETOUR_LIST_CAPACITY as usize) {
             for (i, &(gpa, value)) in chunk.iter().enumerate() {
                 let at = DETOUR_LIST_GPA + i as u64 * 16;
@@ -406,7 +397,9 @@ impl Vcpu {
                 }
             }
         }
-        self.fd.set_sregs(&restore).map_err(|e| k("KVM_SET_SREGS", e))?;
+        self.fd
+            .set_sregs(&restore)
+            .map_err(|e| k("KVM_SET_SREGS", e))?;
         // The next resume rewrites every general register from our copies.
         if matches!(self.resume, Resume::Untouched) {
             self.resume = Resume::Fresh;
@@ -434,8 +427,14 @@ impl Vcpu {
     /// inside a CPL0 stub (it then reaches a clean exit on its next run).
     pub fn capture(&mut self) -> Result<Option<VcpuState>, MachineError> {
         if let Resume::Untouched = self.resume {
-            let regs = self.fd.get_regs().map_err(|e| MachineError::Kvm("KVM_GET_REGS", e))?;
-            let sregs = self.fd.get_sregs().map_err(|e| MachineError::Kvm("KVM_GET_SREGS", e))?;
+            let regs = self
+                .fd
+                .get_regs()
+                .map_err(|e| MachineError::Kvm("KVM_GET_REGS", e))?;
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(|e| MachineError::Kvm("KVM_GET_SREGS", e))?;
             if sregs.cs.dpl != 3 {
                 return Ok(None);
             }

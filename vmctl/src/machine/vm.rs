@@ -54,9 +54,12 @@ impl Vm {
         if ram > MAX_RAM {
             return Err(MachineError::TooMuchMemory(ram, MAX_RAM));
         }
-        let fd = kvm.create_vm().map_err(|e| MachineError::Kvm("KVM_CREATE_VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| MachineError::Kvm("KVM_CREATE_VM", e))?;
         let mem = GuestMemory::new(SYSTEM_SIZE + ram).map_err(MachineError::GuestRam)?;
-        mem.populate(0, SYSTEM_SIZE).map_err(MachineError::GuestRam)?;
+        mem.populate(0, SYSTEM_SIZE)
+            .map_err(MachineError::GuestRam)?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -106,7 +109,10 @@ impl Vm {
             .fd
             .create_vcpu(index)
             .map_err(|e| MachineError::Kvm("KVM_CREATE_VCPU", e))?;
-        let xsave_size = (self.fd.check_extension_int(kvm_ioctls::Cap::Xsave2).max(4096)) as usize;
+        let xsave_size = (self
+            .fd
+            .check_extension_int(kvm_ioctls::Cap::Xsave2)
+            .max(4096)) as usize;
         Vcpu::start(
             fd,
             index,
@@ -124,10 +130,21 @@ impl Vm {
     ///
     /// # Safety
     /// `addr..addr+len` must stay mapped until `remove_slot(slot)` is called.
-    pub unsafe fn add_slot(&self, slot: u32, gpa: u64, len: u64, addr: u64, read_only: bool) -> Result<(), MachineError> {
+    pub unsafe fn add_slot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        addr: u64,
+        read_only: bool,
+    ) -> Result<(), MachineError> {
         let region = kvm_userspace_memory_region {
             slot,
-            flags: if read_only { kvm_bindings::KVM_MEM_READONLY } else { 0 },
+            flags: if read_only {
+                kvm_bindings::KVM_MEM_READONLY
+            } else {
+                0
+            },
             guest_phys_addr: gpa,
             memory_size: len,
             userspace_addr: addr,

@@ -10,11 +10,11 @@
 use super::frames::FrameAllocator;
 use super::page_table::{self as pt, Leaf, Update, PTE_SHARED};
 use super::vma::{Backing, MappedFile, Vma, VmaKind};
-use crate::machine::layout::SHARED_WINDOW;
 use crate::kernel::Errno;
 use crate::machine::layout::PAGE_SIZE;
+use crate::machine::layout::SHARED_WINDOW;
 use crate::machine::memory::{GuestMemory, HUGE_PAGE};
-use crate::machine::system::{PTE_ADDR_MASK, PTE_P, PTE_PS, SystemHalf};
+use crate::machine::system::{SystemHalf, PTE_ADDR_MASK, PTE_P, PTE_PS};
 use crate::machine::{MachineError, Vcpu};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -46,7 +46,6 @@ pub enum Fault {
     OutOfMemory,
     /// A shared file mapping beyond the end of its file (SIGBUS).
     BeyondFile,
-    Machine(MachineError),
 }
 
 /// What an address-space operation needs from the machine: guest RAM, the frame
@@ -126,7 +125,7 @@ impl AddressSpace {
     /// A free range of `len` bytes, top-down below MMAP_BASE, or at `hint` if free.
     pub fn find_free(&self, hint: u64, len: u64) -> Option<u64> {
         if hint >= MMAP_MIN
-            && hint % PAGE_SIZE == 0
+            && hint.is_multiple_of(PAGE_SIZE)
             && hint.checked_add(len).is_some_and(|e| e <= TASK_SIZE)
             && !self.overlaps(hint, hint + len)
         {
@@ -242,7 +241,13 @@ impl AddressSpace {
         Ok(())
     }
 
-    pub fn protect(&mut self, ctx: &mut MmCtx, start: u64, len: u64, prot: i32) -> Result<(), Errno> {
+    pub fn protect(
+        &mut self,
+        ctx: &mut MmCtx,
+        start: u64,
+        len: u64,
+        prot: i32,
+    ) -> Result<(), Errno> {
         let end = start + len;
         // Linux fails with ENOMEM when part of the range is unmapped.
         let mut cursor = start;
@@ -285,7 +290,11 @@ impl AddressSpace {
 
     pub fn discard(&mut self, ctx: &mut MmCtx, start: u64, len: u64) -> Result<(), Errno> {
         let end = start + len;
-        if self.vmas.range(..end).any(|(_, v)| v.end > start && v.shared) {
+        if self
+            .vmas
+            .range(..end)
+            .any(|(_, v)| v.end > start && v.shared)
+        {
             // Shared mappings keep their contents (the file is the truth).
             return Ok(());
         }
@@ -293,7 +302,13 @@ impl AddressSpace {
             .map_err(machine_errno)
     }
 
-    fn change_range(&mut self, ctx: &mut MmCtx, start: u64, end: u64, op: RangeOp) -> Result<(), MachineError> {
+    fn change_range(
+        &mut self,
+        ctx: &mut MmCtx,
+        start: u64,
+        end: u64,
+        op: RangeOp,
+    ) -> Result<(), MachineError> {
         let mem = ctx.mem;
         let mut update = Update::default();
         let mut va = start;
@@ -371,7 +386,13 @@ impl AddressSpace {
     fn refill_page(&self, mem: &GuestMemory, va: u64, frame: u64) {
         mem.zero(frame, PAGE_SIZE);
         if let Some(v) = self.find(va) {
-            if let (Some(off), Backing::File { file, region: None, .. }) = (v.file_offset(va), &v.backing) {
+            if let (
+                Some(off),
+                Backing::File {
+                    file, region: None, ..
+                },
+            ) = (v.file_offset(va), &v.backing)
+            {
                 read_file_pages(mem, file, off, &[frame]);
             }
         }
@@ -495,9 +516,16 @@ impl AddressSpace {
 
     /// Guest-physical address for a host access to `va` on the guest's behalf, mapping
     /// the page if needed. Fails like copy_to_user/copy_from_user would.
-    pub fn translate_for(&mut self, ctx: &mut MmCtx, va: u64, access: Access) -> Result<u64, Errno> {
+    pub fn translate_for(
+        &mut self,
+        ctx: &mut MmCtx,
+        va: u64,
+        access: Access,
+    ) -> Result<u64, Errno> {
         if let Some(leaf) = pt::walk(ctx.mem, self.root, va) {
-            if leaf.value & PTE_P != 0 && (access != Access::Write || leaf.value & crate::machine::system::PTE_RW != 0) {
+            if leaf.value & PTE_P != 0
+                && (access != Access::Write || leaf.value & crate::machine::system::PTE_RW != 0)
+            {
                 let size = if leaf.huge { HUGE_PAGE } else { PAGE_SIZE };
                 return Ok(pt::frame_of(leaf.value, leaf.huge) + (va & (size - 1)));
             }
@@ -536,7 +564,9 @@ impl AddressSpace {
             let gpa = self.translate_for(ctx, p, access)?;
             let page_end = (p & !(PAGE_SIZE - 1)) + PAGE_SIZE;
             let n = page_end.min(end) - p;
-            let host = self.host_ptr(ctx.mem, p, gpa, n).ok_or(Errno(libc::EFAULT))?;
+            let host = self
+                .host_ptr(ctx.mem, p, gpa, n)
+                .ok_or(Errno(libc::EFAULT))?;
             match out.last_mut() {
                 Some(last) if (last.iov_base as u64 + last.iov_len as u64) == host as u64 => {
                     last.iov_len += n as usize;
@@ -586,7 +616,9 @@ impl AddressSpace {
         loop {
             let gpa = self.translate_for(ctx, p, Access::Read)?;
             let page_end = (p & !(PAGE_SIZE - 1)) + PAGE_SIZE;
-            let ptr = self.host_ptr(ctx.mem, p, gpa, page_end - p).ok_or(Errno(libc::EFAULT))?;
+            let ptr = self
+                .host_ptr(ctx.mem, p, gpa, page_end - p)
+                .ok_or(Errno(libc::EFAULT))?;
             // SAFETY: host_ptr checked that the whole range lies in guest RAM or in the
             // shared region mapped at `p`.
             let chunk = unsafe { std::slice::from_raw_parts(ptr, (page_end - p) as usize) };
@@ -606,10 +638,6 @@ impl AddressSpace {
         pt::walk(mem, self.root, va)
     }
 
-    /// Every present page: (virtual address, guest-physical frame, size).
-    pub fn held_frames(&self) -> impl Iterator<Item = &Vma> {
-        self.vmas.values()
-    }
 
     pub fn set_brk_start(&mut self, at: u64) {
         self.brk_start = at;
@@ -652,12 +680,9 @@ impl AddressSpace {
         for v in self.vmas.values() {
             let r = |f: i32, c: char| if v.prot & f != 0 { c } else { '-' };
             let (off, dev, ino, name) = match &v.backing {
-                Backing::File { file, offset, .. } => (
-                    *offset,
-                    file.dev,
-                    file.ino,
-                    file.path.display().to_string(),
-                ),
+                Backing::File { file, offset, .. } => {
+                    (*offset, file.dev, file.ino, file.path.display().to_string())
+                }
                 Backing::Anonymous => (
                     0,
                     0,
@@ -740,4 +765,3 @@ fn read_file_pages(mem: &GuestMemory, file: &Arc<MappedFile>, offset: u64, frame
         done += n as usize;
     }
 }
-

@@ -6,8 +6,8 @@
 //! machine hands freed memory back to its own hypervisor within seconds and getting it
 //! back costs microseconds per page.
 
-use crate::machine::memory::{GuestMemory, HUGE_PAGE};
 use crate::machine::layout::PAGE_SIZE;
+use crate::machine::memory::{GuestMemory, HUGE_PAGE};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,10 +33,6 @@ impl FrameAllocator {
             carving: None,
             in_use: 0,
         }
-    }
-
-    pub fn in_use(&self) -> u64 {
-        self.in_use
     }
 
     /// Highest guest-physical address ever handed out: what a checkpoint must cover.

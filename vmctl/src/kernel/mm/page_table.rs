@@ -60,10 +60,9 @@ impl Update {
     }
 }
 
-/// A leaf entry: its guest-physical slot, current value, and whether it maps 2 MiB.
+/// A leaf entry: its current value, and whether it maps 2 MiB.
 #[derive(Debug, Clone, Copy)]
 pub struct Leaf {
-    pub slot: u64,
     pub value: u64,
     pub huge: bool,
 }
@@ -86,7 +85,6 @@ pub fn walk(mem: &GuestMemory, root: u64, va: u64) -> Option<Leaf> {
     let pde = mem.read_u64(slot);
     if pde & PTE_PS != 0 {
         return Some(Leaf {
-            slot,
             value: pde,
             huge: true,
         });
@@ -96,7 +94,6 @@ pub fn walk(mem: &GuestMemory, root: u64, va: u64) -> Option<Leaf> {
     }
     let slot = (pde & PTE_ADDR_MASK) + pt_index(va, 1) * 8;
     Some(Leaf {
-        slot,
         value: mem.read_u64(slot),
         huge: false,
     })
@@ -175,7 +172,14 @@ pub fn split_huge(
 
 /// Sets entry `slot` from `old` to `new`, through the guest when the shadow MMU may
 /// hold a translation for it.
-pub fn set_entry(mem: &GuestMemory, slot: u64, old: u64, new: u64, live: bool, update: &mut Update) {
+pub fn set_entry(
+    mem: &GuestMemory,
+    slot: u64,
+    old: u64,
+    new: u64,
+    live: bool,
+    update: &mut Update,
+) {
     if old == new {
         return;
     }

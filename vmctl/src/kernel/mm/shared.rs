@@ -84,10 +84,19 @@ impl SharedRegions {
         // SAFETY: a new shared mapping of the guest's file at an address of the
         // kernel's choice; it aliases no Rust object.
         let host = unsafe {
-            libc::mmap(std::ptr::null_mut(), len as usize, prot, libc::MAP_SHARED, fd, file_offset as i64)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                prot,
+                libc::MAP_SHARED,
+                fd,
+                file_offset as i64,
+            )
         };
         if host == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOMEM));
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::ENOMEM));
         }
         let gpa = match fixed {
             Some((gpa, _)) => {
@@ -95,25 +104,25 @@ impl SharedRegions {
                 gpa
             }
             None => match self.free.iter().position(|&(_, l)| l >= len) {
-            Some(i) => {
-                let (g, l) = self.free[i];
-                if l == len {
-                    self.free.remove(i);
-                } else {
-                    self.free[i] = (g + len, l - len);
+                Some(i) => {
+                    let (g, l) = self.free[i];
+                    if l == len {
+                        self.free.remove(i);
+                    } else {
+                        self.free[i] = (g + len, l - len);
+                    }
+                    g
                 }
-                g
-            }
-            None => {
-                let g = SHARED_WINDOW + self.next_gpa;
-                if g + len > SHARED_WINDOW_END {
-                    // SAFETY: undoing the mapping made above.
-                    unsafe { libc::munmap(host, len as usize) };
-                    return Err(libc::ENOMEM);
+                None => {
+                    let g = SHARED_WINDOW + self.next_gpa;
+                    if g + len > SHARED_WINDOW_END {
+                        // SAFETY: undoing the mapping made above.
+                        unsafe { libc::munmap(host, len as usize) };
+                        return Err(libc::ENOMEM);
+                    }
+                    self.next_gpa += len;
+                    g
                 }
-                self.next_gpa += len;
-                g
-            }
             },
         };
         let slot = match fixed {
@@ -160,10 +169,6 @@ impl SharedRegions {
             }
         }
         Ok(())
-    }
-
-    pub fn live(&self) -> &[Arc<SharedRegion>] {
-        &self.live
     }
 
     pub fn msync_all(&self) {
