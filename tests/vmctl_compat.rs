@@ -365,3 +365,32 @@ except OSError as e:
     );
     assert_eq!(out.stdout_str(), "full EMFILE\nmissing path EMFILE\n");
 }
+
+/// Bugs: /proc/self/comm named vmctl instead of the program (and ignored
+/// PR_SET_NAME); get_mempolicy (ps, numa-aware allocators) was ENOSYS with a warning.
+#[test]
+fn proc_self_comm_and_mempolicy() {
+    need_kvm!();
+    let dir = TempDir::new("comm");
+    let out = Invocation::new("cat")
+        .arg("/proc/self/comm")
+        .cwd(dir.path())
+        .compare();
+    assert_eq!(out.stdout_str(), "cat\n");
+    if !have(PYTHON) {
+        return;
+    }
+    let out = compare_script(
+        &dir,
+        PYTHON,
+        r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(15, b"renamed", 0, 0, 0)  # PR_SET_NAME
+print(open("/proc/self/comm").read(), end="")
+mode = ctypes.c_int(-1)
+print(libc.syscall(239, ctypes.byref(mode), None, 0, None, 0), mode.value)  # get_mempolicy
+"#,
+    );
+    assert_eq!(out.stdout_str(), "renamed\n0 0\n");
+}

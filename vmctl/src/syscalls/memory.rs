@@ -351,3 +351,19 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     collect_regions(k)?;
     Ok(dest as i64)
 }
+
+/// get_mempolicy: MPOL_DEFAULT, with node 0 the only one allowed.
+pub fn get_mempolicy(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+    const MPOL_F_MEMS_ALLOWED: u64 = 4;
+    if a[0] != 0 {
+        k.write_user(a[0], &0i32.to_le_bytes())?;
+    }
+    if a[1] != 0 && a[2] > 0 {
+        let mut mask = vec![0u8; a[2].div_ceil(64) as usize * 8];
+        if a[3] & MPOL_F_MEMS_ALLOWED != 0 {
+            mask[0] = 1;
+        }
+        k.write_user(a[1], &mask)?;
+    }
+    Ok(0)
+}

@@ -262,6 +262,9 @@ fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::
         SYS_msync => v(memory::msync(k, a)),
         SYS_mincore => v(memory::mincore(k, a)),
         SYS_mlock | SYS_munlock | SYS_mlockall | SYS_munlockall | SYS_mlock2 => Ok(Ret::Value(0)),
+        // One memory node: every policy is the default one.
+        SYS_get_mempolicy => v(memory::get_mempolicy(k, a)),
+        SYS_set_mempolicy | SYS_mbind => Ok(Ret::Value(0)),
 
         // time
         SYS_clock_gettime => v(time::clock_gettime(k, a)),

@@ -10,6 +10,7 @@ use std::os::fd::RawFd;
 enum Entry {
     Exe,
     Maps,
+    Comm,
     Fd(i32),
     FdDir,
 }
@@ -26,6 +27,7 @@ fn classify(k: &Kernel, path: &CStr) -> Option<Entry> {
     match rest {
         b"exe" => Some(Entry::Exe),
         b"maps" => Some(Entry::Maps),
+        b"comm" => Some(Entry::Comm),
         b"fd" | b"fd/" => Some(Entry::FdDir),
         _ => {
             let n = rest.strip_prefix(b"fd/")?;
@@ -63,18 +65,26 @@ pub fn open(k: &mut Kernel, path: &CStr, flags: i32) -> Result<Option<RawFd>, Er
                 0
             )?
         }
-        Some(Entry::Maps) => {
-            let text = k.proc.mm.proc_maps();
-            let name = c"maps";
-            let fd = sys!(libc::SYS_memfd_create, name.as_ptr(), libc::MFD_CLOEXEC)?;
-            // SAFETY: writing a local buffer to the memfd just created.
-            host(unsafe { libc::write(fd as i32, text.as_ptr() as *const _, text.len()) } as i64)?;
-            // SAFETY: rewinding our own descriptor.
-            unsafe { libc::lseek(fd as i32, 0, libc::SEEK_SET) };
-            fd
+        Some(Entry::Maps) => snapshot_file(c"maps", k.proc.mm.proc_maps().as_bytes())?,
+        Some(Entry::Comm) => {
+            // The name prctl(PR_SET_NAME) sets, which starts as the executable's.
+            let len = k.proc.name.iter().position(|&b| b == 0).unwrap_or(16);
+            let mut text = k.proc.name[..len].to_vec();
+            text.push(b'\n');
+            snapshot_file(c"comm", &text)?
         }
     };
     Ok(Some(fd as RawFd))
+}
+
+/// A read-only snapshot of generated /proc content, as a memfd.
+fn snapshot_file(name: &CStr, text: &[u8]) -> Result<i64, Errno> {
+    let fd = sys!(libc::SYS_memfd_create, name.as_ptr(), libc::MFD_CLOEXEC)?;
+    // SAFETY: writing a local buffer to the memfd just created.
+    host(unsafe { libc::write(fd as i32, text.as_ptr() as *const _, text.len()) } as i64)?;
+    // SAFETY: rewinding our own descriptor.
+    unsafe { libc::lseek(fd as i32, 0, libc::SEEK_SET) };
+    Ok(fd)
 }
 
 pub fn stat(k: &mut Kernel, path: &CStr, st: &mut [u8; 144]) -> Result<Option<i64>, Errno> {
