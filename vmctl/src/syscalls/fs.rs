@@ -47,7 +47,7 @@ fn host_fd(k: &Kernel, fd: u64) -> Result<RawFd, Errno> {
 }
 
 fn nofile(k: &Kernel) -> u64 {
-    k.proc.rlimit(libc::RLIMIT_NOFILE as u32).0
+    k.proc.rlimit(libc::RLIMIT_NOFILE).0
 }
 
 /// Installs a new host descriptor as the lowest free guest descriptor.
@@ -392,7 +392,7 @@ pub fn ioctl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         0x5410 => (4, 0),           // TIOCSPGRP
         0x541b | 0x5411 => (0, 4),  // FIONREAD, TIOCOUTQ
         0x5421 | 0x5452 => (4, 0),  // FIONBIO, FIOASYNC
-        0x540b | 0x5409 | 0x540a => {
+        0x5409..=0x540b => {
             // TCFLSH, TCSBRK, TCXONC take their argument by value.
             return sys!(libc::SYS_ioctl, h, req, a[2]);
         }

@@ -17,7 +17,7 @@ const PROT_MASK: u64 = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as
 const TASK_SIZE: u64 = crate::kernel::mm::address_space::TASK_SIZE;
 
 fn page_aligned(x: u64) -> bool {
-    x % PAGE_SIZE == 0
+    x & (PAGE_SIZE - 1) == 0
 }
 
 fn file_backing(
