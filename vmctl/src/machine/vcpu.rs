@@ -181,7 +181,6 @@ impl Vcpu {
         self.index
     }
 
-
     pub fn user_regs(&self) -> &kvm_regs {
         &self.user
     }
@@ -213,9 +212,6 @@ impl Vcpu {
         self.tsd = on;
         self.sregs_dirty = true;
     }
-
-
-
 
     /// Sets an immediate exit so that the next KVM_RUN returns at once (used from a
     /// signal handler on this vCPU's thread).

@@ -39,7 +39,11 @@ pub fn setpgid(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
 
 pub fn getres(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
     let mut ids = [0u32; 3];
-    let (p0, p1, p2) = (&mut ids[0] as *mut u32, &mut ids[1] as *mut u32, &mut ids[2] as *mut u32);
+    let (p0, p1, p2) = (
+        &mut ids[0] as *mut u32,
+        &mut ids[1] as *mut u32,
+        &mut ids[2] as *mut u32,
+    );
     sys!(nr, p0, p1, p2)?;
     for (i, id) in ids.iter().enumerate() {
         k.write_user(a[i], &id.to_le_bytes())?;
@@ -49,14 +53,21 @@ pub fn getres(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
 
 pub fn getgroups(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let mut groups = vec![0u32; 65536];
-    let n = sys!(libc::SYS_getgroups, groups.len() as i32, groups.as_mut_ptr())?;
+    let n = sys!(
+        libc::SYS_getgroups,
+        groups.len() as i32,
+        groups.as_mut_ptr()
+    )?;
     if a[0] == 0 {
         return Ok(n);
     }
     if (a[0] as i64) < n {
         return Err(Errno(libc::EINVAL));
     }
-    let bytes: Vec<u8> = groups[..n as usize].iter().flat_map(|g| g.to_le_bytes()).collect();
+    let bytes: Vec<u8> = groups[..n as usize]
+        .iter()
+        .flat_map(|g| g.to_le_bytes())
+        .collect();
     k.write_user(a[1], &bytes)?;
     Ok(n)
 }
@@ -122,7 +133,11 @@ pub fn prlimit(k: &mut Kernel, pid: u64, resource: u64, new: u64, old: u64) -> S
         let soft = u64::from_le_bytes(b[..8].try_into().expect("8"));
         let hard = u64::from_le_bytes(b[8..].try_into().expect("8"));
         if soft > hard || hard > cur.1 {
-            return Err(Errno(if soft > hard { libc::EINVAL } else { libc::EPERM }));
+            return Err(Errno(if soft > hard {
+                libc::EINVAL
+            } else {
+                libc::EPERM
+            }));
         }
         k.proc.rlimits[r] = (soft, hard);
     }

@@ -82,7 +82,9 @@ pub fn rseq(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 pub fn futex(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let op = a[1] as i32 & 0x7f & !libc::FUTEX_PRIVATE_FLAG;
     match op {
-        libc::FUTEX_WAKE | libc::FUTEX_WAKE_OP | libc::FUTEX_REQUEUE | libc::FUTEX_CMP_REQUEUE => Ok(0),
+        libc::FUTEX_WAKE | libc::FUTEX_WAKE_OP | libc::FUTEX_REQUEUE | libc::FUTEX_CMP_REQUEUE => {
+            Ok(0)
+        }
         libc::FUTEX_WAIT | libc::FUTEX_WAIT_BITSET => {
             let cur = k.read_user(a[0], 4)?;
             if u32::from_le_bytes(cur.try_into().expect("4")) != a[2] as u32 {
@@ -98,7 +100,13 @@ pub fn futex(k: &mut Kernel, a: [u64; 6]) -> SysResult {
                     } else {
                         libc::CLOCK_MONOTONIC
                     };
-                    sys!(libc::SYS_clock_nanosleep, clock, libc::TIMER_ABSTIME, ts.as_ptr(), 0)?;
+                    sys!(
+                        libc::SYS_clock_nanosleep,
+                        clock,
+                        libc::TIMER_ABSTIME,
+                        ts.as_ptr(),
+                        0
+                    )?;
                 }
                 return Err(Errno(libc::ETIMEDOUT));
             }
@@ -131,7 +139,9 @@ pub fn prctl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             Ok(0)
         }
         libc::PR_GET_DUMPABLE => Ok(1),
-        libc::PR_SET_DUMPABLE | libc::PR_SET_PDEATHSIG | libc::PR_SET_NO_NEW_PRIVS
+        libc::PR_SET_DUMPABLE
+        | libc::PR_SET_PDEATHSIG
+        | libc::PR_SET_NO_NEW_PRIVS
         | libc::PR_SET_VMA => Ok(0),
         libc::PR_GET_NO_NEW_PRIVS => Ok(0),
         libc::PR_CAPBSET_READ => Ok(0),

@@ -150,7 +150,13 @@ pub fn clock_nanosleep(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let target = ts_bytes(req);
     // SAFETY: a local timespec; errors come back as the return value.
     let r = unsafe {
-        libc::syscall(libc::SYS_clock_nanosleep, id, libc::TIMER_ABSTIME, target.as_ptr(), std::ptr::null_mut::<u8>())
+        libc::syscall(
+            libc::SYS_clock_nanosleep,
+            id,
+            libc::TIMER_ABSTIME,
+            target.as_ptr(),
+            std::ptr::null_mut::<u8>(),
+        )
     };
     if r == 0 {
         Ok(0)

@@ -638,7 +638,6 @@ impl AddressSpace {
         pt::walk(mem, self.root, va)
     }
 
-
     pub fn set_brk_start(&mut self, at: u64) {
         self.brk_start = at;
         self.brk = at;
