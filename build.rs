@@ -86,6 +86,17 @@ const FIXTURES: &[Fixture] = &[
         source: "getppid_loop.c",
         flags: STATIC,
     },
+    // Checkpoint/restore workloads (tests/checkpoint.rs).
+    Fixture {
+        name: "fill",
+        source: "fill.c",
+        flags: PIE,
+    },
+    Fixture {
+        name: "readfile",
+        source: "readfile.c",
+        flags: STATIC,
+    },
 ];
 
 fn main() {

@@ -1,0 +1,1534 @@
+//! `vmctl` checkpoint/restore end to end: jobs checkpointed through the
+//! control socket, on SIGTERM and on a timer, then resumed by `vmctl restore`
+//! in a fresh process, must produce exactly what an uninterrupted native run
+//! produces; damaged, foreign, incompatible or stale checkpoints must be
+//! refused (or skipped in favour of an older generation) with a message that
+//! names the problem.
+//!
+//! The workloads never sleep: they block reading one byte from stdin at known
+//! points (see tests/fixtures/fill.c), and the tests poll the job's output
+//! before acting, so a checkpoint lands exactly where the test wants it.
+//!
+//! Tests needing KVM skip locally without it but fail under CI=true (see
+//! `require_kvm`). Each test works in its own temp dir.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmwrap_tests::{diff, require_kvm, run_command, status_code, vmctl_path, Invocation, Rng};
+use vmwrap_tests::{RunOutput, TempDir};
+
+/// tests/fixtures/fill.c: `fill OUTFILE [PASSES [MIB]]`, 2 stdin bytes a pass.
+const FILL: &str = env!("VMWRAP_FIXTURE_FILL");
+/// tests/fixtures/readfile.c: `readfile FILE CHUNK`, 1 stdin byte a chunk.
+const READFILE: &str = env!("VMWRAP_FIXTURE_READFILE");
+/// Debian's interpreter; `python3` on PATH may be a pyenv shim.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// `vmctl run`/`restore` after `--on-signal SIG=checkpoint-exit`.
+const EXIT_CHECKPOINTED: i32 = 75;
+/// vmctl itself failed (refused checkpoint, no running vmctl, ...).
+const EXIT_VMCTL_FAILED: i32 = 125;
+/// How long any one step (a line of output, a command) may take before the
+/// test fails. Only a limit: nothing waits for it to pass.
+const STEP: Duration = Duration::from_secs(120);
+
+/// Skips (locally) or fails (CI) the calling test when KVM is unusable.
+macro_rules! need_kvm {
+    () => {
+        if !require_kvm() {
+            return;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/// Calls `f` until it returns Some, failing the test after `timeout`.
+fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn args_of<'a>(args: &[&'a dyn AsRef<OsStr>]) -> Vec<&'a OsStr> {
+    args.iter().map(|a| AsRef::<OsStr>::as_ref(*a)).collect()
+}
+
+/// Runs `vmctl ARGS...` to completion with the given stdin, in `cwd`.
+fn vmctl_in(cwd: &Path, args: &[&dyn AsRef<OsStr>], stdin: &[u8]) -> RunOutput {
+    let mut cmd = Command::new(vmctl_path());
+    cmd.args(args_of(args)).current_dir(cwd);
+    run_command(cmd, stdin, STEP)
+}
+
+fn vmctl(args: &[&dyn AsRef<OsStr>]) -> RunOutput {
+    vmctl_in(Path::new("/"), args, b"")
+}
+
+fn gen_name(generation: u64) -> String {
+    format!("gen-{generation:06}")
+}
+
+fn gen_dir(ckpt: &Path, generation: u64) -> PathBuf {
+    ckpt.join(gen_name(generation))
+}
+
+/// Names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Complete generation directories (gen-NNNNNN, no suffix) in `dir`.
+fn generation_dirs(dir: &Path) -> Vec<String> {
+    entries(dir)
+        .into_iter()
+        .filter(|n| {
+            n.strip_prefix("gen-")
+                .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect()
+}
+
+/// `vmctl checkpoint DIR`: must succeed; returns the generation it reports
+/// ("generation N: X MiB in S s (path)").
+fn checkpoint(ckpt: &Path) -> u64 {
+    let out = vmctl(&[&"checkpoint", &ckpt]);
+    assert_eq!(out.code, 0, "vmctl checkpoint {}:\n{out:?}", ckpt.display());
+    let text = out.stdout_str();
+    let line = text.trim_end();
+    let rest = line
+        .strip_prefix("generation ")
+        .unwrap_or_else(|| panic!("unexpected vmctl checkpoint output:\n{out:?}"));
+    let (n, rest) = rest.split_once(": ").expect("generation N: ...");
+    let generation: u64 = n.parse().expect("generation number");
+    let path = gen_dir(ckpt, generation);
+    assert!(
+        rest.contains(" MiB in ") && rest.ends_with(&format!(" s ({})", path.display())),
+        "unexpected vmctl checkpoint output:\n{out:?}"
+    );
+    assert!(
+        path.is_dir(),
+        "{} does not exist after {line}",
+        path.display()
+    );
+    generation
+}
+
+/// `vmctl checkpoint DIR --json`: must succeed; returns the generation.
+fn checkpoint_json(ckpt: &Path) -> u64 {
+    let out = vmctl(&[&"checkpoint", &ckpt, &"--json"]);
+    assert_eq!(out.code, 0, "vmctl checkpoint --json:\n{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("vmctl checkpoint --json printed no JSON ({e}):\n{out:?}"));
+    assert_eq!(v["ok"], true, "{v}");
+    let generation = v["generation"].as_u64().expect("generation");
+    assert_eq!(
+        v["path"].as_str(),
+        Some(gen_dir(ckpt, generation).to_str().unwrap()),
+        "{v}"
+    );
+    assert!(v["memory_bytes"].as_u64().unwrap() > 0, "{v}");
+    generation
+}
+
+/// `vmctl inspect DIR --json [--verify]`: exit status and the JSON.
+fn inspect_json(ckpt: &Path, verify: bool) -> (i32, Value) {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"inspect", &ckpt, &"--json"];
+    if verify {
+        args.push(&"--verify");
+    }
+    let out = vmctl(&args);
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("vmctl inspect --json printed no JSON ({e}):\n{out:?}"));
+    (out.code, v)
+}
+
+/// (generation, status) of each row of `inspect --json`.
+fn statuses(v: &Value) -> Vec<(u64, String)> {
+    v["generations"]
+        .as_array()
+        .expect("generations array")
+        .iter()
+        .map(|r| {
+            (
+                r["generation"].as_u64().unwrap(),
+                r["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The line of human `vmctl inspect` output about `generation`.
+fn inspect_line(out: &RunOutput, generation: u64) -> String {
+    let prefix = format!("generation {generation}");
+    out.stdout_str()
+        .lines()
+        .find(|l| l.starts_with(&format!("{prefix}:")) || l.starts_with(&format!("{prefix} ")))
+        .unwrap_or_else(|| panic!("no line about {prefix} in vmctl inspect output:\n{out:?}"))
+        .to_owned()
+}
+
+fn manifest(gen: &Path) -> Value {
+    let p = gen.join("manifest.json");
+    serde_json::from_slice(&fs::read(&p).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The saved offset of the job's descriptor open on `file`.
+fn fd_offset(gen: &Path, file: &Path) -> u64 {
+    let m = manifest(gen);
+    let fds = m["kernel"]["process"]["fds"].as_array().expect("fds");
+    fds.iter()
+        .filter_map(|f| f["kind"].get("Path"))
+        .find(|p| p["path"].as_str() == file.to_str())
+        .and_then(|p| p["offset"].as_u64())
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: no descriptor open on {} in {}",
+                gen.display(),
+                file.display(),
+                serde_json::to_string_pretty(fds).unwrap()
+            )
+        })
+}
+
+/// CRC-32 (IEEE), as in manifest.sum.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Edits a generation's manifest.json and writes a matching manifest.sum, so
+/// only the edit itself can make vmctl refuse it.
+fn rewrite_manifest(gen: &Path, edit: impl FnOnce(&mut Value)) {
+    let mpath = gen.join("manifest.json");
+    let spath = gen.join("manifest.sum");
+    let bytes = fs::read(&mpath).unwrap();
+    // Our CRC must agree with vmctl's, or the rewritten sum proves nothing.
+    assert_eq!(
+        fs::read_to_string(&spath).unwrap(),
+        format!("crc32 {:08x} manifest.json\n", crc32(&bytes)),
+        "{} does not hold the CRC-32 of manifest.json",
+        spath.display()
+    );
+    let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+    edit(&mut v);
+    let new = serde_json::to_vec(&v).unwrap();
+    fs::write(&mpath, &new).unwrap();
+    fs::write(&spath, format!("crc32 {:08x} manifest.json\n", crc32(&new))).unwrap();
+}
+
+fn flip_bit(path: &Path, offset: u64, bit: u8) {
+    let mut data = fs::read(path).unwrap();
+    data[offset as usize] ^= 1 << bit;
+    fs::write(path, data).unwrap();
+}
+
+fn set_len(path: &Path, len: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Copies generations of checkpoint directory `from` into a new one at `to`
+/// (with `latest` pointing at the newest): hard links when `link` (cheap, for
+/// copies that are only read), independent files otherwise (for copies the
+/// test damages or chowns). Each copy can then be consumed by its own restore,
+/// which removes its generations when the job finishes.
+fn copy_generations(from: &Path, gens: &[u64], to: &Path, link: bool) {
+    fs::DirBuilder::new().mode(0o700).create(to).unwrap();
+    for &g in gens {
+        let (src, dst) = (gen_dir(from, g), gen_dir(to, g));
+        fs::DirBuilder::new().mode(0o700).create(&dst).unwrap();
+        for name in entries(&src) {
+            let (s, d) = (src.join(&name), dst.join(&name));
+            if link {
+                fs::hard_link(&s, &d).unwrap();
+            } else {
+                fs::copy(&s, &d).unwrap();
+            }
+        }
+    }
+    let newest = gens.iter().max().expect("some generation");
+    std::os::unix::fs::symlink(gen_name(*newest), to.join("latest")).unwrap();
+}
+
+fn assert_bytes_eq(what: &str, expected: &[u8], actual: &[u8]) {
+    if expected != actual {
+        panic!("{what}: {}", diff("output", expected, actual));
+    }
+}
+
+fn assert_file_eq(what: &str, expected: &Path, actual: &Path) {
+    let (e, a) = (fs::read(expected).unwrap(), fs::read(actual).unwrap());
+    assert!(
+        e == a,
+        "{what}: {} ({} bytes) differs from {} ({} bytes)",
+        actual.display(),
+        a.len(),
+        expected.display(),
+        e.len()
+    );
+}
+
+/// The part of `text` from its first line starting with `prefix`.
+fn tail_from<'a>(text: &'a str, prefix: &str) -> &'a str {
+    let at = if text.starts_with(prefix) {
+        0
+    } else {
+        text.find(&format!("\n{prefix}"))
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"))
+            + 1
+    };
+    &text[at..]
+}
+
+fn assert_contains(what: &str, haystack: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(
+            haystack.contains(n),
+            "{what} does not mention {n:?}:\n{haystack}"
+        );
+    }
+}
+
+/// The uninterrupted native run of `fill OUT PASSES MIB` in `dir`.
+fn native_fill(dir: &TempDir, out: &Path, passes: usize, mib: usize) -> RunOutput {
+    let run = Invocation::new(FILL)
+        .args([
+            out.as_os_str(),
+            passes.to_string().as_ref(),
+            mib.to_string().as_ref(),
+        ])
+        .stdin(vec![b'g'; 2 * passes])
+        .cwd(dir.path())
+        .run_native();
+    assert_eq!(run.code, 0, "native fill:\n{run:?}");
+    run
+}
+
+/// A vmctl process (run or restore) still going: its stdin stays open until
+/// it exits, and its output is collected as it comes so the test can wait for
+/// a line. Killed if the test fails while it runs.
+struct Job {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+    done: bool,
+}
+
+fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1 << 16];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            into.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+impl Job {
+    fn spawn(mut cmd: Command) -> Job {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let what = format!("{cmd:?}");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), stdout.clone()),
+            collect(child.stderr.take().unwrap(), stderr.clone()),
+        ];
+        Job {
+            what,
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            stderr,
+            readers,
+            done: false,
+        }
+    }
+
+    /// `vmctl run --checkpoint-dir CKPT OPTS... -- PROGRAM ARGS...` in `cwd`.
+    fn run(
+        cwd: &Path,
+        ckpt: &Path,
+        opts: &[&str],
+        program: &str,
+        args: &[&dyn AsRef<OsStr>],
+    ) -> Job {
+        let mut cmd = Command::new(vmctl_path());
+        cmd.arg("run")
+            .arg("--checkpoint-dir")
+            .arg(ckpt)
+            .args(opts)
+            .arg("--")
+            .arg(program)
+            .args(args_of(args))
+            .current_dir(cwd);
+        Job::spawn(cmd)
+    }
+
+    /// `vmctl restore CKPT OPTS...` in `cwd`.
+    fn restore(cwd: &Path, ckpt: &Path, opts: &[&str]) -> Job {
+        let mut cmd = Command::new(vmctl_path());
+        cmd.arg("restore").arg(ckpt).args(opts).current_dir(cwd);
+        Job::spawn(cmd)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until stdout has a line starting with `prefix`; fails at once if
+    /// the process exits first.
+    fn wait_for(&mut self, prefix: &str) {
+        let start = Instant::now();
+        loop {
+            let out = self.stdout();
+            if out.starts_with(prefix) || out.contains(&format!("\n{prefix}")) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the readers drain the pipes before reporting.
+                for r in std::mem::take(&mut self.readers) {
+                    r.join().unwrap();
+                }
+                self.done = true;
+                panic!(
+                    "{} exited with {} before printing {prefix:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.what,
+                    status_code(status),
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                start.elapsed() < STEP,
+                "{} printed no {prefix:?} within {STEP:?}\n--- stdout ---\n{out}\n--- stderr ---\n{}",
+                self.what,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Lets the program go on: writes `data` to its stdin.
+    fn send(&mut self, data: &[u8]) {
+        let pipe = self.stdin.as_mut().expect("stdin is open");
+        pipe.write_all(data).unwrap();
+        pipe.flush().unwrap();
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child, which has not been reaped (we
+        // hold its Child), so the pid cannot have been reused.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// Waits for the process to exit (stdin stays open until then, so a
+    /// program blocked on it is not woken by EOF) and returns its output.
+    fn finish(mut self) -> RunOutput {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > STEP {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                self.done = true;
+                panic!(
+                    "{} did not exit within {STEP:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.what,
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        self.done = true;
+        self.stdin = None;
+        for r in std::mem::take(&mut self.readers) {
+            r.join().unwrap();
+        }
+        RunOutput {
+            stdout: std::mem::take(&mut *self.stdout.lock().unwrap()),
+            stderr: std::mem::take(&mut *self.stderr.lock().unwrap()),
+            code: status_code(status),
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `vmctl restore CKPT OPTS...` in `cwd` with `stdin`, to completion.
+fn restore(cwd: &Path, ckpt: &Path, opts: &[&str], stdin: &[u8]) -> RunOutput {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"restore", &ckpt];
+    for o in opts {
+        args.push(o);
+    }
+    vmctl_in(cwd, &args, stdin)
+}
+
+/// A job of `fill OUT PASSES MIB` under `vmctl run --checkpoint-dir CKPT`
+/// that SIGTERM checkpoints and stops, waiting until the array is filled.
+fn start_fill(tmp: &TempDir, ckpt: &Path, mem: &str, out: &Path, passes: usize, mib: usize) -> Job {
+    let mut job = Job::run(
+        tmp.path(),
+        ckpt,
+        &["--mem", mem, "--on-signal", "TERM=checkpoint-exit"],
+        FILL,
+        &[&out, &passes.to_string(), &mib.to_string()],
+    );
+    job.wait_for("filled ");
+    job
+}
+
+/// SIGTERMs a job run with TERM=checkpoint-exit, which must exit 75.
+fn term_checkpoint(job: Job) -> RunOutput {
+    job.signal(libc::SIGTERM);
+    let out = job.finish();
+    assert_eq!(
+        out.code, EXIT_CHECKPOINTED,
+        "SIGTERM with --on-signal TERM=checkpoint-exit:\n{out:?}"
+    );
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Restores that must reproduce the uninterrupted run
+
+#[test]
+fn fill_checkpointed_at_known_points_restores_like_an_uninterrupted_run() {
+    need_kvm!();
+    const PASSES: usize = 4;
+    let tmp = TempDir::new("ckpt-fill");
+    let native_out = tmp.join("native.bin");
+    let native = native_fill(&tmp, &native_out, PASSES, 256);
+    let native_stdout = native.stdout_str();
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &[
+            "--mem",
+            "1G",
+            "--keep",
+            "10",
+            "--on-signal",
+            "TERM=checkpoint-exit",
+        ],
+        FILL,
+        &[&out, &PASSES.to_string()],
+    );
+    // Before the first pass (8 bytes of stdin to go).
+    job.wait_for("filled ");
+    let early = checkpoint(&ck);
+    // Blocked in the middle of pass 1, its record in vm.bin half written
+    // (7 to go).
+    job.send(b"g");
+    job.wait_for("pass 1 half ");
+    let middle = checkpoint(&ck);
+    // Somewhere in the first half of pass 2 while it computes (5 to go).
+    job.send(b"g");
+    job.wait_for("pass 1 checksum ");
+    job.send(b"g");
+    job.wait_for("pass 2 start");
+    let busy = checkpoint_json(&ck);
+    // Stopped by SIGTERM in the middle of pass 3 (3 to go).
+    job.wait_for("pass 2 half ");
+    job.send(b"g");
+    job.wait_for("pass 2 checksum ");
+    job.send(b"g");
+    job.wait_for("pass 3 half ");
+    let before = term_checkpoint(job);
+    assert_eq!((early, middle, busy), (1, 2, 3), "generation numbers");
+    let term = 4;
+
+    // Nobody serves the control socket any more.
+    let none = vmctl(&[&"checkpoint", &ck]);
+    assert_eq!(
+        none.code, EXIT_VMCTL_FAILED,
+        "checkpoint with no vmctl:\n{none:?}"
+    );
+
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        statuses(&v),
+        [4, 3, 2, 1].map(|g| (g, "verified".to_string())),
+        "{v}"
+    );
+    assert_eq!(
+        fs::read_link(ck.join("latest")).unwrap(),
+        Path::new(&gen_name(term))
+    );
+    for g in [early, middle, busy, term] {
+        copy_generations(&ck, &[g], &tmp.join(format!("copy-{g}")), true);
+    }
+
+    // Resume the stopped job in a fresh vmctl (vm.bin cut back to what the
+    // job had written, so everything after must come from the restored job),
+    // checkpoint and stop it once more, and resume that.
+    set_len(&out, fd_offset(&gen_dir(&ck, term), &out));
+    let mut resumed = Job::restore(tmp.path(), &ck, &["--on-signal", "TERM=checkpoint-exit"]);
+    resumed.send(b"g");
+    resumed.wait_for("pass 3 checksum ");
+    assert_eq!(
+        checkpoint(&ck),
+        term + 1,
+        "the restored job's next generation"
+    );
+    resumed.send(b"g");
+    resumed.wait_for("pass 4 half ");
+    let between = term_checkpoint(resumed);
+    let after = restore(tmp.path(), &ck, &[], b"g");
+    assert_eq!(after.code, 0, "second restore:\n{after:?}");
+    let whole = [&before.stdout[..], &between.stdout[..], &after.stdout[..]].concat();
+    assert_bytes_eq(
+        "stdout of the run + the first restore + the second restore vs the native run",
+        &native.stdout,
+        &whole,
+    );
+    assert_file_eq("file written across two restores", &native_out, &out);
+    assert_eq!(
+        generation_dirs(&ck),
+        Vec::<String>::new(),
+        "a finished job keeps no generations"
+    );
+    let after = [&between.stdout[..], &after.stdout[..]].concat();
+
+    // The same generation again, from a copy: the same result.
+    let copy = tmp.join(format!("copy-{term}"));
+    set_len(&out, fd_offset(&gen_dir(&copy, term), &out));
+    let again = restore(tmp.path(), &copy, &["--generation", "4"], b"ggg");
+    assert_eq!(
+        again.code, 0,
+        "second restore of generation {term}:\n{again:?}"
+    );
+    assert_bytes_eq(
+        "second restore of the same generation",
+        &after,
+        &again.stdout,
+    );
+    assert_file_eq("file after the second restore", &native_out, &out);
+
+    // Each earlier point resumes to the same end.
+    for (g, stdin, expect) in [
+        (early, 8, tail_from(&native_stdout, "pass 1 start")),
+        (middle, 7, tail_from(&native_stdout, "pass 1 checksum ")),
+    ] {
+        let copy = tmp.join(format!("copy-{g}"));
+        set_len(&out, fd_offset(&gen_dir(&copy, g), &out));
+        let r = restore(
+            tmp.path(),
+            &copy,
+            &["--generation", &g.to_string()],
+            &vec![b'g'; stdin],
+        );
+        assert_eq!(r.code, 0, "restore of generation {g}:\n{r:?}");
+        assert_bytes_eq(
+            &format!("restore of generation {g} vs the rest of the native run"),
+            expect.as_bytes(),
+            &r.stdout,
+        );
+        assert_file_eq(
+            &format!("file after restoring generation {g}"),
+            &native_out,
+            &out,
+        );
+    }
+
+    // The checkpoint taken mid-computation resumes wherever it stopped.
+    let copy = tmp.join(format!("copy-{busy}"));
+    set_len(&out, fd_offset(&gen_dir(&copy, busy), &out));
+    let r = restore(tmp.path(), &copy, &[], b"ggggg");
+    assert_eq!(r.code, 0, "restore of generation {busy}:\n{r:?}");
+    let rest = r.stdout_str();
+    assert!(
+        native_stdout.ends_with(&rest)
+            && (rest.starts_with("pass 2 half ") || rest.starts_with("pass 2 checksum ")),
+        "restore of a checkpoint taken during pass 2 is not the rest of the native run:\n\
+         --- native ---\n{native_stdout}--- restored ---\n{rest}"
+    );
+    assert_file_eq(
+        "file after restoring the mid-pass generation",
+        &native_out,
+        &out,
+    );
+}
+
+const PY_SCRIPT: &str = r#"
+import hashlib, os, sys
+
+out, passes = sys.argv[1], int(sys.argv[2])
+state = hashlib.sha256(b"vmwrap")
+table = [(i * 2654435761) % 1000003 for i in range(300000)]
+log = open(out, "a", buffering=1)
+print("ready", len(table), flush=True)
+for i in range(1, passes + 1):
+    if len(os.read(0, 1)) != 1:
+        sys.exit(f"stdin ended before pass {i}")
+    table = [(x * 31 + i) % 1000003 for x in table]
+    for x in table[::97]:
+        state.update(x.to_bytes(4, "little"))
+    value = state.hexdigest()[:16]
+    log.write(f"pass {i} {value} {sum(table)}\n")
+    print(f"pass {i} {value}", flush=True)
+log.close()
+print("final", state.hexdigest(), flush=True)
+"#;
+
+#[test]
+fn python_script_checkpointed_and_restored_like_an_uninterrupted_run() {
+    need_kvm!();
+    assert!(
+        Path::new(PYTHON).is_file(),
+        "{PYTHON} is missing (apt-get install python3)"
+    );
+    let tmp = TempDir::new("ckpt-python");
+    let script = tmp.write_file("work.py", PY_SCRIPT, 0o644);
+    let native_out = tmp.join("native.txt");
+    let native = Invocation::new(PYTHON)
+        .args([script.as_os_str(), native_out.as_os_str(), "4".as_ref()])
+        .stdin("gggg")
+        .cwd(tmp.path())
+        .run_native();
+    assert_eq!(native.code, 0, "native python:\n{native:?}");
+    let native_stdout = native.stdout_str();
+
+    let out = tmp.join("vm.txt");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &[
+            "--mem",
+            "1G",
+            "--keep",
+            "10",
+            "--on-signal",
+            "TERM=checkpoint-exit",
+        ],
+        PYTHON,
+        &[&script, &out, &"4"],
+    );
+    job.wait_for("ready ");
+    let first = checkpoint(&ck);
+    job.send(b"g");
+    job.wait_for("pass 1 ");
+    checkpoint(&ck);
+    job.send(b"g");
+    job.wait_for("pass 2 ");
+    let before = term_checkpoint(job);
+    let term = 3;
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(statuses(&v).len(), 3, "{v}");
+    for g in [first, term] {
+        copy_generations(&ck, &[g], &tmp.join(format!("copy-{g}")), true);
+    }
+
+    // The log is opened for appending: cut it back to the saved offset, or a
+    // second restore would append its lines after the first one's.
+    set_len(&out, fd_offset(&gen_dir(&ck, term), &out));
+    let after = restore(tmp.path(), &ck, &[], b"gg");
+    assert_eq!(after.code, 0, "restore:\n{after:?}");
+    let whole = [before.stdout.as_slice(), after.stdout.as_slice()].concat();
+    assert_bytes_eq(
+        "python stdout before the checkpoint + after the restore vs the native run",
+        &native.stdout,
+        &whole,
+    );
+    assert_file_eq("python's log across the restore", &native_out, &out);
+
+    let copy = tmp.join(format!("copy-{term}"));
+    set_len(&out, fd_offset(&gen_dir(&copy, term), &out));
+    let again = restore(tmp.path(), &copy, &["--generation", "3"], b"gg");
+    assert_eq!(again.code, 0, "second restore:\n{again:?}");
+    assert_bytes_eq(
+        "second restore of the same generation",
+        &after.stdout,
+        &again.stdout,
+    );
+    assert_file_eq("python's log after the second restore", &native_out, &out);
+
+    let copy = tmp.join(format!("copy-{first}"));
+    set_len(&out, fd_offset(&gen_dir(&copy, first), &out));
+    let r = restore(tmp.path(), &copy, &[], b"gggg");
+    assert_eq!(r.code, 0, "restore of generation {first}:\n{r:?}");
+    assert_bytes_eq(
+        "restore of the first generation vs the rest of the native run",
+        tail_from(&native_stdout, "pass 1 ").as_bytes(),
+        &r.stdout,
+    );
+    assert_file_eq(
+        "python's log after restoring the first generation",
+        &native_out,
+        &out,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Damaged and interrupted checkpoints
+
+type Corruption = fn(&Path);
+
+#[test]
+fn damaged_newest_generation_is_reported_and_the_previous_one_restored() {
+    need_kvm!();
+    const PASSES: usize = 2;
+    const MIB: usize = 16;
+    let tmp = TempDir::new("ckpt-corrupt");
+    let native_out = tmp.join("native.bin");
+    let native = native_fill(&tmp, &native_out, PASSES, MIB);
+    let expected = tail_from(&native.stdout_str(), "pass 1 start").to_owned();
+    let out = tmp.join("vm.bin");
+    let base = tmp.join("base");
+
+    // Generation 1 before the first pass, generation 2 in its middle.
+    let mut job = start_fill(&tmp, &base, "256M", &out, PASSES, MIB);
+    assert_eq!(checkpoint(&base), 1);
+    job.send(b"g");
+    job.wait_for("pass 1 half ");
+    term_checkpoint(job);
+    assert_eq!(generation_dirs(&base), ["gen-000001", "gen-000002"]);
+    let offset1 = fd_offset(&gen_dir(&base, 1), &out);
+
+    let cases: [(&str, Corruption, &[&str]); 5] = [
+        (
+            "memory-bit",
+            |g| {
+                let img = g.join("memory.img");
+                let len = fs::metadata(&img).unwrap().len();
+                flip_bit(&img, len / 2 + 12345, 3);
+            },
+            &["memory.img", "CRC32"],
+        ),
+        (
+            "memory-truncated",
+            |g| {
+                let img = g.join("memory.img");
+                set_len(&img, fs::metadata(&img).unwrap().len() / 3);
+            },
+            &["memory.img", "truncated"],
+        ),
+        (
+            "memory-deleted",
+            |g| fs::remove_file(g.join("memory.img")).unwrap(),
+            &["memory.img", "No such file"],
+        ),
+        (
+            "manifest-bit",
+            |g| {
+                let m = g.join("manifest.json");
+                let len = fs::metadata(&m).unwrap().len();
+                flip_bit(&m, len / 2, 1);
+            },
+            &["manifest.json", "checksum"],
+        ),
+        (
+            "format-99",
+            |g| rewrite_manifest(g, |m| m["format_version"] = 99.into()),
+            &["manifest.json", "format 99"],
+        ),
+    ];
+    for (name, corrupt, says) in cases {
+        let dir = tmp.join(name);
+        copy_generations(&base, &[1, 2], &dir, false);
+        let bad = gen_dir(&dir, 2);
+        corrupt(&bad);
+        let file = if says[0] == "memory.img" {
+            bad.join("memory.img")
+        } else {
+            bad.join("manifest.json")
+        };
+        let file = file.display().to_string();
+
+        let ins = vmctl(&[&"inspect", &dir, &"--verify"]);
+        assert_eq!(
+            ins.code, 0,
+            "{name}: inspect --verify with generation 1 intact:\n{ins:?}"
+        );
+        let line = inspect_line(&ins, 2);
+        assert!(line.contains("UNUSABLE"), "{name}: {line}");
+        assert_contains(&format!("{name}: inspect's line"), &line, &[&file, says[1]]);
+        assert!(
+            inspect_line(&ins, 1).contains("verified"),
+            "{name}:\n{ins:?}"
+        );
+
+        // Asking for the damaged generation itself is refused.
+        let r = restore(tmp.path(), &dir, &["--generation", "2"], b"ggg");
+        assert_eq!(
+            r.code, EXIT_VMCTL_FAILED,
+            "{name}: restore --generation 2:\n{r:?}"
+        );
+        assert!(
+            r.stdout.is_empty(),
+            "{name}: the damaged generation ran:\n{r:?}"
+        );
+        assert_contains(
+            &format!("{name}: restore --generation 2"),
+            &r.stderr_str(),
+            &["generation 2 is unusable", &file, says[1]],
+        );
+
+        // Without --generation, restore skips it for generation 1.
+        set_len(&out, offset1);
+        let r = restore(tmp.path(), &dir, &[], b"gggg");
+        assert_eq!(
+            r.code, 0,
+            "{name}: restore falling back to generation 1:\n{r:?}"
+        );
+        let stderr = r.stderr_str();
+        assert_contains(
+            &format!("{name}: restore"),
+            &stderr,
+            &[
+                "generation 2 is unusable",
+                &file,
+                says[1],
+                "restored generation 1",
+            ],
+        );
+        assert_bytes_eq(
+            &format!("{name}: restored stdout"),
+            expected.as_bytes(),
+            &r.stdout,
+        );
+        assert_file_eq(
+            &format!("{name}: file after the restore"),
+            &native_out,
+            &out,
+        );
+    }
+}
+
+#[test]
+fn sigkill_during_a_checkpoint_write_leaves_the_previous_generation_intact() {
+    need_kvm!();
+    const MIB: usize = 1024;
+    let tmp = TempDir::new("ckpt-sigkill");
+    let native_out = tmp.join("native.bin");
+    let native = native_fill(&tmp, &native_out, 1, MIB);
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+
+    let job = start_fill(&tmp, &ck, "2G", &out, 1, MIB);
+    assert_eq!(checkpoint(&ck), 1);
+    let offset1 = fd_offset(&gen_dir(&ck, 1), &out);
+    let (code, v) = inspect_json(&ck, false);
+    assert_eq!(code, 0, "{v}");
+    let gen1_manifest = fs::read(gen_dir(&ck, 1).join("manifest.json")).unwrap();
+
+    // Ask for generation 2 and kill vmctl while it is being written.
+    let client = {
+        let ck = ck.clone();
+        std::thread::spawn(move || vmctl(&[&"checkpoint", &ck]))
+    };
+    let tmp_gen = poll_until("a gen-000002.tmp-* directory", STEP, || {
+        entries(&ck)
+            .into_iter()
+            .find(|n| n.starts_with("gen-000002.tmp-"))
+    });
+    job.signal(libc::SIGKILL);
+    let killed = job.finish();
+    assert_eq!(killed.code, 128 + libc::SIGKILL, "{killed:?}");
+    let answer = client.join().unwrap();
+    assert_ne!(
+        answer.code, 0,
+        "the checkpoint cannot have succeeded:\n{answer:?}"
+    );
+    assert!(
+        !ck.join("gen-000002").exists(),
+        "generation 2 completed before the kill ({tmp_gen} was seen); the test did not test anything"
+    );
+
+    // Only the complete generation is listed, and it is intact.
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(statuses(&v), [(1, "verified".to_string())], "{v}");
+    assert_eq!(
+        fs::read(gen_dir(&ck, 1).join("manifest.json")).unwrap(),
+        gen1_manifest
+    );
+
+    set_len(&out, offset1);
+    let mut resumed = Job::restore(tmp.path(), &ck, &[]);
+    // Once it serves the control socket (the dead vmctl's socket file is
+    // still there, but nobody answers it), its first checkpoint clears the
+    // killed writer's leftovers.
+    poll_until("the restored job's control socket", STEP, || {
+        std::os::unix::net::UnixStream::connect(ck.join("control.sock")).ok()
+    });
+    assert_eq!(checkpoint(&ck), 2);
+    assert!(
+        !ck.join(&tmp_gen).exists(),
+        "{tmp_gen} is still there after a new checkpoint"
+    );
+    resumed.send(b"gg");
+    let r = resumed.finish();
+    assert_eq!(r.code, 0, "restore after the kill:\n{r:?}");
+    assert_bytes_eq(
+        "restore after SIGKILL vs the rest of the native run",
+        tail_from(&native.stdout_str(), "pass 1 start").as_bytes(),
+        &r.stdout,
+    );
+    assert_file_eq("file after the restore", &native_out, &out);
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    fn new(at: &Path, size: &str) -> Result<TmpfsMount, String> {
+        fs::create_dir(at).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(TmpfsMount(at.to_owned()))
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+#[test]
+fn checkpoint_that_does_not_fit_fails_and_the_job_goes_on() {
+    need_kvm!();
+    const MIB: usize = 160;
+    let tmp = TempDir::new("ckpt-nospace");
+    // Declared after `tmp`, so it is unmounted before the directory goes.
+    let mnt = match TmpfsMount::new(&tmp.join("mnt"), "300m") {
+        Ok(m) => m,
+        Err(why) if vmwrap_tests::in_ci() => panic!("{why}"),
+        Err(why) => {
+            eprintln!("SKIPPED: {why} (needs root; set CI=true to make this a failure)");
+            return;
+        }
+    };
+    let native_out = tmp.join("native.bin");
+    let native = native_fill(&tmp, &native_out, 1, MIB);
+    let out = tmp.join("vm.bin");
+    let ck = mnt.0.join("ckpt");
+
+    // One generation of ~160 MiB fits in 300 MiB; a second one does not.
+    let mut job = start_fill(&tmp, &ck, "512M", &out, 1, MIB);
+    assert_eq!(checkpoint(&ck), 1);
+    job.send(b"g");
+    job.wait_for("pass 1 half ");
+    let full = vmctl(&[&"checkpoint", &ck]);
+    assert_eq!(full.code, 1, "checkpoint on a full file system:\n{full:?}");
+    assert_contains(
+        "vmctl checkpoint on a full file system",
+        &full.stderr_str(),
+        &["No space left"],
+    );
+
+    // No partial generation is left, and generation 1 is still good.
+    assert_eq!(generation_dirs(&ck), ["gen-000001"]);
+    let leftovers: Vec<String> = entries(&ck)
+        .into_iter()
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "partial generations left: {leftovers:?}"
+    );
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(statuses(&v), [(1, "verified".to_string())], "{v}");
+
+    // The job did not notice.
+    job.send(b"g");
+    let run = job.finish();
+    assert_eq!(run.code, 0, "the job after a failed checkpoint:\n{run:?}");
+    assert_bytes_eq(
+        "stdout of the job with a failed checkpoint",
+        &native.stdout,
+        &run.stdout,
+    );
+    assert_file_eq(
+        "file of the job with a failed checkpoint",
+        &native_out,
+        &out,
+    );
+    assert_eq!(
+        generation_dirs(&ck),
+        Vec::<String>::new(),
+        "a finished job keeps no generations"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints that must not be restored
+
+fn mode(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn chown(p: &Path, uid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(uid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+}
+
+#[test]
+fn checkpoints_are_private_and_only_their_owner_restores_them() {
+    need_kvm!();
+    const NOBODY: u32 = 65534;
+    let tmp = TempDir::new("ckpt-owner");
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+
+    let job = start_fill(&tmp, &ck, "256M", &out, 1, 16);
+    assert_eq!(checkpoint(&ck), 1);
+    term_checkpoint(job);
+
+    assert_eq!(mode(&ck), 0o700, "{} (created by vmctl run)", ck.display());
+    for g in [1, 2] {
+        let dir = gen_dir(&ck, g);
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        let names = entries(&dir);
+        assert_eq!(names, ["manifest.json", "manifest.sum", "memory.img"]);
+        for n in names {
+            assert_eq!(mode(&dir.join(&n)), 0o600, "{}", dir.join(&n).display());
+        }
+    }
+    let me = unsafe { libc::getuid() };
+    if me == NOBODY {
+        eprintln!("SKIPPED the ownership part: running as uid {NOBODY}");
+        return;
+    }
+
+    // Everything owned by someone else.
+    let theirs = tmp.join("theirs");
+    copy_generations(&ck, &[1, 2], &theirs, false);
+    for g in [1, 2] {
+        let dir = gen_dir(&theirs, g);
+        for n in entries(&dir) {
+            chown(&dir.join(n), NOBODY);
+        }
+        chown(&dir, NOBODY);
+    }
+    chown(&theirs.join("latest"), NOBODY);
+    chown(&theirs, NOBODY);
+    let r = restore(tmp.path(), &theirs, &[], b"gg");
+    assert_eq!(
+        r.code, EXIT_VMCTL_FAILED,
+        "restore of another user's checkpoint:\n{r:?}"
+    );
+    assert!(r.stdout.is_empty(), "another user's checkpoint ran:\n{r:?}");
+    assert_contains(
+        "restore of another user's checkpoint",
+        &r.stderr_str(),
+        &["owned by uid 65534", "not by you"],
+    );
+    let ins = vmctl(&[&"inspect", &theirs]);
+    assert_eq!(
+        ins.code, 1,
+        "inspect of another user's checkpoint:\n{ins:?}"
+    );
+    assert_contains("inspect", &ins.stdout_str(), &["owned by uid 65534"]);
+
+    // Only the directory itself belongs to someone else.
+    let dir_only = tmp.join("dir-only");
+    copy_generations(&ck, &[1, 2], &dir_only, false);
+    chown(&dir_only, NOBODY);
+    let r = restore(tmp.path(), &dir_only, &[], b"gg");
+    assert_eq!(
+        r.code, EXIT_VMCTL_FAILED,
+        "restore from another user's directory:\n{r:?}"
+    );
+    assert!(
+        r.stdout.is_empty(),
+        "the job ran from another user's directory:\n{r:?}"
+    );
+    assert_contains(
+        "restore from another user's directory",
+        &r.stderr_str(),
+        &["owned by uid 65534"],
+    );
+    // And `vmctl run` will not checkpoint into it either.
+    let r = vmctl_in(
+        tmp.path(),
+        &[
+            &"run",
+            &"--checkpoint-dir",
+            &dir_only,
+            &"--",
+            &FILL,
+            &out,
+            &"1",
+            &"16",
+        ],
+        b"gg",
+    );
+    assert_eq!(
+        r.code, EXIT_VMCTL_FAILED,
+        "run --checkpoint-dir of another user:\n{r:?}"
+    );
+    assert!(r.stdout.is_empty(), "{r:?}");
+    assert_contains(
+        "run --checkpoint-dir of another user",
+        &r.stderr_str(),
+        &["owned by uid 65534"],
+    );
+}
+
+/// Named features vmctl reports by name (a subset of checkpoint/cpu.rs), as
+/// (leaf, subleaf, register, bit, name).
+const NAMED_FEATURES: &[(u64, u64, &str, u32, &str)] = &[
+    (7, 0, "edx", 23, "avx512_fp16"),
+    (7, 1, "eax", 4, "avx_vnni"),
+    (7, 1, "eax", 5, "avx512_bf16"),
+    (7, 0, "ebx", 16, "avx512f"),
+    (7, 0, "ebx", 29, "sha_ni"),
+    (0x8000_0001, 0, "ecx", 6, "sse4a"),
+    (7, 0, "ecx", 8, "gfni"),
+    (7, 0, "ebx", 5, "avx2"),
+    (1, 0, "ecx", 28, "avx"),
+];
+
+#[test]
+fn checkpoint_needing_a_cpu_feature_this_host_lacks_is_refused() {
+    need_kvm!();
+    let tmp = TempDir::new("ckpt-cpu");
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+    let job = start_fill(&tmp, &ck, "256M", &out, 1, 16);
+    term_checkpoint(job);
+    let gen = gen_dir(&ck, 1);
+    let written = fs::read(&out).unwrap();
+
+    // The manifest holds the CPUID words this host showed the guest: a bit
+    // clear there is a feature this host lacks.
+    let words = manifest(&gen)["cpu"]["words"].clone();
+    let word = |leaf: u64, sub: u64, reg: &str| {
+        words
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|w| w["leaf"] == leaf && w["subleaf"] == sub && w["register"] == reg)
+    };
+    let bits = |i: usize| words[i]["bits"].as_u64().unwrap();
+    let (index, bit, name) = NAMED_FEATURES
+        .iter()
+        .find_map(|&(leaf, sub, reg, bit, name)| {
+            let i = word(leaf, sub, reg)?;
+            (bits(i) & (1 << bit) == 0).then(|| (i, bit, name.to_string()))
+        })
+        .or_else(|| {
+            // Unnamed: vmctl reports it as cpuid.LEAF.SUB.REG[BIT].
+            let i = word(7, 0, "edx").expect("cpuid 7.0 edx in the manifest");
+            let bit = (0..32).find(|b| bits(i) & (1 << b) == 0)?;
+            Some((i, bit, format!("cpuid.0x7.0.edx[{bit}]")))
+        })
+        .expect("this host has every CPU feature vmctl records");
+    rewrite_manifest(&gen, |m| {
+        let w = &mut m["cpu"]["words"][index]["bits"];
+        *w = (w.as_u64().unwrap() | 1 << bit).into();
+    });
+
+    let r = restore(tmp.path(), &ck, &[], b"gg");
+    assert_eq!(r.code, EXIT_VMCTL_FAILED, "restore needing {name}:\n{r:?}");
+    assert!(r.stdout.is_empty(), "the job ran without {name}:\n{r:?}");
+    assert_contains(
+        "restore needing a missing CPU feature",
+        &r.stderr_str(),
+        &["generation 1 is unusable", "lacks features", &name],
+    );
+    assert_eq!(
+        fs::read(&out).unwrap(),
+        written,
+        "the refused job wrote to its file"
+    );
+    assert!(gen.is_dir(), "a refused restore removed the generation");
+}
+
+#[test]
+fn open_file_gone_or_shrunk_below_its_offset_is_refused() {
+    need_kvm!();
+    const CHUNK: usize = 40_000;
+    let tmp = TempDir::new("ckpt-openfile");
+    let mut data = vec![0u8; 100_000];
+    Rng::new(0xf11e).fill(&mut data);
+    let input = tmp.write_file("input.bin", &data, 0o644);
+    let native = Invocation::new(READFILE)
+        .args([input.as_os_str(), CHUNK.to_string().as_ref()])
+        .stdin("gg")
+        .cwd(tmp.path())
+        .run_native();
+    assert_eq!(native.code, 0, "{native:?}");
+
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "256M", "--on-signal", "TERM=checkpoint-exit"],
+        READFILE,
+        &[&input, &CHUNK.to_string()],
+    );
+    job.wait_for("piece 1:");
+    term_checkpoint(job);
+    assert_eq!(fd_offset(&gen_dir(&ck, 1), &input), CHUNK as u64);
+    for name in ["unchanged", "eof", "shrunk", "gone"] {
+        copy_generations(&ck, &[1], &tmp.join(name), true);
+    }
+
+    // Unchanged, it resumes where it was.
+    let r = restore(tmp.path(), &tmp.join("unchanged"), &[], b"gg");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_bytes_eq(
+        "restore with the file unchanged",
+        tail_from(&native.stdout_str(), "piece 2:").as_bytes(),
+        &r.stdout,
+    );
+    // The restored job's exit status is the program's own.
+    let r = restore(tmp.path(), &tmp.join("eof"), &[], b"");
+    assert_eq!(r.code, 3, "restored readfile with no stdin left:\n{r:?}");
+    assert_contains(
+        "restored readfile",
+        &r.stderr_str(),
+        &["readfile: stdin ended before piece 2"],
+    );
+
+    let path = input.display().to_string();
+    set_len(&input, (CHUNK / 2) as u64);
+    let r = restore(tmp.path(), &tmp.join("shrunk"), &[], b"gg");
+    assert_eq!(
+        r.code, EXIT_VMCTL_FAILED,
+        "restore with the file shrunk:\n{r:?}"
+    );
+    assert!(
+        r.stdout.is_empty(),
+        "the job ran with its file shrunk:\n{r:?}"
+    );
+    assert_contains(
+        "restore with the file shrunk",
+        &r.stderr_str(),
+        &[&path, "shorter than the saved offset 40000"],
+    );
+
+    fs::remove_file(&input).unwrap();
+    let r = restore(tmp.path(), &tmp.join("gone"), &[], b"gg");
+    assert_eq!(
+        r.code, EXIT_VMCTL_FAILED,
+        "restore with the file gone:\n{r:?}"
+    );
+    assert!(
+        r.stdout.is_empty(),
+        "the job ran with its file gone:\n{r:?}"
+    );
+    assert_contains(
+        "restore with the file gone",
+        &r.stderr_str(),
+        &[&path, "cannot be opened now", "No such file"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Periodic checkpoints
+
+#[test]
+fn checkpoint_interval_writes_generations_while_running_and_none_remain() {
+    need_kvm!();
+    let tmp = TempDir::new("ckpt-interval");
+    let native_out = tmp.join("native.bin");
+    let native = native_fill(&tmp, &native_out, 1, 16);
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "256M", "--checkpoint-interval", "1"],
+        FILL,
+        &[&out, &"1", &"16"],
+    );
+    job.wait_for("filled ");
+    // The job is blocked reading stdin; the timer must still get through.
+    let usable = |v: &Value| -> Vec<u64> {
+        statuses(v)
+            .into_iter()
+            .filter(|(_, s)| s == "ok")
+            .map(|(g, _)| g)
+            .collect()
+    };
+    let first = poll_until("a first periodic generation", STEP, || {
+        let (code, v) = inspect_json(&ck, false);
+        (code == 0)
+            .then(|| usable(&v))
+            .and_then(|g| g.first().copied())
+    });
+    // ...and keep going.
+    poll_until("a later periodic generation", STEP, || {
+        let (_, v) = inspect_json(&ck, false);
+        usable(&v).into_iter().find(|&g| g > first)
+    });
+    assert!(job.child.try_wait().unwrap().is_none(), "the job stopped");
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+
+    job.send(b"gg");
+    let run = job.finish();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_bytes_eq(
+        "stdout with periodic checkpoints",
+        &native.stdout,
+        &run.stdout,
+    );
+    assert_file_eq("file with periodic checkpoints", &native_out, &out);
+    assert_eq!(
+        generation_dirs(&ck),
+        Vec::<String>::new(),
+        "a finished job keeps no generations"
+    );
+    assert!(!ck.join("latest").exists(), "latest still points somewhere");
+    assert_eq!(
+        entries(&ck),
+        Vec::<String>::new(),
+        "left in {}",
+        ck.display()
+    );
+    let (code, v) = inspect_json(&ck, false);
+    assert_eq!(code, 1, "{v}");
+    assert!(statuses(&v).is_empty(), "{v}");
+}
+
+#[test]
+fn signal_checkpoint_takes_a_generation_and_the_job_goes_on() {
+    need_kvm!();
+    let tmp = TempDir::new("ckpt-usr1");
+    let native_out = tmp.join("native.bin");
+    let native = native_fill(&tmp, &native_out, 1, 16);
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "256M", "--on-signal", "USR1=checkpoint"],
+        FILL,
+        &[&out, &"1", &"16"],
+    );
+    job.wait_for("filled ");
+    job.signal(libc::SIGUSR1);
+    poll_until("generation 1 after SIGUSR1", STEP, || {
+        let (code, v) = inspect_json(&ck, true);
+        (code == 0 && statuses(&v) == [(1, "verified".to_string())]).then_some(())
+    });
+    job.send(b"g");
+    job.wait_for("pass 1 half ");
+    job.signal(libc::SIGUSR1);
+    poll_until("generation 2 after SIGUSR1", STEP, || {
+        let (_, v) = inspect_json(&ck, false);
+        statuses(&v)
+            .iter()
+            .any(|(g, s)| *g == 2 && s == "ok")
+            .then_some(())
+    });
+    job.send(b"g");
+    let run = job.finish();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_bytes_eq(
+        "stdout of a job checkpointed on SIGUSR1",
+        &native.stdout,
+        &run.stdout,
+    );
+    assert_file_eq("file of a job checkpointed on SIGUSR1", &native_out, &out);
+
+    // Without --on-signal, SIGTERM goes to the program, which dies of it.
+    let mut job = Job::run(
+        tmp.path(),
+        &tmp.join("ckpt2"),
+        &["--mem", "256M"],
+        FILL,
+        &[&out, &"1", &"16"],
+    );
+    job.wait_for("filled ");
+    job.signal(libc::SIGTERM);
+    let run = job.finish();
+    assert_eq!(run.code, 128 + libc::SIGTERM, "{run:?}");
+    assert!(generation_dirs(&tmp.join("ckpt2")).is_empty());
+}
