@@ -160,6 +160,18 @@ impl Runner {
                     SignalAction::CheckpointExit => exit_after = Some(sig),
                 }
             }
+            if pending != 0 {
+                // Forwarded signals take effect before the guest runs again, as they
+                // would natively.
+                if let Err(e) = self.kernel.deliver_pending() {
+                    eprintln!("vmctl: {e}");
+                    return crate::cli::EXIT_VMCTL_FAILED;
+                }
+                if let Some(status) = self.kernel.exited() {
+                    self.finished();
+                    return status.shell_code();
+                }
+            }
             let requests = self.requests.take();
             if !(checkpoint_now || exit_after.is_some() || !requests.is_empty()) {
                 continue;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod checkpoint;
+mod gc;
 mod inspect;
 mod options;
 mod restore;
@@ -38,6 +39,8 @@ pub enum Command {
     Checkpoint(checkpoint::CheckpointCmd),
     /// List and verify the checkpoints in DIR
     Inspect(inspect::InspectArgs),
+    /// Remove checkpoint directories (ROOT/<user>/<jobid>) of jobs Slurm no longer knows
+    Gc(gc::GcArgs),
     /// Time bare guest exits (for benchmarks)
     #[command(hide = true)]
     BenchExits(bench::BenchExitsArgs),
@@ -88,6 +91,7 @@ pub fn main() -> i32 {
         Command::Restore(args) => restore::restore(args),
         Command::Checkpoint(args) => checkpoint::checkpoint(args),
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Gc(args) => gc::gc(args),
         Command::BenchExits(args) => bench::bench_exits(args),
     }
 }

@@ -107,6 +107,39 @@ pub fn xsave_user_size() -> u64 {
     (r.ecx as u64).max(512 + 64)
 }
 
+/// Descriptors beyond the standard three that vmctl inherited open (not
+/// close-on-exec) belong to the program, as a shell's `3<file` would. vmctl's own
+/// descriptors are all close-on-exec, so they are never handed over.
+fn adopt_inherited_fds(files: &mut FdTable) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD only queries the descriptor; it may have closed meanwhile.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 || flags & libc::FD_CLOEXEC != 0 {
+            continue;
+        }
+        // SAFETY: an inherited descriptor nothing else in vmctl owns; marking it
+        // close-on-exec keeps it out of anything vmctl might exec.
+        let host = unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            OwnedFd::from_raw_fd(fd)
+        };
+        let file = Arc::new(OpenFile {
+            host,
+            path: None,
+            stdio: None,
+        });
+        files.install_at(fd, files::FdEntry { file, cloexec: false });
+    }
+}
+
 pub(crate) fn dup_stdio(fd: i32) -> Option<Arc<OpenFile>> {
     // SAFETY: F_DUPFD_CLOEXEC on one of our standard descriptors; the new descriptor is
     // owned by the OwnedFd below.
@@ -179,6 +212,7 @@ impl Kernel {
                 );
             }
         }
+        adopt_inherited_fds(&mut files);
         let mut name = [0u8; 16];
         let base = start
             .exe
@@ -217,6 +251,7 @@ impl Kernel {
             rseq: None,
             name,
             sleep_restart: None,
+            cmdline: launch.argv.iter().flat_map(|a| a.iter().copied().chain([0])).collect(),
         };
         Ok(Kernel {
             vm,
@@ -293,6 +328,10 @@ impl Kernel {
         }
     }
 
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.exit
+    }
+
     /// Runs the guest to its next exit and handles it. Returns the exit status once
     /// the guest is gone.
     pub fn step(&mut self) -> Result<Option<ExitStatus>, KernelError> {
@@ -359,9 +398,10 @@ impl Kernel {
             1 | 3 => {
                 // Clear TF so a single-step trap does not fire again on resume.
                 self.vcpu.user_regs_mut().rflags &= !(1 << 8);
+                // int3 reports SI_KERNEL, as on Linux; a single step is TRAP_TRACE.
                 (
                     libc::SIGTRAP,
-                    if vector == 3 { 1 } else { 2 },
+                    if vector == 3 { 0x80 } else { 2 },
                     self.vcpu.user_regs().rip,
                 )
             }
@@ -432,7 +472,17 @@ impl Kernel {
         self.proc.signals.pending |= sig_bit(sig);
     }
 
-    fn deliver_pending(&mut self) -> Result<(), KernelError> {
+    /// Delivers pending, unblocked signals: default actions, or handler frames.
+    pub fn deliver_pending(&mut self) -> Result<(), KernelError> {
+        self.deliver_signals()?;
+        // No handler ran for a call that set a temporary mask: put the old one back.
+        if let Some(m) = self.proc.signals.saved_mask.take() {
+            self.proc.signals.blocked = m;
+        }
+        Ok(())
+    }
+
+    fn deliver_signals(&mut self) -> Result<(), KernelError> {
         while self.exit.is_none() {
             let Some(sig) = self.proc.signals.next_deliverable() else {
                 return Ok(());

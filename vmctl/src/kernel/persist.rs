@@ -76,6 +76,8 @@ pub struct ProcessState {
     pub name: [u8; 16],
     #[serde(default)]
     pub sleep_restart: Option<(u64, i64)>,
+    #[serde(default)]
+    pub cmdline: Vec<u8>,
     pub signals: SignalState,
     pub mm: AddressSpace,
     pub fds: Vec<FdState>,
@@ -205,6 +207,7 @@ impl Kernel {
             rseq: p.rseq,
             name: p.name,
             sleep_restart: p.sleep_restart,
+            cmdline: p.cmdline.clone(),
             signals: p.signals.clone(),
             mm: serde_json::from_value(mm).expect("address space deserializes"),
             fds: p.files.iter().map(|(&fd, e)| fd_state(fd, e)).collect(),
@@ -318,6 +321,7 @@ impl Kernel {
             rseq: ps.rseq,
             name: ps.name,
             sleep_restart: ps.sleep_restart,
+            cmdline: ps.cmdline,
         };
         Ok(Kernel {
             vm,

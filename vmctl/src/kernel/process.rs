@@ -50,6 +50,8 @@ pub struct Process {
     /// A sleep interrupted by vmctl itself: (user RIP after its syscall, deadline in
     /// guest CLOCK_MONOTONIC ns), so the restarted call sleeps only what was left.
     pub sleep_restart: Option<(u64, i64)>,
+    /// argv as /proc/self/cmdline shows it: each argument NUL-terminated.
+    pub cmdline: Vec<u8>,
 }
 
 impl Process {

@@ -109,7 +109,8 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
     f[segs as usize + 6..segs as usize + 8].copy_from_slice(&USER_DS.to_le_bytes());
     put(&mut f, UC_MCONTEXT + 152, err);
     put(&mut f, UC_MCONTEXT + 160, trapno as u64);
-    put(&mut f, UC_MCONTEXT + 168, k.proc.signals.blocked);
+    let restore_mask = k.proc.signals.saved_mask.take().unwrap_or(k.proc.signals.blocked);
+    put(&mut f, UC_MCONTEXT + 168, restore_mask);
     put(
         &mut f,
         UC_MCONTEXT + 176,
@@ -120,7 +121,7 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
         },
     );
     put(&mut f, UC_MCONTEXT + 184, fpstate);
-    put(&mut f, UC_SIGMASK, k.proc.signals.blocked);
+    put(&mut f, UC_SIGMASK, restore_mask);
     let si = SIGINFO as usize;
     f[si..si + 4].copy_from_slice(&info.signo.to_le_bytes());
     f[si + 8..si + 12].copy_from_slice(&info.code.to_le_bytes());

@@ -83,6 +83,10 @@ pub struct SignalState {
     pub pending: u64,
     /// sigaltstack: (ss_sp, ss_flags, ss_size).
     pub altstack: (u64, i32, u64),
+    /// The mask to put back once a call that blocks with a temporary mask (sigsuspend)
+    /// is over: by the handler's sigreturn, or right away if no handler runs.
+    #[serde(default)]
+    pub saved_mask: Option<u64>,
 }
 
 impl Default for SignalState {
@@ -92,6 +96,7 @@ impl Default for SignalState {
             blocked: 0,
             pending: 0,
             altstack: (0, libc::SS_DISABLE, 0),
+            saved_mask: None,
         }
     }
 }

@@ -11,6 +11,7 @@ enum Entry {
     Exe,
     Maps,
     Comm,
+    Cmdline,
     Fd(i32),
     FdDir,
 }
@@ -28,6 +29,7 @@ fn classify(k: &Kernel, path: &CStr) -> Option<Entry> {
         b"exe" => Some(Entry::Exe),
         b"maps" => Some(Entry::Maps),
         b"comm" => Some(Entry::Comm),
+        b"cmdline" => Some(Entry::Cmdline),
         b"fd" | b"fd/" => Some(Entry::FdDir),
         _ => {
             let n = rest.strip_prefix(b"fd/")?;
@@ -66,6 +68,7 @@ pub fn open(k: &mut Kernel, path: &CStr, flags: i32) -> Result<Option<RawFd>, Er
             )?
         }
         Some(Entry::Maps) => snapshot_file(c"maps", k.proc.mm.proc_maps().as_bytes())?,
+        Some(Entry::Cmdline) => snapshot_file(c"cmdline", &k.proc.cmdline.clone())?,
         Some(Entry::Comm) => {
             // The name prctl(PR_SET_NAME) sets, which starts as the executable's.
             let len = k.proc.name.iter().position(|&b| b == 0).unwrap_or(16);

@@ -131,6 +131,9 @@ pub fn tgkill(k: &mut Kernel, tgid: i32, tid: i32, sig: i32) -> SysResult {
 /// the one the handler returns to (see the report for the kernel change needed).
 pub fn suspend(k: &mut Kernel, mask: Option<u64>) -> SysResult {
     if let Some(m) = mask {
+        // A restarted call (after a checkpoint) keeps the mask saved the first time.
+        let old = k.proc.signals.blocked;
+        k.proc.signals.saved_mask.get_or_insert(old);
         k.proc.signals.blocked = m & !UNBLOCKABLE;
     }
     if k.proc.signals.next_deliverable().is_none() {
