@@ -510,17 +510,31 @@ fn resumable(dir: &Path, now: &StepIdentity, vmctl: &Path) -> Result<(), String>
         .arg(dir)
         .arg("--verify")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
         .map_err(|e| format!("cannot run {} inspect: {e}", vmctl.display()))?;
     if out.status.success() {
         Ok(())
     } else {
+        // inspect reports each damaged generation on stdout ("generation N:
+        // UNUSABLE: why") and its own failures on stderr: the log line must
+        // carry both, or an admin cannot tell why the work was lost.
+        let why: Vec<String> = [&out.stdout, &out.stderr]
+            .iter()
+            .flat_map(|text| {
+                String::from_utf8_lossy(text)
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         Err(format!(
             "vmctl inspect --verify found no valid checkpoint ({}): {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            why.join("; ")
         ))
     }
 }
