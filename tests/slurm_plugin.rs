@@ -3,6 +3,7 @@
 //! Needs root and a cluster brought up by `contrib/vmwrap-cluster up` with
 //! the plugin and vmctl built; .ci/run does that and then sets
 //! VMWRAP_SLURM_TESTS=1. Without both, every test prints why and skips.
+//! Run them serially (`-- --test-threads=1`): they share the two nodes.
 //!
 //! Jobs run as the ordinary user `vmwrap-user` (created by vmwrap-cluster),
 //! because a wrapped step must work for users who cannot open /dev/kvm.
@@ -278,80 +279,660 @@ fn sbatch_wraps_srun_steps_but_not_the_script() {
     assert!(!batch.exists(), "{} exists", batch.display());
 }
 
-/// Requeue resumes a step from its checkpoint: the counter printed by the
-/// step carries on after the restart instead of starting again from 0.
-#[test]
-fn requeued_step_resumes_from_its_checkpoint() {
-    need_slurm!();
-    const TICKS: u32 = 30;
-    let dir = user_dir("requeue");
-    let output = dir.join("job.out");
-    // perl, not a shell loop: a wrapped step is one process.
-    let script = format!(
-        "echo \"script start ${{SLURM_RESTART_COUNT:-0}}\"\n\
-         srun /usr/bin/perl -e '$|=1; for $i (0..{last}) {{ print \"$i\\n\"; sleep 1 }}'\n",
-        last = TICKS - 1
-    );
-    let out = run_as_user(
-        &[
-            "sbatch",
-            "--parsable",
-            "--requeue",
-            "--open-mode=append",
-            "--vm-wrap",
-            "-o",
-            output.to_str().unwrap(),
-            "--wrap",
-            &script,
-        ],
-        dir.path(),
-    );
-    assert_eq!(out.code, 0, "{out:?}");
-    let job = out.stdout_str().trim().to_string();
+// ---------------------------------------------------------------------------
+// Requeue, preemption, draining and damaged checkpoints.
+//
+// These tests share the cluster's two nodes, so they must run one at a time
+// (`--test-threads=1`, as .ci/run does). Each one cancels its own jobs and
+// returns the nodes it drained to service when it ends, even on failure.
 
-    // Requeue once the step has made some progress.
-    let numbers =
-        |text: &str| -> Vec<u32> { text.lines().filter_map(|l| l.parse().ok()).collect() };
-    let deadline = Instant::now() + JOB_TIMEOUT;
-    while numbers(&fs::read_to_string(&output).unwrap_or_default()).len() < 3 {
-        assert!(Instant::now() < deadline, "job {job} made no progress");
-        std::thread::sleep(Duration::from_millis(200));
+/// How long a counting step sleeps between ticks, in seconds (perl's
+/// 4-argument select). Short, so a test spends little time waiting, yet long
+/// enough that a requeue lands in the middle of the count.
+const TICK: &str = "0.25";
+/// Ticks per counting step: about 10 s of work.
+const TICKS: u64 = 40;
+
+/// Cancels the test's jobs and resumes the nodes it drained, whatever way the
+/// test ends, so one failure cannot leave the cluster unusable for the rest.
+#[derive(Default)]
+struct Cleanup {
+    jobs: Vec<String>,
+    drained: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Plain Command::status, not run(): a panic while already unwinding
+        // would abort the test binary.
+        for job in &self.jobs {
+            let _ = Command::new("scancel").arg(job).status();
+        }
+        for node in &self.drained {
+            let _ = Command::new("scontrol")
+                .args(["update", &format!("nodename={node}"), "state=resume"])
+                .status();
+        }
     }
-    let out = run("scontrol", &["requeue", &job], Path::new("/"));
-    assert_eq!(out.code, 0, "{out:?}");
-    let requeued_at = Instant::now();
-    while scontrol_field(&job, "JobState").as_deref() != Some("PENDING") {
-        assert!(Instant::now() < deadline, "job {job} was not requeued");
-        std::thread::sleep(Duration::from_millis(200));
+}
+
+/// A test-unique job name, so leftovers are easy to attribute in squeue.
+fn job_name(test: &str) -> String {
+    format!("vmwrap-test-{test}-{}", std::process::id())
+}
+
+/// Every `Key=Value` word of `scontrol show job -o JOB`, first one winning
+/// (e.g. NodeList, not ReqNodeList). None once Slurm has forgotten the job.
+fn job_fields(job: &str) -> Option<std::collections::HashMap<String, String>> {
+    let out = run("scontrol", &["show", "job", "-o", job], Path::new("/"));
+    if out.code != 0 {
+        return None;
     }
-    // Releasing a requeued job within the same second makes slurmd refuse
-    // it ("Job credential revoked"); two whole seconds are safe.
-    if let Some(left) = Duration::from_secs(2).checked_sub(requeued_at.elapsed()) {
-        std::thread::sleep(left);
+    let mut fields = std::collections::HashMap::new();
+    for word in out.stdout_str().split_whitespace() {
+        if let Some((k, v)) = word.split_once('=') {
+            fields.entry(k.to_string()).or_insert_with(|| v.to_string());
+        }
     }
+    Some(fields)
+}
+
+fn job_state(job: &str) -> String {
+    job_fields(job)
+        .and_then(|f| f.get("JobState").cloned())
+        .unwrap_or_default()
+}
+
+/// Polls `probe` every 100 ms until it returns Some, failing the test after
+/// `timeout` with `what` and the last thing `describe` says.
+fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+    describe: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; {}",
+            describe()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the job runs and returns its node.
+fn wait_running(job: &str) -> String {
+    poll(
+        &format!("job {job} to run"),
+        JOB_TIMEOUT,
+        || {
+            let f = job_fields(job)?;
+            (f.get("JobState")? == "RUNNING").then(|| f.get("NodeList").cloned())?
+        },
+        || format!("state {}", job_state(job)),
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `scontrol requeue JOB`; returns the clock second it was done in.
+fn requeue(job: &str) -> u64 {
+    let out = run("scontrol", &["requeue", job], Path::new("/"));
+    assert_eq!(out.code, 0, "scontrol requeue {job}: {out:?}");
+    unix_now()
+}
+
+/// Lets a requeued (or preempted) job start now instead of after Slurm's
+/// ~2 minute requeue hold. slurmd refuses a job released in the same clock
+/// second as its requeue ("Job credential revoked": the revocation is stamped
+/// in whole seconds), so this first waits, by the clock, until 2 whole seconds
+/// have passed since `requeued_at`.
+fn release(job: &str, requeued_at: u64) {
+    poll(
+        "2 whole seconds since the requeue",
+        Duration::from_secs(5),
+        || (unix_now() >= requeued_at + 2).then_some(()),
+        String::new,
+    );
     let out = run(
         "scontrol",
         &["update", &format!("jobid={job}"), "starttime=now"],
         Path::new("/"),
     );
+    assert_eq!(out.code, 0, "releasing {job}: {out:?}");
+}
+
+fn wait_pending(job: &str) {
+    poll(
+        &format!("job {job} to be requeued (PENDING)"),
+        JOB_TIMEOUT,
+        || (job_state(job) == "PENDING").then_some(()),
+        || format!("state {}", job_state(job)),
+    );
+}
+
+/// A batch script whose one srun step counts 0..TICKS-1, one number per
+/// tick, keeping a running sum in memory and printing it at the end: the
+/// numbers show where a restarted step carried on from, and the sum that it
+/// resumed with its memory intact.
+fn counter_script() -> String {
+    format!(
+        "echo \"script start ${{SLURM_RESTART_COUNT:-0}} on $SLURMD_NODENAME\"\n\
+         srun /usr/bin/perl -e '$|=1; $s=0; for $i (0..{last}) {{ $s += $i; print \"$i\\n\"; select(undef,undef,undef,{TICK}) }} print \"sum=$s\\n\"'\n",
+        last = TICKS - 1
+    )
+}
+
+/// Submits the counting script as the test user, appending to `output`
+/// across restarts.
+fn submit_counter(
+    cleanup: &mut Cleanup,
+    name: &str,
+    dir: &Path,
+    output: &Path,
+    extra: &[&str],
+) -> String {
+    let name = job_name(name);
+    let script = counter_script();
+    let mut args = vec![
+        "sbatch",
+        "--parsable",
+        "--requeue",
+        "--open-mode=append",
+        "--vm-wrap",
+        "-J",
+        &name,
+        "-o",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--wrap", &script]);
+    let out = run_as_user(&args, dir);
     assert_eq!(out.code, 0, "{out:?}");
+    let job = out.stdout_str().trim().to_string();
+    assert!(
+        !job.is_empty() && job.chars().all(|c| c.is_ascii_digit()),
+        "{out:?}"
+    );
+    cleanup.jobs.push(job.clone());
+    job
+}
+
+/// One run of the batch script as seen in the output file.
+#[derive(Debug)]
+struct ScriptRun {
+    restart: u32,
+    node: String,
+    numbers: Vec<u64>,
+    sums: Vec<u64>,
+}
+
+fn parse_runs(text: &str) -> Vec<ScriptRun> {
+    let mut runs: Vec<ScriptRun> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("script start ") {
+            let (restart, node) = rest.split_once(" on ").unwrap_or((rest, ""));
+            runs.push(ScriptRun {
+                restart: restart.parse().unwrap_or(u32::MAX),
+                node: node.to_string(),
+                numbers: Vec::new(),
+                sums: Vec::new(),
+            });
+        } else if let Some(run) = runs.last_mut() {
+            if let Ok(n) = line.parse() {
+                run.numbers.push(n);
+            } else if let Some(sum) = line.strip_prefix("sum=").and_then(|s| s.parse().ok()) {
+                run.sums.push(sum);
+            }
+        }
+    }
+    runs
+}
+
+/// Waits until the counter in `output` has printed at least `n` numbers.
+fn wait_progress(job: &str, output: &Path, n: usize) {
+    poll(
+        &format!("job {job} to count to {n}"),
+        JOB_TIMEOUT,
+        || {
+            let runs = parse_runs(&fs::read_to_string(output).unwrap_or_default());
+            (runs.last()?.numbers.len() >= n).then_some(())
+        },
+        || {
+            format!(
+                "output so far:\n{}",
+                fs::read_to_string(output).unwrap_or_default()
+            )
+        },
+    );
+}
+
+/// Checks the output of a counter job that was stopped once: the first run
+/// counted from 0 and stopped part-way; the second carried on from where
+/// the first stopped (`resumed`) or started again from 0 (not `resumed`);
+/// either way the count reached its end and the sum is right. Returns the
+/// two runs.
+fn check_two_runs(text: &str, resumed: bool) -> (ScriptRun, ScriptRun) {
+    let mut runs = parse_runs(text);
+    assert_eq!(runs.len(), 2, "expected the script to run twice:\n{text}");
+    let second = runs.pop().unwrap();
+    let first = runs.pop().unwrap();
+    assert_eq!((first.restart, second.restart), (0, 1), "{text}");
+    let expected: Vec<u64> = (0..first.numbers.len() as u64).collect();
+    assert!(
+        !first.numbers.is_empty() && first.numbers == expected && first.sums.is_empty(),
+        "the first run should count from 0 and be stopped part-way:\n{text}"
+    );
+    let stopped_at = *first.numbers.last().unwrap();
+    let start = *second
+        .numbers
+        .first()
+        .unwrap_or_else(|| panic!("no count after the restart:\n{text}"));
+    if resumed {
+        // The step printed `stopped_at` and was checkpointed before or
+        // after its next print reached the file.
+        assert!(
+            start == stopped_at || start == stopped_at + 1,
+            "the restarted step did not carry on from {stopped_at}:\n{text}"
+        );
+    } else {
+        assert_eq!(
+            start, 0,
+            "the restarted step should have started afresh:\n{text}"
+        );
+    }
+    let expected: Vec<u64> = (start..TICKS).collect();
+    assert_eq!(second.numbers, expected, "{text}");
+    assert_eq!(
+        second.sums,
+        [TICKS * (TICKS - 1) / 2],
+        "wrong or missing sum:\n{text}"
+    );
+    (first, second)
+}
+
+fn drain(cleanup: &mut Cleanup, node: &str) {
+    cleanup.drained.push(node.to_string());
+    let out = run(
+        "scontrol",
+        &[
+            "update",
+            &format!("nodename={node}"),
+            "state=drain",
+            "reason=vmwrap-test",
+        ],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "draining {node}: {out:?}");
+}
+
+fn resume_node(cleanup: &mut Cleanup, node: &str) {
+    let out = run(
+        "scontrol",
+        &["update", &format!("nodename={node}"), "state=resume"],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "resuming {node}: {out:?}");
+    cleanup.drained.retain(|n| n != node);
+}
+
+/// The cluster's nodes (vmwrap-cluster names them n1, n2, ...).
+fn nodes() -> Vec<String> {
+    let out = run(
+        "sinfo",
+        &["--noheader", "--Node", "--partition=batch", "--format=%N"],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let mut nodes: Vec<String> = out
+        .stdout_str()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    nodes.dedup();
+    assert!(
+        nodes.len() >= 2,
+        "these tests need 2 nodes (vmwrap-cluster up --nodes 2): {nodes:?}"
+    );
+    nodes
+}
+
+/// A requeue in the middle of a step, with the step's first node drained:
+/// the job restarts on the other node and the count carries on from where
+/// it stopped, with the right final sum; Slurm shows Restarts=1.
+#[test]
+fn requeued_step_resumes_on_another_node() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("requeue");
+    let output = dir.join("job.out");
+    let job = submit_counter(&mut cleanup, "requeue", dir.path(), &output, &[]);
+    let first_node = wait_running(&job);
+    wait_progress(&job, &output, 4);
+
+    drain(&mut cleanup, &first_node);
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    release(&job, requeued_at);
+    let second_node = wait_running(&job);
+    assert_ne!(
+        second_node, first_node,
+        "job {job} restarted on its drained node"
+    );
 
     let state = wait_for_job(&job);
     let text = fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(state, "COMPLETED", "job output:\n{text}");
     assert_eq!(scontrol_field(&job, "Restarts").as_deref(), Some("1"));
-    let (first, second) = text
-        .split_once("script start 1\n")
-        .unwrap_or_else(|| panic!("the job did not restart:\n{text}"));
-    let before = numbers(first);
-    let after = numbers(second);
+    let (first, second) = check_two_runs(&text, true);
+    assert_eq!(
+        (first.node, second.node),
+        (first_node, second_node),
+        "{text}"
+    );
+}
+
+/// A job in the high-priority partition needs the node a wrapped job holds:
+/// Slurm preempts (requeues) the wrapped job, which later resumes from its
+/// checkpoint and finishes with the right result.
+#[test]
+fn preempted_job_resumes_from_its_checkpoint() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("preempt");
+    let output = dir.join("job.out");
+    let urgent_output = dir.join("urgent.out");
+    // --exclusive: the wrapped job holds the whole node, so the urgent job
+    // pinned there cannot start without preempting it.
+    let job = submit_counter(
+        &mut cleanup,
+        "preempt",
+        dir.path(),
+        &output,
+        &["--exclusive"],
+    );
+    let node = wait_running(&job);
+    wait_progress(&job, &output, 4);
+
+    let name = job_name("preempt-urgent");
+    let out = run_as_user(
+        &[
+            "sbatch",
+            "--parsable",
+            "--partition=urgent",
+            "--exclusive",
+            "--nodelist",
+            &node,
+            "-J",
+            &name,
+            "-o",
+            urgent_output.to_str().unwrap(),
+            "--wrap",
+            "echo \"urgent ran on $SLURMD_NODENAME\"",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let urgent = out.stdout_str().trim().to_string();
+    cleanup.jobs.push(urgent.clone());
+
+    // Preemption shows as a requeue: PENDING with one restart.
+    poll(
+        &format!("job {job} to be preempted"),
+        JOB_TIMEOUT,
+        || {
+            let f = job_fields(&job)?;
+            (f.get("JobState")? == "PENDING" && f.get("Restarts")? == "1").then_some(())
+        },
+        || {
+            format!(
+                "job {job}: {}, urgent {urgent}: {}",
+                job_state(&job),
+                job_state(&urgent)
+            )
+        },
+    );
+    // The preemption happened at or before this second.
+    release(&job, unix_now());
+
+    assert_eq!(wait_for_job(&urgent), "COMPLETED");
+    assert_eq!(
+        fs::read_to_string(&urgent_output).unwrap_or_default(),
+        format!("urgent ran on {node}\n")
+    );
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    assert!(text.contains("DUE TO PREEMPTION"), "not preempted?\n{text}");
+    assert_eq!(scontrol_field(&job, "Restarts").as_deref(), Some("1"));
+    check_two_runs(&text, true);
+}
+
+/// contrib/vmwrap-drain moves both wrapped jobs off a node: it drains the
+/// node, requeues and releases them, reports where each one resumed, and
+/// both finish correctly on the other node.
+#[test]
+fn drain_helper_moves_wrapped_jobs_off_a_node() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let nodes = nodes();
+    let (busy, spare) = (&nodes[0], &nodes[1]);
+    let dir = user_dir("drain");
+    // Both jobs must start on `busy`: keep `spare` drained until they run.
+    drain(&mut cleanup, spare);
+    let outputs = [dir.join("a.out"), dir.join("b.out")];
+    let jobs: Vec<String> = outputs
+        .iter()
+        .map(|o| submit_counter(&mut cleanup, "drain", dir.path(), o, &[]))
+        .collect();
+    for (job, output) in jobs.iter().zip(&outputs) {
+        assert_eq!(&wait_running(job), busy);
+        wait_progress(job, output, 4);
+    }
+    resume_node(&mut cleanup, spare);
+
+    cleanup.drained.push(busy.clone());
+    let helper = vmwrap_tests::workspace_root().join("contrib/vmwrap-drain");
+    let out = run(
+        helper.to_str().unwrap(),
+        &[busy, "--reason", "vmwrap test drain"],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let mut expected: Vec<String> = jobs
+        .iter()
+        .map(|j| format!("job {j}: {busy} -> {spare}"))
+        .collect();
+    let mut printed: Vec<String> = out.stdout_str().lines().map(str::to_string).collect();
+    expected.sort();
+    printed.sort();
+    assert_eq!(printed, expected, "{out:?}");
+    let node = run("scontrol", &["show", "node", busy], Path::new("/"));
+    let node_text = node.stdout_str();
     assert!(
-        !before.is_empty() && !after.is_empty(),
-        "expected output from both runs:\n{text}"
+        node_text.contains("DRAIN") && node_text.contains("Reason=vmwrap test drain"),
+        "{busy} is not drained with the reason:\n{node_text}"
+    );
+
+    for (job, output) in jobs.iter().zip(&outputs) {
+        let state = wait_for_job(job);
+        let text = fs::read_to_string(output).unwrap_or_default();
+        assert_eq!(state, "COMPLETED", "job {job} output:\n{text}");
+        let (first, second) = check_two_runs(&text, true);
+        assert_eq!((&first.node, &second.node), (busy, spare), "{text}");
+    }
+}
+
+/// A checkpoint damaged between the requeue and the restart is never run:
+/// the restarted step notices, says why in the slurmd log, and starts afresh
+/// (it has no older generation), still ending with the right result.
+#[test]
+fn corrupted_checkpoint_starts_afresh() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("corrupt");
+    let output = dir.join("job.out");
+    let job = submit_counter(&mut cleanup, "corrupt", dir.path(), &output, &[]);
+    wait_running(&job);
+    wait_progress(&job, &output, 4);
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+
+    // The SIGTERM checkpoint is complete once `latest` points at it.
+    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let image = poll(
+        "the requeue's checkpoint",
+        JOB_TIMEOUT,
+        || {
+            let generation = fs::read_link(step_dir.join("latest")).ok()?;
+            let image = step_dir.join(generation).join("memory.img");
+            image.exists().then_some(image)
+        },
+        || {
+            format!(
+                "{} holds {:?}",
+                step_dir.display(),
+                fs::read_dir(&step_dir).map(|d| d.count())
+            )
+        },
+    );
+    corrupt(&image);
+    release(&job, requeued_at);
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    check_two_runs(&text, false);
+    let why = format!("job {job} step 0 task 0: restart 1: starting afresh: vmctl inspect --verify found no valid checkpoint");
+    let logs: String = fs::read_dir("/var/log/slurm")
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = path.file_name()?.to_str()?.to_string();
+            (name.starts_with("slurmd-")).then(|| fs::read_to_string(&path).unwrap_or_default())
+        })
+        .collect();
+    let line = logs.lines().find(|l| l.contains(&why));
+    assert!(line.is_some(), "no slurmd log line containing {why:?}");
+    assert!(
+        line.unwrap().contains("UNUSABLE"),
+        "the log line does not say what is wrong: {line:?}"
+    );
+}
+
+/// Flips 64 bytes in the middle of a checkpoint's memory image.
+fn corrupt(image: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    assert!(len >= 128, "{} is only {len} bytes", image.display());
+    let at = len / 2;
+    let mut buf = [0u8; 64];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    for b in &mut buf {
+        *b ^= 0xff;
+    }
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&buf).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// `vmctl gc ROOT` removes the directories of jobs Slurm has forgotten,
+/// keeps those of jobs it knows and anything that is not a job directory,
+/// and removes nothing when slurmctld cannot be reached.
+#[test]
+fn gc_removes_only_forgotten_jobs() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("gc");
+    // A job Slurm knows for the whole test: held, so it never runs.
+    let name = job_name("gc");
+    let out = run_as_user(
+        &[
+            "sbatch",
+            "--parsable",
+            "--hold",
+            "-J",
+            &name,
+            "--wrap",
+            "true",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let known = out.stdout_str().trim().to_string();
+    cleanup.jobs.push(known.clone());
+    // Far above any id the test cluster hands out.
+    let forgotten = "67000000";
+
+    let root = TempDir::new("gc-root");
+    let user = root.join(USER);
+    for sub in [known.as_str(), forgotten, "not-a-job"] {
+        fs::create_dir_all(user.join(sub).join("0")).unwrap();
+        fs::write(user.join(sub).join("0").join("step.json"), "{}").unwrap();
+    }
+    let vmctl = vmwrap_tests::vmctl_path();
+    let vmctl = vmctl.to_str().unwrap();
+    let root_s = root.path().to_str().unwrap();
+
+    let out = run(vmctl, &["gc", "--dry-run", root_s], Path::new("/"));
+    assert_eq!(out.code, 0, "{out:?}");
+    let stdout = out.stdout_str();
+    assert!(
+        stdout.contains(&format!("would remove {}", user.join(forgotten).display())),
+        "{out:?}"
     );
     assert!(
-        after[0] >= *before.last().unwrap(),
-        "the step started again instead of resuming:\n{text}"
+        stdout.contains(&format!(
+            "keep {} (job {known} is PENDING)",
+            user.join(&known).display()
+        )),
+        "{out:?}"
     );
-    assert_eq!(after.last(), Some(&(TICKS - 1)), "{text}");
+    assert!(user.join(forgotten).exists(), "--dry-run removed something");
+
+    // slurmctld unreachable: a config pointing at a port nobody listens on.
+    let conf = dir.join("unreachable.conf");
+    fs::write(
+        &conf,
+        "ClusterName=gone\nSlurmctldHost=localhost\nSlurmctldPort=1\nMessageTimeout=1\nAuthType=auth/munge\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(vmctl);
+    cmd.args(["gc", root_s]).env("SLURM_CONF", &conf);
+    let out = run_command(cmd, b"", JOB_TIMEOUT);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr_str().contains("removed nothing"), "{out:?}");
+    assert!(
+        user.join(forgotten).exists() && user.join(&known).exists(),
+        "{out:?}"
+    );
+
+    let out = run(vmctl, &["gc", root_s], Path::new("/"));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout_str().contains(&format!(
+            "removed {} (job {forgotten} unknown to Slurm)",
+            user.join(forgotten).display()
+        )),
+        "{out:?}"
+    );
+    assert!(!user.join(forgotten).exists(), "{out:?}");
+    assert!(user.join(&known).join("0/step.json").exists(), "{out:?}");
+    assert!(user.join("not-a-job").exists(), "{out:?}");
 }
