@@ -97,6 +97,12 @@ const FIXTURES: &[Fixture] = &[
         source: "readfile.c",
         flags: STATIC,
     },
+    // Clock continuity across restore (tests/checkpoint_clocks.rs).
+    Fixture {
+        name: "clocks",
+        source: "clocks.c",
+        flags: PIE,
+    },
 ];
 
 fn main() {

@@ -1,0 +1,105 @@
+//! The guest's clocks across a checkpoint and restore: CLOCK_MONOTONIC and the TSC
+//! never go backwards, and when the restoring host's TSC is behind the checkpoint's
+//! (simulated with VMCTL_TEST_TSC_AHEAD), vmctl traps rdtsc and carries the guest's
+//! TSC on from where it was.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use vmwrap_tests::{require_kvm, vmctl_path, TempDir};
+
+const CLOCKS: &str = env!("VMWRAP_FIXTURE_CLOCKS");
+
+fn read_line(r: &mut impl BufRead) -> String {
+    let mut s = String::new();
+    r.read_line(&mut s).expect("read guest output");
+    s.trim_end().to_string()
+}
+
+#[test]
+fn tsc_and_monotonic_continue_across_restore_onto_a_host_that_is_behind() {
+    if !require_kvm() {
+        return;
+    }
+    let tmp = TempDir::new("clocks");
+    let dir = tmp.path().join("ck");
+    let mut run = Command::new(vmctl_path())
+        .args(["run", "--checkpoint-dir"])
+        .arg(&dir)
+        .args(["--on-signal", "TERM=checkpoint-exit", "--", CLOCKS])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start vmctl run");
+    let mut stdin = run.stdin.take().expect("stdin");
+    let mut out = BufReader::new(run.stdout.take().expect("stdout"));
+    let mut before = Vec::new();
+    for _ in 0..3 {
+        stdin.write_all(b"x").expect("feed guest");
+        stdin.flush().expect("flush");
+        before.push(read_line(&mut out));
+    }
+    // The guest is now blocked reading stdin: checkpoint and stop it.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let status = run.wait().expect("wait for vmctl run");
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "checkpoint-exit status; output so far: {before:?}"
+    );
+
+    let restored = Command::new(vmctl_path())
+        .arg("restore")
+        .arg(&dir)
+        .env("VMCTL_TEST_TSC_AHEAD", "100000000000000")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmctl restore");
+    let mut child = restored;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"yyy")
+        .expect("feed restored guest");
+    let output = child.wait_with_output().expect("wait for restore");
+    let after = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "restore failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = after.lines().collect();
+    assert_eq!(
+        lines.len(),
+        4,
+        "three reads and the end line after restore: {after}"
+    );
+    for l in before
+        .iter()
+        .map(String::as_str)
+        .chain(lines[..3].iter().copied())
+    {
+        assert!(l.contains("tsc_back=0"), "the TSC went backwards: {l}");
+        assert!(
+            l.contains("mono_back=0"),
+            "CLOCK_MONOTONIC went backwards: {l}"
+        );
+    }
+    // The first read after the restore sees the checkpoint's TSC plus the simulated
+    // lead: proof that rdtsc is trapped and offset, not read from this host.
+    assert!(
+        lines[0].contains("tsc_jump=1"),
+        "no TSC offset after restore: {}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("tsc_jump=0"),
+        "the TSC kept jumping: {}",
+        lines[1]
+    );
+    assert_eq!(lines[3], "end");
+}
