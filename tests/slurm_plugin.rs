@@ -293,6 +293,17 @@ const TICK: &str = "0.25";
 /// Ticks per counting step: about 10 s of work.
 const TICKS: u64 = 40;
 
+/// Where a restarted counting step is expected to carry on from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Restart {
+    /// From where it stopped: resumed from the checkpoint the requeue wrote.
+    Resumed,
+    /// From an earlier point, not 0: resumed from an older generation.
+    Earlier,
+    /// From 0: started afresh.
+    Afresh,
+}
+
 /// Cancels the test's jobs and resumes the nodes it drained, whatever way the
 /// test ends, so one failure cannot leave the cluster unusable for the rest.
 #[derive(Default)]
@@ -421,20 +432,20 @@ fn wait_pending(job: &str) {
     );
 }
 
-/// A batch script whose one srun step counts 0..TICKS-1, one number per
+/// A batch script whose one srun step counts 0..ticks-1, one number per
 /// tick, keeping a running sum in memory and printing it at the end: the
 /// numbers show where a restarted step carried on from, and the sum that it
 /// resumed with its memory intact.
-fn counter_script() -> String {
+fn counter_script(ticks: u64) -> String {
     format!(
         "echo \"script start ${{SLURM_RESTART_COUNT:-0}} on $SLURMD_NODENAME\"\n\
          srun /usr/bin/perl -e '$|=1; $s=0; for $i (0..{last}) {{ $s += $i; print \"$i\\n\"; select(undef,undef,undef,{TICK}) }} print \"sum=$s\\n\"'\n",
-        last = TICKS - 1
+        last = ticks - 1
     )
 }
 
-/// Submits the counting script as the test user, appending to `output`
-/// across restarts.
+/// Submits the counting script (TICKS ticks) as the test user, appending to
+/// `output` across restarts.
 fn submit_counter(
     cleanup: &mut Cleanup,
     name: &str,
@@ -442,14 +453,26 @@ fn submit_counter(
     output: &Path,
     extra: &[&str],
 ) -> String {
+    submit_counter_ticks(cleanup, name, dir, output, extra, TICKS, "--vm-wrap")
+}
+
+fn submit_counter_ticks(
+    cleanup: &mut Cleanup,
+    name: &str,
+    dir: &Path,
+    output: &Path,
+    extra: &[&str],
+    ticks: u64,
+    wrap: &str,
+) -> String {
     let name = job_name(name);
-    let script = counter_script();
+    let script = counter_script(ticks);
     let mut args = vec![
         "sbatch",
         "--parsable",
         "--requeue",
         "--open-mode=append",
-        "--vm-wrap",
+        wrap,
         "-J",
         &name,
         "-o",
@@ -517,12 +540,16 @@ fn wait_progress(job: &str, output: &Path, n: usize) {
     );
 }
 
+/// Checks the output of a counter job of TICKS ticks that was stopped once.
+fn check_two_runs(text: &str, restart: Restart) -> (ScriptRun, ScriptRun) {
+    check_two_runs_ticks(text, restart, TICKS)
+}
+
 /// Checks the output of a counter job that was stopped once: the first run
 /// counted from 0 and stopped part-way; the second carried on from where
-/// the first stopped (`resumed`) or started again from 0 (not `resumed`);
-/// either way the count reached its end and the sum is right. Returns the
-/// two runs.
-fn check_two_runs(text: &str, resumed: bool) -> (ScriptRun, ScriptRun) {
+/// `restart` says; either way the count reached its end and the sum is
+/// right. Returns the two runs.
+fn check_two_runs_ticks(text: &str, restart: Restart, ticks: u64) -> (ScriptRun, ScriptRun) {
     let mut runs = parse_runs(text);
     assert_eq!(runs.len(), 2, "expected the script to run twice:\n{text}");
     let second = runs.pop().unwrap();
@@ -538,24 +565,27 @@ fn check_two_runs(text: &str, resumed: bool) -> (ScriptRun, ScriptRun) {
         .numbers
         .first()
         .unwrap_or_else(|| panic!("no count after the restart:\n{text}"));
-    if resumed {
+    match restart {
         // The step printed `stopped_at` and was checkpointed before or
         // after its next print reached the file.
-        assert!(
+        Restart::Resumed => assert!(
             start == stopped_at || start == stopped_at + 1,
             "the restarted step did not carry on from {stopped_at}:\n{text}"
-        );
-    } else {
-        assert_eq!(
+        ),
+        Restart::Earlier => assert!(
+            start > 0 && start + 1 < stopped_at,
+            "the restarted step should have resumed from an older checkpoint, before {stopped_at}:\n{text}"
+        ),
+        Restart::Afresh => assert_eq!(
             start, 0,
             "the restarted step should have started afresh:\n{text}"
-        );
+        ),
     }
-    let expected: Vec<u64> = (start..TICKS).collect();
+    let expected: Vec<u64> = (start..ticks).collect();
     assert_eq!(second.numbers, expected, "{text}");
     assert_eq!(
         second.sums,
-        [TICKS * (TICKS - 1) / 2],
+        [ticks * (ticks - 1) / 2],
         "wrong or missing sum:\n{text}"
     );
     (first, second)
@@ -634,7 +664,7 @@ fn requeued_step_resumes_on_another_node() {
     let text = fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(state, "COMPLETED", "job output:\n{text}");
     assert_eq!(scontrol_field(&job, "Restarts").as_deref(), Some("1"));
-    let (first, second) = check_two_runs(&text, true);
+    let (first, second) = check_two_runs(&text, Restart::Resumed);
     assert_eq!(
         (first.node, second.node),
         (first_node, second_node),
@@ -715,7 +745,7 @@ fn preempted_job_resumes_from_its_checkpoint() {
     assert_eq!(state, "COMPLETED", "job output:\n{text}");
     assert!(text.contains("DUE TO PREEMPTION"), "not preempted?\n{text}");
     assert_eq!(scontrol_field(&job, "Restarts").as_deref(), Some("1"));
-    check_two_runs(&text, true);
+    check_two_runs(&text, Restart::Resumed);
 }
 
 /// contrib/vmwrap-drain moves both wrapped jobs off a node: it drains the
@@ -768,7 +798,7 @@ fn drain_helper_moves_wrapped_jobs_off_a_node() {
         let state = wait_for_job(job);
         let text = fs::read_to_string(output).unwrap_or_default();
         assert_eq!(state, "COMPLETED", "job {job} output:\n{text}");
-        let (first, second) = check_two_runs(&text, true);
+        let (first, second) = check_two_runs(&text, Restart::Resumed);
         assert_eq!((&first.node, &second.node), (busy, spare), "{text}");
     }
 }
@@ -812,7 +842,7 @@ fn corrupted_checkpoint_starts_afresh() {
     let state = wait_for_job(&job);
     let text = fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(state, "COMPLETED", "job output:\n{text}");
-    check_two_runs(&text, false);
+    check_two_runs(&text, Restart::Afresh);
     let why = format!("job {job} step 0 task 0: restart 1: starting afresh: vmctl inspect --verify found no valid checkpoint");
     let logs: String = fs::read_dir("/var/log/slurm")
         .unwrap()
@@ -827,6 +857,78 @@ fn corrupted_checkpoint_starts_afresh() {
     assert!(
         line.unwrap().contains("UNUSABLE"),
         "the log line does not say what is wrong: {line:?}"
+    );
+}
+
+/// The generation `latest` points to in a checkpoint directory.
+fn latest_generation(step_dir: &Path) -> Option<String> {
+    let link = fs::read_link(step_dir.join("latest")).ok()?;
+    Some(link.to_str()?.to_string())
+}
+
+fn generation_number(name: &str) -> u64 {
+    name.strip_prefix("gen-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name:?} is not a generation directory"))
+}
+
+/// With periodic checkpoints there is an older generation to fall back to:
+/// a damaged newest one is skipped, the job's stderr says why, and the step
+/// resumes from the older one, repeating a little work but never running
+/// from bad data.
+#[test]
+fn corrupted_newest_generation_falls_back_to_the_previous_one() {
+    need_slurm!();
+    // 20 s of counting: the first periodic checkpoint comes after 10 s.
+    const LONG: u64 = 80;
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("corrupt-newest");
+    let output = dir.join("job.out");
+    let job = submit_counter_ticks(
+        &mut cleanup,
+        "corrupt-newest",
+        dir.path(),
+        &output,
+        &[],
+        LONG,
+        "--vm-wrap=interval=10",
+    );
+    wait_running(&job);
+    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let periodic = poll(
+        "the first periodic checkpoint",
+        Duration::from_secs(30),
+        || latest_generation(&step_dir),
+        || fs::read_to_string(&output).unwrap_or_default(),
+    );
+    // Count on past the periodic checkpoint, so that resuming from it is
+    // visibly different from resuming from the requeue's.
+    let done = parse_runs(&fs::read_to_string(&output).unwrap_or_default())[0]
+        .numbers
+        .len();
+    wait_progress(&job, &output, done + 6);
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    let newest = poll(
+        "the requeue's checkpoint",
+        JOB_TIMEOUT,
+        || latest_generation(&step_dir).filter(|g| *g != periodic),
+        || format!("latest is still {periodic}"),
+    );
+    corrupt(&step_dir.join(&newest).join("memory.img"));
+    release(&job, requeued_at);
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    check_two_runs_ticks(&text, Restart::Earlier, LONG);
+    let (bad, good) = (generation_number(&newest), generation_number(&periodic));
+    assert!(
+        text.contains(&format!("vmctl: generation {bad} is unusable:"))
+            && text.contains(&format!(
+                "vmctl: restored generation {good}, the newest usable one"
+            )),
+        "the job's stderr does not say why generation {bad} was skipped:\n{text}"
     );
 }
 
