@@ -110,6 +110,7 @@ impl Runner {
             signals::set_action(sig, action);
         }
         let requests = Requests::new();
+        requests.start_watchdog();
         let mut sock = None;
         if let Some(c) = &ckpt {
             prepare_dir(&c.dir)?;

@@ -145,6 +145,24 @@ fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     f.read_exact_at(buf, offset)
 }
 
+/// Refuses a checkpoint whose guest was shown CPU features this host lacks.
+pub fn check_cpu(m: &Manifest, host_xcr0: u64) -> Result<(), CheckpointError> {
+    let missing = super::cpu::missing_features(&m.cpu, host_xcr0);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(CheckpointError::Refused(format!(
+        "this host's CPU lacks features the job was shown: {}; restore it on a host with the same CPU features",
+        missing.join(", ")
+    )))
+}
+
+/// Checks the checkpoint directory itself belongs to the caller, before anything
+/// in it is trusted.
+pub fn check_dir(dir: &Path) -> Result<(), CheckpointError> {
+    check_owner(dir)
+}
+
 /// Checks every chunk of the memory image against its CRC without loading it.
 pub fn verify_memory(gen_dir: &Path, m: &Manifest) -> Result<(), CheckpointError> {
     let (f, path) = open_image(gen_dir, m, false)?;

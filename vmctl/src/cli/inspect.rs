@@ -23,6 +23,20 @@ pub struct InspectArgs {
     pub verify: bool,
 }
 
+/// The XSAVE features KVM offers here, as a restore's VM would enable them.
+fn xcr0_of_this_host() -> u64 {
+    kvm_ioctls::Kvm::new()
+        .ok()
+        .and_then(|k| k.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok())
+        .and_then(|c| {
+            c.as_slice()
+                .iter()
+                .find(|e| e.function == 0xd && e.index == 0)
+                .map(|e| (e.eax as u64) | ((e.edx as u64) << 32))
+        })
+        .unwrap_or(u64::MAX)
+}
+
 /// Seconds since the epoch as an RFC 3339 UTC time.
 pub fn rfc3339(t: i64) -> String {
     let days = t.div_euclid(86_400);
@@ -54,6 +68,8 @@ pub fn inspect(args: InspectArgs) -> i32 {
         }
     };
     let latest = read::latest(&args.dir);
+    // What this host would give a guest, for the CPU check of --verify.
+    let host_xcr0 = if args.verify { xcr0_of_this_host() } else { 0 };
     let mut rows = Vec::new();
     let mut usable = 0;
     for g in gens {
@@ -61,6 +77,7 @@ pub fn inspect(args: InspectArgs) -> i32 {
         let result = read::load_manifest(&gen_dir).and_then(|m| {
             if args.verify {
                 read::verify_memory(&gen_dir, &m)?;
+                read::check_cpu(&m, host_xcr0)?;
             }
             Ok(m)
         });

@@ -3,7 +3,7 @@
 use super::options::{CheckpointArgs, KvmArgs};
 use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
 use crate::checkpoint::format::generation_dir_name;
-use crate::checkpoint::{cpu, read, CheckpointError};
+use crate::checkpoint::read;
 use crate::kernel::Kernel;
 use crate::machine::layout::SYSTEM_SIZE;
 use crate::machine::Vm;
@@ -29,6 +29,10 @@ pub struct RestoreArgs {
 
 pub fn restore(args: RestoreArgs) -> i32 {
     let dir = args.dir.clone();
+    if let Err(e) = read::check_dir(&dir) {
+        eprintln!("vmctl: {e}");
+        return EXIT_VMCTL_FAILED;
+    }
     let candidates = match args.generation {
         Some(g) => vec![g],
         None => match read::candidates(&dir) {
@@ -89,14 +93,7 @@ fn try_generation(
     let manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
     let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
-    let missing = cpu::missing_features(&manifest.cpu, vm.xcr0());
-    if !missing.is_empty() {
-        return Err(CheckpointError::Refused(format!(
-            "this host's CPU lacks features the job was shown: {}; restore it on a host with the same CPU features",
-            missing.join(", ")
-        ))
-        .to_string());
-    }
+    read::check_cpu(&manifest, vm.xcr0()).map_err(|e| e.to_string())?;
     read::load_memory(gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
     let meta = JobMeta {
         program: manifest.program.clone(),

@@ -38,6 +38,32 @@ impl Requests {
         std::mem::take(&mut *self.queue.lock().expect("request queue poisoned"))
     }
 
+    fn waiting(&self) -> bool {
+        !self.queue.lock().expect("request queue poisoned").is_empty()
+    }
+
+    /// Starts the thread that kicks the vCPU thread again, every 50 ms, for as long
+    /// as a host signal or a request waits to be served. A signal can land after the
+    /// vCPU thread last looked and before it blocks in a host call made for the guest
+    /// (a read from a pipe, say); its handler has then run and nothing would wake the
+    /// call. Kicking until it is served closes that gap without any locking on the
+    /// syscall path.
+    pub fn start_watchdog(&self) {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("vmctl-watchdog".into())
+            .spawn(move || {
+                signals::block_in_this_thread();
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if signals::peek_pending() != 0 || me.waiting() {
+                        signals::kick(me.vcpu_thread);
+                    }
+                }
+            })
+            .expect("spawn watchdog thread");
+    }
+
     /// Starts a thread that asks for a checkpoint every `interval`.
     pub fn start_interval(&self, interval: Duration) {
         let me = self.clone();
