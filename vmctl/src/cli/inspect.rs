@@ -27,7 +27,10 @@ pub struct InspectArgs {
 fn xcr0_of_this_host() -> u64 {
     kvm_ioctls::Kvm::new()
         .ok()
-        .and_then(|k| k.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok())
+        .and_then(|k| {
+            k.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .ok()
+        })
         .and_then(|c| {
             c.as_slice()
                 .iter()

@@ -39,7 +39,11 @@ impl Requests {
     }
 
     fn waiting(&self) -> bool {
-        !self.queue.lock().expect("request queue poisoned").is_empty()
+        !self
+            .queue
+            .lock()
+            .expect("request queue poisoned")
+            .is_empty()
     }
 
     /// Starts the thread that kicks the vCPU thread again, every 50 ms, for as long

@@ -136,7 +136,13 @@ fn adopt_inherited_fds(files: &mut FdTable) {
             path: None,
             stdio: None,
         });
-        files.install_at(fd, files::FdEntry { file, cloexec: false });
+        files.install_at(
+            fd,
+            files::FdEntry {
+                file,
+                cloexec: false,
+            },
+        );
     }
 }
 
@@ -251,7 +257,11 @@ impl Kernel {
             rseq: None,
             name,
             sleep_restart: None,
-            cmdline: launch.argv.iter().flat_map(|a| a.iter().copied().chain([0])).collect(),
+            cmdline: launch
+                .argv
+                .iter()
+                .flat_map(|a| a.iter().copied().chain([0]))
+                .collect(),
         };
         Ok(Kernel {
             vm,

@@ -109,7 +109,12 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
     f[segs as usize + 6..segs as usize + 8].copy_from_slice(&USER_DS.to_le_bytes());
     put(&mut f, UC_MCONTEXT + 152, err);
     put(&mut f, UC_MCONTEXT + 160, trapno as u64);
-    let restore_mask = k.proc.signals.saved_mask.take().unwrap_or(k.proc.signals.blocked);
+    let restore_mask = k
+        .proc
+        .signals
+        .saved_mask
+        .take()
+        .unwrap_or(k.proc.signals.blocked);
     put(&mut f, UC_MCONTEXT + 168, restore_mask);
     put(
         &mut f,
