@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod clock;
 mod control;
+mod iov;
 mod kernel;
 mod machine;
 mod runner;

@@ -198,46 +198,14 @@ pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<()
                 iov_len: bytes as usize,
             });
         }
-        let mut done = 0u64;
-        let total = c.bytes();
-        let mut start = 0usize;
-        let mut iov_work = iov.clone();
-        while done < total {
-            let n = (iov_work.len() - start).min(1024);
-            // SAFETY: each iovec points into guest RAM, bounds-checked above.
-            let r = unsafe {
-                libc::preadv(
-                    f.as_raw_fd(),
-                    iov_work[start..].as_ptr(),
-                    n as i32,
-                    (c.offset + done) as i64,
-                )
-            };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(CheckpointError::Io(path.clone(), e));
-            }
-            if r == 0 {
-                return Err(CheckpointError::Corrupt(
-                    path.clone(),
-                    format!("ends inside chunk {i} (truncated)"),
-                ));
-            }
-            done += r as u64;
-            let mut left = r as usize;
-            while left > 0 {
-                if left >= iov_work[start].iov_len {
-                    left -= iov_work[start].iov_len;
-                    start += 1;
-                } else {
-                    iov_work[start].iov_base = (iov_work[start].iov_base as usize + left) as *mut _;
-                    iov_work[start].iov_len -= left;
-                    left = 0;
-                }
-            }
+        let done =
+            crate::iov::transfer_all(f.as_raw_fd(), &iov, c.offset, crate::iov::Direction::Read)
+                .map_err(|e| CheckpointError::Io(path.clone(), e))?;
+        if (done as u64) < c.bytes() {
+            return Err(CheckpointError::Corrupt(
+                path.clone(),
+                format!("ends inside chunk {i} (truncated)"),
+            ));
         }
         let mut h = crc32fast::Hasher::new();
         for v in &iov {

@@ -132,47 +132,9 @@ pub fn write_memory(
     })
 }
 
-fn write_all_iov(file: &File, iov: &[libc::iovec], mut offset: u64) -> std::io::Result<()> {
-    let mut iov = iov.to_vec();
-    let mut start = 0;
-    while start < iov.len() {
-        let n = (iov.len() - start).min(1024);
-        // SAFETY: every iovec points at live guest RAM of the stated length.
-        let w = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov[start..].as_ptr(),
-                n as i32,
-                offset as i64,
-            )
-        };
-        if w < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if w == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WriteZero,
-                "short write",
-            ));
-        }
-        offset += w as u64;
-        let mut left = w as usize;
-        while left > 0 && start < iov.len() {
-            if left >= iov[start].iov_len {
-                left -= iov[start].iov_len;
-                start += 1;
-            } else {
-                iov[start].iov_base = (iov[start].iov_base as usize + left) as *mut _;
-                iov[start].iov_len -= left;
-                left = 0;
-            }
-        }
-    }
-    Ok(())
+fn write_all_iov(file: &File, iov: &[libc::iovec], offset: u64) -> std::io::Result<()> {
+    crate::iov::transfer_all(file.as_raw_fd(), iov, offset, crate::iov::Direction::Write)
+        .map(|_| ())
 }
 
 /// The next generation number: one past the highest complete one.

@@ -818,56 +818,52 @@ pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
 
 pub fn sendfile(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let (out, inp) = (host_fd(k, a[0])?, host_fd(k, a[1])?);
-    let mut off = if a[2] != 0 {
-        Some(k.read_user(a[2], 8)?)
-    } else {
-        None
-    };
-    let r = sys!(
-        libc::SYS_sendfile,
-        out,
-        inp,
-        off.as_mut()
-            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
-        a[3]
-    );
-    let r = epipe_sigpipe(k, r)?;
-    if let Some(o) = off {
-        k.write_user(a[2], &o)?;
+    let r = with_offsets(k, [a[2]], |[off]| {
+        sys!(libc::SYS_sendfile, out, inp, off, a[3])
+    });
+    epipe_sigpipe(k, r)
+}
+
+/// Optional `loff_t *` arguments (sendfile, splice, copy_file_range): each non-null
+/// one is copied in, handed to the host call as a local, and copied back after.
+fn with_offsets<const N: usize>(
+    k: &mut Kernel,
+    ptrs: [u64; N],
+    call: impl FnOnce([*mut u8; N]) -> SysResult,
+) -> SysResult {
+    let mut vals: [Option<Vec<u8>>; N] = std::array::from_fn(|_| None);
+    for (v, &p) in vals.iter_mut().zip(&ptrs) {
+        if p != 0 {
+            *v = Some(k.read_user(p, 8)?);
+        }
     }
-    Ok(r)
+    let raw = std::array::from_fn(|i| {
+        vals[i]
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr())
+    });
+    let r = call(raw);
+    for (v, &p) in vals.iter().zip(&ptrs) {
+        if let Some(o) = v {
+            k.write_user(p, o)?;
+        }
+    }
+    r
 }
 
 pub fn copy_file_range(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[2])?);
-    let mut oin = if a[1] != 0 {
-        Some(k.read_user(a[1], 8)?)
-    } else {
-        None
-    };
-    let mut oout = if a[3] != 0 {
-        Some(k.read_user(a[3], 8)?)
-    } else {
-        None
-    };
-    let r = sys!(
-        libc::SYS_copy_file_range,
-        inp,
-        oin.as_mut()
-            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
-        out,
-        oout.as_mut()
-            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
-        a[4],
-        a[5] as u32
-    )?;
-    if let Some(o) = oin {
-        k.write_user(a[1], &o)?;
-    }
-    if let Some(o) = oout {
-        k.write_user(a[3], &o)?;
-    }
-    Ok(r)
+    with_offsets(k, [a[1], a[3]], |[oin, oout]| {
+        sys!(
+            libc::SYS_copy_file_range,
+            inp,
+            oin,
+            out,
+            oout,
+            a[4],
+            a[5] as u32
+        )
+    })
 }
 
 pub fn memfd_create(k: &mut Kernel, a: [u64; 6]) -> SysResult {
@@ -904,35 +900,10 @@ pub fn mknodat(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
 
 pub fn splice(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[2])?);
-    let mut oin = if a[1] != 0 {
-        Some(k.read_user(a[1], 8)?)
-    } else {
-        None
-    };
-    let mut oout = if a[3] != 0 {
-        Some(k.read_user(a[3], 8)?)
-    } else {
-        None
-    };
-    let r = sys!(
-        libc::SYS_splice,
-        inp,
-        oin.as_mut()
-            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
-        out,
-        oout.as_mut()
-            .map_or(std::ptr::null_mut(), |o| o.as_mut_ptr()),
-        a[4],
-        a[5] as u32
-    );
-    let r = epipe_sigpipe(k, r)?;
-    if let Some(o) = oin {
-        k.write_user(a[1], &o)?;
-    }
-    if let Some(o) = oout {
-        k.write_user(a[3], &o)?;
-    }
-    Ok(r)
+    let r = with_offsets(k, [a[1], a[3]], |[oin, oout]| {
+        sys!(libc::SYS_splice, inp, oin, out, oout, a[4], a[5] as u32)
+    });
+    epipe_sigpipe(k, r)
 }
 
 pub fn tee(k: &mut Kernel, a: [u64; 6]) -> SysResult {

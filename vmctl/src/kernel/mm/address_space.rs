@@ -730,37 +730,7 @@ fn read_file_pages(mem: &GuestMemory, file: &Arc<MappedFile>, offset: u64, frame
             iov_len: PAGE_SIZE as usize,
         })
         .collect();
-    let mut done = 0usize;
-    let total = iov.len() * PAGE_SIZE as usize;
-    let mut iov = iov;
-    while done < total {
-        // Advance the iovec list past what is already read.
-        let mut skip = done;
-        let mut idx = 0;
-        while skip >= iov[idx].iov_len {
-            skip -= iov[idx].iov_len;
-            idx += 1;
-        }
-        let saved = iov[idx];
-        iov[idx].iov_base = (saved.iov_base as u64 + skip as u64) as *mut _;
-        iov[idx].iov_len -= skip;
-        let cnt = (iov.len() - idx).min(1024);
-        // SAFETY: every iovec points into guest RAM owned by `mem`, within bounds.
-        let n = unsafe {
-            libc::preadv(
-                f.as_raw_fd(),
-                iov[idx..].as_ptr(),
-                cnt as i32,
-                (offset + done as u64) as i64,
-            )
-        };
-        iov[idx] = saved;
-        if n <= 0 {
-            if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            break;
-        }
-        done += n as usize;
-    }
+    // Past the end of the file the frames stay zero, as Linux maps them; an I/O error
+    // leaves them zero too (the guest sees what a failed read-ahead would give).
+    let _ = crate::iov::transfer_all(f.as_raw_fd(), &iov, offset, crate::iov::Direction::Read);
 }
