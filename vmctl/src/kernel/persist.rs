@@ -225,6 +225,9 @@ impl Kernel {
     /// Rebuilds a kernel from `state` on `vm`, whose RAM already holds the memory image.
     pub fn restore(vm: Vm, state: KernelState) -> Result<Kernel, RestoreError> {
         let mem: Arc<GuestMemory> = vm.memory().clone();
+        // The image is in guest RAM already; KVM needs memslots up to where it reaches.
+        mem.ensure_backed(state.frames.high_water())
+            .map_err(|e| RestoreError::File(format!("cannot expose guest RAM to KVM: {e}")))?;
         let ps = state.process;
         let mut mm = ps.mm;
         reopen_mapped_files(&mut mm)?;

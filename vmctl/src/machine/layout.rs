@@ -26,6 +26,13 @@ pub const DETOUR_LIST_GPA: u64 = 0x1c_0000;
 pub const DETOUR_LIST_END: u64 = 0x20_0000;
 pub const SYSTEM_SIZE: u64 = 0x20_0000;
 
+/// Guest RAM is exposed to KVM in memslots of this size, added as the guest's frame
+/// allocator first reaches them: KVM's per-slot bookkeeping is proportional to the
+/// slot, so one slot for a large --mem would cost milliseconds at every start.
+pub const RAM_SLOT_SIZE: u64 = 1 << 30;
+/// Memslot numbers from here on are for shared file mappings.
+pub const FIRST_SHARED_SLOT: u32 = 1024;
+
 /// A guest-physical address with no memslot: a user store to it exits to the VMM.
 pub const MMIO_GPA: u64 = 0x40_0000_0000;
 /// Guest-physical window for shared file mappings, each in its own memslot.

@@ -5,8 +5,12 @@
 //! unpopulated host page costs microseconds while a populated, THP-backed 2 MiB page
 //! costs nothing (see shared/PLATFORM.md "Memory").
 
+use super::layout::RAM_SLOT_SIZE;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
 use std::io;
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 pub const HUGE_PAGE: u64 = 2 << 20;
 const MADV_POPULATE_WRITE: libc::c_int = 23;
@@ -18,6 +22,13 @@ pub struct GuestMemory {
     /// Host-side start of the raw mapping (before alignment), for munmap.
     raw: *mut libc::c_void,
     raw_len: usize,
+    /// The VM's memslots for RAM, and how far they reach.
+    slots: Mutex<RamSlots>,
+}
+
+struct RamSlots {
+    vm: Option<VmFd>,
+    backed: u64,
 }
 
 // SAFETY: GuestMemory owns its mapping; the raw pointers are only dereferenced through
@@ -55,7 +66,43 @@ impl GuestMemory {
             size,
             raw,
             raw_len,
+            slots: Mutex::new(RamSlots {
+                vm: None,
+                backed: 0,
+            }),
         })
+    }
+
+    /// Attaches the VM (a descriptor of its own) whose memslots expose this RAM.
+    pub fn attach(&self, vm: VmFd) {
+        self.slots.lock().expect("slots poisoned").vm = Some(vm);
+    }
+
+    /// Makes sure KVM has memslots for guest-physical `[0, upto)`, adding 1 GiB slots
+    /// as needed. Cheap when they already exist.
+    pub fn ensure_backed(&self, upto: u64) -> io::Result<()> {
+        let mut s = self.slots.lock().expect("slots poisoned");
+        let upto = upto.min(self.size);
+        while s.backed < upto {
+            let start = s.backed;
+            let len = RAM_SLOT_SIZE.min(self.size - start);
+            let region = kvm_userspace_memory_region {
+                slot: (start / RAM_SLOT_SIZE) as u32,
+                flags: 0,
+                guest_phys_addr: start,
+                memory_size: len,
+                userspace_addr: self.host_base() + start,
+            };
+            let vm =
+                s.vm.as_ref()
+                    .ok_or_else(|| io::Error::other("guest RAM has no VM"))?;
+            // SAFETY: the range lies inside this mapping, which outlives the VM's use of
+            // it (the Vm keeps its GuestMemory alive as long as the VM exists).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+            s.backed = start + len;
+        }
+        Ok(())
     }
 
     pub fn size(&self) -> u64 {
@@ -123,6 +170,7 @@ impl GuestMemory {
         let p = self
             .host_ptr(gpa, len)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        self.ensure_backed(gpa + len)?;
         // SAFETY: the range is inside our mapping; MADV_POPULATE_WRITE only faults pages in.
         let r = unsafe { libc::madvise(p as *mut _, len as usize, MADV_POPULATE_WRITE) };
         if r != 0 {

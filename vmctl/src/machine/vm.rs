@@ -7,7 +7,7 @@ use super::vcpu::Vcpu;
 use super::MachineError;
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 
 /// Where /dev/kvm comes from: opened by us, or inherited from a privileged launcher.
@@ -58,19 +58,20 @@ impl Vm {
             .create_vm()
             .map_err(|e| MachineError::Kvm("KVM_CREATE_VM", e))?;
         let mem = GuestMemory::new(SYSTEM_SIZE + ram).map_err(MachineError::GuestRam)?;
+        // Guest RAM gets its memslots as it is used; it needs a handle on the VM.
+        // SAFETY: dup of the VM descriptor we just created; the new VmFd owns the copy.
+        // Close-on-exec like every descriptor of vmctl's own, so it never passes for
+        // one the program inherited.
+        let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(MachineError::GuestRam(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is an open KVM VM descriptor that nothing else owns.
+        let slot_fd = unsafe { kvm.create_vmfd_from_rawfd(dup) }
+            .map_err(|e| MachineError::Kvm("KVM_CREATE_VM (dup)", e))?;
+        mem.attach(slot_fd);
         mem.populate(0, SYSTEM_SIZE)
             .map_err(MachineError::GuestRam)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: mem.size(),
-            userspace_addr: mem.host_base(),
-        };
-        // SAFETY: the region is backed by `mem`, which the VM keeps alive (Arc) for as long
-        // as the memslot exists.
-        unsafe { fd.set_user_memory_region(region) }
-            .map_err(|e| MachineError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| MachineError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;

@@ -3,7 +3,7 @@
 //! shared mapping is a host MAP_SHARED mapping of the file, placed in the guest as
 //! its own memslot in a window above RAM, and guest page tables point into it.
 
-use crate::machine::layout::{PAGE_SIZE, SHARED_WINDOW, SHARED_WINDOW_END};
+use crate::machine::layout::{FIRST_SHARED_SLOT, PAGE_SIZE, SHARED_WINDOW, SHARED_WINDOW_END};
 use crate::machine::{MachineError, Vm};
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -127,12 +127,12 @@ impl SharedRegions {
         };
         let slot = match fixed {
             Some((_, slot)) => {
-                self.next_slot = self.next_slot.max(slot);
+                self.next_slot = self.next_slot.max(slot - FIRST_SHARED_SLOT + 1);
                 slot
             }
             None => self.free_slots.pop().unwrap_or_else(|| {
                 self.next_slot += 1;
-                self.next_slot
+                FIRST_SHARED_SLOT + self.next_slot - 1
             }),
         };
         let region = Arc::new(SharedRegion {
