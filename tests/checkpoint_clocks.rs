@@ -103,3 +103,83 @@ fn tsc_and_monotonic_continue_across_restore_onto_a_host_that_is_behind() {
     );
     assert_eq!(lines[3], "end");
 }
+
+/// An interval timer the guest armed keeps firing after a restore: the timers are
+/// vmctl's host timers, so a checkpoint must carry them or a guest waiting for its
+/// next tick would wait forever.
+#[test]
+fn interval_timers_survive_checkpoint_and_restore() {
+    if !require_kvm() {
+        return;
+    }
+    let tmp = TempDir::new("itimer");
+    let dir = tmp.path().join("ck");
+    let script = tmp.path().join("ticks.py");
+    std::fs::write(
+        &script,
+        "import signal\nn = [0]\ndef tick(s, f):\n    n[0] += 1\n    print('tick', n[0], flush=True)\n\
+         signal.signal(signal.SIGALRM, tick)\nsignal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)\n\
+         while n[0] < 6:\n    signal.pause()\nprint('done', n[0], flush=True)\n",
+    )
+    .unwrap();
+    let mut run = Command::new(vmctl_path())
+        .args(["run", "--checkpoint-dir"])
+        .arg(&dir)
+        .args([
+            "--on-signal",
+            "TERM=checkpoint-exit",
+            "--",
+            "/usr/bin/python3",
+        ])
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start vmctl run");
+    let mut out = BufReader::new(run.stdout.take().expect("stdout"));
+    let first = read_line(&mut out);
+    assert_eq!(first, "tick 1");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let mut before = vec![first];
+    loop {
+        let l = read_line(&mut out);
+        if l.is_empty() {
+            break;
+        }
+        before.push(l);
+    }
+    assert_eq!(run.wait().unwrap().code(), Some(75), "{before:?}");
+    let mut restored = Command::new(vmctl_path())
+        .arg("restore")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmctl restore");
+    // Without its timer the guest would pause forever: give it a generous deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while restored.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = restored.kill();
+            panic!("the restored guest never got its next timer tick");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = restored.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let after = String::from_utf8_lossy(&output.stdout).to_string();
+    let all: Vec<String> = before
+        .into_iter()
+        .chain(after.lines().map(String::from))
+        .collect();
+    let expected: Vec<String> = (1..=6)
+        .map(|i| format!("tick {i}"))
+        .chain(["done 6".to_string()])
+        .collect();
+    assert_eq!(all, expected);
+}

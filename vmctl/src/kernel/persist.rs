@@ -94,6 +94,48 @@ pub struct KernelState {
     /// The TSC the guest would have read when the checkpoint was taken.
     #[serde(default)]
     pub tsc: u64,
+    /// The guest's interval timers (ITIMER_REAL, _VIRTUAL, _PROF) as
+    /// (interval, value) in microseconds. They are vmctl's own host timers, so they
+    /// are read at the checkpoint and armed again on restore.
+    #[serde(default)]
+    pub itimers: Vec<(u64, u64)>,
+}
+
+fn read_itimers() -> Vec<(u64, u64)> {
+    (0..3)
+        .map(|which| {
+            // SAFETY: getitimer writes into the local struct.
+            let mut t: libc::itimerval = unsafe { std::mem::zeroed() };
+            unsafe { libc::syscall(libc::SYS_getitimer, which, &mut t) };
+            let us = |v: libc::timeval| v.tv_sec as u64 * 1_000_000 + v.tv_usec as u64;
+            (us(t.it_interval), us(t.it_value))
+        })
+        .collect()
+}
+
+fn arm_itimers(timers: &[(u64, u64)]) {
+    for (which, &(interval, value)) in timers.iter().enumerate() {
+        if value == 0 {
+            continue;
+        }
+        let tv = |us: u64| libc::timeval {
+            tv_sec: (us / 1_000_000) as i64,
+            tv_usec: (us % 1_000_000) as i64,
+        };
+        let t = libc::itimerval {
+            it_interval: tv(interval),
+            it_value: tv(value),
+        };
+        // SAFETY: setitimer reads the local struct; the old value is not wanted.
+        unsafe {
+            libc::syscall(
+                libc::SYS_setitimer,
+                which as i32,
+                &t,
+                std::ptr::null_mut::<libc::itimerval>(),
+            )
+        };
+    }
 }
 
 fn host_fd_path(fd: RawFd) -> Option<PathBuf> {
@@ -219,6 +261,7 @@ impl Kernel {
             vcpus: vec![vcpu],
             monotonic_ns: crate::clock::monotonic_ns() + self.clock_offset_ns,
             tsc: crate::clock::host_tsc().wrapping_add(self.tsc_offset),
+            itimers: read_itimers(),
         }))
     }
 
@@ -308,6 +351,7 @@ impl Kernel {
             } else {
                 (0, false)
             };
+        arm_itimers(&state.itimers);
         let proc = Process {
             pid: ps.pid,
             ppid: ps.ppid,
