@@ -97,6 +97,22 @@ const FIXTURES: &[Fixture] = &[
         source: "readfile.c",
         flags: STATIC,
     },
+    // Hostile arguments to memory syscalls (tests/vmctl_run.rs).
+    Fixture {
+        name: "hostile",
+        source: "hostile.c",
+        flags: PIE,
+    },
+    Fixture {
+        name: "churn",
+        source: "churn.c",
+        flags: PIE,
+    },
+    Fixture {
+        name: "spin",
+        source: "spin.c",
+        flags: PIE,
+    },
     // Clock continuity across restore (tests/checkpoint_clocks.rs).
     Fixture {
         name: "clocks",

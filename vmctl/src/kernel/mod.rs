@@ -513,6 +513,13 @@ impl Kernel {
                     }
                 }
             }
+            // A handler frame is built from the interrupted registers, which after an
+            // interruption must first be read. If the vCPU stopped inside a CPL0 stub
+            // the signal waits for that stub's exit, a moment later.
+            if !self.vcpu.refresh_user_state()? {
+                self.proc.signals.pending |= sig_bit(sig);
+                return Ok(());
+            }
             let info = sigframe::SigInfo {
                 signo: sig,
                 code: -6, // SI_TKILL

@@ -419,7 +419,11 @@ fn reopen_mapped_files(mm: &mut AddressSpace) -> Result<(), RestoreError> {
             .metadata()
             .map_err(|e| RestoreError::File(e.to_string()))?;
         let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
-        if file.size != 0 && (md.size() != file.size || mtime != file.mtime_ns) {
+        // A private mapping's untouched pages would come from the file as it is now,
+        // so it must not have changed. A shared mapping *is* the file: changes (the
+        // job's own writes included) are what it is meant to see.
+        let changed = md.size() != file.size || mtime != file.mtime_ns;
+        if !v.shared && file.size != 0 && changed {
             return Err(RestoreError::File(format!(
                 "{}: mapped by the job and changed since the checkpoint (size {} -> {}); restore it or start afresh",
                 file.path.display(),

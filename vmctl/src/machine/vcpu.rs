@@ -354,15 +354,38 @@ impl Vcpu {
         if writes.is_empty() {
             return Ok(());
         }
-        let k = |what, e| MachineError::Kvm(what, e);
+        // After an interruption our copy of the user registers is stale: read them, so
+        // that the resume after the detour puts back the real ones.
+        if !self.refresh_user_state()? {
+            return Err(MachineError::VcpuFailed(
+                "page-table detour requested while the vCPU was inside a CPL0 stub".into(),
+            ));
+        }
         let restore = match self.resume {
             Resume::Exception { .. } => {
                 let mut s = self.stub_sregs;
                 s.cr3 = self.cr3;
+                s.fs.base = self.fs_base;
+                s.gs.base = self.gs_base;
+                s.cr4 = system::kernel_sregs(&self.template, self.index, self.cr3, self.tsd).cr4;
                 s
             }
             _ => self.user_sregs(),
         };
+        let result = self.run_detour(writes);
+        // Whatever happened, leave the vCPU in the mode it was stopped in.
+        let restored = self
+            .fd
+            .set_sregs(&restore)
+            .map_err(|e| MachineError::Kvm("KVM_SET_SREGS", e));
+        result?;
+        restored?;
+        self.sregs_dirty = false;
+        Ok(())
+    }
+
+    fn run_detour(&mut self, writes: &[(u64, u64)]) -> Result<(), MachineError> {
+        let k = |what, e| MachineError::Kvm(what, e);
         let cpl0 = system::kernel_sregs(&self.template, self.index, self.cr3, self.tsd);
         self.fd
             .set_sregs(&cpl0)
@@ -382,26 +405,51 @@ impl Vcpu {
                 rflags: 2,
                 ..Default::default()
             };
-            self.fd.set_regs(&regs).map_err(|e| k("KVM_SET_REGS", e))?;
-            match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, _)) if port == PORT_DETOUR_DONE as u16 => {}
-                other => {
-                    return Err(MachineError::VcpuFailed(format!(
-                        "page-table detour ended with {:?}",
-                        other.map(|e| format!("{e:?}"))
-                    )))
+            loop {
+                self.fd.set_regs(&regs).map_err(|e| k("KVM_SET_REGS", e))?;
+                match self.fd.run() {
+                    Ok(VcpuExit::IoOut(port, _)) if port == PORT_DETOUR_DONE as u16 => break,
+                    // A host signal (or a kick already pending in immediate_exit) stopped
+                    // the detour: the writes are idempotent, so run the list again. The
+                    // signal itself is recorded and served after this exit.
+                    Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                        self.fd.set_kvm_immediate_exit(0);
+                    }
+                    other => {
+                        return Err(MachineError::VcpuFailed(format!(
+                            "page-table detour ended with {:?}",
+                            other.map(|e| format!("{e:?}"))
+                        )))
+                    }
                 }
             }
         }
-        self.fd
-            .set_sregs(&restore)
-            .map_err(|e| k("KVM_SET_SREGS", e))?;
-        // The next resume rewrites every general register from our copies.
-        if matches!(self.resume, Resume::Untouched) {
-            self.resume = Resume::Fresh;
-        }
-        self.sregs_dirty = false;
         Ok(())
+    }
+
+    /// Makes `user_regs` current after an interruption, when they were not read at
+    /// the exit. Returns false if the vCPU stopped inside a CPL0 stub; it then reaches
+    /// a clean exit on its next run.
+    pub fn refresh_user_state(&mut self) -> Result<bool, MachineError> {
+        if !matches!(self.resume, Resume::Untouched) {
+            return Ok(true);
+        }
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| MachineError::Kvm("KVM_GET_REGS", e))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| MachineError::Kvm("KVM_GET_SREGS", e))?;
+        if sregs.cs.dpl != 3 {
+            return Ok(false);
+        }
+        self.user = regs;
+        self.fs_base = sregs.fs.base;
+        self.gs_base = sregs.gs.base;
+        self.resume = Resume::Fresh;
+        Ok(true)
     }
 
     /// The full XSAVE area (FPU, SSE, AVX...), for signal frames and checkpoints.
@@ -422,22 +470,8 @@ impl Vcpu {
     /// The guest-visible CPU state, for a checkpoint. None when the vCPU was stopped
     /// inside a CPL0 stub (it then reaches a clean exit on its next run).
     pub fn capture(&mut self) -> Result<Option<VcpuState>, MachineError> {
-        if let Resume::Untouched = self.resume {
-            let regs = self
-                .fd
-                .get_regs()
-                .map_err(|e| MachineError::Kvm("KVM_GET_REGS", e))?;
-            let sregs = self
-                .fd
-                .get_sregs()
-                .map_err(|e| MachineError::Kvm("KVM_GET_SREGS", e))?;
-            if sregs.cs.dpl != 3 {
-                return Ok(None);
-            }
-            self.user = regs;
-            self.fs_base = sregs.fs.base;
-            self.gs_base = sregs.gs.base;
-            self.resume = Resume::Fresh;
+        if !self.refresh_user_state()? {
+            return Ok(None);
         }
         let xsave = self.get_xsave()?;
         let u = &self.user;

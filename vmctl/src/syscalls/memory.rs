@@ -16,6 +16,11 @@ const MAP_TYPE: u64 = 0xf;
 const PROT_MASK: u64 = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
 const TASK_SIZE: u64 = crate::kernel::mm::address_space::TASK_SIZE;
 
+/// The end of a guest range `[addr, addr+len)` if it lies inside user space.
+fn user_end(addr: u64, len: u64) -> Option<u64> {
+    addr.checked_add(len).filter(|&e| e <= TASK_SIZE)
+}
+
 fn page_aligned(x: u64) -> bool {
     x & (PAGE_SIZE - 1) == 0
 }
@@ -107,12 +112,8 @@ pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         if !page_aligned(addr) || addr.checked_add(len).is_none_or(|e| e > TASK_SIZE) {
             return Err(Errno(if fixed { libc::EINVAL } else { libc::ENOMEM }));
         }
-        if noreplace && !fixed {
-            let taken =
-                (0..len / PAGE_SIZE).any(|i| k.proc.mm.find(addr + i * PAGE_SIZE).is_some());
-            if taken {
-                return Err(Errno(libc::EEXIST));
-            }
+        if noreplace && !fixed && k.proc.mm.overlaps(addr, addr + len) {
+            return Err(Errno(libc::EEXIST));
         }
         addr
     } else {
@@ -173,7 +174,10 @@ pub fn mprotect(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     if len == 0 {
         return Ok(0);
     }
-    let len = len.next_multiple_of(PAGE_SIZE);
+    let len = len
+        .checked_next_multiple_of(PAGE_SIZE)
+        .ok_or(Errno(libc::ENOMEM))?;
+    user_end(addr, len).ok_or(Errno(libc::ENOMEM))?;
     if prot & libc::PROT_WRITE as u64 != 0 {
         let mut va = addr;
         while va < addr + len {
@@ -201,7 +205,15 @@ pub fn madvise(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     if !page_aligned(addr) {
         return Err(Errno(libc::EINVAL));
     }
-    let len = len.next_multiple_of(PAGE_SIZE);
+    let len = len
+        .checked_next_multiple_of(PAGE_SIZE)
+        .ok_or(Errno(libc::EINVAL))?;
+    if user_end(addr, len).is_none() {
+        return Err(Errno(libc::EINVAL));
+    }
+    if len == 0 {
+        return Ok(0);
+    }
     match advice {
         libc::MADV_DONTNEED | libc::MADV_REMOVE => {
             k.with_mm(|mm, ctx| mm.discard(ctx, addr, len))?;
@@ -234,18 +246,31 @@ pub fn mincore(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     if !page_aligned(addr) {
         return Err(Errno(libc::EINVAL));
     }
-    let pages = len.div_ceil(PAGE_SIZE);
-    let mut out = vec![0u8; pages as usize];
-    for (i, b) in out.iter_mut().enumerate() {
-        let va = addr + i as u64 * PAGE_SIZE;
-        if k.proc.mm.find(va).is_none() {
-            return Err(Errno(libc::ENOMEM));
-        }
-        *b = u8::from(
-            crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, va).is_some(),
-        );
+    let end = len
+        .checked_next_multiple_of(PAGE_SIZE)
+        .and_then(|l| user_end(addr, l))
+        .ok_or(Errno(libc::ENOMEM))?;
+    // The whole range must be mapped before anything is written, as on Linux.
+    let mut va = addr;
+    while va < end {
+        va = k.proc.mm.find(va).ok_or(Errno(libc::ENOMEM))?.end;
     }
-    k.write_user(vec, &out)?;
+    // One byte per page, written out in bounded pieces whatever the range's size.
+    const PIECE: u64 = 64 * 1024;
+    let mut va = addr;
+    while va < end {
+        let pages = ((end - va) / PAGE_SIZE).min(PIECE);
+        let out: Vec<u8> = (0..pages)
+            .map(|i| {
+                let p = va + i * PAGE_SIZE;
+                u8::from(
+                    crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, p).is_some(),
+                )
+            })
+            .collect();
+        k.write_user(vec + (va - addr) / PAGE_SIZE, &out)?;
+        va += pages * PAGE_SIZE;
+    }
     Ok(0)
 }
 
@@ -260,8 +285,18 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     {
         return Err(Errno(libc::EINVAL));
     }
-    let old_len = old_len.next_multiple_of(PAGE_SIZE);
-    let new_len = new_len.next_multiple_of(PAGE_SIZE);
+    let (Some(old_len), Some(new_len)) = (
+        old_len.checked_next_multiple_of(PAGE_SIZE),
+        new_len.checked_next_multiple_of(PAGE_SIZE),
+    ) else {
+        return Err(Errno(libc::EINVAL));
+    };
+    if user_end(old, old_len).is_none() || new_len > TASK_SIZE {
+        return Err(Errno(libc::EINVAL));
+    }
+    if flags & FIXED != 0 && (!page_aligned(new_addr) || user_end(new_addr, new_len).is_none()) {
+        return Err(Errno(libc::EINVAL));
+    }
     let vma = k.proc.mm.find(old).cloned().ok_or(Errno(libc::EFAULT))?;
     if old_len == 0 || old + old_len > vma.end {
         return Err(Errno(libc::EFAULT));
@@ -299,8 +334,8 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         let tail = old + old_len;
         let grow = new_len - old_len;
         let free = old + old_len == vma.end
-            && tail.checked_add(grow).is_some_and(|e| e <= TASK_SIZE)
-            && (0..grow / PAGE_SIZE).all(|i| k.proc.mm.find(tail + i * PAGE_SIZE).is_none());
+            && user_end(tail, grow).is_some()
+            && !k.proc.mm.overlaps(tail, tail + grow);
         if free {
             let mut ext = backing.clone();
             if let Backing::File { offset, .. } = &mut ext {
@@ -357,6 +392,10 @@ pub fn get_mempolicy(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     const MPOL_F_MEMS_ALLOWED: u64 = 4;
     if a[0] != 0 {
         k.write_user(a[0], &0i32.to_le_bytes())?;
+    }
+    // Linux refuses node masks wider than a page of bits.
+    if a[2] > PAGE_SIZE * 8 {
+        return Err(Errno(libc::EINVAL));
     }
     if a[1] != 0 && a[2] > 0 {
         let mut mask = vec![0u8; a[2].div_ceil(64) as usize * 8];

@@ -115,7 +115,7 @@ impl AddressSpace {
             .filter(|v| va < v.end)
     }
 
-    fn overlaps(&self, start: u64, end: u64) -> bool {
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
         self.vmas
             .range(..end)
             .next_back()
@@ -187,7 +187,12 @@ impl AddressSpace {
         backing: Backing,
         kind: VmaKind,
     ) -> Result<u64, Errno> {
-        let end = start + len;
+        // Every caller checks its range; this guards the page tables' upper half, which
+        // no user mapping may ever reach.
+        let end = match start.checked_add(len) {
+            Some(e) if start < e && e <= TASK_SIZE => e,
+            _ => return Err(Errno(libc::EINVAL)),
+        };
         let vma = Vma {
             start,
             end,
@@ -225,7 +230,13 @@ impl AddressSpace {
     }
 
     pub fn unmap(&mut self, ctx: &mut MmCtx, start: u64, len: u64) -> Result<(), Errno> {
-        let end = start + len;
+        let end = start
+            .checked_add(len)
+            .ok_or(Errno(libc::EINVAL))?
+            .min(TASK_SIZE);
+        if start >= end {
+            return Ok(());
+        }
         if !self.overlaps(start, end) {
             return Ok(());
         }
@@ -248,7 +259,10 @@ impl AddressSpace {
         len: u64,
         prot: i32,
     ) -> Result<(), Errno> {
-        let end = start + len;
+        let end = match start.checked_add(len) {
+            Some(e) if start < e && e <= TASK_SIZE => e,
+            _ => return Err(Errno(libc::ENOMEM)),
+        };
         // Linux fails with ENOMEM when part of the range is unmapped.
         let mut cursor = start;
         for (_, v) in self.vmas.range(..end) {
@@ -289,7 +303,10 @@ impl AddressSpace {
     }
 
     pub fn discard(&mut self, ctx: &mut MmCtx, start: u64, len: u64) -> Result<(), Errno> {
-        let end = start + len;
+        let end = start
+            .checked_add(len)
+            .ok_or(Errno(libc::EINVAL))?
+            .min(TASK_SIZE);
         if self
             .vmas
             .range(..end)
@@ -648,7 +665,12 @@ impl AddressSpace {
             return self.brk;
         }
         let old_end = self.brk.next_multiple_of(PAGE_SIZE);
-        let new_end = want.next_multiple_of(PAGE_SIZE);
+        let Some(new_end) = want
+            .checked_next_multiple_of(PAGE_SIZE)
+            .filter(|&e| e <= TASK_SIZE)
+        else {
+            return self.brk;
+        };
         if new_end > old_end {
             if self.overlaps(old_end, new_end) {
                 return self.brk;
