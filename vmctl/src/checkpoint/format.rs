@@ -45,7 +45,10 @@ pub struct Chunk {
 
 impl Chunk {
     pub fn bytes(&self) -> u64 {
-        self.runs.iter().map(|r| r.pages * PAGE_SIZE).sum()
+        self.runs
+            .iter()
+            .map(|r| r.pages.saturating_mul(PAGE_SIZE))
+            .fold(0, u64::saturating_add)
     }
 }
 

@@ -186,7 +186,7 @@ pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<()
     for (i, c) in m.memory.chunks.iter().enumerate() {
         let mut iov = Vec::with_capacity(c.runs.len());
         for r in &c.runs {
-            let bytes = r.pages * PAGE_SIZE;
+            let bytes = r.pages.saturating_mul(PAGE_SIZE);
             let p = mem.host_ptr(r.gpa, bytes).ok_or_else(|| {
                 CheckpointError::Corrupt(
                     path.clone(),

@@ -268,6 +268,12 @@ impl Kernel {
     /// Rebuilds a kernel from `state` on `vm`, whose RAM already holds the memory image.
     pub fn restore(vm: Vm, state: KernelState) -> Result<Kernel, RestoreError> {
         let mem: Arc<GuestMemory> = vm.memory().clone();
+        // The manifest passed its checksum, but it must also fit the VM it describes.
+        if !state.frames.fits(mem.size()) || state.process.mm.root >= mem.size() {
+            return Err(RestoreError::File(
+                "the kernel state names guest memory beyond the checkpoint's RAM size".into(),
+            ));
+        }
         // The image is in guest RAM already; KVM needs memslots up to where it reaches.
         mem.ensure_backed(state.frames.high_water())
             .map_err(|e| RestoreError::File(format!("cannot expose guest RAM to KVM: {e}")))?;

@@ -40,6 +40,18 @@ impl FrameAllocator {
         self.next_chunk
     }
 
+    /// Whether every frame this allocator has or will hand out lies in `[0, ram)`
+    /// (a restore checks a deserialized allocator against its VM).
+    pub fn fits(&self, ram: u64) -> bool {
+        self.next_chunk <= self.end
+            && self.end <= ram
+            && self
+                .free_chunks
+                .iter()
+                .chain(&self.free_pages)
+                .all(|&f| f < self.end)
+    }
+
     fn fresh_chunk(&mut self, mem: &GuestMemory) -> Option<(u64, bool)> {
         if let Some(c) = self.free_chunks.pop() {
             return Some((c, true));
