@@ -26,6 +26,9 @@ pub struct JobMeta {
 }
 
 pub struct Runner {
+    // Dropped first (fields drop in order): unregisters kvm_run from the signal
+    // handlers before the kernel and its vCPU are torn down.
+    _registration: signals::VcpuRegistration,
     kernel: Kernel,
     ckpt: Option<CheckpointOptions>,
     requests: Requests,
@@ -103,7 +106,7 @@ impl Runner {
         meta: JobMeta,
     ) -> Result<Runner, String> {
         let mut kernel = kernel;
-        signals::register_vcpu(kernel.vcpu.kvm_run_ptr());
+        let registration = signals::register_vcpu(kernel.vcpu.kvm_run_ptr());
         let extra: Vec<i32> = on_signal.iter().map(|&(s, _)| s).collect();
         signals::install(&extra);
         for &(sig, action) in on_signal {
@@ -127,6 +130,7 @@ impl Runner {
             return Err("--on-signal ...=checkpoint needs --checkpoint-dir".into());
         }
         Ok(Runner {
+            _registration: registration,
             kernel,
             ckpt,
             requests,

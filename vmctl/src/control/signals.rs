@@ -58,9 +58,23 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Registers the vCPU's kvm_run so handlers can stop it.
-pub fn register_vcpu(run: *mut kvm_bindings::kvm_run) {
+/// Registers the vCPU's kvm_run so handlers can stop it, until the returned guard
+/// is dropped. The guard must go before the vCPU does: a signal arriving after the
+/// vCPU's kvm_run is unmapped would otherwise write to freed memory.
+#[must_use]
+pub fn register_vcpu(run: *mut kvm_bindings::kvm_run) -> VcpuRegistration {
     KVM_RUN.store(run as *mut u8, Ordering::SeqCst);
+    VcpuRegistration(())
+}
+
+pub struct VcpuRegistration(());
+
+impl Drop for VcpuRegistration {
+    fn drop(&mut self) {
+        // Handlers run on this same thread, so once this store is done none of them
+        // can still hold the old pointer.
+        KVM_RUN.store(std::ptr::null_mut(), Ordering::SeqCst);
+    }
 }
 
 pub fn set_action(sig: i32, action: SignalAction) {
