@@ -235,7 +235,10 @@ mod tests {
 
     /// The test process's own uid and gid, as the owner of a file it made.
     fn me() -> (u32, u32) {
-        let probe = scratch("me");
+        // Tests run in parallel threads of one process: each probe needs its own name.
+        static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let probe = scratch(&format!("me-{n}"));
         std::fs::write(&probe, b"").unwrap();
         let m = std::fs::metadata(&probe).unwrap();
         std::fs::remove_file(&probe).unwrap();
