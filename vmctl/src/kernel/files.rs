@@ -30,7 +30,7 @@ pub struct FdEntry {
     pub cloexec: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct FdTable {
     map: BTreeMap<i32, FdEntry>,
 }

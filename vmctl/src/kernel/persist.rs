@@ -3,8 +3,7 @@
 
 use super::files::{FdEntry, FdTable, OpenFile};
 use super::mm::{AddressSpace, Backing, FrameAllocator, SharedRegions};
-use super::process::{Process, Rseq};
-use super::signals::SignalState;
+use super::process::Process;
 use super::{dup_stdio, Kernel};
 use crate::machine::{GuestMemory, MachineError, VcpuState, Vm};
 use serde::{Deserialize, Serialize};
@@ -60,26 +59,13 @@ pub struct RegionState {
     pub vmas: Vec<u64>,
 }
 
+/// A process in a checkpoint: the process itself, and what lives in the host rather
+/// than in it (the working directory, the descriptors).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ProcessState {
-    pub pid: i32,
-    pub ppid: i32,
-    pub pgid: i32,
-    pub sid: i32,
-    pub exe: PathBuf,
+    #[serde(flatten)]
+    pub process: Process,
     pub cwd: PathBuf,
-    pub rlimits: Vec<(u64, u64)>,
-    pub umask: u32,
-    pub clear_child_tid: u64,
-    pub robust_list: (u64, u64),
-    pub rseq: Option<Rseq>,
-    pub name: [u8; 16],
-    #[serde(default)]
-    pub sleep_restart: Option<(u64, i64)>,
-    #[serde(default)]
-    pub cmdline: Vec<u8>,
-    pub signals: SignalState,
-    pub mm: AddressSpace,
     pub fds: Vec<FdState>,
 }
 
@@ -234,24 +220,9 @@ impl Kernel {
         };
         self.shared.msync_all();
         let p = &self.proc;
-        let mm = serde_json::to_value(&p.mm).expect("address space serializes");
         let process = ProcessState {
-            pid: p.pid,
-            ppid: p.ppid,
-            pgid: p.pgid,
-            sid: p.sid,
-            exe: p.exe.clone(),
+            process: p.clone(),
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
-            rlimits: p.rlimits.clone(),
-            umask: p.umask,
-            clear_child_tid: p.clear_child_tid,
-            robust_list: p.robust_list,
-            rseq: p.rseq,
-            name: p.name,
-            sleep_restart: p.sleep_restart,
-            cmdline: p.cmdline.clone(),
-            signals: p.signals.clone(),
-            mm: serde_json::from_value(mm).expect("address space deserializes"),
             fds: p.files.iter().map(|(&fd, e)| fd_state(fd, e)).collect(),
         };
         Ok(Some(KernelState {
@@ -269,7 +240,7 @@ impl Kernel {
     pub fn restore(vm: Vm, state: KernelState) -> Result<Kernel, RestoreError> {
         let mem: Arc<GuestMemory> = vm.memory().clone();
         // The manifest passed its checksum, but it must also fit the VM it describes.
-        if !state.frames.fits(mem.size()) || state.process.mm.root >= mem.size() {
+        if !state.frames.fits(mem.size()) || state.process.process.mm.root >= mem.size() {
             return Err(RestoreError::File(
                 "the kernel state names guest memory beyond the checkpoint's RAM size".into(),
             ));
@@ -277,9 +248,13 @@ impl Kernel {
         // The image is in guest RAM already; KVM needs memslots up to where it reaches.
         mem.ensure_backed(state.frames.high_water())
             .map_err(|e| RestoreError::File(format!("cannot expose guest RAM to KVM: {e}")))?;
-        let ps = state.process;
-        let mut mm = ps.mm;
-        reopen_mapped_files(&mut mm)?;
+        let ProcessState {
+            process: mut proc,
+            cwd,
+            fds,
+        } = state.process;
+        let mm = &mut proc.mm;
+        reopen_mapped_files(mm)?;
         let mut shared = SharedRegions::default();
         for r in &state.regions {
             let file = open_for(
@@ -314,7 +289,6 @@ impl Kernel {
                 }
             }
         }
-        let cwd = ps.cwd.clone();
         std::env::set_current_dir(&cwd).map_err(|e| {
             RestoreError::File(format!(
                 "{}: cannot return to the job's working directory: {e}",
@@ -322,9 +296,9 @@ impl Kernel {
             ))
         })?;
         // SAFETY: umask cannot fail; files created for the guest use its umask.
-        unsafe { libc::umask(ps.umask) };
+        unsafe { libc::umask(proc.umask) };
         let mut files = FdTable::default();
-        for f in &ps.fds {
+        for f in &fds {
             let file = reopen_fd(f)?;
             files.install_at(
                 f.fd,
@@ -334,7 +308,7 @@ impl Kernel {
                 },
             );
         }
-        let mut vcpu = vm.create_vcpu(0, mm.root)?;
+        let mut vcpu = vm.create_vcpu(0, proc.mm.root)?;
         let vstate = state
             .vcpus
             .first()
@@ -358,24 +332,7 @@ impl Kernel {
                 (0, false)
             };
         arm_itimers(&state.itimers);
-        let proc = Process {
-            pid: ps.pid,
-            ppid: ps.ppid,
-            pgid: ps.pgid,
-            sid: ps.sid,
-            mm,
-            files,
-            signals: ps.signals,
-            exe: ps.exe,
-            rlimits: ps.rlimits,
-            umask: ps.umask,
-            clear_child_tid: ps.clear_child_tid,
-            robust_list: ps.robust_list,
-            rseq: ps.rseq,
-            name: ps.name,
-            sleep_restart: ps.sleep_restart,
-            cmdline: ps.cmdline,
-        };
+        proc.files = files;
         Ok(Kernel {
             vm,
             vcpu,

@@ -31,13 +31,16 @@ pub struct Rseq {
     pub sig: u32,
 }
 
-#[derive(Debug)]
+/// A process, as it also appears in a checkpoint's manifest. Its descriptors are
+/// host objects and are recorded separately (kernel::persist::FdState).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Process {
     pub pid: i32,
     pub ppid: i32,
     pub pgid: i32,
     pub sid: i32,
     pub mm: AddressSpace,
+    #[serde(skip)]
     pub files: FdTable,
     pub signals: SignalState,
     pub exe: PathBuf,
@@ -49,8 +52,10 @@ pub struct Process {
     pub name: [u8; 16],
     /// A sleep interrupted by vmctl itself: (user RIP after its syscall, deadline in
     /// guest CLOCK_MONOTONIC ns), so the restarted call sleeps only what was left.
+    #[serde(default)]
     pub sleep_restart: Option<(u64, i64)>,
     /// argv as /proc/self/cmdline shows it: each argument NUL-terminated.
+    #[serde(default)]
     pub cmdline: Vec<u8>,
 }
 

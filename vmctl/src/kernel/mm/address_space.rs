@@ -76,9 +76,11 @@ enum RangeOp {
     Discard,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddressSpace {
     pub root: u64,
+    /// Keyed by start address; stored as a plain list (the key is each VMA's start).
+    #[serde(with = "vma_list")]
     pub vmas: BTreeMap<u64, Vma>,
     pub brk_start: u64,
     pub brk: u64,
@@ -755,4 +757,20 @@ fn read_file_pages(mem: &GuestMemory, file: &Arc<MappedFile>, offset: u64, frame
     // Past the end of the file the frames stay zero, as Linux maps them; an I/O error
     // leaves them zero too (the guest sees what a failed read-ahead would give).
     let _ = crate::iov::transfer_all(f.as_raw_fd(), &iov, offset, crate::iov::Direction::Read);
+}
+
+/// Serializes the VMA map as the list of its VMAs, rebuilding the keys on the way in.
+mod vma_list {
+    use super::Vma;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(vmas: &BTreeMap<u64, Vma>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(vmas.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, Vma>, D::Error> {
+        let list = Vec::<Vma>::deserialize(d)?;
+        Ok(list.into_iter().map(|v| (v.start, v)).collect())
+    }
 }
