@@ -4,6 +4,7 @@
 pub mod signals;
 pub mod socket;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ pub struct Request {
 #[derive(Clone)]
 pub struct Requests {
     queue: Arc<Mutex<Vec<Request>>>,
+    /// How many are queued: read after every guest exit, so it must not need the lock.
+    queued: Arc<AtomicUsize>,
     vcpu_thread: libc::pthread_t,
 }
 
@@ -24,26 +27,32 @@ impl Requests {
     pub fn new() -> Self {
         Requests {
             queue: Arc::new(Mutex::new(Vec::new())),
+            queued: Arc::new(AtomicUsize::new(0)),
             // SAFETY: pthread_self cannot fail.
             vcpu_thread: unsafe { libc::pthread_self() },
         }
     }
 
     pub fn push(&self, r: Request) {
-        self.queue.lock().expect("request queue poisoned").push(r);
+        {
+            let mut q = self.queue.lock().expect("request queue poisoned");
+            q.push(r);
+            self.queued.store(q.len(), Ordering::SeqCst);
+        }
         signals::kick(self.vcpu_thread);
     }
 
     pub fn take(&self) -> Vec<Request> {
-        std::mem::take(&mut *self.queue.lock().expect("request queue poisoned"))
+        if !self.waiting() {
+            return Vec::new();
+        }
+        let mut q = self.queue.lock().expect("request queue poisoned");
+        self.queued.store(0, Ordering::SeqCst);
+        std::mem::take(&mut *q)
     }
 
     fn waiting(&self) -> bool {
-        !self
-            .queue
-            .lock()
-            .expect("request queue poisoned")
-            .is_empty()
+        self.queued.load(Ordering::SeqCst) != 0
     }
 
     /// Starts the thread that kicks the vCPU thread again, every 50 ms, for as long
