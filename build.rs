@@ -104,6 +104,11 @@ const FIXTURES: &[Fixture] = &[
         flags: PIE,
     },
     Fixture {
+        name: "hugesplit",
+        source: "hugesplit.c",
+        flags: PIE,
+    },
+    Fixture {
         name: "churn",
         source: "churn.c",
         flags: PIE,

@@ -732,3 +732,17 @@ fn signal_reaches_a_guest_that_makes_no_syscalls() {
     assert_eq!(rest, "handler ran\n");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// Unmapping or write-protecting one 4 KiB page inside a block vmctl mapped with a
+/// 2 MiB page splits it through the guest's CPL0 detour: the neighbours keep their
+/// contents and the page itself faults, as natively.
+#[test]
+fn splitting_a_huge_page_unmaps_and_protects_just_one_page() {
+    need_kvm!();
+    for mode in ["munmap", "mprotect"] {
+        let out = Invocation::new(env!("VMWRAP_FIXTURE_HUGESPLIT"))
+            .arg(mode)
+            .compare();
+        assert_eq!(out.code, 139, "{mode}: {out:?}");
+    }
+}
