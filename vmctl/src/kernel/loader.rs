@@ -50,11 +50,9 @@ pub fn resolve_program(name: &str, path_env: Option<&OsStr>) -> Result<PathBuf, 
         let p = PathBuf::from(name);
         return match p.metadata() {
             Ok(_) => Ok(p),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ExecError::Io(
-                name.into(),
-                std::io::Error::other("No such file or directory"),
-            ))
-            .map_err(|_| ExecError::NotFound(name.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(ExecError::NotFound(name.into()))
+            }
             Err(e) => Err(ExecError::Io(name.into(), e)),
         };
     }
@@ -478,7 +476,6 @@ pub fn load_program(
     let bytes: Vec<u8> = table.iter().flat_map(|w| w.to_le_bytes()).collect();
     sp -= bytes.len() as u64;
     mm.write(ctx, sp, &bytes).map_err(nomem)?;
-    let _ = exe_loaded.bias;
     Ok(StartInfo {
         entry,
         stack_pointer: sp,

@@ -77,11 +77,6 @@ pub struct Kernel {
     pub tsc_trap: bool,
 }
 
-/// Slack beyond the commit limit for page tables and partly used 2 MiB blocks.
-fn ram_for(limit: u64) -> u64 {
-    (limit + limit / 8 + (64 << 20)).next_multiple_of(machine::memory::HUGE_PAGE)
-}
-
 fn host_rlimits() -> Vec<(u64, u64)> {
     (0..16)
         .map(|r| {
@@ -278,8 +273,10 @@ impl Kernel {
         })
     }
 
+    /// Guest RAM for a commit limit of `limit`: slack for page tables and partly used
+    /// 2 MiB blocks.
     pub fn ram_for(limit: u64) -> u64 {
-        ram_for(limit)
+        (limit + limit / 8 + (64 << 20)).next_multiple_of(machine::memory::HUGE_PAGE)
     }
 
     /// Runs `f` with the current address space and what it needs from the machine.
@@ -371,27 +368,7 @@ impl Kernel {
                 } else {
                     Access::Read
                 };
-                // A protection fault on a present page is final; a missing page may be
-                // mapped lazily.
-                let result = if error_code & 1 != 0 && self.proc.mm.find(cr2).is_some() {
-                    // Present but not permitted: maybe a stale read-only translation
-                    // after an upgrade, which fault() treats as already mapped.
-                    self.with_mm(|mm, ctx| mm.fault(ctx, cr2, access))
-                        .and_then(|()| {
-                            let leaf = self.proc.mm.leaf(&self.mem, cr2);
-                            match leaf {
-                                Some(l)
-                                    if access == Access::Write
-                                        && l.value & machine::system::PTE_RW == 0 =>
-                                {
-                                    Err(Fault::Protection)
-                                }
-                                _ => Ok(()),
-                            }
-                        })
-                } else {
-                    self.with_mm(|mm, ctx| mm.fault(ctx, cr2, access))
-                };
+                let result = self.with_mm(|mm, ctx| mm.fault(ctx, cr2, access));
                 match result {
                     Ok(()) => return Ok(()),
                     Err(Fault::Unmapped) => (libc::SIGSEGV, 1, cr2), // SEGV_MAPERR

@@ -8,13 +8,13 @@
 //! guest RAM, exactly as transparent huge pages do on Linux.
 
 use super::frames::FrameAllocator;
-use super::page_table::{self as pt, Leaf, Update, PTE_SHARED};
+use super::page_table::{self as pt, Update, PTE_SHARED};
 use super::vma::{Backing, MappedFile, Vma, VmaKind};
 use crate::kernel::Errno;
 use crate::machine::layout::PAGE_SIZE;
 use crate::machine::layout::SHARED_WINDOW;
 use crate::machine::memory::{GuestMemory, HUGE_PAGE};
-use crate::machine::system::{SystemHalf, PTE_ADDR_MASK, PTE_P, PTE_PS};
+use crate::machine::system::{SystemHalf, PTE_ADDR_MASK, PTE_NX, PTE_P, PTE_PS, PTE_RW};
 use crate::machine::{MachineError, Vcpu};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -429,6 +429,21 @@ impl AddressSpace {
             return Err(Fault::Protection);
         }
         let mem = ctx.mem;
+        // Already mapped: the guest retried through a stale translation if the entry
+        // permits the access, and met a genuine protection fault if it does not
+        // (retrying that would loop forever).
+        if let Some(leaf) = pt::walk(mem, self.root, va).filter(|l| l.value & PTE_P != 0) {
+            let permits = match access {
+                Access::Read => true,
+                Access::Write => leaf.value & PTE_RW != 0,
+                Access::Exec => leaf.value & PTE_NX == 0,
+            };
+            return if permits {
+                Ok(())
+            } else {
+                Err(Fault::Protection)
+            };
+        }
         let block = va & !(HUGE_PAGE - 1);
         let start = block.max(vma.start);
         let end = (block + HUGE_PAGE).min(vma.end);
@@ -436,7 +451,8 @@ impl AddressSpace {
             pt::ensure_pd_slot(mem, ctx.frames, self.root, va).ok_or(Fault::OutOfMemory)?;
         let pde = mem.read_u64(pd_slot);
         if pde & PTE_PS != 0 {
-            // Already mapped: a stale translation the guest retried; nothing to do.
+            // A 2 MiB page held but not present (PROT_NONE): the VMA check above
+            // already refused any access a PROT_NONE mapping forbids.
             return Ok(());
         }
         if pde & PTE_P == 0
@@ -651,10 +667,6 @@ impl AddressSpace {
             }
             p = page_end;
         }
-    }
-
-    pub fn leaf(&self, mem: &GuestMemory, va: u64) -> Option<Leaf> {
-        pt::walk(mem, self.root, va)
     }
 
     pub fn set_brk_start(&mut self, at: u64) {
