@@ -200,9 +200,10 @@ fn manifest(gen: &Path) -> Value {
 /// The saved offset of the job's descriptor open on `file`.
 fn fd_offset(gen: &Path, file: &Path) -> u64 {
     let m = manifest(gen);
-    let fds = m["kernel"]["process"]["fds"].as_array().expect("fds");
-    fds.iter()
-        .filter_map(|f| f["kind"].get("Path"))
+    let files = m["kernel"]["files"].as_array().expect("open files");
+    files
+        .iter()
+        .filter_map(|f| f.get("Path"))
         .find(|p| p["path"].as_str() == file.to_str())
         .and_then(|p| p["offset"].as_u64())
         .unwrap_or_else(|| {
@@ -210,7 +211,7 @@ fn fd_offset(gen: &Path, file: &Path) -> u64 {
                 "{}: no descriptor open on {} in {}",
                 gen.display(),
                 file.display(),
-                serde_json::to_string_pretty(fds).unwrap()
+                serde_json::to_string_pretty(files).unwrap()
             )
         })
 }

@@ -4,9 +4,12 @@
 use crate::checkpoint::{self, format::*, write};
 use crate::control::signals::{self, SignalAction};
 use crate::control::{socket, Request, Requests};
-use crate::kernel::Kernel;
+use crate::kernel::task::Task;
+use crate::kernel::timers::Timers;
+use crate::kernel::{JobEnd, Kernel};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Exit status meaning "checkpointed on request; resume me with vmctl restore".
@@ -26,14 +29,13 @@ pub struct JobMeta {
 }
 
 pub struct Runner {
-    // Dropped first (fields drop in order): unregisters kvm_run from the signal
-    // handlers before the kernel and its vCPU are torn down.
-    _registration: signals::VcpuRegistration,
-    kernel: Kernel,
+    kernel: Arc<Kernel>,
+    tasks: Vec<Task>,
     ckpt: Option<CheckpointOptions>,
     requests: Requests,
     _socket: Option<socket::ControlSocket>,
     meta: JobMeta,
+    waited: Vec<i32>,
 }
 
 /// Creates (0700) or checks the checkpoint directory: it must be the caller's own.
@@ -98,22 +100,31 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// Installs vmctl's signal handling. Must run on the main thread before any other
+/// thread starts (they inherit its mask), so that host signals reach the main thread
+/// only; returns the signals it will wait for.
+pub fn setup_signals(on_signal: &[(i32, SignalAction)]) -> Vec<i32> {
+    let extra: Vec<i32> = on_signal.iter().map(|&(s, _)| s).collect();
+    let waited = signals::waited(&extra);
+    signals::install(&waited);
+    for &(sig, action) in on_signal {
+        signals::set_action(sig, action);
+    }
+    waited
+}
+
 impl Runner {
+    /// `waited` comes from `setup_signals`, called before the kernel was built.
     pub fn new(
-        kernel: Kernel,
+        kernel: Arc<Kernel>,
+        tasks: Vec<Task>,
         ckpt: Option<CheckpointOptions>,
         on_signal: &[(i32, SignalAction)],
         meta: JobMeta,
+        waited: Vec<i32>,
     ) -> Result<Runner, String> {
-        let mut kernel = kernel;
-        let registration = signals::register_vcpu(kernel.vcpu.kvm_run_ptr());
-        let extra: Vec<i32> = on_signal.iter().map(|&(s, _)| s).collect();
-        signals::install(&extra);
-        for &(sig, action) in on_signal {
-            signals::set_action(sig, action);
-        }
+        kernel.set_main_thread();
         let requests = Requests::new();
-        requests.start_watchdog();
         let mut sock = None;
         if let Some(c) = &ckpt {
             prepare_dir(&c.dir)?;
@@ -130,58 +141,53 @@ impl Runner {
             return Err("--on-signal ...=checkpoint needs --checkpoint-dir".into());
         }
         Ok(Runner {
-            _registration: registration,
             kernel,
+            tasks,
             ckpt,
             requests,
             _socket: sock,
             meta,
+            waited,
         })
     }
 
+    /// Runs the job to its end. Each task runs on a thread of its own; this (main)
+    /// thread waits for host signals, checkpoint requests and the job's end.
     pub fn run(mut self) -> i32 {
-        loop {
-            match self.kernel.step() {
-                Ok(Some(status)) => {
-                    self.finished();
-                    return status.shell_code();
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    eprintln!("vmctl: {e}");
-                    return crate::cli::EXIT_VMCTL_FAILED;
-                }
+        Timers::start(&self.kernel);
+        self.kernel.start_watchdog();
+        for t in std::mem::take(&mut self.tasks) {
+            let tid = t.tid();
+            if let Err(e) = std::thread::Builder::new()
+                .name(format!("vmctl-task-{tid}"))
+                .spawn(move || t.run())
+            {
+                eprintln!("vmctl: cannot start a thread for the job: {e}");
+                return crate::cli::EXIT_VMCTL_FAILED;
             }
-            let pending = signals::take_pending();
+        }
+        loop {
+            if let Some(end) = self.kernel.job_status() {
+                return self.finish(end);
+            }
+            let sig = signals::wait_for(&self.waited);
             let mut checkpoint_now = false;
             let mut exit_after: Option<i32> = None;
-            for sig in 1..64 {
-                if pending & (1 << sig) == 0 {
-                    continue;
-                }
+            if sig != signals::notify_signal() {
                 match signals::action(sig) {
-                    SignalAction::Forward => self.kernel.send_signal(sig),
+                    SignalAction::Forward => self.kernel.signal_all(sig),
                     SignalAction::Checkpoint => checkpoint_now = true,
                     SignalAction::CheckpointExit => exit_after = Some(sig),
-                }
-            }
-            if pending != 0 {
-                // Forwarded signals take effect before the guest runs again, as they
-                // would natively.
-                if let Err(e) = self.kernel.deliver_pending() {
-                    eprintln!("vmctl: {e}");
-                    return crate::cli::EXIT_VMCTL_FAILED;
-                }
-                if let Some(status) = self.kernel.exited() {
-                    self.finished();
-                    return status.shell_code();
                 }
             }
             let requests = self.requests.take();
             if !(checkpoint_now || exit_after.is_some() || !requests.is_empty()) {
                 continue;
             }
-            let result = self.checkpoint();
+            if let Some(end) = self.kernel.job_status() {
+                return self.finish(end);
+            }
+            let result = self.checkpoint(exit_after.is_some());
             let reply = match &result {
                 Ok(t) => t.to_json().to_string(),
                 Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
@@ -205,24 +211,46 @@ impl Runner {
         }
     }
 
-    /// Freezes the guest (it is not running while we are here), writes a generation,
-    /// and prunes old ones.
-    pub fn checkpoint(&mut self) -> Result<Taken, String> {
+    /// The job is over: stop what still runs and report its status.
+    fn finish(&self, end: JobEnd) -> i32 {
+        self.kernel.kill_all();
+        match end {
+            JobEnd::Exited(status) => {
+                self.finished();
+                status.shell_code()
+            }
+            JobEnd::Failed(why) => {
+                eprintln!("vmctl: {why}");
+                crate::cli::EXIT_VMCTL_FAILED
+            }
+        }
+    }
+
+    /// Freezes every task at a clean point, writes a generation, prunes old ones,
+    /// and (unless the job is to stop) lets the tasks run again.
+    pub fn checkpoint(&mut self, then_exit: bool) -> Result<Taken, String> {
         let Some(opts) = self.ckpt.clone() else {
             return Err("no --checkpoint-dir was given".into());
         };
         let t0 = crate::clock::monotonic_ns();
-        let state = loop {
-            match self.kernel.snapshot().map_err(|e| e.to_string())? {
-                Some(s) => break s,
-                // Stopped inside a stub: one more run reaches a clean exit.
-                None => {
-                    if let Some(_status) = self.kernel.step().map_err(|e| e.to_string())? {
-                        return Err("the job ended before the checkpoint".into());
-                    }
-                }
-            }
-        };
+        let tasks = self.kernel.freeze_all();
+        let result = self.write_frozen(&opts, tasks, t0);
+        if !(then_exit && result.is_ok()) {
+            self.kernel.thaw_all();
+        }
+        result
+    }
+
+    fn write_frozen(
+        &self,
+        opts: &CheckpointOptions,
+        tasks: Vec<crate::kernel::freeze::TaskSnapshot>,
+        t0: i64,
+    ) -> Result<Taken, String> {
+        if self.kernel.job_status().is_some() {
+            return Err("the job ended before the checkpoint".into());
+        }
+        let state = self.kernel.snapshot(tasks);
         let generation = write::next_generation(&opts.dir).map_err(|e| e.to_string())?;
         let mut manifest = Manifest {
             format_version: FORMAT_VERSION,
@@ -246,7 +274,12 @@ impl Runner {
             },
             kernel: state,
         };
-        let limit = self.kernel.frames.high_water();
+        let limit = self
+            .kernel
+            .frames
+            .lock()
+            .expect("frames poisoned")
+            .high_water();
         let written = write::write_generation(&opts.dir, &self.kernel.mem, limit, &mut manifest)
             .map_err(|e| e.to_string())?;
         write::prune(&opts.dir, opts.keep);

@@ -9,7 +9,9 @@ use crate::kernel::persist::KernelState;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change a reader of the previous version could misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Older formats this vmctl still reads.
+pub const OLDEST_READABLE_FORMAT: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 pub const MANIFEST_SUM: &str = "manifest.sum";
 pub const MEMORY: &str = "memory.img";

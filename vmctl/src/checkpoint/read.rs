@@ -90,6 +90,12 @@ pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
             mpath.display()
         )));
     }
+    if version < OLDEST_READABLE_FORMAT as u64 {
+        return Err(CheckpointError::Refused(format!(
+            "{}: checkpoint format {version} comes from vmctl 0.1, which ran one process per job; this vmctl reads format {FORMAT_VERSION}; resume the job with the vmctl that wrote it, or start it afresh",
+            mpath.display()
+        )));
+    }
     let manifest: Manifest = serde_json::from_value(value)
         .map_err(|e| CheckpointError::Corrupt(mpath.clone(), e.to_string()))?;
     // SAFETY: getuid cannot fail.

@@ -41,8 +41,8 @@ fn run(kvm: &kvm_ioctls::Kvm, count: u64) -> Result<f64, String> {
     let vm = Vm::new(kvm, 64 << 20).map_err(|e| e.to_string())?;
     let mem = vm.memory().clone();
     let mut frames = FrameAllocator::new(SYSTEM_SIZE, mem.size());
-    let mut mm =
-        AddressSpace::new(&mem, &mut frames, vm.system_half(), 32 << 20).ok_or("no memory")?;
+    let mut mm = AddressSpace::new(&mem, &mut frames, vm.system_half()).ok_or("no memory")?;
+    let commit = crate::kernel::mm::Commit::new(32 << 20);
     let mut vcpu = vm.create_vcpu(0, mm.root).map_err(|e| e.to_string())?;
     // movabs [MMIO_VA], al ; jmp back: every iteration is one exit. RCX stays at the
     // loop start, which is where the syscall path resumes the guest.
@@ -54,6 +54,7 @@ fn run(kvm: &kvm_ioctls::Kvm, count: u64) -> Result<f64, String> {
             mem: &mem,
             frames: &mut frames,
             vcpu: &mut vcpu,
+            commit: &commit,
         };
         mm.map(
             &mut ctx,

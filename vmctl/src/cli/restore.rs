@@ -4,12 +4,14 @@ use super::options::{CheckpointArgs, KvmArgs};
 use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
 use crate::checkpoint::format::generation_dir_name;
 use crate::checkpoint::read;
+use crate::kernel::task::Task;
 use crate::kernel::Kernel;
 use crate::machine::layout::SYSTEM_SIZE;
 use crate::machine::Vm;
 use crate::runner::{JobMeta, Runner};
 use clap::Args;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
@@ -60,15 +62,23 @@ pub fn restore(args: RestoreArgs) -> i32 {
     let Some(kvm) = open_kvm_or_report(&args.kvm) else {
         return EXIT_VMCTL_FAILED;
     };
+    let waited = crate::runner::setup_signals(&args.checkpoint.on_signal);
     let newest = candidates[0];
     for g in candidates {
         let gen_dir = dir.join(generation_dir_name(g));
         match try_generation(&kvm, &gen_dir) {
-            Ok((kernel, meta)) => {
+            Ok((kernel, tasks, meta)) => {
                 if g != newest {
                     eprintln!("vmctl: restored generation {g}, the newest usable one");
                 }
-                return match Runner::new(kernel, ckpt, &args.checkpoint.on_signal, meta) {
+                return match Runner::new(
+                    kernel,
+                    tasks,
+                    ckpt,
+                    &args.checkpoint.on_signal,
+                    meta,
+                    waited,
+                ) {
                     Ok(r) => r.run(),
                     Err(e) => {
                         eprintln!("vmctl: {e}");
@@ -89,7 +99,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
 fn try_generation(
     kvm: &kvm_ioctls::Kvm,
     gen_dir: &std::path::Path,
-) -> Result<(Kernel, JobMeta), String> {
+) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta), String> {
     let manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
     let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
@@ -99,6 +109,6 @@ fn try_generation(
         program: manifest.program.clone(),
         argv: manifest.argv.clone(),
     };
-    let kernel = Kernel::restore(vm, manifest.kernel).map_err(|e| e.to_string())?;
-    Ok((kernel, meta))
+    let (kernel, tasks) = Kernel::restore(vm, manifest.kernel).map_err(|e| e.to_string())?;
+    Ok((kernel, tasks, meta))
 }

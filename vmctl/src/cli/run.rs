@@ -113,7 +113,8 @@ pub fn run(args: RunArgs) -> i32 {
         envp,
         mem,
     };
-    let kernel = match Kernel::boot(vm, &launch) {
+    let waited = crate::runner::setup_signals(&args.checkpoint.on_signal);
+    let (kernel, task) = match Kernel::boot(vm, &launch) {
         Ok(k) => k,
         Err(KernelError::Exec(e)) => {
             eprintln!("vmctl: {e}");
@@ -124,7 +125,14 @@ pub fn run(args: RunArgs) -> i32 {
             return EXIT_VMCTL_FAILED;
         }
     };
-    match Runner::new(kernel, ckpt, &args.checkpoint.on_signal, meta) {
+    match Runner::new(
+        kernel,
+        vec![task],
+        ckpt,
+        &args.checkpoint.on_signal,
+        meta,
+        waited,
+    ) {
         Ok(r) => r.run(),
         Err(e) => {
             eprintln!("vmctl: {e}");

@@ -1,17 +1,21 @@
 //! Host signals reaching vmctl while the guest runs.
 //!
-//! The vCPU thread is the only one that receives them (other threads block them), and
-//! each handler sets `immediate_exit` in the vCPU's kvm_run so that a KVM_RUN in
-//! progress, or the next one, returns EINTR at once (shared/PLATFORM.md,
-//! "Interrupting a running vCPU"). Handlers only touch atomics.
+//! Signals sent to vmctl (SIGTERM from Slurm, SIGINT, SIGUSR1...) are blocked in every
+//! thread and taken synchronously by the main thread with `sigwaitinfo`, which turns
+//! them into checkpoints or passes them to the guest's processes. vCPU threads accept
+//! only the kick signal: its handler sets `immediate_exit` in the kvm_run of the vCPU
+//! that thread runs, so that a KVM_RUN in progress, or the next one, returns at once
+//! (shared/PLATFORM.md, "Interrupting a running vCPU"), and a blocking host call made
+//! for the guest returns EINTR. The handler only touches a thread-local pointer.
 
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// What a host signal does to the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum SignalAction {
-    /// Deliver it to the guest, as if it had been sent to the program.
+    /// Deliver it to the guest, as if it had been sent to every process of the job.
     Forward = 0,
     /// Take a checkpoint and continue.
     Checkpoint = 1,
@@ -19,11 +23,14 @@ pub enum SignalAction {
     CheckpointExit = 2,
 }
 
-static KVM_RUN: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
-static PENDING: AtomicU64 = AtomicU64::new(0);
 static ACTIONS: [AtomicU8; 65] = [const { AtomicU8::new(0) }; 65];
 
-/// Signals forwarded to the guest by default, as a shell's child would receive them.
+thread_local! {
+    /// The kvm_run of the vCPU this thread runs, for the kick handler.
+    static KVM_RUN: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Signals forwarded to the guest by default, as a shell's children would receive them.
 pub const FORWARDED: &[i32] = &[
     libc::SIGHUP,
     libc::SIGINT,
@@ -35,22 +42,26 @@ pub const FORWARDED: &[i32] = &[
     libc::SIGCONT,
     libc::SIGXCPU,
     libc::SIGALRM,
+    libc::SIGVTALRM,
+    libc::SIGPROF,
 ];
 
-/// The signal other vmctl threads use to make the vCPU thread look at its requests.
+/// The signal that stops a vCPU thread so it looks at its task's interrupt flags.
 pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-extern "C" fn on_signal(sig: libc::c_int) {
-    if sig > 0 && sig < 64 && sig != kick_signal() {
-        PENDING.fetch_or(1 << sig, Ordering::SeqCst);
-    }
-    let run = KVM_RUN.load(Ordering::SeqCst);
+/// The signal that makes the main thread look at checkpoint requests and job exit.
+pub fn notify_signal() -> i32 {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_sig: libc::c_int) {
+    let run = KVM_RUN.with(|r| r.get());
     if !run.is_null() {
-        // SAFETY: `run` points at the vCPU's mapped kvm_run (registered by the vCPU
-        // thread for the lifetime of the VM); immediate_exit is a plain byte KVM reads
-        // on entry to KVM_RUN.
+        // SAFETY: `run` points at the mapped kvm_run of the vCPU this thread runs
+        // (registered for as long as the thread holds the vCPU); immediate_exit is a
+        // plain byte KVM reads on entry to KVM_RUN.
         unsafe {
             let off = std::mem::offset_of!(kvm_bindings::kvm_run, immediate_exit);
             std::ptr::write_volatile(run.add(off), 1);
@@ -58,12 +69,11 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Registers the vCPU's kvm_run so handlers can stop it, until the returned guard
-/// is dropped. The guard must go before the vCPU does: a signal arriving after the
-/// vCPU's kvm_run is unmapped would otherwise write to freed memory.
+/// Registers the calling thread's vCPU so the kick handler can stop it, until the
+/// returned guard is dropped (before the vCPU goes away or moves to another thread).
 #[must_use]
 pub fn register_vcpu(run: *mut kvm_bindings::kvm_run) -> VcpuRegistration {
-    KVM_RUN.store(run as *mut u8, Ordering::SeqCst);
+    KVM_RUN.with(|r| r.set(run as *mut u8));
     VcpuRegistration(())
 }
 
@@ -71,9 +81,9 @@ pub struct VcpuRegistration(());
 
 impl Drop for VcpuRegistration {
     fn drop(&mut self) {
-        // Handlers run on this same thread, so once this store is done none of them
-        // can still hold the old pointer.
-        KVM_RUN.store(std::ptr::null_mut(), Ordering::SeqCst);
+        // The handler runs on this same thread, so after this store it cannot see
+        // the old pointer.
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 }
 
@@ -89,35 +99,61 @@ pub fn action(sig: i32) -> SignalAction {
     }
 }
 
-/// Takes the set of host signals received since the last call.
-pub fn take_pending() -> u64 {
-    PENDING.swap(0, Ordering::SeqCst)
+fn sigset(sigs: &[i32]) -> libc::sigset_t {
+    // SAFETY: building a local signal set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in sigs {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
 }
 
-pub fn peek_pending() -> u64 {
-    PENDING.load(Ordering::SeqCst)
-}
-
-/// Installs the handlers (without SA_RESTART, so blocking host syscalls made for the
-/// guest return EINTR and the guest's syscall can be restarted after a checkpoint).
-pub fn install(extra: &[i32]) {
+/// The signals the main thread waits for.
+pub fn waited(extra: &[i32]) -> Vec<i32> {
     let mut sigs: Vec<i32> = FORWARDED.to_vec();
     sigs.extend_from_slice(extra);
-    sigs.push(kick_signal());
-    for sig in sigs {
-        // SAFETY: installing an async-signal-safe handler (atomics only).
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = 0;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
+    sigs.push(notify_signal());
+    sigs.sort_unstable();
+    sigs.dedup();
+    sigs
+}
+
+/// Installs the kick handler (without SA_RESTART, so blocking host syscalls made for
+/// the guest return EINTR and the guest's syscall can be restarted) and blocks
+/// `waited` plus the kick in the calling (main) thread. Threads created afterwards
+/// inherit that mask. Must run before any other thread is started.
+pub fn install(waited: &[i32]) {
+    // SAFETY: installing an async-signal-safe handler (a thread-local pointer only),
+    // and changing the calling thread's own mask.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        let mut all = waited.to_vec();
+        all.push(kick_signal());
+        let set = sigset(&all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits for one of `sigs` (blocked in every thread) and returns it.
+pub fn wait_for(sigs: &[i32]) -> i32 {
+    let set = sigset(sigs);
+    loop {
+        // SAFETY: sigwaitinfo with a local set; the siginfo is not needed.
+        let s = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if s > 0 {
+            return s;
         }
     }
 }
 
-/// Blocks every handled signal in the calling thread (for helper threads), so they
-/// all reach the vCPU thread.
+/// Blocks every signal in the calling thread (for helper threads).
 pub fn block_in_this_thread() {
     // SAFETY: manipulating the calling thread's own signal mask.
     unsafe {
@@ -130,10 +166,24 @@ pub fn block_in_this_thread() {
     }
 }
 
-/// Wakes the vCPU thread `thread` so it notices a request.
+/// Lets the kick through on a vCPU thread (the main thread's mask blocks it).
+pub fn accept_kicks_in_this_thread() {
+    let set = sigset(&[kick_signal()]);
+    // SAFETY: changing the calling thread's own mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Stops vCPU thread `thread` so it looks at its task's flags.
 pub fn kick(thread: libc::pthread_t) {
-    // SAFETY: pthread_kill on a live thread id (the vCPU thread outlives helpers).
+    // SAFETY: callers only kick threads that are alive (a task clears its thread id
+    // under a lock before its thread ends).
     unsafe { libc::pthread_kill(thread, kick_signal()) };
+}
+
+/// Wakes the main thread.
+pub fn notify(main: libc::pthread_t) {
+    // SAFETY: the main thread lives as long as the process.
+    unsafe { libc::pthread_kill(main, notify_signal()) };
 }
 
 /// Parses a signal name or number: TERM, SIGTERM, 15, USR2...

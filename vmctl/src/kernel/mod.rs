@@ -1,28 +1,49 @@
-//! The kernel layer: vmctl as the guest's operating system. It owns processes,
-//! their address spaces, descriptors and signals, and services every syscall and
-//! fault the machine layer reports, on the host, on the guest's behalf.
+//! The kernel layer: vmctl as the guest's operating system. It owns the job's
+//! processes and threads, their address spaces, descriptors and signals, and services
+//! every syscall and fault the machine layer reports, on the host, on the guest's
+//! behalf.
+//!
+//! `Kernel` is what all tasks share (the VM, guest RAM and its frames, the pid space,
+//! futex queues, clocks); `ThreadGroup` is a process; `Task` is a thread, run by its
+//! own host thread on its own vCPU.
 
+pub mod exit;
 pub mod files;
+pub mod freeze;
+pub mod fs_context;
+pub mod futex;
 pub mod loader;
 pub mod mm;
 pub mod persist;
+pub mod pids;
 pub mod process;
 mod sigframe;
 pub mod signals;
+pub mod task;
+pub mod thread_group;
+pub mod timers;
 
 pub use sigframe::sigreturn as sigframe_return;
 
-use crate::machine::{self, Exit, GuestMemory, MachineError, Vcpu, Vm};
+use crate::machine::{self, GuestMemory, MachineError, Vcpu, Vm};
 use files::{FdTable, OpenFile};
+use freeze::Freezer;
+use fs_context::FsContext;
+use futex::FutexTable;
 use loader::{ExecError, HostInfo};
-use mm::{Access, AddressSpace, Fault, FrameAllocator, MmCtx, SharedRegions};
-use process::{ExitStatus, Process};
-use signals::{default_action, sig_bit, DefaultAction, SIG_DFL, SIG_IGN};
+use mm::{AddressSpace, Commit, FrameAllocator, MmCtx, SharedRegions};
+use pids::PidTable;
+use process::ExitStatus;
+use signals::{QueuedSig, ThreadSignals};
 use std::collections::HashSet;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use task::{Task, TaskHandle, ThreadState, INTR_FREEZE, INTR_KILL, INTR_SIGNAL};
 use thiserror::Error;
+use thread_group::{Life, Resources, TgState, ThreadGroup};
+use timers::Timers;
 
 /// A Linux error number returned to the guest as -errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +69,8 @@ pub enum KernelError {
     Exec(#[from] ExecError),
     #[error("guest memory exhausted while starting the program (raise --mem)")]
     NoMemory,
+    #[error("cannot use the working directory: {0}")]
+    Cwd(std::io::Error),
 }
 
 /// What the user asked `vmctl run` to start.
@@ -59,15 +82,35 @@ pub struct Launch {
     pub mem: u64,
 }
 
+/// How the job ended, as the main thread reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEnd {
+    /// The job's first process ended.
+    Exited(ExitStatus),
+    /// vmctl itself failed (a KVM error): the message says why.
+    Failed(String),
+}
+
+/// The vCPUs not running a task, kept for the next thread or process: a new vCPU
+/// costs a CPL0 first run.
+#[derive(Default)]
+struct VcpuPool {
+    free: Vec<Vcpu>,
+    next_index: u64,
+}
+
+/// What every task shares.
 pub struct Kernel {
     pub vm: Vm,
-    pub vcpu: Vcpu,
     pub mem: Arc<GuestMemory>,
-    pub frames: FrameAllocator,
-    pub proc: Process,
-    pub shared: SharedRegions,
-    warned: HashSet<u64>,
-    exit: Option<ExitStatus>,
+    pub frames: Mutex<FrameAllocator>,
+    pub shared: Mutex<SharedRegions>,
+    pub commit: Commit,
+    pub pids: Mutex<PidTable>,
+    pub futexes: FutexTable,
+    pub freezer: Freezer,
+    pub timers: Timers,
+    pub host: HostInfo,
     /// Added to the host's monotonic clocks, so a restored guest's CLOCK_MONOTONIC
     /// continues from its checkpoint instead of jumping.
     pub clock_offset_ns: i64,
@@ -75,9 +118,440 @@ pub struct Kernel {
     /// host's TSC is behind the checkpoint's, so the guest's never goes backwards.
     pub tsc_offset: u64,
     pub tsc_trap: bool,
+    /// The XSAVE image of a freshly reset FPU, for exec.
+    pub clean_fpu: machine::VcpuState,
+    vcpus: Mutex<VcpuPool>,
+    warned: Mutex<HashSet<u64>>,
+    job: Mutex<Option<JobEnd>>,
+    main_thread: AtomicU64,
 }
 
-fn host_rlimits() -> Vec<(u64, u64)> {
+/// Most threads and processes a job may have at once: each needs a vCPU.
+pub const MAX_TASKS: usize = machine::layout::MAX_VCPUS as usize;
+
+impl Kernel {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vm: Vm,
+        frames: FrameAllocator,
+        commit: Commit,
+        pids: PidTable,
+        host: HostInfo,
+        clean_fpu: machine::VcpuState,
+        first_vcpu_index: u64,
+        clock_offset_ns: i64,
+        tsc_offset: u64,
+        tsc_trap: bool,
+        shared: SharedRegions,
+    ) -> Kernel {
+        Kernel {
+            mem: vm.memory().clone(),
+            vm,
+            frames: Mutex::new(frames),
+            shared: Mutex::new(shared),
+            commit,
+            pids: Mutex::new(pids),
+            futexes: FutexTable::default(),
+            freezer: Freezer::default(),
+            timers: Timers::default(),
+            host,
+            clock_offset_ns,
+            tsc_offset,
+            tsc_trap,
+            clean_fpu,
+            vcpus: Mutex::new(VcpuPool {
+                free: Vec::new(),
+                next_index: first_vcpu_index,
+            }),
+            warned: Mutex::new(HashSet::new()),
+            job: Mutex::new(None),
+            main_thread: AtomicU64::new(0),
+        }
+    }
+
+    /// Starts the job's first process; returns the kernel and its first task, which
+    /// the caller runs on a thread of its own.
+    pub fn boot(vm: Vm, launch: &Launch) -> Result<(Arc<Kernel>, Task), KernelError> {
+        let mem = vm.memory().clone();
+        let mut frames = FrameAllocator::new(machine::layout::SYSTEM_SIZE, mem.size());
+        let commit = Commit::new(launch.mem);
+        let mut mm =
+            AddressSpace::new(&mem, &mut frames, vm.system_half()).ok_or(KernelError::NoMemory)?;
+        let mut vcpu = vm.create_vcpu(0, mm.root)?;
+        let clean_fpu = vcpu
+            .capture()?
+            .ok_or_else(|| MachineError::VcpuFailed("a new vCPU is not at a clean point".into()))?;
+        let rlimits = host_rlimits();
+        let stack = rlimits[libc::RLIMIT_STACK as usize]
+            .0
+            .clamp(128 << 10, 64 << 20);
+        let host = host_info();
+        let start = {
+            let mut ctx = MmCtx {
+                mem: &mem,
+                frames: &mut frames,
+                vcpu: &mut vcpu,
+                commit: &commit,
+            };
+            loader::load_program(
+                &mut mm,
+                &mut ctx,
+                &launch.program,
+                &launch.argv,
+                &launch.envp,
+                stack.next_multiple_of(4096),
+                &host,
+            )?
+        };
+        vcpu.start_user(
+            kvm_bindings::kvm_regs {
+                rip: start.entry,
+                rsp: start.stack_pointer,
+                rflags: 0x202,
+                ..Default::default()
+            },
+            0,
+            0,
+        );
+        let mut files = FdTable::default();
+        for fd in 0..3 {
+            if let Some(f) = dup_stdio(fd) {
+                files.install_at(
+                    fd,
+                    files::FdEntry {
+                        file: f,
+                        cloexec: false,
+                    },
+                );
+            }
+        }
+        adopt_inherited_fds(&mut files);
+        let fs = FsContext::inherit().map_err(KernelError::Cwd)?;
+        // SAFETY: identity calls that cannot fail.
+        let (pid, ppid, pgid, sid) = unsafe {
+            (
+                libc::getpid(),
+                libc::getppid(),
+                libc::getpgrp(),
+                libc::getsid(0),
+            )
+        };
+        let cmdline: Vec<u8> = launch
+            .argv
+            .iter()
+            .flat_map(|a| a.iter().copied().chain([0]))
+            .collect();
+        let comm = comm_of(&start.exe);
+        let mut st = TgState::new_root(ppid, pgid, sid, start.exe, cmdline);
+        st.rlimits = rlimits;
+        let tg = ThreadGroup::new(pid, st);
+        let res = Resources {
+            mm: Arc::new(Mutex::new(mm)),
+            files: Arc::new(Mutex::new(files)),
+            fs: Arc::new(Mutex::new(fs)),
+        };
+        let h = TaskHandle::new(pid, tg.clone(), res.clone(), ThreadSignals::default(), comm);
+        tg.lock().threads.push(h.clone());
+        let mut pids = PidTable {
+            next: pid + 1,
+            root: pid,
+            ..Default::default()
+        };
+        pids.groups.insert(pid, tg);
+        pids.tasks.insert(pid, h.clone());
+        let k = Arc::new(Kernel::new(
+            vm,
+            frames,
+            commit,
+            pids,
+            host,
+            clean_fpu,
+            1,
+            0,
+            0,
+            false,
+            SharedRegions::default(),
+        ));
+        let task = Task {
+            k: k.clone(),
+            h,
+            vcpu,
+            res,
+            thread: ThreadState::default(),
+            exit: None,
+            recheck: false,
+        };
+        Ok((k, task))
+    }
+
+    /// Guest RAM for a commit limit of `limit`: slack for page tables and partly used
+    /// 2 MiB blocks.
+    pub fn ram_for(limit: u64) -> u64 {
+        (limit + limit / 8 + (64 << 20)).next_multiple_of(machine::memory::HUGE_PAGE)
+    }
+
+    /// The guest's CLOCK_MONOTONIC now.
+    pub fn guest_monotonic_ns(&self) -> i64 {
+        crate::clock::monotonic_ns() + self.clock_offset_ns
+    }
+
+    pub fn warn_unsupported(&self, nr: u64) {
+        if self.warned.lock().expect("warned poisoned").insert(nr) {
+            eprintln!(
+                "vmctl: warning: unsupported syscall {} ({nr}), returning ENOSYS",
+                crate::syscalls::name(nr)
+            );
+        }
+    }
+
+    /// Records the thread that waits for the job (see `job_end`).
+    pub fn set_main_thread(&self) {
+        // SAFETY: pthread_self cannot fail.
+        let me = unsafe { libc::pthread_self() };
+        self.main_thread.store(me as u64, Ordering::SeqCst);
+    }
+
+    fn notify_main(&self) {
+        let t = self.main_thread.load(Ordering::SeqCst);
+        if t != 0 {
+            crate::control::signals::notify(t as libc::pthread_t);
+        }
+    }
+
+    /// The job's first process ended.
+    pub fn job_end(&self, status: ExitStatus) {
+        // Shared file mappings reach their files before the job is gone.
+        self.shared.lock().expect("shared poisoned").msync_all();
+        self.job
+            .lock()
+            .expect("job poisoned")
+            .get_or_insert(JobEnd::Exited(status));
+        self.notify_main();
+    }
+
+    /// vmctl itself cannot go on (a KVM failure).
+    pub fn fail(&self, why: String) {
+        self.job
+            .lock()
+            .expect("job poisoned")
+            .get_or_insert(JobEnd::Failed(why));
+        self.notify_main();
+    }
+
+    pub fn job_status(&self) -> Option<JobEnd> {
+        self.job.lock().expect("job poisoned").clone()
+    }
+
+    /// A vCPU for a new task: a pooled one, or a new one (EAGAIN past the limit).
+    pub fn take_vcpu(&self, cr3: u64) -> Result<Vcpu, Errno> {
+        let mut pool = self.vcpus.lock().expect("vcpu pool poisoned");
+        if let Some(mut v) = pool.free.pop() {
+            v.set_cr3(cr3);
+            return Ok(v);
+        }
+        if pool.next_index >= machine::layout::MAX_VCPUS {
+            return Err(Errno(libc::EAGAIN));
+        }
+        let index = pool.next_index;
+        let v = self.vm.create_vcpu(index, cr3).map_err(|e| {
+            eprintln!("vmctl: cannot create a vCPU for a new guest thread: {e}");
+            Errno(libc::EAGAIN)
+        })?;
+        pool.next_index += 1;
+        Ok(v)
+    }
+
+    pub fn put_vcpu(&self, v: Vcpu) {
+        self.vcpus.lock().expect("vcpu pool poisoned").free.push(v);
+    }
+
+    /// After address spaces were torn down: flush the shadow MMU so their page-table
+    /// frames can be reused, and drop memslots of shared mappings nobody maps now.
+    pub fn flush_released(&self) {
+        let mut frames = self.frames.lock().expect("frames poisoned");
+        if frames.has_quarantine() {
+            if let Err(e) = self.vm.flush_shadow() {
+                eprintln!("vmctl: {e}");
+                return;
+            }
+            frames.release_quarantine();
+        }
+        drop(frames);
+        if let Err(e) = self
+            .shared
+            .lock()
+            .expect("shared poisoned")
+            .collect(&self.vm)
+        {
+            eprintln!("vmctl: {e}");
+        }
+    }
+
+    /// Queues a process-directed signal and wakes a thread that can take it.
+    pub fn signal_group(&self, tg: &ThreadGroup, sig: i32, info: QueuedSig) {
+        if sig == 0 {
+            return;
+        }
+        if sig == libc::SIGKILL {
+            self.kill_group(tg, ExitStatus::Signal(libc::SIGKILL), None);
+            return;
+        }
+        let threads = {
+            let mut st = tg.lock();
+            if !matches!(st.life, Life::Running) {
+                return;
+            }
+            st.pending.add(sig, info);
+            st.threads.clone()
+        };
+        for t in threads {
+            if t.signals().blocked & signals::sig_bit(sig) == 0 {
+                t.interrupt(INTR_SIGNAL);
+            }
+        }
+    }
+
+    /// Queues a signal for one thread.
+    pub fn signal_thread(&self, t: &TaskHandle, sig: i32, info: QueuedSig) {
+        if sig == 0 {
+            return;
+        }
+        if sig == libc::SIGKILL {
+            self.kill_group(&t.tg, ExitStatus::Signal(libc::SIGKILL), None);
+            return;
+        }
+        t.signals().pending.add(sig, info);
+        t.interrupt(INTR_SIGNAL);
+    }
+
+    /// Ends a process: every thread but `except` is stopped.
+    pub fn kill_group(&self, tg: &ThreadGroup, status: ExitStatus, except: Option<i32>) {
+        let threads = {
+            let mut st = tg.lock();
+            if let Life::Running = st.life {
+                st.life = Life::Exiting(status);
+            }
+            st.threads.clone()
+        };
+        for t in threads {
+            if Some(t.tid) != except {
+                t.interrupt(INTR_KILL);
+            }
+        }
+    }
+
+    /// A host signal passed on to the job: every process gets it, as Slurm signals
+    /// every process of a step.
+    pub fn signal_all(&self, sig: i32) {
+        let groups = self.pids.lock().expect("pids poisoned").live_groups();
+        let info = QueuedSig {
+            code: 0, // SI_USER
+            pid: 0,
+            uid: self.host.uid,
+            status: 0,
+        };
+        for g in groups {
+            self.signal_group(&g, sig, info);
+        }
+    }
+
+    pub fn live_tids(&self) -> Vec<i32> {
+        self.pids
+            .lock()
+            .expect("pids poisoned")
+            .tasks
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn all_tasks(&self) -> Vec<Arc<TaskHandle>> {
+        self.pids
+            .lock()
+            .expect("pids poisoned")
+            .tasks
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Stops every task at a clean point and returns their states.
+    pub fn freeze_all(&self) -> Vec<freeze::TaskSnapshot> {
+        self.freezer.begin();
+        for t in self.all_tasks() {
+            t.interrupt(INTR_FREEZE);
+        }
+        self.freezer.wait_all(|| self.live_tids())
+    }
+
+    pub fn thaw_all(&self) {
+        for t in self.all_tasks() {
+            t.clear_flags(INTR_FREEZE);
+        }
+        self.freezer.thaw();
+    }
+
+    /// Stops every task for good (the job is over).
+    pub fn kill_all(&self) {
+        for t in self.all_tasks() {
+            t.interrupt(INTR_KILL);
+        }
+    }
+
+    /// Starts the thread that kicks tasks again for as long as something waits for
+    /// them. A kick can land after a task last looked at its flags and before it
+    /// blocks in a host call made for the guest (a read from a pipe, say); nothing
+    /// would then wake the call. Kicking again every 20 ms closes that gap without
+    /// any locking on the syscall path.
+    pub fn start_watchdog(self: &Arc<Kernel>) {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("vmctl-watchdog".into())
+            .spawn(move || {
+                crate::control::signals::block_in_this_thread();
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    let Some(k) = weak.upgrade() else { return };
+                    for t in k.all_tasks() {
+                        if t.flags() & (INTR_SIGNAL | INTR_KILL) != 0
+                            || (t.flags() & INTR_FREEZE != 0 && !k.freezer.is_parked(t.tid))
+                        {
+                            t.kick();
+                        }
+                    }
+                }
+            })
+            .expect("spawn watchdog thread");
+    }
+}
+
+fn host_info() -> HostInfo {
+    // SAFETY: these identity calls cannot fail.
+    unsafe {
+        HostInfo {
+            hwcap: host_hwcap(),
+            minsigstksz: sigframe::frame_size(xsave_user_size()),
+            uid: libc::getuid(),
+            euid: libc::geteuid(),
+            gid: libc::getgid(),
+            egid: libc::getegid(),
+        }
+    }
+}
+
+/// The name /proc shows for a program: its file name, cut to 15 bytes.
+pub fn comm_of(exe: &std::path::Path) -> [u8; 16] {
+    let mut name = [0u8; 16];
+    let base = exe
+        .file_name()
+        .map(|n| n.as_encoded_bytes().to_vec())
+        .unwrap_or_default();
+    let n = base.len().min(15);
+    name[..n].copy_from_slice(&base[..n]);
+    name
+}
+
+pub(crate) fn host_rlimits() -> Vec<(u64, u64)> {
     (0..16)
         .map(|r| {
             let mut l = libc::rlimit {
@@ -154,376 +628,4 @@ pub(crate) fn dup_stdio(fd: i32) -> Option<Arc<OpenFile>> {
         path: None,
         stdio: Some(fd),
     }))
-}
-
-impl Kernel {
-    pub fn boot(vm: Vm, launch: &Launch) -> Result<Kernel, KernelError> {
-        let mem = vm.memory().clone();
-        let mut frames = FrameAllocator::new(machine::layout::SYSTEM_SIZE, mem.size());
-        let mut mm = AddressSpace::new(&mem, &mut frames, vm.system_half(), launch.mem)
-            .ok_or(KernelError::NoMemory)?;
-        let mut vcpu = vm.create_vcpu(0, mm.root)?;
-        let rlimits = host_rlimits();
-        let stack = rlimits[libc::RLIMIT_STACK as usize]
-            .0
-            .clamp(128 << 10, 64 << 20);
-        // SAFETY: these identity calls cannot fail.
-        let host = unsafe {
-            HostInfo {
-                hwcap: host_hwcap(),
-                minsigstksz: sigframe::frame_size(xsave_user_size()),
-                uid: libc::getuid(),
-                euid: libc::geteuid(),
-                gid: libc::getgid(),
-                egid: libc::getegid(),
-            }
-        };
-        let start = {
-            let mut ctx = MmCtx {
-                mem: &mem,
-                frames: &mut frames,
-                vcpu: &mut vcpu,
-            };
-            loader::load_program(
-                &mut mm,
-                &mut ctx,
-                &launch.program,
-                &launch.argv,
-                &launch.envp,
-                stack.next_multiple_of(4096),
-                &host,
-            )?
-        };
-        {
-            let regs = vcpu.user_regs_mut();
-            *regs = Default::default();
-            regs.rip = start.entry;
-            regs.rsp = start.stack_pointer;
-            regs.rflags = 0x202;
-        }
-        let mut files = FdTable::default();
-        for fd in 0..3 {
-            if let Some(f) = dup_stdio(fd) {
-                files.install_at(
-                    fd,
-                    files::FdEntry {
-                        file: f,
-                        cloexec: false,
-                    },
-                );
-            }
-        }
-        adopt_inherited_fds(&mut files);
-        let mut name = [0u8; 16];
-        let base = start
-            .exe
-            .file_name()
-            .map(|n| n.as_encoded_bytes().to_vec())
-            .unwrap_or_default();
-        let n = base.len().min(15);
-        name[..n].copy_from_slice(&base[..n]);
-        // SAFETY: identity calls that cannot fail.
-        let (pid, ppid, pgid, sid) = unsafe {
-            (
-                libc::getpid(),
-                libc::getppid(),
-                libc::getpgrp(),
-                libc::getsid(0),
-            )
-        };
-        let proc = Process {
-            pid,
-            ppid,
-            pgid,
-            sid,
-            mm,
-            files,
-            signals: Default::default(),
-            exe: start.exe,
-            rlimits,
-            umask: {
-                // SAFETY: umask is read by setting and restoring it.
-                let m = unsafe { libc::umask(0o022) };
-                unsafe { libc::umask(m) };
-                m
-            },
-            clear_child_tid: 0,
-            robust_list: (0, 0),
-            rseq: None,
-            name,
-            sleep_restart: None,
-            cmdline: launch
-                .argv
-                .iter()
-                .flat_map(|a| a.iter().copied().chain([0]))
-                .collect(),
-        };
-        Ok(Kernel {
-            vm,
-            vcpu,
-            mem,
-            frames,
-            proc,
-            shared: SharedRegions::default(),
-            warned: HashSet::new(),
-            exit: None,
-            clock_offset_ns: 0,
-            tsc_offset: 0,
-            tsc_trap: false,
-        })
-    }
-
-    /// Guest RAM for a commit limit of `limit`: slack for page tables and partly used
-    /// 2 MiB blocks.
-    pub fn ram_for(limit: u64) -> u64 {
-        (limit + limit / 8 + (64 << 20)).next_multiple_of(machine::memory::HUGE_PAGE)
-    }
-
-    /// Runs `f` with the current address space and what it needs from the machine.
-    pub fn with_mm<R>(&mut self, f: impl FnOnce(&mut AddressSpace, &mut MmCtx) -> R) -> R {
-        let mut ctx = MmCtx {
-            mem: &self.mem,
-            frames: &mut self.frames,
-            vcpu: &mut self.vcpu,
-        };
-        f(&mut self.proc.mm, &mut ctx)
-    }
-
-    pub fn read_user(&mut self, va: u64, len: usize) -> Result<Vec<u8>, Errno> {
-        let mut buf = vec![0u8; len];
-        self.with_mm(|mm, ctx| mm.read(ctx, va, &mut buf))?;
-        Ok(buf)
-    }
-
-    pub fn write_user(&mut self, va: u64, data: &[u8]) -> Result<(), Errno> {
-        self.with_mm(|mm, ctx| mm.write(ctx, va, data))
-    }
-
-    pub fn read_user_u64(&mut self, va: u64) -> Result<u64, Errno> {
-        self.with_mm(|mm, ctx| mm.read_u64(ctx, va))
-    }
-
-    pub fn read_cstr(&mut self, va: u64) -> Result<Vec<u8>, Errno> {
-        if va == 0 {
-            return Err(Errno(libc::EFAULT));
-        }
-        self.with_mm(|mm, ctx| mm.read_cstr(ctx, va, libc::PATH_MAX as usize))
-    }
-
-    pub fn user_iovecs(
-        &mut self,
-        va: u64,
-        len: u64,
-        access: Access,
-    ) -> Result<Vec<libc::iovec>, Errno> {
-        self.with_mm(|mm, ctx| mm.host_ranges(ctx, va, len, access))
-    }
-
-    /// Records that the guest is done; the run loop stops after this exit.
-    pub fn exit(&mut self, status: ExitStatus) {
-        // Shared file mappings reach their files before the job is gone.
-        self.shared.msync_all();
-        self.exit = Some(status);
-    }
-
-    pub fn warn_unsupported(&mut self, nr: u64) {
-        if self.warned.insert(nr) {
-            eprintln!(
-                "vmctl: warning: unsupported syscall {} ({nr}), returning ENOSYS",
-                crate::syscalls::name(nr)
-            );
-        }
-    }
-
-    pub fn exited(&self) -> Option<ExitStatus> {
-        self.exit
-    }
-
-    /// Runs the guest to its next exit and handles it. Returns the exit status once
-    /// the guest is gone.
-    pub fn step(&mut self) -> Result<Option<ExitStatus>, KernelError> {
-        if let Some(status) = self.exit {
-            return Ok(Some(status));
-        }
-        match self.vcpu.run()? {
-            Exit::Syscall => crate::syscalls::handle(self),
-            Exit::Exception {
-                vector,
-                error_code,
-                cr2,
-            } => self.exception(vector, error_code, cr2)?,
-            Exit::Interrupted => {}
-        }
-        self.deliver_pending()?;
-        Ok(self.exit)
-    }
-
-    fn exception(&mut self, vector: u8, error_code: u64, cr2: u64) -> Result<(), KernelError> {
-        let (sig, code, addr) = match vector {
-            14 => {
-                let access = if error_code & 0x10 != 0 {
-                    Access::Exec
-                } else if error_code & 2 != 0 {
-                    Access::Write
-                } else {
-                    Access::Read
-                };
-                let result = self.with_mm(|mm, ctx| mm.fault(ctx, cr2, access));
-                match result {
-                    Ok(()) => return Ok(()),
-                    Err(Fault::Unmapped) => (libc::SIGSEGV, 1, cr2), // SEGV_MAPERR
-                    Err(Fault::BeyondFile) => (libc::SIGBUS, 2, cr2), // BUS_ADRERR
-                    Err(Fault::Protection) => (libc::SIGSEGV, 2, cr2), // SEGV_ACCERR
-                    Err(Fault::OutOfMemory) => {
-                        eprintln!("vmctl: guest out of memory at {cr2:#x}; raise --mem");
-                        (libc::SIGKILL, 0, 0)
-                    }
-                }
-            }
-            13 if error_code == 0 && self.tsc_trap && self.emulate_rdtsc() => return Ok(()),
-            0 => (libc::SIGFPE, 1, self.vcpu.user_regs().rip), // FPE_INTDIV
-            1 | 3 => {
-                // Clear TF so a single-step trap does not fire again on resume.
-                self.vcpu.user_regs_mut().rflags &= !(1 << 8);
-                // int3 reports SI_KERNEL, as on Linux; a single step is TRAP_TRACE.
-                (
-                    libc::SIGTRAP,
-                    if vector == 3 { 0x80 } else { 2 },
-                    self.vcpu.user_regs().rip,
-                )
-            }
-            6 => (libc::SIGILL, 2, self.vcpu.user_regs().rip), // ILL_ILLOPN
-            16 | 19 => (libc::SIGFPE, 0, self.vcpu.user_regs().rip),
-            17 => (libc::SIGBUS, 1, self.vcpu.user_regs().rip),
-            _ => (libc::SIGSEGV, 0x80, 0), // SI_KERNEL, as Linux reports #GP
-        };
-        self.force_signal(sig, code, addr, vector, error_code)
-    }
-
-    /// A trapped rdtsc or rdtscp: the host TSC plus the restore offset.
-    fn emulate_rdtsc(&mut self) -> bool {
-        let rip = self.vcpu.user_regs().rip;
-        let Ok(code) = self.read_user(rip, 3) else {
-            return false;
-        };
-        let len = match code.as_slice() {
-            [0x0f, 0x31, _] => 2,
-            [0x0f, 0x01, 0xf9] => 3,
-            _ => return false,
-        };
-        let tsc = crate::clock::host_tsc().wrapping_add(self.tsc_offset);
-        let index = self.vcpu.index();
-        let r = self.vcpu.user_regs_mut();
-        r.rax = tsc & 0xffff_ffff;
-        r.rdx = tsc >> 32;
-        if len == 3 {
-            r.rcx = index; // TSC_AUX: the guest CPU number
-        }
-        r.rip += len;
-        true
-    }
-
-    /// Delivers a synchronous signal caused by the current instruction.
-    fn force_signal(
-        &mut self,
-        sig: i32,
-        code: i32,
-        addr: u64,
-        trapno: u8,
-        err: u64,
-    ) -> Result<(), KernelError> {
-        let action = self.proc.signals.action(sig);
-        let blocked = self.proc.signals.blocked & sig_bit(sig) != 0;
-        if sig == libc::SIGKILL || action.handler == SIG_DFL || action.handler == SIG_IGN || blocked
-        {
-            // A fault that cannot be handled kills, as Linux does for blocked or
-            // ignored synchronous signals.
-            self.exit(ExitStatus::Signal(sig));
-            return Ok(());
-        }
-        let info = sigframe::SigInfo {
-            signo: sig,
-            code,
-            addr,
-            pid: 0,
-            uid: 0,
-        };
-        self.setup_frame(sig, info, trapno, err)
-    }
-
-    /// Queues signal `sig` for the guest process (kill/tgkill to itself).
-    pub fn send_signal(&mut self, sig: i32) {
-        if sig == 0 {
-            return;
-        }
-        self.proc.signals.pending |= sig_bit(sig);
-    }
-
-    /// Delivers pending, unblocked signals: default actions, or handler frames.
-    pub fn deliver_pending(&mut self) -> Result<(), KernelError> {
-        self.deliver_signals()?;
-        // No handler ran for a call that set a temporary mask: put the old one back.
-        if let Some(m) = self.proc.signals.saved_mask.take() {
-            self.proc.signals.blocked = m;
-        }
-        Ok(())
-    }
-
-    fn deliver_signals(&mut self) -> Result<(), KernelError> {
-        while self.exit.is_none() {
-            let Some(sig) = self.proc.signals.next_deliverable() else {
-                return Ok(());
-            };
-            self.proc.signals.pending &= !sig_bit(sig);
-            let action = self.proc.signals.action(sig);
-            if action.handler == SIG_IGN {
-                continue;
-            }
-            if action.handler == SIG_DFL {
-                match default_action(sig) {
-                    DefaultAction::Ignore | DefaultAction::Continue | DefaultAction::Stop => {
-                        continue
-                    }
-                    DefaultAction::Terminate | DefaultAction::CoreDump => {
-                        self.exit(ExitStatus::Signal(sig));
-                        return Ok(());
-                    }
-                }
-            }
-            // A handler frame is built from the interrupted registers, which after an
-            // interruption must first be read. If the vCPU stopped inside a CPL0 stub
-            // the signal waits for that stub's exit, a moment later.
-            if !self.vcpu.refresh_user_state()? {
-                self.proc.signals.pending |= sig_bit(sig);
-                return Ok(());
-            }
-            let info = sigframe::SigInfo {
-                signo: sig,
-                code: -6, // SI_TKILL
-                addr: 0,
-                pid: self.proc.pid,
-                // SAFETY: getuid cannot fail.
-                uid: unsafe { libc::getuid() },
-            };
-            self.setup_frame(sig, info, 0, 0)?;
-        }
-        Ok(())
-    }
-
-    fn setup_frame(
-        &mut self,
-        sig: i32,
-        info: sigframe::SigInfo,
-        trapno: u8,
-        err: u64,
-    ) -> Result<(), KernelError> {
-        match sigframe::push(self, sig, info, trapno, err) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                // No room for the frame: Linux kills with SIGSEGV.
-                self.exit(ExitStatus::Signal(libc::SIGSEGV));
-                Ok(())
-            }
-        }
-    }
 }

@@ -1,18 +1,29 @@
-//! The kernel layer's part of a checkpoint: everything about the job that lives in
-//! vmctl rather than in guest memory, and how to rebuild it in a new vmctl.
+//! The kernel layer's part of a checkpoint: every process and thread of the job and
+//! everything about them that lives in vmctl rather than in guest memory, and how
+//! to rebuild it in a new vmctl.
+//!
+//! Objects that processes share (an address space after vfork, a descriptor table,
+//! an open file description after dup or fork, a pipe) are stored once and named by
+//! their index, so that the sharing comes back on restore: two descriptors that
+//! shared an offset still share it.
 
 use super::files::{FdEntry, FdTable, OpenFile};
-use super::mm::{AddressSpace, Backing, FrameAllocator, SharedRegions};
-use super::process::Process;
+use super::freeze::TaskSnapshot;
+use super::fs_context::FsContext;
+use super::mm::{AddressSpace, Backing, Commit, FrameAllocator, SharedRegion, SharedRegions};
+use super::pids::PidTable;
+use super::signals::ThreadSignals;
+use super::task::{Task, TaskHandle};
+use super::thread_group::{Resources, TgState, ThreadGroup};
 use super::{dup_stdio, Kernel};
-use crate::machine::{GuestMemory, MachineError, VcpuState, Vm};
+use crate::machine::{GuestMemory, MachineError, Vm};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -23,8 +34,9 @@ pub enum RestoreError {
     Machine(#[from] MachineError),
 }
 
+/// An open file description.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum FdKind {
+pub enum FileState {
     /// One of vmctl's standard streams: rebound to the restoring vmctl's own.
     Stdio { stream: i32 },
     /// A file or directory reopened by path at the same offset and mode.
@@ -35,16 +47,36 @@ pub enum FdKind {
         size: u64,
         directory: bool,
     },
-    /// Something that cannot be reopened (pipe, socket, deleted file): restored as
-    /// /dev/null with a warning.
+    /// One end of a pipe the job made; its contents are in `KernelState::pipes`.
+    Pipe {
+        pipe: usize,
+        write: bool,
+        flags: i32,
+    },
+    /// Something that cannot be reopened (socket, deleted file, event descriptor):
+    /// restored as /dev/null with a warning.
     Lost { what: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FdState {
     pub fd: i32,
+    pub file: usize,
     pub cloexec: bool,
-    pub kind: FdKind,
+}
+
+/// Bytes in flight in a pipe at the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipeState {
+    /// Hex, to keep the manifest text.
+    pub data: String,
+    pub capacity: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FsState {
+    pub cwd: PathBuf,
+    pub umask: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,72 +87,64 @@ pub struct RegionState {
     pub file_offset: u64,
     pub writable: bool,
     pub path: PathBuf,
-    /// Start addresses of the VMAs that map this region.
-    pub vmas: Vec<u64>,
 }
 
-/// A process in a checkpoint: the process itself, and what lives in the host rather
-/// than in it (the working directory, the descriptors).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessState {
+    pub tgid: i32,
     #[serde(flatten)]
-    pub process: Process,
-    pub cwd: PathBuf,
-    pub fds: Vec<FdState>,
+    pub state: TgState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskState {
+    #[serde(flatten)]
+    pub snapshot: TaskSnapshot,
+    pub mm: usize,
+    pub files: usize,
+    pub fs: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct KernelState {
-    pub process: ProcessState,
     pub frames: FrameAllocator,
+    pub commit_limit: u64,
     pub regions: Vec<RegionState>,
-    pub vcpus: Vec<VcpuState>,
+    pub address_spaces: Vec<AddressSpace>,
+    pub files: Vec<FileState>,
+    pub pipes: Vec<PipeState>,
+    pub fd_tables: Vec<Vec<FdState>>,
+    pub fs_contexts: Vec<FsState>,
+    pub processes: Vec<ProcessState>,
+    pub tasks: Vec<TaskState>,
+    pub next_pid: i32,
+    pub root_pid: i32,
     /// The guest's CLOCK_MONOTONIC when the checkpoint was taken.
     pub monotonic_ns: i64,
     /// The TSC the guest would have read when the checkpoint was taken.
-    #[serde(default)]
     pub tsc: u64,
-    /// The guest's interval timers (ITIMER_REAL, _VIRTUAL, _PROF) as
-    /// (interval, value) in microseconds. They are vmctl's own host timers, so they
-    /// are read at the checkpoint and armed again on restore.
-    #[serde(default)]
-    pub itimers: Vec<(u64, u64)>,
 }
 
-fn read_itimers() -> Vec<(u64, u64)> {
-    (0..3)
-        .map(|which| {
-            // SAFETY: getitimer writes into the local struct.
-            let mut t: libc::itimerval = unsafe { std::mem::zeroed() };
-            unsafe { libc::syscall(libc::SYS_getitimer, which, &mut t) };
-            let us = |v: libc::timeval| v.tv_sec as u64 * 1_000_000 + v.tv_usec as u64;
-            (us(t.it_interval), us(t.it_value))
-        })
-        .collect()
+/// Numbers objects by identity, in the order they are first seen.
+struct Ids<T> {
+    ids: HashMap<usize, usize>,
+    items: Vec<Arc<T>>,
 }
 
-fn arm_itimers(timers: &[(u64, u64)]) {
-    for (which, &(interval, value)) in timers.iter().enumerate() {
-        if value == 0 {
-            continue;
+impl<T> Ids<T> {
+    fn new() -> Self {
+        Ids {
+            ids: HashMap::new(),
+            items: Vec::new(),
         }
-        let tv = |us: u64| libc::timeval {
-            tv_sec: (us / 1_000_000) as i64,
-            tv_usec: (us % 1_000_000) as i64,
-        };
-        let t = libc::itimerval {
-            it_interval: tv(interval),
-            it_value: tv(value),
-        };
-        // SAFETY: setitimer reads the local struct; the old value is not wanted.
-        unsafe {
-            libc::syscall(
-                libc::SYS_setitimer,
-                which as i32,
-                &t,
-                std::ptr::null_mut::<libc::itimerval>(),
-            )
-        };
+    }
+
+    fn id(&mut self, a: &Arc<T>) -> usize {
+        let key = Arc::as_ptr(a) as usize;
+        *self.ids.entry(key).or_insert_with(|| {
+            self.items.push(a.clone());
+            self.items.len() - 1
+        })
     }
 }
 
@@ -128,31 +152,120 @@ fn host_fd_path(fd: RawFd) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
 }
 
-fn fd_state(fd: i32, e: &FdEntry) -> FdState {
-    let kind = if let Some(stream) = e.file.stdio {
-        FdKind::Stdio { stream }
-    } else {
-        let h = e.file.raw();
-        // SAFETY: fstat into a local struct on a descriptor we hold.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        let ok = unsafe { libc::fstat(h, &mut st) } == 0;
+fn fstat(fd: RawFd) -> Option<libc::stat> {
+    // SAFETY: fstat into a local struct on a descriptor we hold.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st)
+}
+
+fn access_flags(fd: RawFd) -> i32 {
+    // SAFETY: F_GETFL only queries a descriptor we hold.
+    unsafe { libc::fcntl(fd, libc::F_GETFL) }
+}
+
+/// Copies what a pipe holds without taking it out (tee), through its read end.
+fn peek_pipe(read_end: RawFd) -> PipeState {
+    // SAFETY: plain fcntl and pipe calls on descriptors we hold or create here; the
+    // temporary pipe is closed by OwnedFd.
+    unsafe {
+        let capacity = libc::fcntl(read_end, libc::F_GETPIPE_SZ).max(4096);
+        let mut fds = [0; 2];
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) != 0 {
+            return PipeState {
+                data: String::new(),
+                capacity,
+            };
+        }
+        let (r, w) = (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]));
+        libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, capacity);
+        let n = libc::tee(
+            read_end,
+            w.as_raw_fd(),
+            capacity as usize,
+            libc::SPLICE_F_NONBLOCK,
+        );
+        let mut data = vec![0u8; n.max(0) as usize];
+        let mut got = 0;
+        while got < data.len() {
+            let m = libc::read(
+                r.as_raw_fd(),
+                data[got..].as_mut_ptr() as *mut _,
+                data.len() - got,
+            );
+            if m <= 0 {
+                break;
+            }
+            got += m as usize;
+        }
+        data.truncate(got);
+        PipeState {
+            data: data.iter().map(|b| format!("{b:02x}")).collect(),
+            capacity,
+        }
+    }
+}
+
+/// The descriptions of open files, with pipes recognised by their inode.
+struct FileCollector {
+    ids: Ids<OpenFile>,
+    states: Vec<FileState>,
+    pipes: Vec<PipeState>,
+    pipe_ids: HashMap<(u64, u64), usize>,
+}
+
+impl FileCollector {
+    fn file(&mut self, f: &Arc<OpenFile>) -> usize {
+        let before = self.ids.items.len();
+        let id = self.ids.id(f);
+        if id == before {
+            let state = self.describe(f);
+            self.states.push(state);
+        }
+        id
+    }
+
+    fn describe(&mut self, f: &OpenFile) -> FileState {
+        if let Some(stream) = f.stdio {
+            return FileState::Stdio { stream };
+        }
+        let h = f.raw();
+        let Some(st) = fstat(h) else {
+            return FileState::Lost {
+                what: "unknown descriptor".into(),
+            };
+        };
         let fmt = st.st_mode & libc::S_IFMT;
-        let path = host_fd_path(h).or_else(|| e.file.path.clone());
+        let flags = access_flags(h);
+        if fmt == libc::S_IFIFO {
+            let key = (st.st_dev, st.st_ino);
+            let write = flags & libc::O_ACCMODE == libc::O_WRONLY;
+            let pipe = match self.pipe_ids.get(&key) {
+                Some(&p) => p,
+                None => {
+                    self.pipes.push(PipeState {
+                        data: String::new(),
+                        capacity: 0,
+                    });
+                    self.pipe_ids.insert(key, self.pipes.len() - 1);
+                    self.pipes.len() - 1
+                }
+            };
+            if !write && self.pipes[pipe].capacity == 0 {
+                self.pipes[pipe] = peek_pipe(h);
+            }
+            return FileState::Pipe { pipe, write, flags };
+        }
+        let path = host_fd_path(h).or_else(|| f.path.clone());
         let deleted = path
             .as_ref()
             .is_some_and(|p| p.as_os_str().as_bytes().ends_with(b" (deleted)"));
-        match (ok, fmt, path) {
-            (true, libc::S_IFREG | libc::S_IFDIR | libc::S_IFCHR | libc::S_IFBLK, Some(path))
-                if !deleted =>
+        match (fmt, path) {
+            (libc::S_IFREG | libc::S_IFDIR | libc::S_IFCHR | libc::S_IFBLK, Some(path))
+                if !deleted && path.is_absolute() =>
             {
-                // SAFETY: queries on a descriptor we hold.
-                let (flags, offset) = unsafe {
-                    (
-                        libc::fcntl(h, libc::F_GETFL),
-                        libc::lseek(h, 0, libc::SEEK_CUR),
-                    )
-                };
-                FdKind::Path {
+                // SAFETY: lseek on a descriptor we hold.
+                let offset = unsafe { libc::lseek(h, 0, libc::SEEK_CUR) };
+                FileState::Path {
                     path,
                     flags,
                     offset: offset.max(0),
@@ -164,98 +277,172 @@ fn fd_state(fd: i32, e: &FdEntry) -> FdState {
                     directory: fmt == libc::S_IFDIR,
                 }
             }
-            (_, _, p) => FdKind::Lost {
+            (_, p) => FileState::Lost {
                 what: match fmt {
-                    libc::S_IFIFO => "pipe".into(),
                     libc::S_IFSOCK => "socket".into(),
                     _ if deleted => format!(
                         "deleted file {}",
                         p.map(|p| p.display().to_string()).unwrap_or_default()
                     ),
-                    _ => "unknown descriptor".into(),
+                    _ => format!(
+                        "{}",
+                        p.map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "special descriptor".into())
+                    ),
                 },
             },
         }
-    };
-    FdState {
-        fd,
-        cloexec: e.cloexec,
-        kind,
     }
 }
 
-fn regions_of(mm: &AddressSpace) -> Vec<RegionState> {
-    let mut out: Vec<RegionState> = Vec::new();
-    for v in mm.vmas.values() {
-        let Backing::File {
-            file,
-            region: Some(r),
-            ..
-        } = &v.backing
-        else {
-            continue;
-        };
-        match out.iter_mut().find(|x| x.gpa == r.gpa) {
-            Some(x) => x.vmas.push(v.start),
-            None => out.push(RegionState {
-                gpa: r.gpa,
-                slot: r.slot,
-                len: r.len,
-                file_offset: r.file_offset,
-                writable: r.writable,
-                path: file.path.clone(),
-                vmas: vec![v.start],
-            }),
+fn regions_of(mms: &[AddressSpace], out: &mut Vec<RegionState>) {
+    for mm in mms {
+        for v in mm.vmas.values() {
+            let Backing::File {
+                file,
+                region: Some(r),
+                ..
+            } = &v.backing
+            else {
+                continue;
+            };
+            if !out.iter().any(|x| x.gpa == r.gpa) {
+                out.push(RegionState {
+                    gpa: r.gpa,
+                    slot: r.slot,
+                    len: r.len,
+                    file_offset: r.file_offset,
+                    writable: r.writable,
+                    path: file.path.clone(),
+                });
+            }
         }
     }
-    out
 }
 
 impl Kernel {
-    /// Captures the kernel layer. None if the vCPU is not at a clean point yet: run it
-    /// once more and ask again.
-    pub fn snapshot(&mut self) -> Result<Option<KernelState>, MachineError> {
-        let Some(vcpu) = self.vcpu.capture()? else {
-            return Ok(None);
+    /// Captures the kernel layer of a frozen job (every task parked, `tasks` their
+    /// states).
+    pub fn snapshot(&self, tasks: Vec<TaskSnapshot>) -> KernelState {
+        self.shared.lock().expect("shared poisoned").msync_all();
+        let pids = self.pids.lock().expect("pids poisoned");
+        let mut mms: Ids<Mutex<AddressSpace>> = Ids::new();
+        let mut tables: Ids<Mutex<FdTable>> = Ids::new();
+        let mut fss: Ids<Mutex<FsContext>> = Ids::new();
+        let mut task_states = Vec::new();
+        for snap in tasks {
+            let Some(res) = pids.task(snap.tid).and_then(|h| h.try_resources()) else {
+                continue;
+            };
+            task_states.push(TaskState {
+                mm: mms.id(&res.mm),
+                files: tables.id(&res.files),
+                fs: fss.id(&res.fs),
+                snapshot: snap,
+            });
+        }
+        let mut files = FileCollector {
+            ids: Ids::new(),
+            states: Vec::new(),
+            pipes: Vec::new(),
+            pipe_ids: HashMap::new(),
         };
-        self.shared.msync_all();
-        let p = &self.proc;
-        let process = ProcessState {
-            process: p.clone(),
-            cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
-            fds: p.files.iter().map(|(&fd, e)| fd_state(fd, e)).collect(),
-        };
-        Ok(Some(KernelState {
-            regions: regions_of(&p.mm),
-            process,
-            frames: self.frames.clone(),
-            vcpus: vec![vcpu],
-            monotonic_ns: crate::clock::monotonic_ns() + self.clock_offset_ns,
+        let fd_tables = tables
+            .items
+            .iter()
+            .map(|t| {
+                let t = t.lock().expect("fd table poisoned");
+                t.iter()
+                    .map(|(&fd, e)| FdState {
+                        fd,
+                        file: files.file(&e.file),
+                        cloexec: e.cloexec,
+                    })
+                    .collect()
+            })
+            .collect();
+        let address_spaces: Vec<AddressSpace> = mms
+            .items
+            .iter()
+            .map(|m| m.lock().expect("address space poisoned").clone())
+            .collect();
+        let mut regions = Vec::new();
+        regions_of(&address_spaces, &mut regions);
+        let fs_contexts = fss
+            .items
+            .iter()
+            .map(|f| {
+                let f = f.lock().expect("fs context poisoned");
+                FsState {
+                    cwd: f.cwd_path(),
+                    umask: f.umask,
+                }
+            })
+            .collect();
+        let processes = pids
+            .groups
+            .values()
+            .map(|g| ProcessState {
+                tgid: g.tgid,
+                state: g.lock().clone(),
+            })
+            .collect();
+        KernelState {
+            frames: self.frames.lock().expect("frames poisoned").clone(),
+            commit_limit: self.commit.limit(),
+            regions,
+            address_spaces,
+            files: files.states,
+            pipes: files.pipes,
+            fd_tables,
+            fs_contexts,
+            processes,
+            tasks: task_states,
+            next_pid: pids.next,
+            root_pid: pids.root,
+            monotonic_ns: self.guest_monotonic_ns(),
             tsc: crate::clock::host_tsc().wrapping_add(self.tsc_offset),
-            itimers: read_itimers(),
-        }))
+        }
     }
 
-    /// Rebuilds a kernel from `state` on `vm`, whose RAM already holds the memory image.
-    pub fn restore(vm: Vm, state: KernelState) -> Result<Kernel, RestoreError> {
+    /// Rebuilds the job from `state` on `vm`, whose RAM already holds the memory
+    /// image. Returns the kernel and its tasks, ready to run.
+    pub fn restore(vm: Vm, state: KernelState) -> Result<(Arc<Kernel>, Vec<Task>), RestoreError> {
         let mem: Arc<GuestMemory> = vm.memory().clone();
+        let bad =
+            |what: &str| RestoreError::File(format!("the kernel state is inconsistent: {what}"));
         // The manifest passed its checksum, but it must also fit the VM it describes.
-        if !state.frames.fits(mem.size()) || state.process.process.mm.root >= mem.size() {
-            return Err(RestoreError::File(
-                "the kernel state names guest memory beyond the checkpoint's RAM size".into(),
+        if !state.frames.fits(mem.size())
+            || state.address_spaces.iter().any(|m| m.root >= mem.size())
+        {
+            return Err(bad(
+                "it names guest memory beyond the checkpoint's RAM size",
             ));
+        }
+        let n_mm = state.address_spaces.len();
+        if state.tasks.iter().any(|t| {
+            t.mm >= n_mm || t.files >= state.fd_tables.len() || t.fs >= state.fs_contexts.len()
+        }) || state
+            .fd_tables
+            .iter()
+            .flatten()
+            .any(|f| f.file >= state.files.len())
+            || state
+                .files
+                .iter()
+                .any(|f| matches!(f, FileState::Pipe { pipe, .. } if *pipe >= state.pipes.len()))
+        {
+            return Err(bad("an object index is out of range"));
+        }
+        if state.tasks.is_empty() || state.tasks.len() > super::MAX_TASKS {
+            return Err(bad("no task, or more than vmctl can run"));
         }
         // The image is in guest RAM already; KVM needs memslots up to where it reaches.
         mem.ensure_backed(state.frames.high_water())
             .map_err(|e| RestoreError::File(format!("cannot expose guest RAM to KVM: {e}")))?;
-        let ProcessState {
-            process: mut proc,
-            cwd,
-            fds,
-        } = state.process;
-        let mm = &mut proc.mm;
-        reopen_mapped_files(mm)?;
+
         let mut shared = SharedRegions::default();
+        let mut regions: HashMap<u64, Arc<SharedRegion>> = HashMap::new();
         for r in &state.regions {
             let file = open_for(
                 &r.path,
@@ -281,39 +468,47 @@ impl Kernel {
                         std::io::Error::from_raw_os_error(e)
                     ))
                 })?;
-            for start in &r.vmas {
-                if let Some(v) = mm.vmas.get_mut(start) {
-                    if let Backing::File { region: slot, .. } = &mut v.backing {
-                        *slot = Some(region.clone());
-                    }
+            regions.insert(r.gpa, region);
+        }
+        let mut mms = Vec::new();
+        for mut mm in state.address_spaces {
+            reopen_mapped_files(&mut mm)?;
+            attach_regions(&mut mm, &state.regions, &regions);
+            mms.push(Arc::new(Mutex::new(mm)));
+        }
+        let pipes = make_pipes(&state.pipes)?;
+        let mut files = Vec::new();
+        for f in &state.files {
+            files.push(reopen_file(f, &pipes)?);
+        }
+        let tables: Vec<Arc<Mutex<FdTable>>> = state
+            .fd_tables
+            .iter()
+            .map(|t| {
+                let mut table = FdTable::default();
+                for f in t {
+                    table.install_at(
+                        f.fd,
+                        FdEntry {
+                            file: files[f.file].clone(),
+                            cloexec: f.cloexec,
+                        },
+                    );
                 }
-            }
+                Arc::new(Mutex::new(table))
+            })
+            .collect();
+        let mut fss = Vec::new();
+        for f in &state.fs_contexts {
+            let ctx = FsContext::open(&f.cwd, f.umask).map_err(|e| {
+                RestoreError::File(format!(
+                    "{}: cannot return to the job's working directory: {e}",
+                    f.cwd.display()
+                ))
+            })?;
+            fss.push(Arc::new(Mutex::new(ctx)));
         }
-        std::env::set_current_dir(&cwd).map_err(|e| {
-            RestoreError::File(format!(
-                "{}: cannot return to the job's working directory: {e}",
-                cwd.display()
-            ))
-        })?;
-        // SAFETY: umask cannot fail; files created for the guest use its umask.
-        unsafe { libc::umask(proc.umask) };
-        let mut files = FdTable::default();
-        for f in &fds {
-            let file = reopen_fd(f)?;
-            files.install_at(
-                f.fd,
-                FdEntry {
-                    file,
-                    cloexec: f.cloexec,
-                },
-            );
-        }
-        let mut vcpu = vm.create_vcpu(0, proc.mm.root)?;
-        let vstate = state
-            .vcpus
-            .first()
-            .ok_or_else(|| RestoreError::File("the checkpoint has no vCPU state".into()))?;
-        vcpu.restore(vstate)?;
+
         // The guest's TSC must not go backwards: on a host whose TSC is behind (another
         // node, or after a reboot), trap rdtsc and add the difference.
         // VMCTL_TEST_TSC_AHEAD pretends the checkpoint's TSC was that much further on,
@@ -324,33 +519,150 @@ impl Kernel {
             .unwrap_or(0);
         let saved_tsc = state.tsc.saturating_add(ahead);
         let now_tsc = crate::clock::host_tsc();
-        let (tsc_offset, tsc_trap) =
-            if saved_tsc > now_tsc && crate::clock::trap_rdtsc_on_this_thread() {
-                vcpu.set_tsd(true);
-                (saved_tsc - now_tsc, true)
-            } else {
-                (0, false)
-            };
-        arm_itimers(&state.itimers);
-        proc.files = files;
-        Ok(Kernel {
+        let (tsc_offset, tsc_trap) = if saved_tsc > now_tsc {
+            (saved_tsc - now_tsc, true)
+        } else {
+            (0, false)
+        };
+        let mut pids = PidTable {
+            next: state.next_pid,
+            root: state.root_pid,
+            ..Default::default()
+        };
+        for p in state.processes {
+            pids.groups
+                .insert(p.tgid, ThreadGroup::new(p.tgid, p.state));
+        }
+        let mut first_vcpu = Vec::new();
+        let first_root = mms[state.tasks[0].mm]
+            .lock()
+            .expect("address space poisoned")
+            .root;
+        first_vcpu.push(vm.create_vcpu(0, first_root)?);
+        let clean_fpu = first_vcpu[0]
+            .capture()?
+            .ok_or_else(|| MachineError::VcpuFailed("a new vCPU is not at a clean point".into()))?;
+        let k = Arc::new(Kernel::new(
             vm,
-            vcpu,
-            mem,
-            frames: state.frames,
-            proc,
-            shared,
-            warned: HashSet::new(),
-            exit: None,
+            state.frames,
+            Commit::new(state.commit_limit),
+            pids,
+            super::host_info(),
+            clean_fpu,
+            1,
             // The guest's monotonic clock continues from where it stopped.
-            clock_offset_ns: state.monotonic_ns - crate::clock::monotonic_ns(),
+            state.monotonic_ns - crate::clock::monotonic_ns(),
             tsc_offset,
             tsc_trap,
-        })
+            shared,
+        ));
+        for mm in &mms {
+            k.commit
+                .charge(mm.lock().expect("address space poisoned").committed);
+        }
+        let mut tasks = Vec::new();
+        for ts in state.tasks {
+            let snap = ts.snapshot;
+            let tg = k
+                .pids
+                .lock()
+                .expect("pids poisoned")
+                .group(snap.tgid)
+                .cloned()
+                .ok_or_else(|| bad("a thread of a process that is not there"))?;
+            let res = Resources {
+                mm: mms[ts.mm].clone(),
+                files: tables[ts.files].clone(),
+                fs: fss[ts.fs].clone(),
+            };
+            let root = res.mm.lock().expect("address space poisoned").root;
+            let mut vcpu = match first_vcpu.pop() {
+                Some(mut v) => {
+                    v.set_cr3(root);
+                    v
+                }
+                None => k
+                    .take_vcpu(root)
+                    .map_err(|_| RestoreError::File("cannot create a vCPU".into()))?,
+            };
+            vcpu.restore(&snap.vcpu)?;
+            let h = TaskHandle::new(
+                snap.tid,
+                tg.clone(),
+                res.clone(),
+                ThreadSignals {
+                    blocked: snap.signals.blocked,
+                    pending: snap.signals.pending,
+                },
+                snap.comm,
+            );
+            tg.lock().threads.push(h.clone());
+            k.pids
+                .lock()
+                .expect("pids poisoned")
+                .tasks
+                .insert(snap.tid, h.clone());
+            tasks.push(Task {
+                k: k.clone(),
+                h,
+                vcpu,
+                res,
+                thread: snap.thread,
+                exit: None,
+                recheck: true,
+            });
+        }
+        // Interval timers keep their guest deadlines.
+        let groups: Vec<Arc<ThreadGroup>> = k
+            .pids
+            .lock()
+            .expect("pids poisoned")
+            .groups
+            .values()
+            .cloned()
+            .collect();
+        for g in groups {
+            let timers = g.lock().itimers;
+            for (which, t) in timers.iter().enumerate() {
+                if t.deadline_ns != 0 {
+                    k.timers.set(g.tgid, which, t.deadline_ns);
+                }
+            }
+        }
+        Ok((k, tasks))
     }
 }
 
-fn open_for(path: &std::path::Path, flags: i32) -> Result<OwnedFd, RestoreError> {
+fn attach_regions(
+    mm: &mut AddressSpace,
+    states: &[RegionState],
+    regions: &HashMap<u64, Arc<SharedRegion>>,
+) {
+    // VMAs of a shared mapping point into their region's guest-physical range.
+    for v in mm.vmas.values_mut() {
+        let Backing::File {
+            file,
+            offset,
+            region: slot,
+        } = &mut v.backing
+        else {
+            continue;
+        };
+        if !v.shared {
+            continue;
+        }
+        *slot = states
+            .iter()
+            .find(|r| {
+                r.path == file.path
+                    && *offset >= r.file_offset
+                    && *offset + (v.end - v.start) <= r.file_offset + r.len
+            })
+            .and_then(|r| regions.get(&r.gpa).cloned());
+    }
+}
+
+fn open_for(path: &Path, flags: i32) -> Result<OwnedFd, RestoreError> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| RestoreError::File("bad path".into()))?;
     // SAFETY: open with a valid C string; the result is owned below.
@@ -403,15 +715,57 @@ fn reopen_mapped_files(mm: &mut AddressSpace) -> Result<(), RestoreError> {
     Ok(())
 }
 
-fn reopen_fd(f: &FdState) -> Result<Arc<OpenFile>, RestoreError> {
-    match &f.kind {
-        FdKind::Stdio { stream } => dup_stdio(*stream).ok_or_else(|| {
+/// New host pipes holding what the job's pipes held: (read end, write end).
+fn make_pipes(states: &[PipeState]) -> Result<Vec<(OwnedFd, OwnedFd)>, RestoreError> {
+    let mut out = Vec::new();
+    for p in states {
+        let data: Vec<u8> = (0..p.data.len() / 2)
+            .filter_map(|i| u8::from_str_radix(p.data.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the local array; the descriptors are owned below.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(RestoreError::File(format!(
+                "cannot make a pipe: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: both were just created.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let want = p.capacity.max(data.len() as i32);
+        // SAFETY: fcntl and write on the pipe just created; the data fits its capacity.
+        unsafe {
+            if want > 65536 {
+                libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want);
+            }
+            let mut done = 0;
+            while done < data.len() {
+                let n = libc::write(
+                    w.as_raw_fd(),
+                    data[done..].as_ptr() as *const _,
+                    data.len() - done,
+                );
+                if n <= 0 {
+                    return Err(RestoreError::File(
+                        "cannot put a pipe's contents back".into(),
+                    ));
+                }
+                done += n as usize;
+            }
+        }
+        out.push((r, w));
+    }
+    Ok(out)
+}
+
+fn reopen_file(f: &FileState, pipes: &[(OwnedFd, OwnedFd)]) -> Result<Arc<OpenFile>, RestoreError> {
+    match f {
+        FileState::Stdio { stream } => dup_stdio(*stream).ok_or_else(|| {
             RestoreError::File(format!(
-                "fd {}: standard stream {stream} is closed in this vmctl",
-                f.fd
+                "standard stream {stream} is closed in this vmctl; the job needs it"
             ))
         }),
-        FdKind::Path {
+        FileState::Path {
             path,
             flags,
             offset,
@@ -426,15 +780,15 @@ fn reopen_fd(f: &FdState) -> Result<Arc<OpenFile>, RestoreError> {
                     | libc::O_NOCTTY);
             let host = open_for(path, keep)?;
             if !directory && *size > 0 {
-                // SAFETY: fstat into a local struct.
-                let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                unsafe { libc::fstat(host.as_raw_fd(), &mut st) };
-                if (st.st_mode & libc::S_IFMT) == libc::S_IFREG && (st.st_size as i64) < *offset {
-                    return Err(RestoreError::File(format!(
-                        "{}: now {} bytes, shorter than the saved offset {offset}; the job's view of it is gone",
-                        path.display(),
-                        st.st_size
-                    )));
+                if let Some(st) = fstat(host.as_raw_fd()) {
+                    if (st.st_mode & libc::S_IFMT) == libc::S_IFREG && (st.st_size as i64) < *offset
+                    {
+                        return Err(RestoreError::File(format!(
+                            "{}: now {} bytes, shorter than the saved offset {offset}; the job's view of it is gone",
+                            path.display(),
+                            st.st_size
+                        )));
+                    }
                 }
             }
             // SAFETY: seeking our own descriptor.
@@ -445,12 +799,25 @@ fn reopen_fd(f: &FdState) -> Result<Arc<OpenFile>, RestoreError> {
                 stdio: None,
             }))
         }
-        FdKind::Lost { what } => {
+        FileState::Pipe { pipe, write, flags } => {
+            let (r, w) = &pipes[*pipe];
+            let end = if *write { w } else { r };
+            let host = end
+                .try_clone()
+                .map_err(|e| RestoreError::File(format!("cannot reopen a pipe: {e}")))?;
+            // SAFETY: fcntl on our own descriptor: the description's status flags.
+            unsafe { libc::fcntl(host.as_raw_fd(), libc::F_SETFL, *flags & libc::O_NONBLOCK) };
+            Ok(Arc::new(OpenFile {
+                host,
+                path: None,
+                stdio: None,
+            }))
+        }
+        FileState::Lost { what } => {
             eprintln!(
-                "vmctl: warning: fd {} was a {what}, which a checkpoint cannot carry; it is /dev/null now",
-                f.fd
+                "vmctl: warning: the job had a {what} open, which a checkpoint cannot carry; it is /dev/null now"
             );
-            let host = open_for(std::path::Path::new("/dev/null"), libc::O_RDWR)?;
+            let host = open_for(Path::new("/dev/null"), libc::O_RDWR)?;
             Ok(Arc::new(OpenFile {
                 host,
                 path: None,

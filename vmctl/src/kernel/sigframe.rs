@@ -3,7 +3,8 @@
 //! a ucontext, a siginfo, and the XSAVE image of the FPU/SSE/AVX state.
 
 use super::signals::{sig_bit, SigAction, SA_NODEFER, SA_ONSTACK, SA_RESETHAND, UNBLOCKABLE};
-use super::{xsave_user_size, Errno, Kernel};
+use super::task::Task;
+use super::{xsave_user_size, Errno};
 use crate::machine::layout::{USER_CS, USER_DS};
 
 const RT_SIGFRAME_SIZE: u64 = 440;
@@ -23,6 +24,8 @@ pub struct SigInfo {
     pub addr: u64,
     pub pid: i32,
     pub uid: u32,
+    /// SIGCHLD's si_status.
+    pub status: i32,
 }
 
 /// Stack space a handler frame needs (reported to the guest as AT_MINSIGSTKSZ).
@@ -30,16 +33,16 @@ pub fn frame_size(xsave: u64) -> u64 {
     xsave + 4 + 64 + RT_SIGFRAME_SIZE + 16
 }
 
-fn xsave_bytes(k: &Kernel) -> Result<Vec<u8>, Errno> {
-    let xs = k.vcpu.get_xsave().map_err(|_| Errno(libc::EFAULT))?;
+fn xsave_bytes(t: &Task) -> Result<Vec<u8>, Errno> {
+    let xs = t.vcpu.get_xsave().map_err(|_| Errno(libc::EFAULT))?;
     let region = &xs.as_fam_struct_ref().xsave.region;
     Ok(region.iter().flat_map(|w| w.to_le_bytes()).collect())
 }
 
-pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Result<(), Errno> {
-    let action: SigAction = k.proc.signals.action(sig);
-    let regs = *k.vcpu.user_regs();
-    let (ss_sp, ss_flags, ss_size) = k.proc.signals.altstack;
+pub fn push(t: &mut Task, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Result<(), Errno> {
+    let action: SigAction = t.tg().lock().actions[sig as usize];
+    let regs = *t.vcpu.user_regs();
+    let (ss_sp, ss_flags, ss_size) = t.thread.altstack;
     let on_altstack = ss_size > 0 && regs.rsp > ss_sp && regs.rsp <= ss_sp + ss_size;
     let mut sp =
         if action.flags & SA_ONSTACK != 0 && ss_flags & libc::SS_DISABLE == 0 && !on_altstack {
@@ -55,15 +58,15 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
     sp = (sp & !15) - 8;
     let frame = sp;
 
-    let mut xsave = xsave_bytes(k)?;
+    let mut xsave = xsave_bytes(t)?;
     xsave.truncate(xsize as usize);
     // The software-reserved bytes of the FXSAVE area tell sigreturn an XSAVE image follows.
     xsave[464..468].copy_from_slice(&FP_XSTATE_MAGIC1.to_le_bytes());
     xsave[468..472].copy_from_slice(&((xsize + 4) as u32).to_le_bytes());
-    xsave[472..480].copy_from_slice(&k.vm.xcr0().to_le_bytes());
+    xsave[472..480].copy_from_slice(&t.k.vm.xcr0().to_le_bytes());
     xsave[480..484].copy_from_slice(&(xsize as u32).to_le_bytes());
     xsave.extend_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
-    k.write_user(fpstate, &xsave)?;
+    t.write_user(fpstate, &xsave)?;
 
     let mut f = vec![0u8; RT_SIGFRAME_SIZE as usize];
     let put = |f: &mut Vec<u8>, at: u64, v: u64| {
@@ -109,12 +112,8 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
     f[segs as usize + 6..segs as usize + 8].copy_from_slice(&USER_DS.to_le_bytes());
     put(&mut f, UC_MCONTEXT + 152, err);
     put(&mut f, UC_MCONTEXT + 160, trapno as u64);
-    let restore_mask = k
-        .proc
-        .signals
-        .saved_mask
-        .take()
-        .unwrap_or(k.proc.signals.blocked);
+    let blocked_now = t.h.signals().blocked;
+    let restore_mask = t.thread.saved_mask.take().unwrap_or(blocked_now);
     put(&mut f, UC_MCONTEXT + 168, restore_mask);
     put(
         &mut f,
@@ -130,23 +129,26 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
     let si = SIGINFO as usize;
     f[si..si + 4].copy_from_slice(&info.signo.to_le_bytes());
     f[si + 8..si + 12].copy_from_slice(&info.code.to_le_bytes());
-    if info.code > 0 {
+    if info.code > 0 && info.signo != libc::SIGCHLD {
         f[si + 16..si + 24].copy_from_slice(&info.addr.to_le_bytes());
     } else {
         f[si + 16..si + 20].copy_from_slice(&info.pid.to_le_bytes());
         f[si + 20..si + 24].copy_from_slice(&info.uid.to_le_bytes());
+        if info.signo == libc::SIGCHLD {
+            f[si + 24..si + 28].copy_from_slice(&info.status.to_le_bytes());
+        }
     }
-    k.write_user(frame, &f)?;
+    t.write_user(frame, &f)?;
 
-    let mut blocked = k.proc.signals.blocked | action.mask;
+    let mut blocked = blocked_now | action.mask;
     if action.flags & SA_NODEFER == 0 {
         blocked |= sig_bit(sig);
     }
-    k.proc.signals.blocked = blocked & !UNBLOCKABLE;
+    t.h.signals().blocked = blocked & !UNBLOCKABLE;
     if action.flags & SA_RESETHAND != 0 {
-        k.proc.signals.actions[sig as usize] = SigAction::default();
+        t.tg().lock().actions[sig as usize] = SigAction::default();
     }
-    let r = k.vcpu.user_regs_mut();
+    let r = t.vcpu.user_regs_mut();
     r.rdi = sig as u64;
     r.rsi = frame + SIGINFO;
     r.rdx = frame + 8;
@@ -158,25 +160,27 @@ pub fn push(k: &mut Kernel, sig: i32, info: SigInfo, trapno: u8, err: u64) -> Re
 }
 
 /// rt_sigreturn: restores what `push` saved; the handler's `ret` consumed pretcode.
-pub fn sigreturn(k: &mut Kernel) -> Result<(), Errno> {
-    let frame = k.vcpu.user_regs().rsp - 8;
-    let f = k.read_user(frame, RT_SIGFRAME_SIZE as usize)?;
+pub fn sigreturn(t: &mut Task) -> Result<(), Errno> {
+    let frame = t.vcpu.user_regs().rsp - 8;
+    let f = t.read_user(frame, RT_SIGFRAME_SIZE as usize)?;
     let get = |at: u64| u64::from_le_bytes(f[at as usize..at as usize + 8].try_into().expect("8"));
     let g = |i: u64| get(UC_MCONTEXT + i * 8);
-    let old_flags = k.vcpu.user_regs().rflags;
-    let r = k.vcpu.user_regs_mut();
+    let old_flags = t.vcpu.user_regs().rflags;
+    let r = t.vcpu.user_regs_mut();
     (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
         (g(0), g(1), g(2), g(3), g(4), g(5), g(6), g(7));
     (
         r.rdi, r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip,
     ) = (g(8), g(9), g(10), g(11), g(12), g(13), g(14), g(15), g(16));
     r.rflags = (old_flags & !USER_FLAGS) | (g(17) & USER_FLAGS);
-    k.proc.signals.blocked = get(UC_SIGMASK) & !UNBLOCKABLE;
+    t.h.signals().blocked = get(UC_SIGMASK) & !UNBLOCKABLE;
+    // The restored mask may let a pending signal through.
+    t.recheck = true;
     let fpstate = get(UC_MCONTEXT + 184);
     if fpstate != 0 {
         let xsize = xsave_user_size().min(KVM_XSAVE_REGION as u64) as usize;
-        let img = k.read_user(fpstate, xsize)?;
-        let mut xs = k.vcpu.get_xsave().map_err(|_| Errno(libc::EFAULT))?;
+        let img = t.read_user(fpstate, xsize)?;
+        let mut xs = t.vcpu.get_xsave().map_err(|_| Errno(libc::EFAULT))?;
         // SAFETY: FamStructWrapper gives exclusive access to the region we overwrite;
         // only the user-state bytes the frame carried are replaced.
         let region = unsafe { &mut xs.as_mut_fam_struct().xsave.region };
@@ -189,7 +193,7 @@ pub fn sigreturn(k: &mut Kernel) -> Result<(), Errno> {
         for w in &mut region[116..128] {
             *w = 0;
         }
-        k.vcpu.set_xsave(&xs).map_err(|_| Errno(libc::EFAULT))?;
+        t.vcpu.set_xsave(&xs).map_err(|_| Errno(libc::EFAULT))?;
     }
     Ok(())
 }

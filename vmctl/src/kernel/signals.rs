@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 pub const NSIG: usize = 64;
 pub const SIG_DFL: u64 = 0;
 pub const SIG_IGN: u64 = 1;
+pub const SA_NOCLDWAIT: u64 = 0x0000_0002;
 pub const SA_ONSTACK: u64 = 0x0800_0000;
 pub const SA_RESTART: u64 = 0x1000_0000;
 pub const SA_NODEFER: u64 = 0x4000_0000;
@@ -76,39 +77,56 @@ pub fn sig_bit(sig: i32) -> u64 {
 /// Signals that can be neither caught nor blocked.
 pub const UNBLOCKABLE: u64 = (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1));
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SignalState {
-    pub actions: Vec<SigAction>,
-    pub blocked: u64,
-    pub pending: u64,
-    /// sigaltstack: (ss_sp, ss_flags, ss_size).
-    pub altstack: (u64, i32, u64),
-    /// The mask to put back once a call that blocks with a temporary mask (sigsuspend)
-    /// is over: by the handler's sigreturn, or right away if no handler runs.
-    #[serde(default)]
-    pub saved_mask: Option<u64>,
+/// What a queued signal carries into the handler's siginfo.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedSig {
+    pub code: i32,
+    pub pid: i32,
+    pub uid: u32,
+    /// For SIGCHLD: the child's exit code or signal (si_status).
+    pub status: i32,
 }
 
-impl Default for SignalState {
-    fn default() -> Self {
-        SignalState {
-            actions: vec![SigAction::default(); NSIG + 1],
-            blocked: 0,
-            pending: 0,
-            altstack: (0, libc::SS_DISABLE, 0),
-            saved_mask: None,
+/// Pending signals. A standard signal is pending at most once, as on Linux; so is a
+/// real-time one here (a second one sent before the first is delivered merges).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SigQueue {
+    pub mask: u64,
+    pub info: Vec<(i32, QueuedSig)>,
+}
+
+impl SigQueue {
+    pub fn add(&mut self, sig: i32, info: QueuedSig) {
+        if self.mask & sig_bit(sig) != 0 {
+            return;
         }
-    }
-}
-
-impl SignalState {
-    pub fn action(&self, sig: i32) -> SigAction {
-        self.actions[sig as usize]
+        self.mask |= sig_bit(sig);
+        self.info.push((sig, info));
     }
 
-    /// The lowest pending signal that is not blocked.
-    pub fn next_deliverable(&self) -> Option<i32> {
-        let ready = self.pending & !self.blocked;
+    pub fn take(&mut self, sig: i32) -> Option<QueuedSig> {
+        if self.mask & sig_bit(sig) == 0 {
+            return None;
+        }
+        self.mask &= !sig_bit(sig);
+        let i = self.info.iter().position(|&(s, _)| s == sig)?;
+        Some(self.info.remove(i).1)
+    }
+
+    pub fn discard(&mut self, sig: i32) {
+        self.take(sig);
+    }
+
+    /// The lowest pending signal that `blocked` lets through.
+    pub fn first_unblocked(&self, blocked: u64) -> Option<i32> {
+        let ready = self.mask & !blocked;
         (ready != 0).then(|| ready.trailing_zeros() as i32 + 1)
     }
+}
+
+/// A thread's signal state that other threads look at when they send it signals.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ThreadSignals {
+    pub blocked: u64,
+    pub pending: SigQueue,
 }

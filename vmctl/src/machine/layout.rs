@@ -21,9 +21,11 @@ pub const KSTACK_GPA: u64 = 0x10000;
 /// Page-table pages for the upper (system) half of every address space.
 pub const SYSTEM_TABLES_GPA: u64 = 0x10_0000;
 pub const SYSTEM_TABLES_END: u64 = 0x1c_0000;
-/// Staging area for lists of page-table writes run by the CPL0 detour.
+/// Staging areas for lists of page-table writes run by the CPL0 detour, one slice per
+/// vCPU so that several vCPUs can run detours at once.
 pub const DETOUR_LIST_GPA: u64 = 0x1c_0000;
 pub const DETOUR_LIST_END: u64 = 0x20_0000;
+pub const DETOUR_LIST_STRIDE: u64 = (DETOUR_LIST_END - DETOUR_LIST_GPA) / MAX_VCPUS;
 pub const SYSTEM_SIZE: u64 = 0x20_0000;
 
 /// Guest RAM is exposed to KVM in memslots of this size, added as the guest's frame
@@ -37,7 +39,7 @@ pub const FIRST_SHARED_SLOT: u32 = 1024;
 pub const MMIO_GPA: u64 = 0x40_0000_0000;
 /// Guest-physical window for shared file mappings, each in its own memslot.
 pub const SHARED_WINDOW: u64 = 0x30_0000_0000;
-pub const SHARED_WINDOW_END: u64 = MMIO_GPA;
+pub const SHARED_WINDOW_END: u64 = FLUSH_GPA;
 /// Largest guest RAM this layout supports (the direct map's tables must fit).
 pub const MAX_RAM: u64 = SHARED_WINDOW - SYSTEM_SIZE;
 
@@ -69,6 +71,15 @@ pub fn tss_selector(vcpu: u64) -> u16 {
 pub fn kstack_top(vcpu: u64) -> u64 {
     DIRECT_MAP + KSTACK_GPA + (vcpu + 1) * PAGE_SIZE
 }
+
+pub fn detour_list_gpa(vcpu: u64) -> u64 {
+    DETOUR_LIST_GPA + vcpu * DETOUR_LIST_STRIDE
+}
+
+/// A one-page memslot added and removed again to make KVM drop every shadow page
+/// (see `Vm::flush_shadow`); it lies above the shared-file window, below the doorbell.
+pub const FLUSH_SLOT: u32 = FIRST_SHARED_SLOT - 1;
+pub const FLUSH_GPA: u64 = MMIO_GPA - 0x20_0000;
 
 pub fn direct_map(gpa: u64) -> u64 {
     DIRECT_MAP + gpa

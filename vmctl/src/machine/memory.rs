@@ -123,45 +123,56 @@ impl GuestMemory {
         Some(unsafe { self.base.as_ptr().add(gpa as usize) })
     }
 
-    /// A byte slice of guest memory. The guest may change it concurrently only when
-    /// other vCPUs run; callers copy out what they need before acting on it.
+    /// A byte slice of guest memory, for a guest that is frozen (a checkpoint): while
+    /// vCPUs run, the guest may change it underneath, so live code uses `read`/`write`.
     pub fn slice(&self, gpa: u64, len: u64) -> Option<&[u8]> {
         let p = self.host_ptr(gpa, len)?;
         // SAFETY: bounds checked by host_ptr; the mapping lives as long as self.
         Some(unsafe { std::slice::from_raw_parts(p, len as usize) })
     }
 
-    #[allow(clippy::mut_from_ref)]
-    pub fn slice_mut(&self, gpa: u64, len: u64) -> Option<&mut [u8]> {
-        let p = self.host_ptr(gpa, len)?;
-        // SAFETY: bounds checked; guest RAM is plain memory shared with the guest, which
-        // is the whole point of this type, so handing out a mutable view is sound as long
-        // as no two such views overlap in one Rust scope (callers keep them short-lived).
-        Some(unsafe { std::slice::from_raw_parts_mut(p, len as usize) })
-    }
-
     pub fn read_u64(&self, gpa: u64) -> u64 {
         let p = self.host_ptr(gpa, 8).expect("read_u64 outside guest RAM");
-        // SAFETY: in bounds; guest memory may be unaligned from Rust's point of view.
-        unsafe { (p as *const u64).read_unaligned() }
+        // SAFETY: in bounds; a volatile read because vCPUs may write the word meanwhile.
+        unsafe { (p as *const u64).read_volatile() }
     }
 
     pub fn write_u64(&self, gpa: u64, value: u64) {
         let p = self.host_ptr(gpa, 8).expect("write_u64 outside guest RAM");
-        // SAFETY: in bounds, see read_u64.
-        unsafe { (p as *mut u64).write_unaligned(value) }
+        // SAFETY: in bounds; page-table entries are aligned 8-byte words.
+        unsafe { (p as *mut u64).write_volatile(value) }
+    }
+
+    /// Copies guest memory out. Another vCPU may be writing it: no reference into
+    /// guest RAM is ever formed, only raw copies.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) {
+        let p = self
+            .host_ptr(gpa, out.len() as u64)
+            .expect("read outside guest RAM");
+        // SAFETY: in bounds; source and destination cannot overlap (out is host memory).
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) }
     }
 
     pub fn write(&self, gpa: u64, data: &[u8]) {
-        self.slice_mut(gpa, data.len() as u64)
-            .expect("write outside guest RAM")
-            .copy_from_slice(data);
+        let p = self
+            .host_ptr(gpa, data.len() as u64)
+            .expect("write outside guest RAM");
+        // SAFETY: in bounds; see `read`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
+    }
+
+    /// Copies `len` bytes between two guest frames (copy-on-write).
+    pub fn copy(&self, from: u64, to: u64, len: u64) {
+        let src = self.host_ptr(from, len).expect("copy outside guest RAM");
+        let dst = self.host_ptr(to, len).expect("copy outside guest RAM");
+        // SAFETY: both ranges are in bounds and are distinct frames.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) }
     }
 
     pub fn zero(&self, gpa: u64, len: u64) {
-        self.slice_mut(gpa, len)
-            .expect("zero outside guest RAM")
-            .fill(0);
+        let p = self.host_ptr(gpa, len).expect("zero outside guest RAM");
+        // SAFETY: in bounds.
+        unsafe { std::ptr::write_bytes(p, 0, len as usize) }
     }
 
     /// Fault the host pages behind `[gpa, gpa+len)` in now, so the guest's first touch

@@ -27,8 +27,7 @@ const STUB_DETOUR: u64 = 0x400;
 
 pub const FIRST_RUN_RIP: u64 = DIRECT_MAP + STUBS_GPA + STUB_FIRST_RUN;
 pub const DETOUR_RIP: u64 = DIRECT_MAP + STUBS_GPA + STUB_DETOUR;
-pub const DETOUR_LIST_VA: u64 = DIRECT_MAP + DETOUR_LIST_GPA;
-pub const DETOUR_LIST_CAPACITY: u64 = (DETOUR_LIST_END - DETOUR_LIST_GPA) / 16;
+pub const DETOUR_LIST_CAPACITY: u64 = DETOUR_LIST_STRIDE / 16;
 
 /// Vectors for which the CPU pushes an error code.
 fn has_error_code(vector: u8) -> bool {

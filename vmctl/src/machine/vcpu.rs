@@ -8,7 +8,7 @@
 
 use super::layout::*;
 use super::memory::GuestMemory;
-use super::system::{self, DETOUR_LIST_CAPACITY, DETOUR_LIST_VA, DETOUR_RIP, FIRST_RUN_RIP};
+use super::system::{self, DETOUR_LIST_CAPACITY, DETOUR_RIP, FIRST_RUN_RIP};
 use super::MachineError;
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_xcrs, CpuId, Msrs, Xsave};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
@@ -207,6 +207,26 @@ impl Vcpu {
         self.sregs_dirty = true;
     }
 
+    /// The address space the vCPU runs in (its PML4). Takes effect on the next run.
+    pub fn set_cr3(&mut self, cr3: u64) {
+        self.cr3 = cr3;
+        self.sregs_dirty = true;
+    }
+
+    pub fn cr3(&self) -> u64 {
+        self.cr3
+    }
+
+    /// Puts the user-mode registers of a task that has never run here (a new thread,
+    /// a child after fork, a program after exec); the next run enters user mode.
+    pub fn start_user(&mut self, regs: kvm_regs, fs_base: u64, gs_base: u64) {
+        self.user = regs;
+        self.fs_base = fs_base;
+        self.gs_base = gs_base;
+        self.resume = Resume::Fresh;
+        self.sregs_dirty = true;
+    }
+
     /// CR4.TSD: makes guest rdtsc/rdtscp fault (with the host thread's PR_TSC_SIGSEGV).
     pub fn set_tsd(&mut self, on: bool) {
         self.tsd = on;
@@ -392,13 +412,13 @@ impl Vcpu {
             .map_err(|e| k("KVM_SET_SREGS", e))?;
         for chunk in writes.chunks(DETOUR_LIST_CAPACITY as usize) {
             for (i, &(gpa, value)) in chunk.iter().enumerate() {
-                let at = DETOUR_LIST_GPA + i as u64 * 16;
+                let at = detour_list_gpa(self.index) + i as u64 * 16;
                 self.mem.write_u64(at, direct_map(gpa));
                 self.mem.write_u64(at + 8, value);
             }
             let regs = kvm_regs {
                 rip: DETOUR_RIP,
-                rsi: DETOUR_LIST_VA,
+                rsi: direct_map(detour_list_gpa(self.index)),
                 rcx: chunk.len() as u64,
                 // Below any interrupt frame that may sit at the top of the stack.
                 rsp: kstack_top(self.index) - 2048,
@@ -487,6 +507,26 @@ impl Vcpu {
         }))
     }
 
+    /// Puts back only the FPU/SSE/AVX part of a captured state (exec starts a program
+    /// with a freshly reset FPU).
+    pub fn restore_fpu(&mut self, s: &VcpuState) -> Result<(), MachineError> {
+        let mut xsave = self.get_xsave()?;
+        {
+            // SAFETY: exclusive access to the buffer we own; only the fixed 4 KiB region
+            // plus as many trailing words as both sides have are copied.
+            let fam = unsafe { xsave.as_mut_fam_struct() };
+            for (i, w) in fam.xsave.region.iter_mut().enumerate() {
+                *w = s.xsave.get(i).copied().unwrap_or(0);
+            }
+        }
+        let extra = s.xsave.len().saturating_sub(1024);
+        if extra > 0 {
+            let n = xsave.as_slice().len().min(extra);
+            xsave.as_mut_slice()[..n].copy_from_slice(&s.xsave[1024..1024 + n]);
+        }
+        self.set_xsave(&xsave)
+    }
+
     /// Loads a captured state; the next run enters user mode with it.
     pub fn restore(&mut self, s: &VcpuState) -> Result<(), MachineError> {
         let r = &s.regs;
@@ -513,21 +553,8 @@ impl Vcpu {
         self.fs_base = s.fs_base;
         self.gs_base = s.gs_base;
         self.resume = Resume::Fresh;
-        let mut xsave = self.get_xsave()?;
-        {
-            // SAFETY: exclusive access to the buffer we own; only the fixed 4 KiB region
-            // plus as many trailing words as both sides have are copied.
-            let fam = unsafe { xsave.as_mut_fam_struct() };
-            for (i, w) in fam.xsave.region.iter_mut().enumerate() {
-                *w = s.xsave.get(i).copied().unwrap_or(0);
-            }
-        }
-        let extra = s.xsave.len().saturating_sub(1024);
-        if extra > 0 {
-            let n = xsave.as_slice().len().min(extra);
-            xsave.as_mut_slice()[..n].copy_from_slice(&s.xsave[1024..1024 + n]);
-        }
-        self.set_xsave(&xsave)
+        self.sregs_dirty = true;
+        self.restore_fpu(s)
     }
 
     fn describe_state(&self) -> String {

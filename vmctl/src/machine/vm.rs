@@ -1,6 +1,6 @@
 //! The KVM VM: /dev/kvm, the VM file descriptor, guest RAM and its memslot.
 
-use super::layout::{MAX_RAM, SYSTEM_SIZE};
+use super::layout::{FLUSH_GPA, FLUSH_SLOT, MAX_RAM, PAGE_SIZE, SYSTEM_SIZE};
 use super::memory::GuestMemory;
 use super::system::{self, SystemHalf};
 use super::vcpu::Vcpu;
@@ -42,6 +42,8 @@ pub fn open_kvm(source: KvmSource) -> Result<Kvm, MachineError> {
 
 pub struct Vm {
     fd: VmFd,
+    /// Host page behind the one-page memslot that `flush_shadow` adds and removes.
+    flush_page: std::ptr::NonNull<libc::c_void>,
     mem: Arc<GuestMemory>,
     system: SystemHalf,
     cpuid: CpuId,
@@ -82,8 +84,23 @@ impl Vm {
             .map(|e| (e.eax as u64) | ((e.edx as u64) << 32))
             .unwrap_or(0x7);
         let system = system::build(&mem);
+        // SAFETY: a fresh anonymous page aliasing no Rust object; it is unmapped in Drop.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if page == libc::MAP_FAILED {
+            return Err(MachineError::GuestRam(std::io::Error::last_os_error()));
+        }
         Ok(Vm {
             fd,
+            flush_page: std::ptr::NonNull::new(page).expect("mmap returned null"),
             mem: Arc::new(mem),
             system,
             cpuid,
@@ -169,3 +186,36 @@ impl Vm {
             .map_err(|e| MachineError::Kvm("KVM_SET_USER_MEMORY_REGION", e))
     }
 }
+
+impl Vm {
+    /// Makes KVM drop every shadow page, so that page-table entries vmctl rewrote from
+    /// the host (write-protecting a parent at fork, tearing down an address space) take
+    /// effect for every vCPU, and freed page-table frames can be reused. Adding and
+    /// removing a memslot is KVM's cheapest way to zap everything (shared/PLATFORM.md:
+    /// about 65 us, after which pages refault from the guest's tables).
+    pub fn flush_shadow(&self) -> Result<(), MachineError> {
+        // SAFETY: the page lives as long as the Vm and the slot is removed right away.
+        unsafe {
+            self.add_slot(
+                FLUSH_SLOT,
+                FLUSH_GPA,
+                PAGE_SIZE,
+                self.flush_page.as_ptr() as u64,
+                true,
+            )?;
+        }
+        self.remove_slot(FLUSH_SLOT, FLUSH_GPA)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the page mapped in new(); its slot is never left in place.
+        unsafe { libc::munmap(self.flush_page.as_ptr(), PAGE_SIZE as usize) };
+    }
+}
+
+// SAFETY: the flush page is only handed to KVM by address; all other state is KVM
+// descriptors and Arc'd guest RAM, which are safe to use from several vCPU threads.
+unsafe impl Send for Vm {}
+unsafe impl Sync for Vm {}

@@ -5,7 +5,8 @@
 use super::procfs;
 use crate::kernel::files::{FdEntry, OpenFile};
 use crate::kernel::mm::Access;
-use crate::kernel::{Errno, Kernel, SysResult};
+use crate::kernel::task::Task;
+use crate::kernel::{Errno, SysResult};
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -28,30 +29,38 @@ macro_rules! sys {
 }
 pub(super) use sys;
 
-pub(super) fn dirfd(k: &Kernel, fd: u64) -> Result<RawFd, Errno> {
+pub(super) fn dirfd(t: &Task, fd: u64) -> Result<RawFd, Errno> {
     let fd = fd as i32;
     if fd == libc::AT_FDCWD {
-        Ok(libc::AT_FDCWD)
+        // The guest process's working directory, never vmctl's own.
+        Ok(t.fs().cwd_fd())
     } else {
-        k.proc.files.host(fd)
+        t.files().host(fd)
     }
 }
 
-pub(super) fn path(k: &mut Kernel, ptr: u64) -> Result<CString, Errno> {
-    let bytes = k.read_cstr(ptr)?;
+/// A path for a host call that has no *at form: a relative one is made relative to
+/// the guest process's working directory.
+pub(super) fn cwd_path(t: &mut Task, ptr: u64) -> Result<CString, Errno> {
+    let p = path(t, ptr)?;
+    Ok(relative_to_cwd(t, p))
+}
+
+pub(super) fn path(t: &mut Task, ptr: u64) -> Result<CString, Errno> {
+    let bytes = t.read_cstr(ptr)?;
     CString::new(bytes).map_err(|_| Errno(libc::EINVAL))
 }
 
-fn host_fd(k: &Kernel, fd: u64) -> Result<RawFd, Errno> {
-    k.proc.files.host(fd as i32)
+fn host_fd(t: &Task, fd: u64) -> Result<RawFd, Errno> {
+    t.files().host(fd as i32)
 }
 
-fn nofile(k: &Kernel) -> u64 {
-    k.proc.rlimit(libc::RLIMIT_NOFILE).0
+fn nofile(t: &Task) -> u64 {
+    t.rlimit(libc::RLIMIT_NOFILE).0
 }
 
 /// Installs a new host descriptor as the lowest free guest descriptor.
-pub(super) fn install(k: &mut Kernel, host: RawFd, cloexec: bool) -> SysResult {
+pub(super) fn install(t: &mut Task, host: RawFd, cloexec: bool) -> SysResult {
     // SAFETY: `host` was just returned by a successful host call and is owned by no one.
     let owned = unsafe { OwnedFd::from_raw_fd(host) };
     // Keep vmctl's own descriptors out of anything vmctl might exec.
@@ -62,13 +71,13 @@ pub(super) fn install(k: &mut Kernel, host: RawFd, cloexec: bool) -> SysResult {
         path: None,
         stdio: None,
     });
-    let limit = nofile(k);
-    Ok(k.proc.files.install(file, cloexec, 0, limit)? as i64)
+    let limit = nofile(t);
+    Ok(t.files().install(file, cloexec, 0, limit)? as i64)
 }
 
-pub fn read(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let iov = k.user_iovecs(a[1], a[2], Access::Write)?;
+pub fn read(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let iov = t.user_iovecs(a[1], a[2], Access::Write)?;
     let n = iov.len().min(1024) as i32;
     sys!(libc::SYS_readv, fd, iov.as_ptr(), n)
 }
@@ -76,38 +85,38 @@ pub fn read(k: &mut Kernel, a: [u64; 6]) -> SysResult {
 /// Linux raises SIGPIPE for a write to a pipe or socket nobody reads; vmctl itself
 /// ignores SIGPIPE, so the host call only reports EPIPE and the guest's signal is
 /// raised here.
-pub(super) fn epipe_sigpipe(k: &mut Kernel, r: SysResult) -> SysResult {
+pub(super) fn epipe_sigpipe(t: &mut Task, r: SysResult) -> SysResult {
     if r == Err(Errno(libc::EPIPE)) {
-        k.send_signal(libc::SIGPIPE);
+        t.signal_self(libc::SIGPIPE, Default::default());
     }
     r
 }
 
-pub fn write(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let iov = k.user_iovecs(a[1], a[2], Access::Read)?;
+pub fn write(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
     let r = sys!(libc::SYS_writev, fd, iov.as_ptr(), n);
-    epipe_sigpipe(k, r)
+    epipe_sigpipe(t, r)
 }
 
-pub fn pread(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let iov = k.user_iovecs(a[1], a[2], Access::Write)?;
+pub fn pread(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let iov = t.user_iovecs(a[1], a[2], Access::Write)?;
     let n = iov.len().min(1024) as i32;
     sys!(libc::SYS_preadv, fd, iov.as_ptr(), n, a[3], 0)
 }
 
-pub fn pwrite(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let iov = k.user_iovecs(a[1], a[2], Access::Read)?;
+pub fn pwrite(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
     let r = sys!(libc::SYS_pwritev, fd, iov.as_ptr(), n, a[3], 0);
-    epipe_sigpipe(k, r)
+    epipe_sigpipe(t, r)
 }
 
 fn guest_iovecs(
-    k: &mut Kernel,
+    t: &mut Task,
     ptr: u64,
     count: u64,
     write_to_guest: bool,
@@ -115,7 +124,7 @@ fn guest_iovecs(
     if count > 1024 {
         return Err(Errno(libc::EINVAL));
     }
-    let raw = k.read_user(ptr, count as usize * 16)?;
+    let raw = t.read_user(ptr, count as usize * 16)?;
     let access = if write_to_guest {
         Access::Write
     } else {
@@ -125,49 +134,50 @@ fn guest_iovecs(
     for c in raw.chunks(16) {
         let base = u64::from_le_bytes(c[0..8].try_into().expect("8"));
         let len = u64::from_le_bytes(c[8..16].try_into().expect("8"));
-        out.extend(k.user_iovecs(base, len, access)?);
+        out.extend(t.user_iovecs(base, len, access)?);
     }
     out.truncate(1024);
     Ok(out)
 }
 
-pub fn readv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let iov = guest_iovecs(k, a[1], a[2], !is_write)?;
+pub fn readv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let iov = guest_iovecs(t, a[1], a[2], !is_write)?;
     let nr = if is_write {
         libc::SYS_writev
     } else {
         libc::SYS_readv
     };
     let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32);
-    epipe_sigpipe(k, r)
+    epipe_sigpipe(t, r)
 }
 
-pub fn preadv(k: &mut Kernel, a: [u64; 6], is_write: bool) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let iov = guest_iovecs(k, a[1], a[2], !is_write)?;
+pub fn preadv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let iov = guest_iovecs(t, a[1], a[2], !is_write)?;
     let nr = if is_write {
         libc::SYS_pwritev
     } else {
         libc::SYS_preadv
     };
     let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32, a[3], a[4]);
-    epipe_sigpipe(k, r)
+    epipe_sigpipe(t, r)
 }
 
-pub fn openat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysResult {
-    let p = path(k, pathp)?;
+pub fn openat(t: &mut Task, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysResult {
+    let p = path(t, pathp)?;
     let flags = flags as i32;
     let cloexec = flags & libc::O_CLOEXEC != 0;
     // Linux takes a descriptor slot before looking at the path: with a full table
     // the answer is EMFILE whatever the path.
-    if k.proc.files.lowest_free(0) as u64 >= nofile(k) {
+    if t.files().lowest_free(0) as u64 >= nofile(t) {
         return Err(Errno(libc::EMFILE));
     }
-    if let Some(fd) = procfs::open(k, &p, flags)? {
-        return install(k, fd, cloexec);
+    if let Some(fd) = procfs::open(t, &p, flags)? {
+        return install(t, fd, cloexec);
     }
-    let d = dirfd(k, dfd)?;
+    let d = dirfd(t, dfd)?;
+    let mode = t.fs().apply_umask(mode);
     let fd = sys!(
         libc::SYS_openat,
         d,
@@ -175,48 +185,49 @@ pub fn openat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64, mode: u64) -> Sy
         flags | libc::O_CLOEXEC,
         mode as u32
     )?;
-    install(k, fd as RawFd, cloexec)
+    install(t, fd as RawFd, cloexec)
 }
 
-pub fn close(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    k.proc.files.remove(a[0] as i32)?;
+pub fn close(t: &mut Task, a: [u64; 6]) -> SysResult {
+    t.files().remove(a[0] as i32)?;
     Ok(0)
 }
 
-pub fn close_range(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn close_range(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (first, last, flags) = (a[0] as u32, a[1] as u32, a[2] as u32);
     if first > last {
         return Err(Errno(libc::EINVAL));
     }
-    for fd in k.proc.files.fds() {
+    let mut files = t.files();
+    for fd in files.fds() {
         let u = fd as u32;
         if u >= first && u <= last {
             if flags & 4 != 0 {
-                k.proc.files.get_mut(fd)?.cloexec = true;
+                files.get_mut(fd)?.cloexec = true;
             } else {
-                let _ = k.proc.files.remove(fd);
+                let _ = files.remove(fd);
             }
         }
     }
     Ok(0)
 }
 
-pub fn lseek(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn lseek(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(libc::SYS_lseek, fd, a[1], a[2] as i32)
 }
 
-pub fn fstatat(k: &mut Kernel, dfd: u64, pathp: u64, out: u64, flags: u64) -> SysResult {
-    let p = path(k, pathp)?;
+pub fn fstatat(t: &mut Task, dfd: u64, pathp: u64, out: u64, flags: u64) -> SysResult {
+    let p = path(t, pathp)?;
     let mut st = [0u8; 144];
-    if let Some(r) = procfs::stat(k, &p, &mut st)? {
-        k.write_user(out, &st)?;
+    if let Some(r) = procfs::stat(t, &p, &mut st)? {
+        t.write_user(out, &st)?;
         return Ok(r);
     }
     let d = if p.as_bytes().is_empty() && flags as i32 & libc::AT_EMPTY_PATH != 0 {
-        host_fd(k, dfd)?
+        host_fd(t, dfd)?
     } else {
-        dirfd(k, dfd)?
+        dirfd(t, dfd)?
     };
     sys!(
         libc::SYS_newfstatat,
@@ -225,27 +236,27 @@ pub fn fstatat(k: &mut Kernel, dfd: u64, pathp: u64, out: u64, flags: u64) -> Sy
         st.as_mut_ptr(),
         flags as i32
     )?;
-    k.write_user(out, &st)?;
+    t.write_user(out, &st)?;
     Ok(0)
 }
 
-pub fn fstat(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn fstat(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     let mut st = [0u8; 144];
     sys!(libc::SYS_fstat, fd, st.as_mut_ptr())?;
-    k.write_user(a[1], &st)?;
+    t.write_user(a[1], &st)?;
     Ok(0)
 }
 
-pub fn statx(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let p = path(k, a[1])?;
+pub fn statx(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let p = path(t, a[1])?;
     let flags = a[2] as i32;
     let d = if p.as_bytes().is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
-        host_fd(k, a[0])?
+        host_fd(t, a[0])?
     } else {
-        dirfd(k, a[0])?
+        dirfd(t, a[0])?
     };
-    let p = procfs::redirect(k, p);
+    let p = procfs::redirect(t, p);
     let mut buf = [0u8; 256];
     sys!(
         libc::SYS_statx,
@@ -255,43 +266,43 @@ pub fn statx(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         a[3] as u32,
         buf.as_mut_ptr()
     )?;
-    k.write_user(a[4], &buf)?;
+    t.write_user(a[4], &buf)?;
     Ok(0)
 }
 
-pub fn statfs(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let p = path(k, a[0])?;
+pub fn statfs(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let p = cwd_path(t, a[0])?;
     let mut buf = [0u8; 120];
     sys!(libc::SYS_statfs, p.as_ptr(), buf.as_mut_ptr())?;
-    k.write_user(a[1], &buf)?;
+    t.write_user(a[1], &buf)?;
     Ok(0)
 }
 
-pub fn fstatfs(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn fstatfs(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     let mut buf = [0u8; 120];
     sys!(libc::SYS_fstatfs, fd, buf.as_mut_ptr())?;
-    k.write_user(a[1], &buf)?;
+    t.write_user(a[1], &buf)?;
     Ok(0)
 }
 
-pub fn getdents64(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn getdents64(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     if procfs::is_fd_dir(fd) {
-        let buf = procfs::fd_dir_getdents(k, fd, a[2] as usize)?;
-        k.write_user(a[1], &buf)?;
+        let buf = procfs::fd_dir_getdents(t, fd, a[2] as usize)?;
+        t.write_user(a[1], &buf)?;
         return Ok(buf.len() as i64);
     }
     let mut buf = vec![0u8; (a[2] as usize).min(1 << 20)];
     let n = sys!(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len())?;
-    k.write_user(a[1], &buf[..n as usize])?;
+    t.write_user(a[1], &buf[..n as usize])?;
     Ok(n)
 }
 
-pub fn faccessat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64, flags: u64) -> SysResult {
-    let p = path(k, pathp)?;
-    let p = procfs::redirect(k, p);
-    let d = dirfd(k, dfd)?;
+pub fn faccessat(t: &mut Task, dfd: u64, pathp: u64, mode: u64, flags: u64) -> SysResult {
+    let p = path(t, pathp)?;
+    let p = procfs::redirect(t, p);
+    let d = dirfd(t, dfd)?;
     sys!(
         libc::SYS_faccessat2,
         d,
@@ -301,15 +312,15 @@ pub fn faccessat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64, flags: u64) ->
     )
 }
 
-pub fn readlinkat(k: &mut Kernel, dfd: u64, pathp: u64, buf: u64, size: u64) -> SysResult {
-    let p = path(k, pathp)?;
+pub fn readlinkat(t: &mut Task, dfd: u64, pathp: u64, buf: u64, size: u64) -> SysResult {
+    let p = path(t, pathp)?;
     if size as i64 <= 0 {
         return Err(Errno(libc::EINVAL));
     }
-    let target = match procfs::readlink(k, &p)? {
-        Some(t) => t,
+    let target = match procfs::readlink(t, &p)? {
+        Some(x) => x,
         None => {
-            let d = dirfd(k, dfd)?;
+            let d = dirfd(t, dfd)?;
             let mut out = vec![0u8; (size as usize).min(libc::PATH_MAX as usize * 4)];
             let n = sys!(
                 libc::SYS_readlinkat,
@@ -323,29 +334,28 @@ pub fn readlinkat(k: &mut Kernel, dfd: u64, pathp: u64, buf: u64, size: u64) -> 
         }
     };
     let n = target.len().min(size as usize);
-    k.write_user(buf, &target[..n])?;
+    t.write_user(buf, &target[..n])?;
     Ok(n as i64)
 }
 
-pub fn fcntl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn fcntl(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = a[0] as i32;
     let cmd = a[1] as i32;
     match cmd {
         libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
-            let file = k.proc.files.get(fd)?.file.clone();
-            let limit = nofile(k);
+            let file = t.files().get(fd)?.file.clone();
+            let limit = nofile(t);
             if a[2] >= limit {
                 return Err(Errno(libc::EINVAL));
             }
-            let new =
-                k.proc
-                    .files
-                    .install(file, cmd == libc::F_DUPFD_CLOEXEC, a[2] as i32, limit)?;
+            let new = t
+                .files()
+                .install(file, cmd == libc::F_DUPFD_CLOEXEC, a[2] as i32, limit)?;
             Ok(new as i64)
         }
-        libc::F_GETFD => Ok(i64::from(k.proc.files.get(fd)?.cloexec)),
+        libc::F_GETFD => Ok(i64::from(t.files().get(fd)?.cloexec)),
         libc::F_SETFD => {
-            k.proc.files.get_mut(fd)?.cloexec = a[2] & libc::FD_CLOEXEC as u64 != 0;
+            t.files().get_mut(fd)?.cloexec = a[2] & libc::FD_CLOEXEC as u64 != 0;
             Ok(0)
         }
         libc::F_GETLK
@@ -354,11 +364,11 @@ pub fn fcntl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         | libc::F_OFD_GETLK
         | libc::F_OFD_SETLK
         | libc::F_OFD_SETLKW => {
-            let h = host_fd(k, a[0])?;
-            let mut fl = k.read_user(a[2], 32)?;
+            let h = host_fd(t, a[0])?;
+            let mut fl = t.read_user(a[2], 32)?;
             let r = sys!(libc::SYS_fcntl, h, cmd, fl.as_mut_ptr())?;
             if cmd == libc::F_GETLK || cmd == libc::F_OFD_GETLK {
-                k.write_user(a[2], &fl)?;
+                t.write_user(a[2], &fl)?;
             }
             Ok(r)
         }
@@ -370,17 +380,17 @@ pub fn fcntl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         | libc::F_GET_SEALS
         | libc::F_GETOWN
         | libc::F_SETOWN => {
-            let h = host_fd(k, a[0])?;
+            let h = host_fd(t, a[0])?;
             sys!(libc::SYS_fcntl, h, cmd, a[2])
         }
         _ => Err(Errno(libc::EINVAL)),
     }
 }
 
-pub fn ioctl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn ioctl(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = a[0] as i32;
     let req = a[1];
-    let h = host_fd(k, a[0])?;
+    let h = host_fd(t, a[0])?;
     // (request, bytes copied in, bytes copied out) for the terminal and descriptor
     // requests programs make; anything else is refused as "not a terminal".
     let (copy_in, copy_out): (usize, usize) = match req {
@@ -397,36 +407,36 @@ pub fn ioctl(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             return sys!(libc::SYS_ioctl, h, req, a[2]);
         }
         0x5451 => {
-            k.proc.files.get_mut(fd)?.cloexec = true; // FIOCLEX
+            t.files().get_mut(fd)?.cloexec = true; // FIOCLEX
             return Ok(0);
         }
         0x5450 => {
-            k.proc.files.get_mut(fd)?.cloexec = false; // FIONCLEX
+            t.files().get_mut(fd)?.cloexec = false; // FIONCLEX
             return Ok(0);
         }
         _ => return Err(Errno(libc::ENOTTY)),
     };
     let mut buf = if copy_in > 0 {
-        k.read_user(a[2], copy_in)?
+        t.read_user(a[2], copy_in)?
     } else {
         vec![0u8; copy_out]
     };
     let r = sys!(libc::SYS_ioctl, h, req, buf.as_mut_ptr())?;
     if copy_out > 0 {
-        k.write_user(a[2], &buf)?;
+        t.write_user(a[2], &buf)?;
     }
     Ok(r)
 }
 
-pub fn dup(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let file = k.proc.files.get(a[0] as i32)?.file.clone();
-    let limit = nofile(k);
-    Ok(k.proc.files.install(file, false, 0, limit)? as i64)
+pub fn dup(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let file = t.files().get(a[0] as i32)?.file.clone();
+    let limit = nofile(t);
+    Ok(t.files().install(file, false, 0, limit)? as i64)
 }
 
-pub fn dup3(k: &mut Kernel, old: u64, new: u64, flags: u64, is_dup2: bool) -> SysResult {
+pub fn dup3(t: &mut Task, old: u64, new: u64, flags: u64, is_dup2: bool) -> SysResult {
     let (old, new) = (old as i32, new as i32);
-    let file = k.proc.files.get(old)?.file.clone();
+    let file = t.files().get(old)?.file.clone();
     if old == new {
         return if is_dup2 {
             Ok(new as i64)
@@ -434,18 +444,18 @@ pub fn dup3(k: &mut Kernel, old: u64, new: u64, flags: u64, is_dup2: bool) -> Sy
             Err(Errno(libc::EINVAL))
         };
     }
-    if new < 0 || new as u64 >= nofile(k) {
+    if new < 0 || new as u64 >= nofile(t) {
         return Err(Errno(libc::EBADF));
     }
     if flags & !(libc::O_CLOEXEC as u64) != 0 {
         return Err(Errno(libc::EINVAL));
     }
     let cloexec = flags & libc::O_CLOEXEC as u64 != 0;
-    drop(k.proc.files.install_at(new, FdEntry { file, cloexec }));
+    drop(t.files().install_at(new, FdEntry { file, cloexec }));
     Ok(new as i64)
 }
 
-pub fn pipe2(k: &mut Kernel, out: u64, flags: u64) -> SysResult {
+pub fn pipe2(t: &mut Task, out: u64, flags: u64) -> SysResult {
     let flags = flags as i32;
     if flags & !(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_DIRECT) != 0 {
         return Err(Errno(libc::EINVAL));
@@ -457,28 +467,28 @@ pub fn pipe2(k: &mut Kernel, out: u64, flags: u64) -> SysResult {
         (flags & !libc::O_CLOEXEC) | libc::O_CLOEXEC
     )?;
     let cloexec = flags & libc::O_CLOEXEC != 0;
-    let r = install(k, fds[0], cloexec)?;
-    let w = install(k, fds[1], cloexec)?;
+    let r = install(t, fds[0], cloexec)?;
+    let w = install(t, fds[1], cloexec)?;
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&(r as i32).to_le_bytes());
     b[4..].copy_from_slice(&(w as i32).to_le_bytes());
-    if let Err(e) = k.write_user(out, &b) {
-        let _ = k.proc.files.remove(r as i32);
-        let _ = k.proc.files.remove(w as i32);
+    if let Err(e) = t.write_user(out, &b) {
+        let _ = t.files().remove(r as i32);
+        let _ = t.files().remove(w as i32);
         return Err(e);
     }
     Ok(0)
 }
 
-pub fn unlinkat(k: &mut Kernel, dfd: u64, pathp: u64, flags: u64) -> SysResult {
-    let p = path(k, pathp)?;
-    let d = dirfd(k, dfd)?;
+pub fn unlinkat(t: &mut Task, dfd: u64, pathp: u64, flags: u64) -> SysResult {
+    let p = path(t, pathp)?;
+    let d = dirfd(t, dfd)?;
     sys!(libc::SYS_unlinkat, d, p.as_ptr(), flags as i32)
 }
 
-pub fn renameat2(k: &mut Kernel, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
-    let (o, n) = (path(k, op)?, path(k, np)?);
-    let (od, nd) = (dirfd(k, od)?, dirfd(k, nd)?);
+pub fn renameat2(t: &mut Task, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
+    let (o, n) = (path(t, op)?, path(t, np)?);
+    let (od, nd) = (dirfd(t, od)?, dirfd(t, nd)?);
     sys!(
         libc::SYS_renameat2,
         od,
@@ -489,15 +499,16 @@ pub fn renameat2(k: &mut Kernel, od: u64, op: u64, nd: u64, np: u64, flags: u64)
     )
 }
 
-pub fn mkdirat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64) -> SysResult {
-    let p = path(k, pathp)?;
-    let d = dirfd(k, dfd)?;
+pub fn mkdirat(t: &mut Task, dfd: u64, pathp: u64, mode: u64) -> SysResult {
+    let p = path(t, pathp)?;
+    let d = dirfd(t, dfd)?;
+    let mode = t.fs().apply_umask(mode);
     sys!(libc::SYS_mkdirat, d, p.as_ptr(), mode as u32)
 }
 
-pub fn linkat(k: &mut Kernel, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
-    let (o, n) = (path(k, op)?, path(k, np)?);
-    let (od, nd) = (dirfd(k, od)?, dirfd(k, nd)?);
+pub fn linkat(t: &mut Task, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
+    let (o, n) = (path(t, op)?, path(t, np)?);
+    let (od, nd) = (dirfd(t, od)?, dirfd(t, nd)?);
     sys!(
         libc::SYS_linkat,
         od,
@@ -508,26 +519,26 @@ pub fn linkat(k: &mut Kernel, od: u64, op: u64, nd: u64, np: u64, flags: u64) ->
     )
 }
 
-pub fn symlinkat(k: &mut Kernel, target: u64, dfd: u64, pathp: u64) -> SysResult {
-    let (t, p) = (path(k, target)?, path(k, pathp)?);
-    let d = dirfd(k, dfd)?;
-    sys!(libc::SYS_symlinkat, t.as_ptr(), d, p.as_ptr())
+pub fn symlinkat(t: &mut Task, target: u64, dfd: u64, pathp: u64) -> SysResult {
+    let (target, p) = (path(t, target)?, path(t, pathp)?);
+    let d = dirfd(t, dfd)?;
+    sys!(libc::SYS_symlinkat, target.as_ptr(), d, p.as_ptr())
 }
 
-pub fn fchmodat(k: &mut Kernel, dfd: u64, pathp: u64, mode: u64) -> SysResult {
-    let p = path(k, pathp)?;
-    let d = dirfd(k, dfd)?;
+pub fn fchmodat(t: &mut Task, dfd: u64, pathp: u64, mode: u64) -> SysResult {
+    let p = path(t, pathp)?;
+    let d = dirfd(t, dfd)?;
     sys!(libc::SYS_fchmodat, d, p.as_ptr(), mode as u32)
 }
 
-pub fn fchmod(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn fchmod(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(libc::SYS_fchmod, fd, a[1] as u32)
 }
 
-pub fn fchownat(k: &mut Kernel, dfd: u64, pathp: u64, uid: u64, gid: u64, flags: u64) -> SysResult {
-    let p = path(k, pathp)?;
-    let d = dirfd(k, dfd)?;
+pub fn fchownat(t: &mut Task, dfd: u64, pathp: u64, uid: u64, gid: u64, flags: u64) -> SysResult {
+    let p = path(t, pathp)?;
+    let d = dirfd(t, dfd)?;
     sys!(
         libc::SYS_fchownat,
         d,
@@ -538,23 +549,23 @@ pub fn fchownat(k: &mut Kernel, dfd: u64, pathp: u64, uid: u64, gid: u64, flags:
     )
 }
 
-pub fn fchown(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn fchown(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(libc::SYS_fchown, fd, a[1] as u32, a[2] as u32)
 }
 
-pub fn truncate(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let p = path(k, a[0])?;
+pub fn truncate(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let p = cwd_path(t, a[0])?;
     sys!(libc::SYS_truncate, p.as_ptr(), a[1] as i64)
 }
 
-pub fn ftruncate(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn ftruncate(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(libc::SYS_ftruncate, fd, a[1] as i64)
 }
 
-pub fn fsync(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn fsync(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(nr, fd)
 }
 
@@ -562,8 +573,8 @@ pub fn sync() -> SysResult {
     sys!(libc::SYS_sync)
 }
 
-pub fn fallocate(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn fallocate(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(
         libc::SYS_fallocate,
         fd,
@@ -573,8 +584,8 @@ pub fn fallocate(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     )
 }
 
-pub fn fadvise(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn fadvise(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(
         libc::SYS_fadvise64,
         fd,
@@ -584,91 +595,106 @@ pub fn fadvise(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     )
 }
 
-pub fn flock(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn flock(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(libc::SYS_flock, fd, a[1] as i32)
 }
 
-pub fn utimensat(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn utimensat(t: &mut Task, a: [u64; 6]) -> SysResult {
     let p = if a[1] == 0 {
         None
     } else {
-        Some(path(k, a[1])?)
+        Some(path(t, a[1])?)
     };
     let d = if p.is_none() {
-        host_fd(k, a[0])?
+        host_fd(t, a[0])?
     } else {
-        dirfd(k, a[0])?
+        dirfd(t, a[0])?
     };
     let times = if a[2] == 0 {
         None
     } else {
-        Some(k.read_user(a[2], 32)?)
+        Some(t.read_user(a[2], 32)?)
     };
     sys!(
         libc::SYS_utimensat,
         d,
         p.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()),
-        times.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
+        times.as_ref().map_or(std::ptr::null(), |b| b.as_ptr()),
         a[3] as i32
     )
 }
 
-pub fn utimes_legacy(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
+pub fn utimes_legacy(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
     let (dfd, pathp, times, size) = match nr {
         libc::SYS_futimesat => (a[0], a[1], a[2], 32),
         libc::SYS_utime => (libc::AT_FDCWD as u64, a[0], a[1], 16),
         _ => (libc::AT_FDCWD as u64, a[0], a[1], 32),
     };
-    let p = path(k, pathp)?;
-    let d = dirfd(k, dfd)?;
-    let t = if times == 0 {
+    let p = if nr == libc::SYS_futimesat {
+        path(t, pathp)?
+    } else {
+        cwd_path(t, pathp)?
+    };
+    let d = dirfd(t, dfd)?;
+    let buf = if times == 0 {
         None
     } else {
-        Some(k.read_user(times, size)?)
+        Some(t.read_user(times, size)?)
     };
-    let tp = t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
+    let tp = buf.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
     match nr {
         libc::SYS_utime => sys!(libc::SYS_utime, p.as_ptr(), tp),
         _ => sys!(libc::SYS_futimesat, d, p.as_ptr(), tp),
     }
 }
 
-pub fn getcwd(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    let n = sys!(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len())?;
-    if n as u64 > a[1] {
+pub fn getcwd(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let mut cwd = t.fs().cwd_path().into_os_string().into_encoded_bytes();
+    cwd.push(0);
+    if cwd.len() as u64 > a[1] {
         return Err(Errno(libc::ERANGE));
     }
-    k.write_user(a[0], &buf[..n as usize])?;
-    Ok(n)
+    t.write_user(a[0], &cwd)?;
+    Ok(cwd.len() as i64)
 }
 
-pub fn chdir(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let p = path(k, a[0])?;
-    sys!(libc::SYS_chdir, p.as_ptr())
+fn host_errno(e: std::io::Error) -> Errno {
+    Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-pub fn fchdir(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    sys!(libc::SYS_fchdir, fd)
+pub fn chdir(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let p = path(t, a[0])?;
+    let p = procfs::redirect(t, p);
+    let cwd = t.fs().cwd_fd();
+    // chdir needs search permission on the directory, which opening it O_PATH does
+    // not check.
+    sys!(libc::SYS_faccessat, cwd, p.as_ptr(), libc::X_OK)?;
+    t.fs().chdir(cwd, p.as_bytes()).map_err(host_errno)?;
+    Ok(0)
 }
 
-pub fn umask(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let old = k.proc.umask;
-    k.proc.umask = a[0] as u32 & 0o777;
-    // Files are created by vmctl on the guest's behalf, so the host umask is the guest's.
-    // SAFETY: umask cannot fail.
-    unsafe { libc::umask(k.proc.umask) };
+pub fn fchdir(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    sys!(libc::SYS_faccessat, fd, c".".as_ptr(), libc::X_OK)?;
+    t.fs().chdir_fd(fd).map_err(host_errno)?;
+    Ok(0)
+}
+
+/// The umask is the guest process's own; vmctl applies it to the modes it passes on.
+pub fn umask(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let mut fs = t.fs();
+    let old = fs.umask;
+    fs.umask = a[0] as u32 & 0o777;
     Ok(old as i64)
 }
 
 /// poll over guest descriptors: translated to host descriptors and back.
-pub fn poll(k: &mut Kernel, fds_ptr: u64, nfds: u64, timeout_ms: i64) -> SysResult {
-    if nfds > nofile(k).max(1024) {
+pub fn poll(t: &mut Task, fds_ptr: u64, nfds: u64, timeout_ms: i64) -> SysResult {
+    if nfds > nofile(t).max(1024) {
         return Err(Errno(libc::EINVAL));
     }
-    let raw = k.read_user(fds_ptr, nfds as usize * 8)?;
+    let raw = t.read_user(fds_ptr, nfds as usize * 8)?;
     let mut host_fds: Vec<libc::pollfd> = Vec::with_capacity(nfds as usize);
     let mut invalid = Vec::new();
     for (i, c) in raw.chunks(8).enumerate() {
@@ -677,7 +703,7 @@ pub fn poll(k: &mut Kernel, fds_ptr: u64, nfds: u64, timeout_ms: i64) -> SysResu
         let hfd = if fd < 0 {
             -1
         } else {
-            match k.proc.files.host(fd) {
+            match t.files().host(fd) {
                 Ok(h) => h,
                 Err(_) => {
                     invalid.push(i);
@@ -713,15 +739,15 @@ pub fn poll(k: &mut Kernel, fds_ptr: u64, nfds: u64, timeout_ms: i64) -> SysResu
         out[i * 8 + 6..i * 8 + 8].copy_from_slice(&rev.to_le_bytes());
     }
     n += invalid.len() as i64;
-    k.write_user(fds_ptr, &out)?;
+    t.write_user(fds_ptr, &out)?;
     Ok(n)
 }
 
-pub(super) fn timespec_ms(k: &mut Kernel, ptr: u64) -> Result<i64, Errno> {
+pub(super) fn timespec_ms(t: &mut Task, ptr: u64) -> Result<i64, Errno> {
     if ptr == 0 {
         return Ok(-1);
     }
-    let b = k.read_user(ptr, 16)?;
+    let b = t.read_user(ptr, 16)?;
     let s = i64::from_le_bytes(b[0..8].try_into().expect("8"));
     let ns = i64::from_le_bytes(b[8..16].try_into().expect("8"));
     if s < 0 || !(0..1_000_000_000).contains(&ns) {
@@ -732,13 +758,13 @@ pub(super) fn timespec_ms(k: &mut Kernel, ptr: u64) -> Result<i64, Errno> {
         .min(i32::MAX as i64))
 }
 
-pub fn ppoll(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let t = timespec_ms(k, a[2])?;
-    poll(k, a[0], a[1], t)
+pub fn ppoll(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let ms = timespec_ms(t, a[2])?;
+    poll(t, a[0], a[1], ms)
 }
 
 /// select and pselect6, implemented with poll over the same descriptors.
-pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
+pub fn select(t: &mut Task, a: [u64; 6], is_pselect: bool) -> SysResult {
     let nfds = a[0] as usize;
     if nfds > 1024 {
         return Err(Errno(libc::EINVAL));
@@ -747,18 +773,18 @@ pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
     let mut sets = [vec![0u64; words], vec![0u64; words], vec![0u64; words]];
     for (i, set) in sets.iter_mut().enumerate() {
         if a[1 + i] != 0 && words > 0 {
-            let b = k.read_user(a[1 + i], words * 8)?;
+            let b = t.read_user(a[1 + i], words * 8)?;
             for (w, c) in set.iter_mut().zip(b.chunks(8)) {
                 *w = u64::from_le_bytes(c.try_into().expect("8"));
             }
         }
     }
     let timeout = if is_pselect {
-        timespec_ms(k, a[4])?
+        timespec_ms(t, a[4])?
     } else if a[4] == 0 {
         -1
     } else {
-        let b = k.read_user(a[4], 16)?;
+        let b = t.read_user(a[4], 16)?;
         let s = i64::from_le_bytes(b[0..8].try_into().expect("8"));
         let us = i64::from_le_bytes(b[8..16].try_into().expect("8"));
         (s * 1000 + (us + 999) / 1000).min(i32::MAX as i64)
@@ -778,7 +804,7 @@ pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
             ev |= libc::POLLPRI;
         }
         if ev != 0 {
-            let h = k.proc.files.host(fd as i32)?;
+            let h = t.files().host(fd as i32)?;
             pfds.push(libc::pollfd {
                 fd: h,
                 events: ev,
@@ -810,31 +836,31 @@ pub fn select(k: &mut Kernel, a: [u64; 6], is_pselect: bool) -> SysResult {
     for (i, set) in out.iter().enumerate() {
         if a[1 + i] != 0 && words > 0 {
             let b: Vec<u8> = set.iter().flat_map(|w| w.to_le_bytes()).collect();
-            k.write_user(a[1 + i], &b)?;
+            t.write_user(a[1 + i], &b)?;
         }
     }
     Ok(count)
 }
 
-pub fn sendfile(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let (out, inp) = (host_fd(k, a[0])?, host_fd(k, a[1])?);
-    let r = with_offsets(k, [a[2]], |[off]| {
+pub fn sendfile(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let (out, inp) = (host_fd(t, a[0])?, host_fd(t, a[1])?);
+    let r = with_offsets(t, [a[2]], |[off]| {
         sys!(libc::SYS_sendfile, out, inp, off, a[3])
     });
-    epipe_sigpipe(k, r)
+    epipe_sigpipe(t, r)
 }
 
 /// Optional `loff_t *` arguments (sendfile, splice, copy_file_range): each non-null
 /// one is copied in, handed to the host call as a local, and copied back after.
 fn with_offsets<const N: usize>(
-    k: &mut Kernel,
+    t: &mut Task,
     ptrs: [u64; N],
     call: impl FnOnce([*mut u8; N]) -> SysResult,
 ) -> SysResult {
     let mut vals: [Option<Vec<u8>>; N] = std::array::from_fn(|_| None);
     for (v, &p) in vals.iter_mut().zip(&ptrs) {
         if p != 0 {
-            *v = Some(k.read_user(p, 8)?);
+            *v = Some(t.read_user(p, 8)?);
         }
     }
     let raw = std::array::from_fn(|i| {
@@ -845,15 +871,15 @@ fn with_offsets<const N: usize>(
     let r = call(raw);
     for (v, &p) in vals.iter().zip(&ptrs) {
         if let Some(o) = v {
-            k.write_user(p, o)?;
+            t.write_user(p, o)?;
         }
     }
     r
 }
 
-pub fn copy_file_range(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[2])?);
-    with_offsets(k, [a[1], a[3]], |[oin, oout]| {
+pub fn copy_file_range(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[2])?);
+    with_offsets(t, [a[1], a[3]], |[oin, oout]| {
         sys!(
             libc::SYS_copy_file_range,
             inp,
@@ -866,50 +892,51 @@ pub fn copy_file_range(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     })
 }
 
-pub fn memfd_create(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let name = path(k, a[0])?;
+pub fn memfd_create(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let name = path(t, a[0])?;
     let flags = a[1] as u32;
     let fd = sys!(
         libc::SYS_memfd_create,
         name.as_ptr(),
         flags | libc::MFD_CLOEXEC
     )?;
-    install(k, fd as RawFd, flags & libc::MFD_CLOEXEC != 0)
+    install(t, fd as RawFd, flags & libc::MFD_CLOEXEC != 0)
 }
 
-pub fn eventfd(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
+pub fn eventfd(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
     let flags = if nr == libc::SYS_eventfd2 {
         a[1] as i32
     } else {
         0
     };
     let fd = sys!(libc::SYS_eventfd2, a[0] as u32, flags | libc::EFD_CLOEXEC)?;
-    install(k, fd as RawFd, flags & libc::EFD_CLOEXEC != 0)
+    install(t, fd as RawFd, flags & libc::EFD_CLOEXEC != 0)
 }
 
-pub fn mknodat(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
+pub fn mknodat(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
     let (dfd, p, mode, dev) = if nr == libc::SYS_mknod {
         (libc::AT_FDCWD as u64, a[0], a[1], a[2])
     } else {
         (a[0], a[1], a[2], a[3])
     };
-    let p = path(k, p)?;
-    let d = dirfd(k, dfd)?;
+    let p = path(t, p)?;
+    let d = dirfd(t, dfd)?;
+    let mode = t.fs().apply_umask(mode & 0o7777) | (mode & libc::S_IFMT as u64);
     sys!(libc::SYS_mknodat, d, p.as_ptr(), mode as u32, dev as u32)
 }
 
-pub fn splice(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[2])?);
-    let r = with_offsets(k, [a[1], a[3]], |[oin, oout]| {
+pub fn splice(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[2])?);
+    let r = with_offsets(t, [a[1], a[3]], |[oin, oout]| {
         sys!(libc::SYS_splice, inp, oin, out, oout, a[4], a[5] as u32)
     });
-    epipe_sigpipe(k, r)
+    epipe_sigpipe(t, r)
 }
 
-pub fn tee(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let (inp, out) = (host_fd(k, a[0])?, host_fd(k, a[1])?);
+pub fn tee(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[1])?);
     let r = sys!(libc::SYS_tee, inp, out, a[2], a[3] as u32);
-    epipe_sigpipe(k, r)
+    epipe_sigpipe(t, r)
 }
 
 /// XATTR_SIZE_MAX and XATTR_LIST_MAX.
@@ -922,22 +949,32 @@ enum XattrTarget {
     Fd(RawFd),
 }
 
-fn xattr_target(k: &mut Kernel, nr: i64, arg: u64) -> Result<XattrTarget, Errno> {
+fn xattr_target(t: &mut Task, nr: i64, arg: u64) -> Result<XattrTarget, Errno> {
     Ok(match nr {
         libc::SYS_getxattr | libc::SYS_setxattr | libc::SYS_listxattr | libc::SYS_removexattr => {
-            let p = path(k, arg)?;
-            XattrTarget::Path(procfs::redirect(k, p))
+            let p = path(t, arg)?;
+            let p = procfs::redirect(t, p);
+            XattrTarget::Path(relative_to_cwd(t, p))
         }
         libc::SYS_lgetxattr
         | libc::SYS_lsetxattr
         | libc::SYS_llistxattr
-        | libc::SYS_lremovexattr => XattrTarget::LinkPath(path(k, arg)?),
-        _ => XattrTarget::Fd(host_fd(k, arg)?),
+        | libc::SYS_lremovexattr => XattrTarget::LinkPath(cwd_path(t, arg)?),
+        _ => XattrTarget::Fd(host_fd(t, arg)?),
     })
 }
 
-fn xattr_name(k: &mut Kernel, ptr: u64) -> Result<CString, Errno> {
-    let name = k.read_cstr(ptr)?;
+fn relative_to_cwd(t: &Task, p: CString) -> CString {
+    if p.as_bytes().first() == Some(&b'/') || p.as_bytes().is_empty() {
+        return p;
+    }
+    let mut full = format!("/proc/self/fd/{}/", t.fs().cwd_fd()).into_bytes();
+    full.extend_from_slice(p.as_bytes());
+    CString::new(full).unwrap_or(p)
+}
+
+fn xattr_name(t: &mut Task, ptr: u64) -> Result<CString, Errno> {
+    let name = t.read_cstr(ptr)?;
     if name.is_empty() || name.len() > 255 {
         return Err(Errno(libc::ERANGE));
     }
@@ -945,38 +982,40 @@ fn xattr_name(k: &mut Kernel, ptr: u64) -> Result<CString, Errno> {
 }
 
 /// The getxattr, setxattr, listxattr and removexattr families.
-pub fn xattr(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
-    let target = xattr_target(k, nr, a[0])?;
+pub fn xattr(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
+    let target = xattr_target(t, nr, a[0])?;
     match nr {
         libc::SYS_getxattr | libc::SYS_lgetxattr | libc::SYS_fgetxattr => {
-            let name = xattr_name(k, a[1])?;
+            let name = xattr_name(t, a[1])?;
             let mut buf = vec![0u8; (a[3] as usize).min(XATTR_MAX)];
             let (p, n) = (buf.as_mut_ptr(), buf.len());
             let r = match &target {
-                XattrTarget::Path(t) => sys!(libc::SYS_getxattr, t.as_ptr(), name.as_ptr(), p, n),
-                XattrTarget::LinkPath(t) => {
-                    sys!(libc::SYS_lgetxattr, t.as_ptr(), name.as_ptr(), p, n)
+                XattrTarget::Path(target) => {
+                    sys!(libc::SYS_getxattr, target.as_ptr(), name.as_ptr(), p, n)
+                }
+                XattrTarget::LinkPath(target) => {
+                    sys!(libc::SYS_lgetxattr, target.as_ptr(), name.as_ptr(), p, n)
                 }
                 XattrTarget::Fd(fd) => sys!(libc::SYS_fgetxattr, *fd, name.as_ptr(), p, n),
             }?;
             if n > 0 {
-                k.write_user(a[2], &buf[..r as usize])?;
+                t.write_user(a[2], &buf[..r as usize])?;
             }
             Ok(r)
         }
         libc::SYS_setxattr | libc::SYS_lsetxattr | libc::SYS_fsetxattr => {
-            let name = xattr_name(k, a[1])?;
+            let name = xattr_name(t, a[1])?;
             if a[3] as usize > XATTR_MAX {
                 return Err(Errno(libc::E2BIG));
             }
-            let val = k.read_user(a[2], a[3] as usize)?;
+            let val = t.read_user(a[2], a[3] as usize)?;
             let (p, n, f) = (val.as_ptr(), val.len(), a[4] as i32);
             match &target {
-                XattrTarget::Path(t) => {
-                    sys!(libc::SYS_setxattr, t.as_ptr(), name.as_ptr(), p, n, f)
+                XattrTarget::Path(target) => {
+                    sys!(libc::SYS_setxattr, target.as_ptr(), name.as_ptr(), p, n, f)
                 }
-                XattrTarget::LinkPath(t) => {
-                    sys!(libc::SYS_lsetxattr, t.as_ptr(), name.as_ptr(), p, n, f)
+                XattrTarget::LinkPath(target) => {
+                    sys!(libc::SYS_lsetxattr, target.as_ptr(), name.as_ptr(), p, n, f)
                 }
                 XattrTarget::Fd(fd) => sys!(libc::SYS_fsetxattr, *fd, name.as_ptr(), p, n, f),
             }
@@ -985,20 +1024,24 @@ pub fn xattr(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
             let mut buf = vec![0u8; (a[2] as usize).min(XATTR_MAX)];
             let (p, n) = (buf.as_mut_ptr(), buf.len());
             let r = match &target {
-                XattrTarget::Path(t) => sys!(libc::SYS_listxattr, t.as_ptr(), p, n),
-                XattrTarget::LinkPath(t) => sys!(libc::SYS_llistxattr, t.as_ptr(), p, n),
+                XattrTarget::Path(target) => sys!(libc::SYS_listxattr, target.as_ptr(), p, n),
+                XattrTarget::LinkPath(target) => sys!(libc::SYS_llistxattr, target.as_ptr(), p, n),
                 XattrTarget::Fd(fd) => sys!(libc::SYS_flistxattr, *fd, p, n),
             }?;
             if n > 0 {
-                k.write_user(a[1], &buf[..r as usize])?;
+                t.write_user(a[1], &buf[..r as usize])?;
             }
             Ok(r)
         }
         _ => {
-            let name = xattr_name(k, a[1])?;
+            let name = xattr_name(t, a[1])?;
             match &target {
-                XattrTarget::Path(t) => sys!(libc::SYS_removexattr, t.as_ptr(), name.as_ptr()),
-                XattrTarget::LinkPath(t) => sys!(libc::SYS_lremovexattr, t.as_ptr(), name.as_ptr()),
+                XattrTarget::Path(target) => {
+                    sys!(libc::SYS_removexattr, target.as_ptr(), name.as_ptr())
+                }
+                XattrTarget::LinkPath(target) => {
+                    sys!(libc::SYS_lremovexattr, target.as_ptr(), name.as_ptr())
+                }
                 XattrTarget::Fd(fd) => sys!(libc::SYS_fremovexattr, *fd, name.as_ptr()),
             }
         }

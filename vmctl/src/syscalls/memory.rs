@@ -2,7 +2,8 @@
 
 use super::fs::sys;
 use crate::kernel::mm::{Access, Backing, MappedFile, VmaKind};
-use crate::kernel::{Errno, Kernel, SysResult};
+use crate::kernel::task::Task;
+use crate::kernel::{Errno, SysResult};
 use crate::machine::layout::PAGE_SIZE;
 use crate::machine::memory::HUGE_PAGE;
 use std::fs::File;
@@ -26,14 +27,14 @@ fn page_aligned(x: u64) -> bool {
 }
 
 fn file_backing(
-    k: &mut Kernel,
+    t: &mut Task,
     fd: u64,
     offset: u64,
     len: u64,
     shared: bool,
     prot: u64,
 ) -> Result<Option<Backing>, Errno> {
-    let host = k.proc.files.host(fd as i32)?;
+    let host = t.files().host(fd as i32)?;
     let mut st = [0u8; 144];
     sys!(libc::SYS_fstat, host, st.as_mut_ptr())?;
     // SAFETY: the kernel's struct stat has the same layout as libc::stat on x86-64.
@@ -61,10 +62,12 @@ fn file_backing(
     link.truncate(n.max(0) as usize);
     let region = if shared {
         let writable = mode == libc::O_RDWR;
-        let r = k
-            .shared
-            .create(&k.vm, host, offset, len, writable)
-            .map_err(Errno)?;
+        let r =
+            t.k.shared
+                .lock()
+                .expect("shared poisoned")
+                .create(&t.k.vm, host, offset, len, writable)
+                .map_err(Errno)?;
         Some(r)
     } else {
         None
@@ -83,7 +86,7 @@ fn file_backing(
     }))
 }
 
-pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn mmap(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (addr, len, prot, flags, fd, off) = (a[0], a[1], a[2], a[3], a[4], a[5]);
     if len == 0 || !page_aligned(off) || prot & !PROT_MASK & !0x0300_0000 != 0 {
         return Err(Errno(libc::EINVAL));
@@ -104,7 +107,7 @@ pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let backing = if anonymous {
         Backing::Anonymous
     } else {
-        file_backing(k, fd, off, len, shared, prot)?.unwrap_or(Backing::Anonymous)
+        file_backing(t, fd, off, len, shared, prot)?.unwrap_or(Backing::Anonymous)
     };
     let fixed = flags & libc::MAP_FIXED as u64 != 0;
     let noreplace = flags & MAP_FIXED_NOREPLACE != 0;
@@ -112,7 +115,7 @@ pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         if !page_aligned(addr) || addr.checked_add(len).is_none_or(|e| e > TASK_SIZE) {
             return Err(Errno(if fixed { libc::EINVAL } else { libc::ENOMEM }));
         }
-        if noreplace && !fixed && k.proc.mm.overlaps(addr, addr + len) {
+        if noreplace && !fixed && t.mm().overlaps(addr, addr + len) {
             return Err(Errno(libc::EEXIST));
         }
         addr
@@ -122,9 +125,9 @@ pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         } else {
             addr & !(PAGE_SIZE - 1)
         };
-        k.proc.mm.find_free(hint, len).ok_or(Errno(libc::ENOMEM))?
+        t.mm().find_free(hint, len).ok_or(Errno(libc::ENOMEM))?
     };
-    let mapped = k.with_mm(|mm, ctx| {
+    let mapped = t.with_mm(|mm, ctx| {
         mm.map(
             ctx,
             start,
@@ -135,38 +138,42 @@ pub fn mmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             VmaKind::Mapping,
         )
     });
-    collect_regions(k)?;
+    collect_regions(t)?;
     let start = mapped?;
     if flags & libc::MAP_POPULATE as u64 != 0 && prot != 0 {
         let mut va = start;
         while va < start + len {
-            let _ = k.with_mm(|mm, ctx| mm.translate_for(ctx, va, Access::Read));
+            let _ = t.with_mm(|mm, ctx| mm.translate_for(ctx, va, Access::Read));
             va = (va & !(HUGE_PAGE - 1)) + HUGE_PAGE;
         }
     }
     Ok(start as i64)
 }
 
-pub fn munmap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn munmap(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (addr, len) = (a[0], a[1]);
     if !page_aligned(addr) || len == 0 || addr.checked_add(len).is_none_or(|e| e > TASK_SIZE) {
         return Err(Errno(libc::EINVAL));
     }
     let len = len.next_multiple_of(PAGE_SIZE);
-    k.with_mm(|mm, ctx| mm.unmap(ctx, addr, len))?;
-    collect_regions(k)?;
+    t.with_mm(|mm, ctx| mm.unmap(ctx, addr, len))?;
+    collect_regions(t)?;
     Ok(0)
 }
 
 /// Drops the memslots of shared mappings that are gone.
-fn collect_regions(k: &mut Kernel) -> Result<(), Errno> {
-    k.shared.collect(&k.vm).map_err(|e| {
-        eprintln!("vmctl: {e}");
-        Errno(libc::ENOMEM)
-    })
+fn collect_regions(t: &mut Task) -> Result<(), Errno> {
+    t.k.shared
+        .lock()
+        .expect("shared poisoned")
+        .collect(&t.k.vm)
+        .map_err(|e| {
+            eprintln!("vmctl: {e}");
+            Errno(libc::ENOMEM)
+        })
 }
 
-pub fn mprotect(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn mprotect(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (addr, len, prot) = (a[0], a[1], a[2]);
     if !page_aligned(addr) || prot & !PROT_MASK & !0x0300_0000 != 0 {
         return Err(Errno(libc::EINVAL));
@@ -181,7 +188,7 @@ pub fn mprotect(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     if prot & libc::PROT_WRITE as u64 != 0 {
         let mut va = addr;
         while va < addr + len {
-            match k.proc.mm.find(va) {
+            match t.mm().find(va) {
                 Some(v) => {
                     if v.region().is_some_and(|r| !r.writable) {
                         return Err(Errno(libc::EACCES));
@@ -192,15 +199,15 @@ pub fn mprotect(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             }
         }
     }
-    k.with_mm(|mm, ctx| mm.protect(ctx, addr, len, (prot & PROT_MASK) as i32))?;
+    t.with_mm(|mm, ctx| mm.protect(ctx, addr, len, (prot & PROT_MASK) as i32))?;
     Ok(0)
 }
 
-pub fn brk(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    Ok(k.with_mm(|mm, ctx| mm.set_brk(ctx, a[0])) as i64)
+pub fn brk(t: &mut Task, a: [u64; 6]) -> SysResult {
+    Ok(t.with_mm(|mm, ctx| mm.set_brk(ctx, a[0])) as i64)
 }
 
-pub fn madvise(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn madvise(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (addr, len, advice) = (a[0], a[1], a[2] as i32);
     if !page_aligned(addr) {
         return Err(Errno(libc::EINVAL));
@@ -216,21 +223,21 @@ pub fn madvise(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     }
     match advice {
         libc::MADV_DONTNEED | libc::MADV_REMOVE => {
-            k.with_mm(|mm, ctx| mm.discard(ctx, addr, len))?;
+            t.with_mm(|mm, ctx| mm.discard(ctx, addr, len))?;
             Ok(0)
         }
         _ => Ok(0),
     }
 }
 
-pub fn msync(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn msync(t: &mut Task, a: [u64; 6]) -> SysResult {
     if !page_aligned(a[0]) {
         return Err(Errno(libc::EINVAL));
     }
     let (start, end) = (a[0], a[0].saturating_add(a[1]));
     let mut va = start;
     while va < end {
-        let Some(v) = k.proc.mm.find(va) else {
+        let Some(v) = t.mm().find(va).cloned() else {
             return Err(Errno(libc::ENOMEM));
         };
         if let Some(r) = v.region() {
@@ -241,7 +248,7 @@ pub fn msync(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     Ok(0)
 }
 
-pub fn mincore(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn mincore(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (addr, len, vec) = (a[0], a[1], a[2]);
     if !page_aligned(addr) {
         return Err(Errno(libc::EINVAL));
@@ -253,7 +260,7 @@ pub fn mincore(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     // The whole range must be mapped before anything is written, as on Linux.
     let mut va = addr;
     while va < end {
-        va = k.proc.mm.find(va).ok_or(Errno(libc::ENOMEM))?.end;
+        va = t.mm().find(va).ok_or(Errno(libc::ENOMEM))?.end;
     }
     // One byte per page, written out in bounded pieces whatever the range's size.
     const PIECE: u64 = 64 * 1024;
@@ -264,17 +271,17 @@ pub fn mincore(k: &mut Kernel, a: [u64; 6]) -> SysResult {
             .map(|i| {
                 let p = va + i * PAGE_SIZE;
                 u8::from(
-                    crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, p).is_some(),
+                    crate::kernel::mm::page_table::translate(&t.k.mem, t.mm().root, p).is_some(),
                 )
             })
             .collect();
-        k.write_user(vec + (va - addr) / PAGE_SIZE, &out)?;
+        t.write_user(vec + (va - addr) / PAGE_SIZE, &out)?;
         va += pages * PAGE_SIZE;
     }
     Ok(0)
 }
 
-pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn mremap(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (old, old_len, new_len, flags, new_addr) = (a[0], a[1], a[2], a[3], a[4]);
     const MAYMOVE: u64 = 1;
     const FIXED: u64 = 2;
@@ -297,7 +304,7 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     if flags & FIXED != 0 && (!page_aligned(new_addr) || user_end(new_addr, new_len).is_none()) {
         return Err(Errno(libc::EINVAL));
     }
-    let vma = k.proc.mm.find(old).cloned().ok_or(Errno(libc::EFAULT))?;
+    let vma = t.mm().find(old).cloned().ok_or(Errno(libc::EFAULT))?;
     if old_len == 0 || old + old_len > vma.end {
         return Err(Errno(libc::EFAULT));
     }
@@ -312,10 +319,12 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         // and new memslots show the same bytes.
         if *offset + new_len > r.file_offset + r.len {
             let fd = file.file.as_ref().ok_or(Errno(libc::ENOMEM))?.as_raw_fd();
-            let region = k
-                .shared
-                .create(&k.vm, fd, *offset, new_len, r.writable)
-                .map_err(Errno)?;
+            let region =
+                t.k.shared
+                    .lock()
+                    .expect("shared poisoned")
+                    .create(&t.k.vm, fd, *offset, new_len, r.writable)
+                    .map_err(Errno)?;
             backing = Backing::File {
                 region: Some(region),
                 file: file.clone(),
@@ -326,7 +335,7 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     if flags & FIXED == 0 {
         if new_len <= old_len {
             if new_len < old_len {
-                k.with_mm(|mm, ctx| mm.unmap(ctx, old + new_len, old_len - new_len))?;
+                t.with_mm(|mm, ctx| mm.unmap(ctx, old + new_len, old_len - new_len))?;
             }
             return Ok(old as i64);
         }
@@ -335,20 +344,20 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         let grow = new_len - old_len;
         let free = old + old_len == vma.end
             && user_end(tail, grow).is_some()
-            && !k.proc.mm.overlaps(tail, tail + grow);
+            && !t.mm().overlaps(tail, tail + grow);
         if free {
             let mut ext = backing.clone();
             if let Backing::File { offset, .. } = &mut ext {
                 *offset += old_len;
             }
             let mapped =
-                k.with_mm(|mm, ctx| mm.map(ctx, tail, grow, vma.prot, vma.shared, ext, vma.kind));
-            collect_regions(k)?;
+                t.with_mm(|mm, ctx| mm.map(ctx, tail, grow, vma.prot, vma.shared, ext, vma.kind));
+            collect_regions(t)?;
             mapped?;
             return Ok(old as i64);
         }
         if flags & MAYMOVE == 0 {
-            collect_regions(k)?;
+            collect_regions(t)?;
             return Err(Errno(libc::ENOMEM));
         }
     }
@@ -358,9 +367,9 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         }
         new_addr
     } else {
-        k.proc.mm.find_free(0, new_len).ok_or(Errno(libc::ENOMEM))?
+        t.mm().find_free(0, new_len).ok_or(Errno(libc::ENOMEM))?
     };
-    k.with_mm(|mm, ctx| mm.map(ctx, dest, new_len, vma.prot, vma.shared, backing, vma.kind))?;
+    t.with_mm(|mm, ctx| mm.map(ctx, dest, new_len, vma.prot, vma.shared, backing, vma.kind))?;
     // Copy what the guest has touched; untouched pages come back from their backing.
     // Shared file pages live in the file; shared anonymous ones only in guest RAM.
     let copy = if vma.region().is_some() {
@@ -370,28 +379,24 @@ pub fn mremap(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     };
     let mut off = 0;
     while off < copy {
-        let src = crate::kernel::mm::page_table::translate(&k.mem, k.proc.mm.root, old + off);
+        let root = t.mm().root;
+        let src = crate::kernel::mm::page_table::translate(&t.k.mem, root, old + off);
         if let Some(src) = src {
-            let dst = k.with_mm(|mm, ctx| mm.translate_for(ctx, dest + off, Access::Read))?;
-            let bytes = k
-                .mem
-                .slice(src, PAGE_SIZE)
-                .ok_or(Errno(libc::EFAULT))?
-                .to_vec();
-            k.mem.write(dst, &bytes);
+            let dst = t.with_mm(|mm, ctx| mm.translate_for(ctx, dest + off, Access::Write))?;
+            t.k.mem.copy(src, dst, PAGE_SIZE);
         }
         off += PAGE_SIZE;
     }
-    k.with_mm(|mm, ctx| mm.unmap(ctx, old, old_len))?;
-    collect_regions(k)?;
+    t.with_mm(|mm, ctx| mm.unmap(ctx, old, old_len))?;
+    collect_regions(t)?;
     Ok(dest as i64)
 }
 
 /// get_mempolicy: MPOL_DEFAULT, with node 0 the only one allowed.
-pub fn get_mempolicy(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn get_mempolicy(t: &mut Task, a: [u64; 6]) -> SysResult {
     const MPOL_F_MEMS_ALLOWED: u64 = 4;
     if a[0] != 0 {
-        k.write_user(a[0], &0i32.to_le_bytes())?;
+        t.write_user(a[0], &0i32.to_le_bytes())?;
     }
     // Linux refuses node masks wider than a page of bits.
     if a[2] > PAGE_SIZE * 8 {
@@ -402,7 +407,7 @@ pub fn get_mempolicy(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         if a[3] & MPOL_F_MEMS_ALLOWED != 0 {
             mask[0] = 1;
         }
-        k.write_user(a[1], &mask)?;
+        t.write_user(a[1], &mask)?;
     }
     Ok(0)
 }

@@ -9,11 +9,13 @@ mod memory;
 mod misc;
 mod names;
 mod net;
+mod process;
 mod procfs;
 mod signal;
 mod time;
 
-use crate::kernel::{Kernel, SysResult};
+use crate::kernel::task::Task;
+use crate::kernel::SysResult;
 
 /// The number's name, for warnings.
 pub fn name(nr: u64) -> &'static str {
@@ -31,17 +33,17 @@ pub enum Ret {
     Registers,
 }
 
-pub fn handle(k: &mut Kernel) {
-    let r = *k.vcpu.user_regs();
+pub fn handle(t: &mut Task) {
+    let r = *t.vcpu.user_regs();
     let nr = r.rax;
     let a = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
-    let ret = match dispatch(k, nr, a) {
+    let ret = match dispatch(t, nr, a) {
         Ok(ret) => ret,
-        Err(e) if e.0 == libc::EINTR && !interrupts_guest(k, nr) => {
+        Err(e) if e.0 == libc::EINTR && !interrupts_guest(t, nr) => {
             // A host signal meant for vmctl (a checkpoint request, a signal with no
             // guest handler) stopped a blocking call: run the syscall again once we
             // are done, so the guest never notices (Linux's ERESTARTNOHAND).
-            let r = k.vcpu.user_regs_mut();
+            let r = t.vcpu.user_regs_mut();
             r.rip -= 2;
             r.rax = nr;
             return;
@@ -50,28 +52,22 @@ pub fn handle(k: &mut Kernel) {
             // The guest sees this interruption itself, so a sleep it retries starts
             // over from its own arguments.
             if e.0 == libc::EINTR {
-                k.proc.sleep_restart = None;
+                t.thread.sleep_restart = None;
             }
             Ret::Value(-(e.0 as i64))
         }
     };
     if let Ret::Value(v) = ret {
-        k.vcpu.user_regs_mut().rax = v as u64;
+        t.vcpu.user_regs_mut().rax = v as u64;
     }
 }
 
 /// Whether an interrupted syscall must fail with EINTR: a signal is about to run a
 /// guest handler, and the call is not restarted after handlers (no SA_RESTART, or a
-/// call Linux never restarts).
-fn interrupts_guest(k: &Kernel, nr: u64) -> bool {
-    use crate::kernel::signals::{SA_RESTART, SIG_DFL, SIG_IGN};
-    let forwarded = (1..64)
-        .filter(|&s| crate::control::signals::peek_pending() & (1 << s) != 0)
-        .filter(|&s| {
-            crate::control::signals::action(s) == crate::control::signals::SignalAction::Forward
-        })
-        .fold(0u64, |m, s| m | crate::kernel::signals::sig_bit(s));
-    let ready = (k.proc.signals.pending | forwarded) & !k.proc.signals.blocked;
+/// call Linux never restarts). Anything else that interrupted it (a freeze for a
+/// checkpoint, a blocked or ignored signal) restarts it unseen.
+fn interrupts_guest(t: &Task, nr: u64) -> bool {
+    use crate::kernel::signals::{sig_bit, SA_RESTART, SIG_DFL, SIG_IGN};
     let never_restarted = matches!(
         nr as i64,
         libc::SYS_pause
@@ -83,12 +79,18 @@ fn interrupts_guest(k: &Kernel, nr: u64) -> bool {
             | libc::SYS_select
             | libc::SYS_pselect6
             | libc::SYS_rt_sigtimedwait
+            | libc::SYS_epoll_wait
+            | libc::SYS_epoll_pwait
+            | libc::SYS_epoll_pwait2
     );
+    let st = t.tg().lock();
+    let ts = t.h.signals();
+    let ready = (ts.pending.mask | st.pending.mask) & !ts.blocked;
     (1..=64).any(|sig| {
-        if ready & crate::kernel::signals::sig_bit(sig) == 0 {
+        if ready & sig_bit(sig) == 0 {
             return false;
         }
-        let act = k.proc.signals.action(sig);
+        let act = st.actions[sig as usize];
         act.handler != SIG_DFL
             && act.handler != SIG_IGN
             && (never_restarted || act.flags & SA_RESTART == 0)
@@ -101,253 +103,271 @@ fn v(r: SysResult) -> Result<Ret, crate::kernel::Errno> {
 
 // The syscall numbers keep libc's lower-case names, so the match reads like the man pages.
 #[allow(non_upper_case_globals)]
-fn dispatch(k: &mut Kernel, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::Errno> {
+fn dispatch(t: &mut Task, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::Errno> {
     use libc::*;
     let n = nr as i64;
     match n {
         // files and I/O
-        SYS_read => v(fs::read(k, a)),
-        SYS_write => v(fs::write(k, a)),
-        SYS_pread64 => v(fs::pread(k, a)),
-        SYS_pwrite64 => v(fs::pwrite(k, a)),
-        SYS_readv => v(fs::readv(k, a, false)),
-        SYS_writev => v(fs::readv(k, a, true)),
-        SYS_preadv => v(fs::preadv(k, a, false)),
-        SYS_pwritev => v(fs::preadv(k, a, true)),
-        SYS_open => v(fs::openat(k, AT_FDCWD as u64, a[0], a[1], a[2])),
+        SYS_read => v(fs::read(t, a)),
+        SYS_write => v(fs::write(t, a)),
+        SYS_pread64 => v(fs::pread(t, a)),
+        SYS_pwrite64 => v(fs::pwrite(t, a)),
+        SYS_readv => v(fs::readv(t, a, false)),
+        SYS_writev => v(fs::readv(t, a, true)),
+        SYS_preadv => v(fs::preadv(t, a, false)),
+        SYS_pwritev => v(fs::preadv(t, a, true)),
+        SYS_open => v(fs::openat(t, AT_FDCWD as u64, a[0], a[1], a[2])),
         SYS_creat => v(fs::openat(
-            k,
+            t,
             AT_FDCWD as u64,
             a[0],
             (O_CREAT | O_WRONLY | O_TRUNC) as u64,
             a[1],
         )),
-        SYS_openat => v(fs::openat(k, a[0], a[1], a[2], a[3])),
-        SYS_close => v(fs::close(k, a)),
-        SYS_close_range => v(fs::close_range(k, a)),
-        SYS_lseek => v(fs::lseek(k, a)),
-        SYS_stat => v(fs::fstatat(k, AT_FDCWD as u64, a[0], a[1], 0)),
+        SYS_openat => v(fs::openat(t, a[0], a[1], a[2], a[3])),
+        SYS_close => v(fs::close(t, a)),
+        SYS_close_range => v(fs::close_range(t, a)),
+        SYS_lseek => v(fs::lseek(t, a)),
+        SYS_stat => v(fs::fstatat(t, AT_FDCWD as u64, a[0], a[1], 0)),
         SYS_lstat => v(fs::fstatat(
-            k,
+            t,
             AT_FDCWD as u64,
             a[0],
             a[1],
             AT_SYMLINK_NOFOLLOW as u64,
         )),
-        SYS_fstat => v(fs::fstat(k, a)),
-        SYS_newfstatat => v(fs::fstatat(k, a[0], a[1], a[2], a[3])),
-        SYS_statx => v(fs::statx(k, a)),
-        SYS_statfs => v(fs::statfs(k, a)),
-        SYS_fstatfs => v(fs::fstatfs(k, a)),
-        SYS_getdents64 => v(fs::getdents64(k, a)),
-        SYS_access => v(fs::faccessat(k, AT_FDCWD as u64, a[0], a[1], 0)),
-        SYS_faccessat => v(fs::faccessat(k, a[0], a[1], a[2], 0)),
-        SYS_faccessat2 => v(fs::faccessat(k, a[0], a[1], a[2], a[3])),
-        SYS_readlink => v(fs::readlinkat(k, AT_FDCWD as u64, a[0], a[1], a[2])),
-        SYS_readlinkat => v(fs::readlinkat(k, a[0], a[1], a[2], a[3])),
-        SYS_fcntl => v(fs::fcntl(k, a)),
-        SYS_ioctl => v(fs::ioctl(k, a)),
-        SYS_dup => v(fs::dup(k, a)),
-        SYS_dup2 => v(fs::dup3(k, a[0], a[1], 0, true)),
-        SYS_dup3 => v(fs::dup3(k, a[0], a[1], a[2], false)),
-        SYS_pipe => v(fs::pipe2(k, a[0], 0)),
-        SYS_pipe2 => v(fs::pipe2(k, a[0], a[1])),
-        SYS_unlink => v(fs::unlinkat(k, AT_FDCWD as u64, a[0], 0)),
-        SYS_unlinkat => v(fs::unlinkat(k, a[0], a[1], a[2])),
-        SYS_rmdir => v(fs::unlinkat(k, AT_FDCWD as u64, a[0], AT_REMOVEDIR as u64)),
+        SYS_fstat => v(fs::fstat(t, a)),
+        SYS_newfstatat => v(fs::fstatat(t, a[0], a[1], a[2], a[3])),
+        SYS_statx => v(fs::statx(t, a)),
+        SYS_statfs => v(fs::statfs(t, a)),
+        SYS_fstatfs => v(fs::fstatfs(t, a)),
+        SYS_getdents64 => v(fs::getdents64(t, a)),
+        SYS_access => v(fs::faccessat(t, AT_FDCWD as u64, a[0], a[1], 0)),
+        SYS_faccessat => v(fs::faccessat(t, a[0], a[1], a[2], 0)),
+        SYS_faccessat2 => v(fs::faccessat(t, a[0], a[1], a[2], a[3])),
+        SYS_readlink => v(fs::readlinkat(t, AT_FDCWD as u64, a[0], a[1], a[2])),
+        SYS_readlinkat => v(fs::readlinkat(t, a[0], a[1], a[2], a[3])),
+        SYS_fcntl => v(fs::fcntl(t, a)),
+        SYS_ioctl => v(fs::ioctl(t, a)),
+        SYS_dup => v(fs::dup(t, a)),
+        SYS_dup2 => v(fs::dup3(t, a[0], a[1], 0, true)),
+        SYS_dup3 => v(fs::dup3(t, a[0], a[1], a[2], false)),
+        SYS_pipe => v(fs::pipe2(t, a[0], 0)),
+        SYS_pipe2 => v(fs::pipe2(t, a[0], a[1])),
+        SYS_unlink => v(fs::unlinkat(t, AT_FDCWD as u64, a[0], 0)),
+        SYS_unlinkat => v(fs::unlinkat(t, a[0], a[1], a[2])),
+        SYS_rmdir => v(fs::unlinkat(t, AT_FDCWD as u64, a[0], AT_REMOVEDIR as u64)),
         SYS_rename => v(fs::renameat2(
-            k,
+            t,
             AT_FDCWD as u64,
             a[0],
             AT_FDCWD as u64,
             a[1],
             0,
         )),
-        SYS_renameat => v(fs::renameat2(k, a[0], a[1], a[2], a[3], 0)),
-        SYS_renameat2 => v(fs::renameat2(k, a[0], a[1], a[2], a[3], a[4])),
-        SYS_mkdir => v(fs::mkdirat(k, AT_FDCWD as u64, a[0], a[1])),
-        SYS_mkdirat => v(fs::mkdirat(k, a[0], a[1], a[2])),
+        SYS_renameat => v(fs::renameat2(t, a[0], a[1], a[2], a[3], 0)),
+        SYS_renameat2 => v(fs::renameat2(t, a[0], a[1], a[2], a[3], a[4])),
+        SYS_mkdir => v(fs::mkdirat(t, AT_FDCWD as u64, a[0], a[1])),
+        SYS_mkdirat => v(fs::mkdirat(t, a[0], a[1], a[2])),
         SYS_link => v(fs::linkat(
-            k,
+            t,
             AT_FDCWD as u64,
             a[0],
             AT_FDCWD as u64,
             a[1],
             0,
         )),
-        SYS_linkat => v(fs::linkat(k, a[0], a[1], a[2], a[3], a[4])),
-        SYS_symlink => v(fs::symlinkat(k, a[0], AT_FDCWD as u64, a[1])),
-        SYS_symlinkat => v(fs::symlinkat(k, a[0], a[1], a[2])),
-        SYS_chmod => v(fs::fchmodat(k, AT_FDCWD as u64, a[0], a[1])),
-        SYS_fchmodat => v(fs::fchmodat(k, a[0], a[1], a[2])),
-        SYS_fchmod => v(fs::fchmod(k, a)),
-        SYS_chown => v(fs::fchownat(k, AT_FDCWD as u64, a[0], a[1], a[2], 0)),
+        SYS_linkat => v(fs::linkat(t, a[0], a[1], a[2], a[3], a[4])),
+        SYS_symlink => v(fs::symlinkat(t, a[0], AT_FDCWD as u64, a[1])),
+        SYS_symlinkat => v(fs::symlinkat(t, a[0], a[1], a[2])),
+        SYS_chmod => v(fs::fchmodat(t, AT_FDCWD as u64, a[0], a[1])),
+        SYS_fchmodat => v(fs::fchmodat(t, a[0], a[1], a[2])),
+        SYS_fchmod => v(fs::fchmod(t, a)),
+        SYS_chown => v(fs::fchownat(t, AT_FDCWD as u64, a[0], a[1], a[2], 0)),
         SYS_lchown => v(fs::fchownat(
-            k,
+            t,
             AT_FDCWD as u64,
             a[0],
             a[1],
             a[2],
             AT_SYMLINK_NOFOLLOW as u64,
         )),
-        SYS_fchownat => v(fs::fchownat(k, a[0], a[1], a[2], a[3], a[4])),
-        SYS_fchown => v(fs::fchown(k, a)),
-        SYS_truncate => v(fs::truncate(k, a)),
-        SYS_ftruncate => v(fs::ftruncate(k, a)),
-        SYS_fsync | SYS_fdatasync | SYS_syncfs => v(fs::fsync(k, n, a)),
+        SYS_fchownat => v(fs::fchownat(t, a[0], a[1], a[2], a[3], a[4])),
+        SYS_fchown => v(fs::fchown(t, a)),
+        SYS_truncate => v(fs::truncate(t, a)),
+        SYS_ftruncate => v(fs::ftruncate(t, a)),
+        SYS_fsync | SYS_fdatasync | SYS_syncfs => v(fs::fsync(t, n, a)),
         SYS_sync => v(fs::sync()),
-        SYS_fallocate => v(fs::fallocate(k, a)),
-        SYS_fadvise64 => v(fs::fadvise(k, a)),
-        SYS_flock => v(fs::flock(k, a)),
-        SYS_utimensat => v(fs::utimensat(k, a)),
-        SYS_utimes | SYS_utime | SYS_futimesat => v(fs::utimes_legacy(k, n, a)),
-        SYS_getcwd => v(fs::getcwd(k, a)),
-        SYS_chdir => v(fs::chdir(k, a)),
-        SYS_fchdir => v(fs::fchdir(k, a)),
-        SYS_umask => v(fs::umask(k, a)),
-        SYS_poll => v(fs::poll(k, a[0], a[1], a[2] as i32 as i64)),
-        SYS_ppoll => v(fs::ppoll(k, a)),
-        SYS_select => v(fs::select(k, a, false)),
-        SYS_pselect6 => v(fs::select(k, a, true)),
-        SYS_sendfile => v(fs::sendfile(k, a)),
-        SYS_copy_file_range => v(fs::copy_file_range(k, a)),
-        SYS_memfd_create => v(fs::memfd_create(k, a)),
-        SYS_eventfd2 | SYS_eventfd => v(fs::eventfd(k, n, a)),
-        SYS_mknod | SYS_mknodat => v(fs::mknodat(k, n, a)),
+        SYS_fallocate => v(fs::fallocate(t, a)),
+        SYS_fadvise64 => v(fs::fadvise(t, a)),
+        SYS_flock => v(fs::flock(t, a)),
+        SYS_utimensat => v(fs::utimensat(t, a)),
+        SYS_utimes | SYS_utime | SYS_futimesat => v(fs::utimes_legacy(t, n, a)),
+        SYS_getcwd => v(fs::getcwd(t, a)),
+        SYS_chdir => v(fs::chdir(t, a)),
+        SYS_fchdir => v(fs::fchdir(t, a)),
+        SYS_umask => v(fs::umask(t, a)),
+        SYS_poll => v(fs::poll(t, a[0], a[1], a[2] as i32 as i64)),
+        SYS_ppoll => v(fs::ppoll(t, a)),
+        SYS_select => v(fs::select(t, a, false)),
+        SYS_pselect6 => v(fs::select(t, a, true)),
+        SYS_sendfile => v(fs::sendfile(t, a)),
+        SYS_copy_file_range => v(fs::copy_file_range(t, a)),
+        SYS_memfd_create => v(fs::memfd_create(t, a)),
+        SYS_eventfd2 | SYS_eventfd => v(fs::eventfd(t, n, a)),
+        SYS_mknod | SYS_mknodat => v(fs::mknodat(t, n, a)),
         SYS_getxattr | SYS_lgetxattr | SYS_fgetxattr | SYS_setxattr | SYS_lsetxattr
         | SYS_fsetxattr | SYS_listxattr | SYS_llistxattr | SYS_flistxattr | SYS_removexattr
-        | SYS_lremovexattr | SYS_fremovexattr => v(fs::xattr(k, n, a)),
-        SYS_splice => v(fs::splice(k, a)),
-        SYS_tee => v(fs::tee(k, a)),
+        | SYS_lremovexattr | SYS_fremovexattr => v(fs::xattr(t, n, a)),
+        SYS_splice => v(fs::splice(t, a)),
+        SYS_tee => v(fs::tee(t, a)),
 
         // event descriptors
-        SYS_epoll_create | SYS_epoll_create1 => v(events::epoll_create(k, n, a)),
-        SYS_epoll_ctl => v(events::epoll_ctl(k, a)),
-        SYS_epoll_wait | SYS_epoll_pwait => v(events::epoll_wait(k, a, a[3] as i32 as i64)),
+        SYS_epoll_create | SYS_epoll_create1 => v(events::epoll_create(t, n, a)),
+        SYS_epoll_ctl => v(events::epoll_ctl(t, a)),
+        SYS_epoll_wait | SYS_epoll_pwait => v(events::epoll_wait(t, a, a[3] as i32 as i64)),
         SYS_epoll_pwait2 => {
-            let t = fs::timespec_ms(k, a[3]);
-            v(t.and_then(|t| events::epoll_wait(k, a, t)))
+            let ms = fs::timespec_ms(t, a[3]);
+            v(ms.and_then(|ms| events::epoll_wait(t, a, ms)))
         }
-        SYS_inotify_init => v(events::inotify_init(k, 0)),
-        SYS_inotify_init1 => v(events::inotify_init(k, a[0])),
-        SYS_inotify_add_watch => v(events::inotify_add_watch(k, a)),
-        SYS_inotify_rm_watch => v(events::inotify_rm_watch(k, a)),
-        SYS_timerfd_create => v(events::timerfd_create(k, a)),
-        SYS_timerfd_settime => v(events::timerfd_settime(k, a)),
-        SYS_timerfd_gettime => v(events::timerfd_gettime(k, a)),
+        SYS_inotify_init => v(events::inotify_init(t, 0)),
+        SYS_inotify_init1 => v(events::inotify_init(t, a[0])),
+        SYS_inotify_add_watch => v(events::inotify_add_watch(t, a)),
+        SYS_inotify_rm_watch => v(events::inotify_rm_watch(t, a)),
+        SYS_timerfd_create => v(events::timerfd_create(t, a)),
+        SYS_timerfd_settime => v(events::timerfd_settime(t, a)),
+        SYS_timerfd_gettime => v(events::timerfd_gettime(t, a)),
 
         // sockets
-        SYS_socket => v(net::socket(k, a)),
-        SYS_socketpair => v(net::socketpair(k, a)),
-        SYS_connect | SYS_bind => v(net::with_addr(k, n, a)),
-        SYS_listen => v(net::listen(k, a)),
-        SYS_shutdown => v(net::shutdown(k, a)),
-        SYS_accept => v(net::accept4(k, a, 0)),
-        SYS_accept4 => v(net::accept4(k, a, a[3])),
-        SYS_getsockname | SYS_getpeername => v(net::sockname(k, n, a)),
-        SYS_setsockopt => v(net::setsockopt(k, a)),
-        SYS_getsockopt => v(net::getsockopt(k, a)),
-        SYS_sendto => v(net::sendto(k, a)),
-        SYS_recvfrom => v(net::recvfrom(k, a)),
-        SYS_sendmsg => v(net::sendmsg(k, a)),
-        SYS_recvmsg => v(net::recvmsg(k, a)),
+        SYS_socket => v(net::socket(t, a)),
+        SYS_socketpair => v(net::socketpair(t, a)),
+        SYS_connect | SYS_bind => v(net::with_addr(t, n, a)),
+        SYS_listen => v(net::listen(t, a)),
+        SYS_shutdown => v(net::shutdown(t, a)),
+        SYS_accept => v(net::accept4(t, a, 0)),
+        SYS_accept4 => v(net::accept4(t, a, a[3])),
+        SYS_getsockname | SYS_getpeername => v(net::sockname(t, n, a)),
+        SYS_setsockopt => v(net::setsockopt(t, a)),
+        SYS_getsockopt => v(net::getsockopt(t, a)),
+        SYS_sendto => v(net::sendto(t, a)),
+        SYS_recvfrom => v(net::recvfrom(t, a)),
+        SYS_sendmsg => v(net::sendmsg(t, a)),
+        SYS_recvmsg => v(net::recvmsg(t, a)),
 
         // memory
-        SYS_mmap => v(memory::mmap(k, a)),
-        SYS_munmap => v(memory::munmap(k, a)),
-        SYS_mprotect => v(memory::mprotect(k, a)),
-        SYS_mremap => v(memory::mremap(k, a)),
-        SYS_brk => v(memory::brk(k, a)),
-        SYS_madvise => v(memory::madvise(k, a)),
-        SYS_msync => v(memory::msync(k, a)),
-        SYS_mincore => v(memory::mincore(k, a)),
+        SYS_mmap => v(memory::mmap(t, a)),
+        SYS_munmap => v(memory::munmap(t, a)),
+        SYS_mprotect => v(memory::mprotect(t, a)),
+        SYS_mremap => v(memory::mremap(t, a)),
+        SYS_brk => v(memory::brk(t, a)),
+        SYS_madvise => v(memory::madvise(t, a)),
+        SYS_msync => v(memory::msync(t, a)),
+        SYS_mincore => v(memory::mincore(t, a)),
         SYS_mlock | SYS_munlock | SYS_mlockall | SYS_munlockall | SYS_mlock2 => Ok(Ret::Value(0)),
         // One memory node: every policy is the default one.
-        SYS_get_mempolicy => v(memory::get_mempolicy(k, a)),
+        SYS_get_mempolicy => v(memory::get_mempolicy(t, a)),
         SYS_set_mempolicy | SYS_mbind => Ok(Ret::Value(0)),
 
         // time
-        SYS_clock_gettime => v(time::clock_gettime(k, a)),
-        SYS_clock_getres => v(time::clock_getres(k, a)),
-        SYS_gettimeofday => v(time::gettimeofday(k, a)),
-        SYS_time => v(time::time(k, a)),
-        SYS_nanosleep => v(time::nanosleep(k, a)),
-        SYS_clock_nanosleep => v(time::clock_nanosleep(k, a)),
-        SYS_times => v(time::times(k, a)),
-        SYS_getrusage => v(time::getrusage(k, a)),
+        SYS_clock_gettime => v(time::clock_gettime(t, a)),
+        SYS_clock_getres => v(time::clock_getres(t, a)),
+        SYS_gettimeofday => v(time::gettimeofday(t, a)),
+        SYS_time => v(time::time(t, a)),
+        SYS_nanosleep => v(time::nanosleep(t, a)),
+        SYS_clock_nanosleep => v(time::clock_nanosleep(t, a)),
+        SYS_times => v(time::times(t, a)),
+        SYS_getrusage => v(time::getrusage(t, a)),
 
         // identity and limits
-        SYS_getpid => Ok(Ret::Value(k.proc.pid as i64)),
-        SYS_gettid => Ok(Ret::Value(k.proc.tid() as i64)),
-        SYS_getppid => Ok(Ret::Value(k.proc.ppid as i64)),
-        SYS_getpgrp => Ok(Ret::Value(k.proc.pgid as i64)),
-        SYS_getpgid => v(identity::getpgid(k, a)),
-        SYS_getsid => v(identity::getsid(k, a)),
-        SYS_setpgid | SYS_setsid => v(identity::setpgid(k, n, a)),
+        SYS_getpid => Ok(Ret::Value(t.tgid() as i64)),
+        SYS_gettid => Ok(Ret::Value(t.tid() as i64)),
+        SYS_getppid => Ok(Ret::Value(t.tg().lock().ppid as i64)),
+        SYS_getpgrp => Ok(Ret::Value(t.tg().lock().pgid as i64)),
+        SYS_getpgid => v(identity::getpgid(t, a)),
+        SYS_getsid => v(identity::getsid(t, a)),
+        SYS_setpgid | SYS_setsid => v(identity::setpgid(t, n, a)),
         SYS_getuid => Ok(Ret::Value(unsafe_id(libc::getuid) as i64)),
         SYS_geteuid => Ok(Ret::Value(unsafe_id(libc::geteuid) as i64)),
         SYS_getgid => Ok(Ret::Value(unsafe_id(libc::getgid) as i64)),
         SYS_getegid => Ok(Ret::Value(unsafe_id(libc::getegid) as i64)),
-        SYS_getresuid | SYS_getresgid => v(identity::getres(k, n, a)),
-        SYS_getgroups => v(identity::getgroups(k, a)),
+        SYS_getresuid | SYS_getresgid => v(identity::getres(t, n, a)),
+        SYS_getgroups => v(identity::getgroups(t, a)),
         SYS_setuid | SYS_setgid | SYS_setreuid | SYS_setregid | SYS_setresuid | SYS_setresgid
         | SYS_setfsuid | SYS_setfsgid | SYS_setgroups => v(identity::setid(n, a)),
-        SYS_uname => v(identity::uname(k, a)),
-        SYS_sysinfo => v(identity::sysinfo(k, a)),
-        SYS_getrlimit => v(identity::prlimit(k, 0, a[0], 0, a[1])),
-        SYS_setrlimit => v(identity::prlimit(k, 0, a[0], a[1], 0)),
-        SYS_prlimit64 => v(identity::prlimit(k, a[0], a[1], a[2], a[3])),
+        SYS_uname => v(identity::uname(t, a)),
+        SYS_sysinfo => v(identity::sysinfo(t, a)),
+        SYS_getrlimit => v(identity::prlimit(t, 0, a[0], 0, a[1])),
+        SYS_setrlimit => v(identity::prlimit(t, 0, a[0], a[1], 0)),
+        SYS_prlimit64 => v(identity::prlimit(t, a[0], a[1], a[2], a[3])),
         SYS_getpriority => Ok(Ret::Value(20)),
         SYS_setpriority => Ok(Ret::Value(0)),
-        SYS_sched_getaffinity => v(identity::sched_getaffinity(k, a)),
+        SYS_sched_getaffinity => v(identity::sched_getaffinity(t, a)),
         SYS_sched_setaffinity => Ok(Ret::Value(0)),
         SYS_sched_yield => Ok(Ret::Value(0)),
         SYS_sched_getscheduler => Ok(Ret::Value(0)),
-        SYS_sched_getparam => v(identity::zero_struct(k, a[1], 4)),
+        SYS_sched_getparam => v(identity::zero_struct(t, a[1], 4)),
         SYS_sched_get_priority_max | SYS_sched_get_priority_min => Ok(Ret::Value(0)),
-        SYS_getcpu => v(identity::getcpu(k, a)),
-        SYS_capget => v(identity::capget(k, a)),
+        SYS_getcpu => v(identity::getcpu(t, a)),
+        SYS_capget => v(identity::capget(t, a)),
 
         // signals
-        SYS_rt_sigaction => v(signal::rt_sigaction(k, a)),
-        SYS_rt_sigprocmask => v(signal::rt_sigprocmask(k, a)),
-        SYS_rt_sigreturn => signal::rt_sigreturn(k),
-        SYS_rt_sigpending => v(signal::rt_sigpending(k, a)),
-        SYS_sigaltstack => v(signal::sigaltstack(k, a)),
-        SYS_kill => v(signal::kill(k, a)),
-        SYS_tgkill => v(signal::tgkill(k, a[0] as i32, a[1] as i32, a[2] as i32)),
-        SYS_tkill => v(signal::tgkill(k, k.proc.pid, a[0] as i32, a[1] as i32)),
-        SYS_rt_sigsuspend => v(signal::rt_sigsuspend(k, a)),
-        SYS_pause => v(signal::suspend(k, None)),
-        SYS_setitimer => v(signal::setitimer(k, a)),
-        SYS_getitimer => v(signal::getitimer(k, a)),
-        SYS_alarm => v(signal::alarm(a)),
-        SYS_rt_sigtimedwait => v(signal::sigtimedwait(k, a)),
+        SYS_rt_sigaction => v(signal::rt_sigaction(t, a)),
+        SYS_rt_sigprocmask => v(signal::rt_sigprocmask(t, a)),
+        SYS_rt_sigreturn => signal::rt_sigreturn(t),
+        SYS_rt_sigpending => v(signal::rt_sigpending(t, a)),
+        SYS_sigaltstack => v(signal::sigaltstack(t, a)),
+        SYS_kill => v(signal::kill(t, a)),
+        SYS_tgkill => v(signal::tgkill(t, a[0] as i32, a[1] as i32, a[2] as i32)),
+        SYS_tkill => v(signal::tgkill(t, -1, a[0] as i32, a[1] as i32)),
+        SYS_rt_sigsuspend => v(signal::rt_sigsuspend(t, a)),
+        SYS_pause => v(signal::suspend(t, None)),
+        SYS_setitimer => v(signal::setitimer(t, a)),
+        SYS_getitimer => v(signal::getitimer(t, a)),
+        SYS_alarm => v(signal::alarm(t, a)),
+        SYS_rt_sigtimedwait => v(signal::sigtimedwait(t, a)),
 
-        // process and thread plumbing
-        SYS_exit | SYS_exit_group => {
-            k.exit(crate::kernel::process::ExitStatus::Code(a[0] as i32 & 0xff));
+        // processes and threads
+        SYS_clone => v(process::clone(t, a[0], a[1], a[2], a[3], a[4])),
+        SYS_clone3 => v(process::clone3(t, a)),
+        SYS_fork => v(process::clone(t, libc::SIGCHLD as u64, 0, 0, 0, 0)),
+        SYS_vfork => v(process::clone(
+            t,
+            (libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD) as u64,
+            0,
+            0,
+            0,
+            0,
+        )),
+        SYS_execve => process::execve(t, libc::AT_FDCWD as u64, a[0], a[1], a[2], 0),
+        SYS_execveat => process::execve(t, a[0], a[1], a[2], a[3], a[4]),
+        SYS_exit => {
+            t.thread_exit(crate::kernel::process::ExitStatus::Code(a[0] as i32 & 0xff));
             Ok(Ret::Registers)
         }
-        SYS_arch_prctl => v(misc::arch_prctl(k, a)),
+        SYS_exit_group => {
+            t.group_exit(crate::kernel::process::ExitStatus::Code(a[0] as i32 & 0xff));
+            Ok(Ret::Registers)
+        }
+        SYS_wait4 => v(process::wait4(t, a)),
+        SYS_waitid => v(process::waitid(t, a)),
+        SYS_arch_prctl => v(misc::arch_prctl(t, a)),
         SYS_set_tid_address => {
-            k.proc.clear_child_tid = a[0];
-            Ok(Ret::Value(k.proc.tid() as i64))
+            t.thread.clear_child_tid = a[0];
+            Ok(Ret::Value(t.tid() as i64))
         }
         SYS_set_robust_list => {
-            k.proc.robust_list = (a[0], a[1]);
+            t.thread.robust_list = (a[0], a[1]);
             Ok(Ret::Value(0))
         }
-        SYS_get_robust_list => v(misc::get_robust_list(k, a)),
-        SYS_rseq => v(misc::rseq(k, a)),
-        SYS_futex => v(misc::futex(k, a)),
-        SYS_getrandom => v(misc::getrandom(k, a)),
-        SYS_prctl => v(misc::prctl(k, a)),
-        SYS_wait4 | SYS_waitid => Ok(Ret::Value(-(ECHILD as i64))),
+        SYS_get_robust_list => v(misc::get_robust_list(t, a)),
+        SYS_rseq => v(misc::rseq(t, a)),
+        SYS_futex => v(misc::futex(t, a)),
+        SYS_getrandom => v(misc::getrandom(t, a)),
+        SYS_prctl => v(misc::prctl(t, a)),
         SYS_membarrier => Ok(Ret::Value(0)),
         SYS_personality => Ok(Ret::Value(0)),
         _ => {
-            k.warn_unsupported(nr);
+            t.warn_unsupported(nr);
             Ok(Ret::Value(-(ENOSYS as i64)))
         }
     }

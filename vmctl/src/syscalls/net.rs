@@ -5,7 +5,8 @@
 
 use super::fs::{epipe_sigpipe, install, sys};
 use crate::kernel::mm::Access;
-use crate::kernel::{Errno, Kernel, SysResult};
+use crate::kernel::task::Task;
+use crate::kernel::{Errno, SysResult};
 use std::os::fd::RawFd;
 
 /// Large enough for any socket address (struct sockaddr_storage).
@@ -17,24 +18,24 @@ const IOV_MAX: usize = 1024;
 const MSG_NOSIGNAL: i32 = 0x4000;
 const SCM_RIGHTS: i32 = 1;
 
-fn host_fd(k: &Kernel, fd: u64) -> Result<RawFd, Errno> {
-    k.proc.files.host(fd as i32)
+fn host_fd(t: &Task, fd: u64) -> Result<RawFd, Errno> {
+    t.files().host(fd as i32)
 }
 
-fn read_u32(k: &mut Kernel, va: u64) -> Result<u32, Errno> {
-    let b = k.read_user(va, 4)?;
+fn read_u32(t: &mut Task, va: u64) -> Result<u32, Errno> {
+    let b = t.read_user(va, 4)?;
     Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
 }
 
 /// A socket address the guest passes in.
-fn addr_in(k: &mut Kernel, ptr: u64, len: u64) -> Result<Vec<u8>, Errno> {
+fn addr_in(t: &mut Task, ptr: u64, len: u64) -> Result<Vec<u8>, Errno> {
     if len as u32 as usize > SOCKADDR_MAX {
         return Err(Errno(libc::EINVAL));
     }
     if ptr == 0 || len == 0 {
         return Ok(Vec::new());
     }
-    k.read_user(ptr, len as u32 as usize)
+    t.read_user(ptr, len as u32 as usize)
 }
 
 /// Buffer for an address the host fills in, sized like the guest's `*addrlen`.
@@ -47,9 +48,9 @@ struct AddrOut {
 }
 
 impl AddrOut {
-    fn new(k: &mut Kernel, ptr: u64, len_ptr: u64) -> Result<AddrOut, Errno> {
+    fn new(t: &mut Task, ptr: u64, len_ptr: u64) -> Result<AddrOut, Errno> {
         let guest_len = if ptr != 0 && len_ptr != 0 {
-            read_u32(k, len_ptr)?
+            read_u32(t, len_ptr)?
         } else {
             0
         };
@@ -71,7 +72,7 @@ impl AddrOut {
 
     /// Copies out at most what the guest made room for and reports the full length,
     /// as the kernel's move_addr_to_user does.
-    fn copy_out(&self, k: &mut Kernel) -> Result<(), Errno> {
+    fn copy_out(&self, t: &mut Task) -> Result<(), Errno> {
         if !self.wanted() {
             return Ok(());
         }
@@ -79,13 +80,13 @@ impl AddrOut {
             .min(self.guest_len as usize)
             .min(SOCKADDR_MAX);
         if n > 0 {
-            k.write_user(self.ptr, &self.buf[..n])?;
+            t.write_user(self.ptr, &self.buf[..n])?;
         }
-        k.write_user(self.len_ptr, &self.len.to_le_bytes())
+        t.write_user(self.len_ptr, &self.len.to_le_bytes())
     }
 }
 
-pub fn socket(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn socket(t: &mut Task, a: [u64; 6]) -> SysResult {
     let ty = a[1] as i32;
     let fd = sys!(
         libc::SYS_socket,
@@ -93,10 +94,10 @@ pub fn socket(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         ty | libc::SOCK_CLOEXEC,
         a[2] as i32
     )?;
-    install(k, fd as RawFd, ty & libc::SOCK_CLOEXEC != 0)
+    install(t, fd as RawFd, ty & libc::SOCK_CLOEXEC != 0)
 }
 
-pub fn socketpair(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn socketpair(t: &mut Task, a: [u64; 6]) -> SysResult {
     let ty = a[1] as i32;
     let mut fds = [0i32; 2];
     sys!(
@@ -107,13 +108,13 @@ pub fn socketpair(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         fds.as_mut_ptr()
     )?;
     let cloexec = ty & libc::SOCK_CLOEXEC != 0;
-    let first = install(k, fds[0], cloexec);
-    let second = install(k, fds[1], cloexec);
+    let first = install(t, fds[0], cloexec);
+    let second = install(t, fds[1], cloexec);
     let (first, second) = match (first, second) {
         (Ok(x), Ok(y)) => (x, y),
         (x, y) => {
             for fd in [x, y].into_iter().flatten() {
-                let _ = k.proc.files.remove(fd as i32);
+                let _ = t.files().remove(fd as i32);
             }
             return Err(Errno(libc::EMFILE));
         }
@@ -121,71 +122,71 @@ pub fn socketpair(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&(first as i32).to_le_bytes());
     b[4..].copy_from_slice(&(second as i32).to_le_bytes());
-    if let Err(e) = k.write_user(a[3], &b) {
-        let _ = k.proc.files.remove(first as i32);
-        let _ = k.proc.files.remove(second as i32);
+    if let Err(e) = t.write_user(a[3], &b) {
+        let _ = t.files().remove(first as i32);
+        let _ = t.files().remove(second as i32);
         return Err(e);
     }
     Ok(0)
 }
 
 /// connect and bind: a socket and an address.
-pub fn with_addr(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let addr = addr_in(k, a[1], a[2])?;
+pub fn with_addr(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let addr = addr_in(t, a[1], a[2])?;
     sys!(nr, fd, addr.as_ptr(), addr.len() as libc::socklen_t)
 }
 
-pub fn listen(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn listen(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(libc::SYS_listen, fd, a[1] as i32)
 }
 
-pub fn shutdown(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn shutdown(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     sys!(libc::SYS_shutdown, fd, a[1] as i32)
 }
 
-pub fn accept4(k: &mut Kernel, a: [u64; 6], flags: u64) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn accept4(t: &mut Task, a: [u64; 6], flags: u64) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     let flags = flags as i32;
     if flags & !(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) != 0 {
         return Err(Errno(libc::EINVAL));
     }
-    let mut out = AddrOut::new(k, a[1], a[2])?;
+    let mut out = AddrOut::new(t, a[1], a[2])?;
     let (p, l) = if out.wanted() {
         (out.buf.as_mut_ptr(), &mut out.len as *mut libc::socklen_t)
     } else {
         (std::ptr::null_mut(), std::ptr::null_mut())
     };
     let new = sys!(libc::SYS_accept4, fd, p, l, flags | libc::SOCK_CLOEXEC)?;
-    let guest = install(k, new as RawFd, flags & libc::SOCK_CLOEXEC != 0)?;
-    if let Err(e) = out.copy_out(k) {
-        let _ = k.proc.files.remove(guest as i32);
+    let guest = install(t, new as RawFd, flags & libc::SOCK_CLOEXEC != 0)?;
+    if let Err(e) = out.copy_out(t) {
+        let _ = t.files().remove(guest as i32);
         return Err(e);
     }
     Ok(guest)
 }
 
 /// getsockname and getpeername.
-pub fn sockname(k: &mut Kernel, nr: i64, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn sockname(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     if a[1] == 0 || a[2] == 0 {
         return Err(Errno(libc::EFAULT));
     }
-    let mut out = AddrOut::new(k, a[1], a[2])?;
+    let mut out = AddrOut::new(t, a[1], a[2])?;
     sys!(
         nr,
         fd,
         out.buf.as_mut_ptr(),
         &mut out.len as *mut libc::socklen_t
     )?;
-    out.copy_out(k)?;
+    out.copy_out(t)?;
     Ok(0)
 }
 
-pub fn setsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
+pub fn setsockopt(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
     let len = a[4] as u32 as usize;
     if len > OPT_MAX {
         return Err(Errno(libc::EINVAL));
@@ -193,7 +194,7 @@ pub fn setsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let val = if a[3] == 0 || len == 0 {
         Vec::new()
     } else {
-        k.read_user(a[3], len)?
+        t.read_user(a[3], len)?
     };
     let p = if a[3] == 0 {
         std::ptr::null()
@@ -210,9 +211,9 @@ pub fn setsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     )
 }
 
-pub fn getsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let guest_len = read_u32(k, a[4])?;
+pub fn getsockopt(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let guest_len = read_u32(t, a[4])?;
     if (guest_len as i32) < 0 {
         return Err(Errno(libc::EINVAL));
     }
@@ -228,9 +229,9 @@ pub fn getsockopt(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     )?;
     let n = (len as usize).min(val.len());
     if n > 0 {
-        k.write_user(a[3], &val[..n])?;
+        t.write_user(a[3], &val[..n])?;
     }
-    k.write_user(a[4], &len.to_le_bytes())?;
+    t.write_user(a[4], &len.to_le_bytes())?;
     Ok(0)
 }
 
@@ -253,19 +254,19 @@ fn msghdr(
     m
 }
 
-fn send_result(k: &mut Kernel, r: SysResult, flags: i32) -> SysResult {
+fn send_result(t: &mut Task, r: SysResult, flags: i32) -> SysResult {
     if flags & MSG_NOSIGNAL != 0 {
         r
     } else {
-        epipe_sigpipe(k, r)
+        epipe_sigpipe(t, r)
     }
 }
 
-pub fn sendto(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let mut iov = k.user_iovecs(a[1], a[2], Access::Read)?;
+pub fn sendto(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let mut iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     iov.truncate(IOV_MAX);
-    let mut addr = addr_in(k, a[4], a[5])?;
+    let mut addr = addr_in(t, a[4], a[5])?;
     let name = if addr.is_empty() {
         std::ptr::null_mut()
     } else {
@@ -274,14 +275,14 @@ pub fn sendto(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let m = msghdr(name, addr.len(), &mut iov, &mut []);
     let flags = a[3] as i32;
     let r = sys!(libc::SYS_sendmsg, fd, &m as *const libc::msghdr, flags);
-    send_result(k, r, flags)
+    send_result(t, r, flags)
 }
 
-pub fn recvfrom(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let mut iov = k.user_iovecs(a[1], a[2], Access::Write)?;
+pub fn recvfrom(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let mut iov = t.user_iovecs(a[1], a[2], Access::Write)?;
     iov.truncate(IOV_MAX);
-    let mut out = AddrOut::new(k, a[4], a[5])?;
+    let mut out = AddrOut::new(t, a[4], a[5])?;
     let (name, namelen) = if out.wanted() {
         (out.buf.as_mut_ptr(), SOCKADDR_MAX)
     } else {
@@ -295,7 +296,7 @@ pub fn recvfrom(k: &mut Kernel, a: [u64; 6]) -> SysResult {
         a[3] as i32
     )?;
     out.len = m.msg_namelen;
-    out.copy_out(k)?;
+    out.copy_out(t)?;
     Ok(n)
 }
 
@@ -309,8 +310,8 @@ struct GuestMsg {
     controllen: u64,
 }
 
-fn read_msghdr(k: &mut Kernel, ptr: u64) -> Result<GuestMsg, Errno> {
-    let b = k.read_user(ptr, 56)?;
+fn read_msghdr(t: &mut Task, ptr: u64) -> Result<GuestMsg, Errno> {
+    let b = t.read_user(ptr, 56)?;
     let q = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
     let m = GuestMsg {
         name: q(0),
@@ -327,7 +328,7 @@ fn read_msghdr(k: &mut Kernel, ptr: u64) -> Result<GuestMsg, Errno> {
 }
 
 fn guest_iovecs(
-    k: &mut Kernel,
+    t: &mut Task,
     ptr: u64,
     count: u64,
     access: Access,
@@ -335,13 +336,13 @@ fn guest_iovecs(
     let raw = if count == 0 {
         Vec::new()
     } else {
-        k.read_user(ptr, count as usize * 16)?
+        t.read_user(ptr, count as usize * 16)?
     };
     let mut out = Vec::new();
     for c in raw.chunks(16) {
         let base = u64::from_le_bytes(c[0..8].try_into().expect("8 bytes"));
         let len = u64::from_le_bytes(c[8..16].try_into().expect("8 bytes"));
-        out.extend(k.user_iovecs(base, len, access)?);
+        out.extend(t.user_iovecs(base, len, access)?);
     }
     out.truncate(IOV_MAX);
     Ok(out)
@@ -370,25 +371,25 @@ fn for_each_rights(
     Ok(())
 }
 
-pub fn sendmsg(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let gm = read_msghdr(k, a[1])?;
-    let mut iov = guest_iovecs(k, gm.iov, gm.iovlen, Access::Read)?;
-    let mut addr = addr_in(k, gm.name, gm.namelen as u64)?;
+pub fn sendmsg(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let gm = read_msghdr(t, a[1])?;
+    let mut iov = guest_iovecs(t, gm.iov, gm.iovlen, Access::Read)?;
+    let mut addr = addr_in(t, gm.name, gm.namelen as u64)?;
     if gm.controllen as usize > OPT_MAX {
         return Err(Errno(libc::ENOBUFS));
     }
     let mut control = if gm.control == 0 || gm.controllen == 0 {
         Vec::new()
     } else {
-        k.read_user(gm.control, gm.controllen as usize)?
+        t.read_user(gm.control, gm.controllen as usize)?
     };
     // Descriptors passed with SCM_RIGHTS are the guest's numbers; the host wants its own.
     let len = control.len();
     for_each_rights(&mut control, len, |fds| {
         for c in fds.chunks_mut(4) {
             let guest = i32::from_le_bytes(c[..4].try_into().expect("4 bytes"));
-            c[..4].copy_from_slice(&k.proc.files.host(guest)?.to_le_bytes());
+            c[..4].copy_from_slice(&t.files().host(guest)?.to_le_bytes());
         }
         Ok(())
     })?;
@@ -400,13 +401,13 @@ pub fn sendmsg(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     let m = msghdr(name, addr.len(), &mut iov, &mut control);
     let flags = a[2] as i32;
     let r = sys!(libc::SYS_sendmsg, fd, &m as *const libc::msghdr, flags);
-    send_result(k, r, flags)
+    send_result(t, r, flags)
 }
 
-pub fn recvmsg(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(k, a[0])?;
-    let gm = read_msghdr(k, a[1])?;
-    let mut iov = guest_iovecs(k, gm.iov, gm.iovlen, Access::Write)?;
+pub fn recvmsg(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let fd = host_fd(t, a[0])?;
+    let gm = read_msghdr(t, a[1])?;
+    let mut iov = guest_iovecs(t, gm.iov, gm.iovlen, Access::Write)?;
     let mut name = [0u8; SOCKADDR_MAX];
     let (np, nl) = if gm.name != 0 {
         (name.as_mut_ptr(), SOCKADDR_MAX)
@@ -439,22 +440,22 @@ pub fn recvmsg(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     for_each_rights(&mut control, clen, |fds| {
         for c in fds.chunks_mut(4) {
             let host = i32::from_le_bytes(c[..4].try_into().expect("4 bytes"));
-            let guest = install(k, host, cloexec)? as i32;
+            let guest = install(t, host, cloexec)? as i32;
             c[..4].copy_from_slice(&guest.to_le_bytes());
         }
         Ok(())
     })?;
     if gm.name != 0 {
         let copy = (m.msg_namelen as usize).min(gm.namelen as usize);
-        k.write_user(gm.name, &name[..copy])?;
+        t.write_user(gm.name, &name[..copy])?;
     }
     if clen > 0 {
-        k.write_user(gm.control, &control[..clen])?;
+        t.write_user(gm.control, &control[..clen])?;
     }
     let mut tail = [0u8; 4];
     tail.copy_from_slice(&(if gm.name != 0 { m.msg_namelen } else { 0 }).to_le_bytes());
-    k.write_user(a[1] + 8, &tail)?;
-    k.write_user(a[1] + 40, &(clen as u64).to_le_bytes())?;
-    k.write_user(a[1] + 48, &m.msg_flags.to_le_bytes())?;
+    t.write_user(a[1] + 8, &tail)?;
+    t.write_user(a[1] + 40, &(clen as u64).to_le_bytes())?;
+    t.write_user(a[1] + 48, &m.msg_flags.to_le_bytes())?;
     Ok(n)
 }

@@ -1,54 +1,206 @@
-//! The parts of /proc/self that must describe the guest rather than vmctl: the
-//! executable, the memory map and the descriptors. Everything else under /proc is
-//! the host's.
+//! The parts of /proc that describe the job's processes rather than vmctl:
+//! `/proc/self`, `/proc/thread-self` and `/proc/<pid>` for the guest's own pids (the
+//! executable, memory map, descriptors, command line, name and status). A numeric
+//! /proc entry that is not one of the guest's pids does not exist for the guest, so
+//! vmctl's own process (and the host's) cannot be reached through /proc.
 
 use super::fs::{host, sys};
-use crate::kernel::{Errno, Kernel};
+use crate::kernel::task::Task;
+use crate::kernel::thread_group::{Life, ThreadGroup};
+use crate::kernel::Errno;
 use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 enum Entry {
     Exe,
     Maps,
     Comm,
     Cmdline,
+    Stat,
+    Status,
     Fd(i32),
     FdDir,
+    /// Host files about the machine rather than the process (mounts, cgroup...).
+    Passthrough,
+    /// Anything else under a guest process's directory, or a pid the guest lacks.
+    Missing,
 }
 
-fn classify(k: &Kernel, path: &CStr) -> Option<Entry> {
+struct Target {
+    tg: Arc<ThreadGroup>,
+    /// The calling process itself (its descriptors are the caller's own).
+    own: bool,
+}
+
+fn classify(t: &Task, path: &CStr) -> Option<(Target, Entry)> {
     let p = path.to_bytes();
-    let rest = p
-        .strip_prefix(b"/proc/self/")
-        .or_else(|| p.strip_prefix(b"/proc/thread-self/"))
-        .or_else(|| {
-            let pid = format!("/proc/{}/", k.proc.pid);
-            p.strip_prefix(pid.as_bytes())
-        })?;
-    match rest {
-        b"exe" => Some(Entry::Exe),
-        b"maps" => Some(Entry::Maps),
-        b"comm" => Some(Entry::Comm),
-        b"cmdline" => Some(Entry::Cmdline),
-        b"fd" | b"fd/" => Some(Entry::FdDir),
-        _ => {
-            let n = rest.strip_prefix(b"fd/")?;
-            std::str::from_utf8(n).ok()?.parse().ok().map(Entry::Fd)
+    let rest = p.strip_prefix(b"/proc/")?;
+    let (who, rest) = match rest.iter().position(|&b| b == b'/') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &b""[..]),
+    };
+    let target = match who {
+        b"self" | b"thread-self" => Target {
+            tg: t.tg().clone(),
+            own: true,
+        },
+        n if !n.is_empty() && n.iter().all(u8::is_ascii_digit) => {
+            let pid: i32 = std::str::from_utf8(n).ok()?.parse().ok()?;
+            let pids = t.k.pids.lock().expect("pids poisoned");
+            let tg = pids
+                .group(pid)
+                .cloned()
+                .or_else(|| pids.task(pid).map(|h| h.tg.clone()));
+            match tg {
+                Some(tg) => Target {
+                    own: tg.tgid == t.tgid(),
+                    tg,
+                },
+                None => {
+                    return Some((
+                        Target {
+                            tg: t.tg().clone(),
+                            own: true,
+                        },
+                        Entry::Missing,
+                    ))
+                }
+            }
         }
-    }
+        _ => return None,
+    };
+    let rest = rest.strip_suffix(b"/").unwrap_or(rest);
+    let entry = match rest {
+        b"" => return None,
+        b"exe" => Entry::Exe,
+        b"maps" => Entry::Maps,
+        b"comm" => Entry::Comm,
+        b"cmdline" => Entry::Cmdline,
+        b"stat" => Entry::Stat,
+        b"status" => Entry::Status,
+        b"fd" => Entry::FdDir,
+        b"mounts" | b"mountinfo" | b"mountstats" | b"cgroup" | b"limits" => Entry::Passthrough,
+        _ => match rest.strip_prefix(b"fd/") {
+            Some(n) => match std::str::from_utf8(n).ok().and_then(|n| n.parse().ok()) {
+                Some(fd) => Entry::Fd(fd),
+                None => Entry::Missing,
+            },
+            None => Entry::Missing,
+        },
+    };
+    Some((target, entry))
 }
 
-fn host_fd_path(k: &Kernel, fd: i32) -> Result<CString, Errno> {
-    let h = k.proc.files.host(fd).map_err(|_| Errno(libc::ENOENT))?;
+fn host_fd_path(t: &Task, target: &Target, fd: i32) -> Result<CString, Errno> {
+    let h = if target.own {
+        t.files().host(fd)
+    } else {
+        let res = target.tg.resources().ok_or(Errno(libc::ENOENT))?;
+        let files = res.files.lock().expect("fd table poisoned");
+        files.host(fd)
+    }
+    .map_err(|_| Errno(libc::ENOENT))?;
     Ok(CString::new(format!("/proc/self/fd/{h}")).expect("no NUL"))
 }
 
+fn exe_of(target: &Target) -> CString {
+    let exe = target.tg.lock().exe.clone();
+    CString::new(exe.as_os_str().as_encoded_bytes()).unwrap_or_default()
+}
+
+fn comm_of(target: &Target) -> Vec<u8> {
+    let st = target.tg.lock();
+    let name = st
+        .threads
+        .first()
+        .map(|h| *h.comm.lock().expect("comm poisoned"))
+        .unwrap_or_default();
+    let len = name.iter().position(|&b| b == 0).unwrap_or(16);
+    name[..len].to_vec()
+}
+
+fn maps_of(t: &Task, target: &Target) -> String {
+    if target.own {
+        return t.mm().proc_maps();
+    }
+    match target.tg.resources() {
+        Some(r) => r.mm.lock().expect("address space poisoned").proc_maps(),
+        None => String::new(),
+    }
+}
+
+/// /proc/<pid>/stat: the fields programs read (pid, comm, state, ppid, pgrp,
+/// session, threads); the rest are zero.
+fn stat_of(target: &Target) -> Vec<u8> {
+    let comm = String::from_utf8_lossy(&comm_of(target)).into_owned();
+    let st = target.tg.lock();
+    let state = match st.life {
+        Life::Zombie(_) => 'Z',
+        _ => 'R',
+    };
+    let threads = st.threads.len().max(1);
+    let mut fields = vec![0u64; 52 - 7];
+    fields[13] = 20; // priority
+    fields[15] = threads as u64;
+    let rest: Vec<String> = fields.iter().map(|v| v.to_string()).collect();
+    format!(
+        "{} ({}) {} {} {} {} 0 -1 {}\n",
+        target.tg.tgid,
+        comm,
+        state,
+        st.ppid,
+        st.pgid,
+        st.sid,
+        rest.join(" ")
+    )
+    .into_bytes()
+}
+
+fn status_of(t: &Task, target: &Target) -> Vec<u8> {
+    let comm = String::from_utf8_lossy(&comm_of(target)).into_owned();
+    let st = target.tg.lock();
+    let state = match st.life {
+        Life::Zombie(_) => "Z (zombie)",
+        _ => "R (running)",
+    };
+    let uid = t.k.host.uid;
+    let gid = t.k.host.gid;
+    format!(
+        "Name:\t{comm}\nUmask:\t0022\nState:\t{state}\nTgid:\t{pid}\nNgid:\t0\nPid:\t{pid}\nPPid:\t{ppid}\nTracerPid:\t0\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{gid}\t{gid}\t{gid}\t{gid}\nThreads:\t{threads}\n",
+        pid = target.tg.tgid,
+        ppid = st.ppid,
+        threads = st.threads.len().max(1),
+    )
+    .into_bytes()
+}
+
 /// Opens a guest-specific /proc file, or None for an ordinary path.
-pub fn open(k: &mut Kernel, path: &CStr, flags: i32) -> Result<Option<RawFd>, Errno> {
-    let fd = match classify(k, path) {
-        None | Some(Entry::FdDir) => return Ok(None),
-        Some(Entry::Exe) => {
-            let exe = CString::new(k.proc.exe.as_os_str().as_encoded_bytes()).expect("path");
+pub fn open(t: &mut Task, path: &CStr, flags: i32) -> Result<Option<RawFd>, Errno> {
+    let Some((target, entry)) = classify(t, path) else {
+        return Ok(None);
+    };
+    let fd = match entry {
+        Entry::Missing => return Err(Errno(libc::ENOENT)),
+        Entry::FdDir | Entry::Passthrough => {
+            // vmctl's own directory: getdents on it lists the guest's descriptors.
+            let name = path.to_bytes();
+            let tail = &name[name
+                .iter()
+                .skip(6)
+                .position(|&b| b == b'/')
+                .map_or(name.len(), |i| i + 6)..];
+            let host = CString::new([b"/proc/self".as_slice(), tail].concat()).expect("no NUL");
+            sys!(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                host.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                0
+            )?
+        }
+        Entry::Exe => {
+            let exe = exe_of(&target);
             sys!(
                 libc::SYS_openat,
                 libc::AT_FDCWD,
@@ -57,8 +209,8 @@ pub fn open(k: &mut Kernel, path: &CStr, flags: i32) -> Result<Option<RawFd>, Er
                 0
             )?
         }
-        Some(Entry::Fd(n)) => {
-            let p = host_fd_path(k, n)?;
+        Entry::Fd(n) => {
+            let p = host_fd_path(t, &target, n)?;
             sys!(
                 libc::SYS_openat,
                 libc::AT_FDCWD,
@@ -67,15 +219,19 @@ pub fn open(k: &mut Kernel, path: &CStr, flags: i32) -> Result<Option<RawFd>, Er
                 0
             )?
         }
-        Some(Entry::Maps) => snapshot_file(c"maps", k.proc.mm.proc_maps().as_bytes())?,
-        Some(Entry::Cmdline) => snapshot_file(c"cmdline", &k.proc.cmdline.clone())?,
-        Some(Entry::Comm) => {
+        Entry::Maps => snapshot_file(c"maps", maps_of(t, &target).as_bytes())?,
+        Entry::Cmdline => {
+            let cmdline = target.tg.lock().cmdline.clone();
+            snapshot_file(c"cmdline", &cmdline)?
+        }
+        Entry::Comm => {
             // The name prctl(PR_SET_NAME) sets, which starts as the executable's.
-            let len = k.proc.name.iter().position(|&b| b == 0).unwrap_or(16);
-            let mut text = k.proc.name[..len].to_vec();
+            let mut text = comm_of(&target);
             text.push(b'\n');
             snapshot_file(c"comm", &text)?
         }
+        Entry::Stat => snapshot_file(c"stat", &stat_of(&target))?,
+        Entry::Status => snapshot_file(c"status", &status_of(t, &target))?,
     };
     Ok(Some(fd as RawFd))
 }
@@ -90,10 +246,11 @@ fn snapshot_file(name: &CStr, text: &[u8]) -> Result<i64, Errno> {
     Ok(fd)
 }
 
-pub fn stat(k: &mut Kernel, path: &CStr, st: &mut [u8; 144]) -> Result<Option<i64>, Errno> {
-    match classify(k, path) {
+pub fn stat(t: &mut Task, path: &CStr, st: &mut [u8; 144]) -> Result<Option<i64>, Errno> {
+    match classify(t, path).map(|(_, e)| e) {
+        Some(Entry::Missing) => Err(Errno(libc::ENOENT)),
         Some(Entry::Exe) | Some(Entry::Fd(_)) => {
-            let p = redirect(k, path.to_owned());
+            let p = redirect(t, path.to_owned());
             sys!(
                 libc::SYS_newfstatat,
                 libc::AT_FDCWD,
@@ -108,19 +265,29 @@ pub fn stat(k: &mut Kernel, path: &CStr, st: &mut [u8; 144]) -> Result<Option<i6
 }
 
 /// The host path to use for `path` in calls that only look at it.
-pub fn redirect(k: &Kernel, path: CString) -> CString {
-    match classify(k, &path) {
-        Some(Entry::Exe) => CString::new(k.proc.exe.as_os_str().as_encoded_bytes()).expect("path"),
-        Some(Entry::Fd(n)) => host_fd_path(k, n).unwrap_or(path),
+pub fn redirect(t: &Task, path: CString) -> CString {
+    match classify(t, &path) {
+        Some((target, Entry::Exe)) => exe_of(&target),
+        Some((target, Entry::Fd(n))) => host_fd_path(t, &target, n).unwrap_or(path),
+        Some((_, Entry::Missing)) => CString::new("/proc/vmwrap-no-such-entry").expect("no NUL"),
         _ => path,
     }
 }
 
-pub fn readlink(k: &mut Kernel, path: &CStr) -> Result<Option<Vec<u8>>, Errno> {
-    match classify(k, path) {
-        Some(Entry::Exe) => Ok(Some(k.proc.exe.as_os_str().as_encoded_bytes().to_vec())),
-        Some(Entry::Fd(n)) => {
-            let p = host_fd_path(k, n)?;
+pub fn readlink(t: &mut Task, path: &CStr) -> Result<Option<Vec<u8>>, Errno> {
+    if path.to_bytes() == b"/proc/self" || path.to_bytes() == b"/proc/thread-self" {
+        let link = if path.to_bytes() == b"/proc/self" {
+            t.tgid().to_string()
+        } else {
+            format!("{}/task/{}", t.tgid(), t.tid())
+        };
+        return Ok(Some(link.into_bytes()));
+    }
+    match classify(t, path) {
+        Some((_, Entry::Missing)) => Err(Errno(libc::ENOENT)),
+        Some((target, Entry::Exe)) => Ok(Some(exe_of(&target).into_bytes())),
+        Some((target, Entry::Fd(n))) => {
+            let p = host_fd_path(t, &target, n)?;
             let mut out = vec![0u8; libc::PATH_MAX as usize];
             let len = sys!(
                 libc::SYS_readlinkat,
@@ -150,14 +317,13 @@ pub fn is_fd_dir(host: RawFd) -> bool {
 
 /// getdents64 over the guest's descriptors. The directory offset is the host
 /// descriptor's file position, used as an entry index, so rewinddir and seekdir work.
-pub fn fd_dir_getdents(k: &mut Kernel, host_fd: RawFd, size: usize) -> Result<Vec<u8>, Errno> {
+pub fn fd_dir_getdents(t: &mut Task, host_fd: RawFd, size: usize) -> Result<Vec<u8>, Errno> {
     let mut names: Vec<(Vec<u8>, u8)> = vec![
         (b".".to_vec(), libc::DT_DIR),
         (b"..".to_vec(), libc::DT_DIR),
     ];
     names.extend(
-        k.proc
-            .files
+        t.files()
             .fds()
             .into_iter()
             .map(|fd| (fd.to_string().into_bytes(), libc::DT_LNK)),

@@ -1,7 +1,8 @@
 //! Clocks and sleeping, read from the host.
 
 use super::fs::sys;
-use crate::kernel::{Errno, Kernel, SysResult};
+use crate::kernel::task::Task;
+use crate::kernel::{Errno, SysResult};
 
 fn valid_clock(id: i32) -> bool {
     (0..=11).contains(&id) || id < 0
@@ -42,23 +43,23 @@ fn host_clock_ns(id: i32) -> Result<i64, Errno> {
     ts_ns(&ts)
 }
 
-pub fn clock_gettime(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn clock_gettime(t: &mut Task, a: [u64; 6]) -> SysResult {
     let id = a[0] as i32;
     if !valid_clock(id) {
         return Err(Errno(libc::EINVAL));
     }
     let mut ns = host_clock_ns(id)?;
     if is_monotonic(id) {
-        ns += k.clock_offset_ns;
+        ns += t.k.clock_offset_ns;
     }
-    k.write_user(a[1], &ts_bytes(ns))?;
+    t.write_user(a[1], &ts_bytes(ns))?;
     Ok(0)
 }
 
 /// Sleeps until the host CLOCK_MONOTONIC reaches `deadline_host`. If a host signal
 /// interrupts it, the deadline is kept (in guest time, so it survives a restore) for
 /// the restarted call, and the remaining time goes to `rem`.
-fn sleep_until(k: &mut Kernel, deadline_host: i64, rem: u64) -> SysResult {
+fn sleep_until(t: &mut Task, deadline_host: i64, rem: u64) -> SysResult {
     let target = ts_bytes(deadline_host);
     // SAFETY: a local timespec; clock_nanosleep reports errors as its return value.
     let r = unsafe {
@@ -71,15 +72,16 @@ fn sleep_until(k: &mut Kernel, deadline_host: i64, rem: u64) -> SysResult {
         )
     };
     if r == 0 {
-        k.proc.sleep_restart = None;
+        t.thread.sleep_restart = None;
         return Ok(0);
     }
     let e = Errno::last();
     if e.0 == libc::EINTR {
-        k.proc.sleep_restart = Some((k.vcpu.user_regs().rip, deadline_host + k.clock_offset_ns));
+        t.thread.sleep_restart =
+            Some((t.vcpu.user_regs().rip, deadline_host + t.k.clock_offset_ns));
         if rem != 0 {
             let left = (deadline_host - host_clock_ns(libc::CLOCK_MONOTONIC)?).max(0);
-            k.write_user(rem, &ts_bytes(left))?;
+            t.write_user(rem, &ts_bytes(left))?;
         }
     }
     Err(e)
@@ -87,64 +89,64 @@ fn sleep_until(k: &mut Kernel, deadline_host: i64, rem: u64) -> SysResult {
 
 /// The host deadline for a relative sleep of `ns`: the one saved when this very call
 /// was interrupted (a restarted syscall), else now + ns.
-fn relative_deadline(k: &mut Kernel, ns: i64) -> Result<i64, Errno> {
-    let rip = k.vcpu.user_regs().rip;
-    if let Some((at, guest_deadline)) = k.proc.sleep_restart.take() {
+fn relative_deadline(t: &mut Task, ns: i64) -> Result<i64, Errno> {
+    let rip = t.vcpu.user_regs().rip;
+    if let Some((at, guest_deadline)) = t.thread.sleep_restart.take() {
         if at == rip {
-            return Ok(guest_deadline - k.clock_offset_ns);
+            return Ok(guest_deadline - t.k.clock_offset_ns);
         }
     }
     Ok(host_clock_ns(libc::CLOCK_MONOTONIC)?.saturating_add(ns))
 }
 
-pub fn clock_getres(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn clock_getres(t: &mut Task, a: [u64; 6]) -> SysResult {
     let mut ts = [0u8; 16];
     sys!(libc::SYS_clock_getres, a[0] as i32, ts.as_mut_ptr())?;
     if a[1] != 0 {
-        k.write_user(a[1], &ts)?;
+        t.write_user(a[1], &ts)?;
     }
     Ok(0)
 }
 
-pub fn gettimeofday(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn gettimeofday(t: &mut Task, a: [u64; 6]) -> SysResult {
     let mut tv = [0u8; 16];
     let mut tz = [0u8; 8];
     sys!(libc::SYS_gettimeofday, tv.as_mut_ptr(), tz.as_mut_ptr())?;
     if a[0] != 0 {
-        k.write_user(a[0], &tv)?;
+        t.write_user(a[0], &tv)?;
     }
     if a[1] != 0 {
-        k.write_user(a[1], &tz)?;
+        t.write_user(a[1], &tz)?;
     }
     Ok(0)
 }
 
-pub fn time(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let t = sys!(libc::SYS_time, 0)?;
+pub fn time(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let now = sys!(libc::SYS_time, 0)?;
     if a[0] != 0 {
-        k.write_user(a[0], &t.to_le_bytes())?;
+        t.write_user(a[0], &now.to_le_bytes())?;
     }
-    Ok(t)
+    Ok(now)
 }
 
-pub fn nanosleep(k: &mut Kernel, a: [u64; 6]) -> SysResult {
-    let req = ts_ns(&k.read_user(a[0], 16)?)?;
-    let deadline = relative_deadline(k, req)?;
-    sleep_until(k, deadline, a[1])
+pub fn nanosleep(t: &mut Task, a: [u64; 6]) -> SysResult {
+    let req = ts_ns(&t.read_user(a[0], 16)?)?;
+    let deadline = relative_deadline(t, req)?;
+    sleep_until(t, deadline, a[1])
 }
 
-pub fn clock_nanosleep(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn clock_nanosleep(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (id, flags) = (a[0] as i32, a[1] as i32);
     if !valid_clock(id) || id == libc::CLOCK_THREAD_CPUTIME_ID {
         return Err(Errno(libc::EINVAL));
     }
-    let req = ts_ns(&k.read_user(a[2], 16)?)?;
+    let req = ts_ns(&t.read_user(a[2], 16)?)?;
     if flags & libc::TIMER_ABSTIME == 0 {
-        let deadline = relative_deadline(k, req)?;
-        return sleep_until(k, deadline, a[3]);
+        let deadline = relative_deadline(t, req)?;
+        return sleep_until(t, deadline, a[3]);
     }
     if is_monotonic(id) {
-        return sleep_until(k, req - k.clock_offset_ns, 0);
+        return sleep_until(t, req - t.k.clock_offset_ns, 0);
     }
     // An absolute wall-clock (or CPU-time) deadline is the host's own.
     let target = ts_bytes(req);
@@ -165,20 +167,20 @@ pub fn clock_nanosleep(k: &mut Kernel, a: [u64; 6]) -> SysResult {
     }
 }
 
-pub fn times(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn times(t: &mut Task, a: [u64; 6]) -> SysResult {
     let mut buf = [0u8; 32];
     let r = sys!(libc::SYS_times, buf.as_mut_ptr())?;
     if a[0] != 0 {
-        k.write_user(a[0], &buf)?;
+        t.write_user(a[0], &buf)?;
     }
     Ok(r)
 }
 
-pub fn getrusage(k: &mut Kernel, a: [u64; 6]) -> SysResult {
+pub fn getrusage(t: &mut Task, a: [u64; 6]) -> SysResult {
     let who = a[0] as i32;
     let mut buf = [0u8; 144];
     // The guest's usage is vmctl's own (RUSAGE_THREAD is the vCPU thread).
     sys!(libc::SYS_getrusage, who, buf.as_mut_ptr())?;
-    k.write_user(a[1], &buf)?;
+    t.write_user(a[1], &buf)?;
     Ok(0)
 }

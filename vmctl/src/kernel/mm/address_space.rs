@@ -8,7 +8,7 @@
 //! guest RAM, exactly as transparent huge pages do on Linux.
 
 use super::frames::FrameAllocator;
-use super::page_table::{self as pt, Update, PTE_SHARED};
+use super::page_table::{self as pt, Update, PTE_COW, PTE_SHARED};
 use super::vma::{Backing, MappedFile, Vma, VmaKind};
 use crate::kernel::Errno;
 use crate::machine::layout::PAGE_SIZE;
@@ -54,6 +54,7 @@ pub struct MmCtx<'a> {
     pub mem: &'a GuestMemory,
     pub frames: &'a mut FrameAllocator,
     pub vcpu: &'a mut Vcpu,
+    pub commit: &'a super::Commit,
 }
 
 impl MmCtx<'_> {
@@ -84,8 +85,8 @@ pub struct AddressSpace {
     pub vmas: BTreeMap<u64, Vma>,
     pub brk_start: u64,
     pub brk: u64,
+    /// This address space's share of the VM-wide commit charge.
     pub committed: u64,
-    pub commit_limit: u64,
 }
 
 impl AddressSpace {
@@ -93,7 +94,6 @@ impl AddressSpace {
         mem: &GuestMemory,
         frames: &mut FrameAllocator,
         system: &SystemHalf,
-        commit_limit: u64,
     ) -> Option<Self> {
         let root = frames.alloc_page(mem)?;
         for &(index, entry) in &system.pml4_entries {
@@ -105,8 +105,18 @@ impl AddressSpace {
             brk_start: 0,
             brk: 0,
             committed: 0,
-            commit_limit,
         })
+    }
+
+    /// An address space with nothing in it and no page tables (a dead task's).
+    pub fn empty() -> Self {
+        AddressSpace {
+            root: 0,
+            vmas: BTreeMap::new(),
+            brk_start: 0,
+            brk: 0,
+            committed: 0,
+        }
     }
 
     pub fn find(&self, va: u64) -> Option<&Vma> {
@@ -204,11 +214,12 @@ impl AddressSpace {
             kind,
         };
         let replaced = self.committed_in(start, end);
-        if self.committed - replaced + vma.committed() > self.commit_limit {
+        if !ctx.commit.fits(vma.committed(), replaced) {
             return Err(Errno(libc::ENOMEM));
         }
         self.unmap(ctx, start, len)?;
         self.committed += vma.committed();
+        ctx.commit.charge(vma.committed());
         self.vmas.insert(start, vma);
         self.merge_around(start, end);
         Ok(start)
@@ -250,6 +261,7 @@ impl AddressSpace {
         for k in keys {
             let v = self.vmas.remove(&k).expect("vma exists");
             self.committed -= v.committed();
+            ctx.commit.release(v.committed());
         }
         Ok(())
     }
@@ -288,7 +300,7 @@ impl AddressSpace {
                 extra += part;
             }
         }
-        if self.committed + extra > self.commit_limit {
+        if !ctx.commit.fits(extra, 0) {
             return Err(Errno(libc::ENOMEM));
         }
         self.split_at(start);
@@ -297,8 +309,10 @@ impl AddressSpace {
             .map_err(machine_errno)?;
         for (_, v) in self.vmas.range_mut(start..end) {
             self.committed -= v.committed();
+            ctx.commit.release(v.committed());
             v.prot = prot;
             self.committed += v.committed();
+            ctx.commit.charge(v.committed());
         }
         self.merge_around(start, end);
         Ok(())
@@ -352,8 +366,17 @@ impl AddressSpace {
                             }
                         }
                         RangeOp::Protect(prot) => {
-                            let new = frame | pt::leaf_flags(prot) | PTE_PS | (pde & PTE_SHARED);
+                            let new = frame
+                                | pt::private_leaf_flags(prot, pde)
+                                | PTE_PS
+                                | (pde & PTE_SHARED);
                             pt::set_entry(mem, pd_slot, pde, new, true, &mut update);
+                        }
+                        // A copy-on-write page is someone else's too: drop this
+                        // mapping of it, and the next touch maps a fresh page.
+                        RangeOp::Discard if pde & PTE_COW != 0 => {
+                            pt::set_entry(mem, pd_slot, pde, 0, true, &mut update);
+                            update.freed_huge.push(frame);
                         }
                         RangeOp::Discard => mem.zero(frame, HUGE_PAGE),
                     }
@@ -361,6 +384,10 @@ impl AddressSpace {
                     continue;
                 }
                 live = false;
+                if pde & PTE_COW != 0 {
+                    self.unshare_huge(ctx, va)
+                        .map_err(|_| MachineError::VcpuFailed("guest RAM exhausted".into()))?;
+                }
                 match pt::split_huge(mem, ctx.frames, pd_slot, &mut update) {
                     Some(t) => t,
                     None => return Err(MachineError::VcpuFailed("guest RAM exhausted".into())),
@@ -385,8 +412,13 @@ impl AddressSpace {
                             }
                         }
                         RangeOp::Protect(prot) => {
-                            let new = frame | pt::leaf_flags(prot) | (old & PTE_SHARED);
+                            let new =
+                                frame | pt::private_leaf_flags(prot, old) | (old & PTE_SHARED);
                             pt::set_entry(mem, slot, old, new, live, &mut update);
+                        }
+                        RangeOp::Discard if old & PTE_COW != 0 => {
+                            pt::set_entry(mem, slot, old, 0, live, &mut update);
+                            update.freed_pages.push(frame);
                         }
                         RangeOp::Discard => self.refill_page(mem, p, frame),
                     }
@@ -438,6 +470,9 @@ impl AddressSpace {
                 Access::Write => leaf.value & PTE_RW != 0,
                 Access::Exec => leaf.value & PTE_NX == 0,
             };
+            if !permits && access == Access::Write && leaf.value & PTE_COW != 0 {
+                return self.break_cow(ctx, va, leaf.huge);
+            }
             return if permits {
                 Ok(())
             } else {

@@ -9,6 +9,7 @@
 use crate::machine::layout::PAGE_SIZE;
 use crate::machine::memory::{GuestMemory, HUGE_PAGE};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FrameAllocator {
@@ -21,6 +22,16 @@ pub struct FrameAllocator {
     carving: Option<(u64, u64)>,
     /// Bytes of guest RAM handed out and not freed.
     in_use: u64,
+    /// Frames mapped by more than one address space (copy-on-write after fork, shared
+    /// anonymous memory): how many extra references each has. A frame is freed when
+    /// its last reference goes.
+    #[serde(default, with = "ref_list")]
+    extra_refs: HashMap<u64, u32>,
+    /// Page-table frames of torn-down address spaces. KVM may still hold shadow pages
+    /// for them, which would come back if the frame became a page table again, so
+    /// they are reused only after a shadow flush (`release_quarantine`).
+    #[serde(default)]
+    quarantine: Vec<u64>,
 }
 
 impl FrameAllocator {
@@ -32,6 +43,8 @@ impl FrameAllocator {
             free_pages: Vec::new(),
             carving: None,
             in_use: 0,
+            extra_refs: HashMap::new(),
+            quarantine: Vec::new(),
         }
     }
 
@@ -98,18 +111,87 @@ impl FrameAllocator {
         Some(base + off)
     }
 
+    /// Drops one reference to a 4 KiB frame, freeing it with the last.
     pub fn free_page(&mut self, gpa: u64) {
+        if self.drop_extra_ref(gpa) {
+            return;
+        }
         self.in_use -= PAGE_SIZE;
         self.free_pages.push(gpa);
     }
 
+    /// Drops one reference to a 2 MiB frame, freeing it with the last.
     pub fn free_huge(&mut self, gpa: u64) {
+        if self.drop_extra_ref(gpa) {
+            return;
+        }
         self.in_use -= HUGE_PAGE;
         self.free_chunks.push(gpa);
+    }
+
+    fn drop_extra_ref(&mut self, gpa: u64) -> bool {
+        match self.extra_refs.get_mut(&gpa) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.extra_refs.remove(&gpa);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Another address space maps this frame too.
+    pub fn add_ref(&mut self, gpa: u64) {
+        *self.extra_refs.entry(gpa).or_insert(0) += 1;
+    }
+
+    /// Whether more than one address space maps this frame.
+    pub fn is_shared(&self, gpa: u64) -> bool {
+        self.extra_refs.contains_key(&gpa)
+    }
+
+    /// A page-table frame no longer in use; see `quarantine`.
+    pub fn free_table(&mut self, gpa: u64) {
+        self.quarantine.push(gpa);
+    }
+
+    pub fn has_quarantine(&self) -> bool {
+        !self.quarantine.is_empty()
+    }
+
+    /// After a shadow flush, quarantined page-table frames become ordinary free frames.
+    pub fn release_quarantine(&mut self) {
+        for gpa in std::mem::take(&mut self.quarantine) {
+            self.in_use -= PAGE_SIZE;
+            self.free_pages.push(gpa);
+        }
+    }
+
+    /// Bytes of guest RAM in use.
+    pub fn in_use(&self) -> u64 {
+        self.in_use
     }
 
     /// A 2 MiB frame now mapped as 512 separate 4 KiB pages: account them as pages.
     pub fn split_huge(&mut self, _gpa: u64) {
         // in_use is unchanged: the same bytes are in use, now freed page by page.
+    }
+}
+
+/// Serializes the reference counts as a list of pairs (JSON keys must be strings).
+mod ref_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::collections::HashMap;
+
+    pub fn serialize<S: Serializer>(m: &HashMap<u64, u32>, s: S) -> Result<S::Ok, S::Error> {
+        let mut v: Vec<(u64, u32)> = m.iter().map(|(&k, &n)| (k, n)).collect();
+        v.sort_unstable();
+        s.collect_seq(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HashMap<u64, u32>, D::Error> {
+        Ok(Vec::<(u64, u32)>::deserialize(d)?.into_iter().collect())
     }
 }

@@ -14,6 +14,10 @@ use super::frames::FrameAllocator;
 pub const PTE_HELD: u64 = 1 << 9;
 /// Software bit: the frame belongs to a shared file mapping, not to the allocator.
 pub const PTE_SHARED: u64 = 1 << 10;
+/// Software bit: a private page shared with another address space since a fork. It
+/// is mapped read-only; the first write copies it (or takes it over if it is no
+/// longer shared).
+pub const PTE_COW: u64 = 1 << 11;
 const TABLE_FLAGS: u64 = PTE_P | PTE_RW | PTE_US;
 
 pub fn leaf_flags(prot: i32) -> u64 {
@@ -26,6 +30,16 @@ pub fn leaf_flags(prot: i32) -> u64 {
     }
     if prot & libc::PROT_EXEC == 0 {
         f |= PTE_NX;
+    }
+    f
+}
+
+/// Flags for a private leaf with `prot` that may still be copy-on-write: such a leaf
+/// stays read-only until a write fault copies it.
+pub fn private_leaf_flags(prot: i32, old: u64) -> u64 {
+    let mut f = leaf_flags(prot) | (old & PTE_COW);
+    if old & PTE_COW != 0 {
+        f &= !PTE_RW;
     }
     f
 }
@@ -155,7 +169,7 @@ pub fn split_huge(
 ) -> Option<u64> {
     let pde = mem.read_u64(pd_slot);
     let frame = frame_of(pde, true);
-    let flags = pde & (PTE_P | PTE_RW | PTE_US | PTE_NX | PTE_HELD | PTE_SHARED);
+    let flags = pde & (PTE_P | PTE_RW | PTE_US | PTE_NX | PTE_HELD | PTE_SHARED | PTE_COW);
     let pt = frames.alloc_page(mem)?;
     for i in 0..512u64 {
         mem.write_u64(pt + i * 8, (frame + i * PAGE_SIZE) | flags);
@@ -188,4 +202,17 @@ pub fn set_entry(
     } else {
         mem.write_u64(slot, new);
     }
+}
+
+/// The slot holding the leaf for `va` (a PDE for a 2 MiB page), if the tables exist.
+pub fn leaf_slot(mem: &GuestMemory, root: u64, va: u64) -> Option<(u64, bool)> {
+    let slot = pd_slot(mem, root, va)?;
+    let pde = mem.read_u64(slot);
+    if pde & PTE_PS != 0 {
+        return Some((slot, true));
+    }
+    if pde & PTE_P == 0 {
+        return None;
+    }
+    Some(((pde & PTE_ADDR_MASK) + pt_index(va, 1) * 8, false))
 }
