@@ -760,6 +760,7 @@ pub(super) fn timespec_ms(t: &mut Task, ptr: u64) -> Result<i64, Errno> {
 
 pub fn ppoll(t: &mut Task, a: [u64; 6]) -> SysResult {
     let ms = timespec_ms(t, a[2])?;
+    super::signal::wait_with_mask(t, a[3], a[4])?;
     poll(t, a[0], a[1], ms)
 }
 
@@ -780,7 +781,15 @@ pub fn select(t: &mut Task, a: [u64; 6], is_pselect: bool) -> SysResult {
         }
     }
     let timeout = if is_pselect {
-        timespec_ms(t, a[4])?
+        let ms = timespec_ms(t, a[4])?;
+        if a[5] != 0 {
+            // { const sigset_t *ss; size_t ss_len; }
+            let b = t.read_user(a[5], 16)?;
+            let ss = u64::from_le_bytes(b[0..8].try_into().expect("8"));
+            let len = u64::from_le_bytes(b[8..16].try_into().expect("8"));
+            super::signal::wait_with_mask(t, ss, len)?;
+        }
+        ms
     } else if a[4] == 0 {
         -1
     } else {

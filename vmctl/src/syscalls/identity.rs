@@ -125,9 +125,15 @@ pub fn getgroups(t: &mut Task, a: [u64; 6]) -> SysResult {
 pub fn setid(nr: i64, a: [u64; 6]) -> SysResult {
     // SAFETY: identity getters cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // -1 leaves an id as it is.
+    let same = |v: u64, id: u32| v as u32 == u32::MAX || v as u32 == id;
     let want_same = match nr {
         libc::SYS_setuid | libc::SYS_setfsuid => a[0] as u32 == uid,
         libc::SYS_setgid | libc::SYS_setfsgid => a[0] as u32 == gid,
+        libc::SYS_setreuid => same(a[0], uid) && same(a[1], uid),
+        libc::SYS_setregid => same(a[0], gid) && same(a[1], gid),
+        libc::SYS_setresuid => (0..3).all(|i| same(a[i], uid)),
+        libc::SYS_setresgid => (0..3).all(|i| same(a[i], gid)),
         _ => false,
     };
     if want_same {

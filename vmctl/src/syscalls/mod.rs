@@ -225,10 +225,15 @@ fn dispatch(t: &mut Task, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::Er
         // event descriptors
         SYS_epoll_create | SYS_epoll_create1 => v(events::epoll_create(t, n, a)),
         SYS_epoll_ctl => v(events::epoll_ctl(t, a)),
-        SYS_epoll_wait | SYS_epoll_pwait => v(events::epoll_wait(t, a, a[3] as i32 as i64)),
+        SYS_epoll_wait => v(events::epoll_wait(t, a, a[3] as i32 as i64)),
+        SYS_epoll_pwait => v(signal::wait_with_mask(t, a[4], a[5])
+            .and_then(|()| events::epoll_wait(t, a, a[3] as i32 as i64))),
         SYS_epoll_pwait2 => {
             let ms = fs::timespec_ms(t, a[3]);
-            v(ms.and_then(|ms| events::epoll_wait(t, a, ms)))
+            v(ms.and_then(|ms| {
+                signal::wait_with_mask(t, a[4], a[5])?;
+                events::epoll_wait(t, a, ms)
+            }))
         }
         SYS_inotify_init => v(events::inotify_init(t, 0)),
         SYS_inotify_init1 => v(events::inotify_init(t, a[0])),

@@ -220,6 +220,32 @@ pub fn suspend(t: &mut Task, mask: Option<u64>) -> SysResult {
     }
 }
 
+/// pselect6, ppoll and epoll_pwait wait with the mask at `ptr` (a sigset of
+/// `size` bytes) in place of the thread's own, as sigsuspend does: a signal it lets
+/// through ends the wait. The old mask comes back when the call returns (or with
+/// the handler's sigreturn). A signal already pending that it lets through ends the
+/// call at once with EINTR.
+pub fn wait_with_mask(t: &mut Task, ptr: u64, size: u64) -> Result<(), Errno> {
+    if ptr == 0 {
+        return Ok(());
+    }
+    if size != 8 {
+        return Err(Errno(libc::EINVAL));
+    }
+    let mask = t.read_user_u64(ptr)? & !UNBLOCKABLE;
+    let old = t.h.signals().blocked;
+    t.thread.saved_mask.get_or_insert(old);
+    t.h.signals().blocked = mask;
+    // Whatever happens, look at signals (and put the old mask back) after the call.
+    t.recheck = true;
+    let st = t.tg().lock();
+    let ts = t.h.signals();
+    if (ts.pending.mask | st.pending.mask) & !mask != 0 {
+        return Err(Errno(libc::EINTR));
+    }
+    Ok(())
+}
+
 pub fn rt_sigsuspend(t: &mut Task, a: [u64; 6]) -> SysResult {
     if a[1] != 8 {
         return Err(Errno(libc::EINVAL));
