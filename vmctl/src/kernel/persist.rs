@@ -284,11 +284,9 @@ impl FileCollector {
                         "deleted file {}",
                         p.map(|p| p.display().to_string()).unwrap_or_default()
                     ),
-                    _ => format!(
-                        "{}",
-                        p.map(|p| p.display().to_string())
-                            .unwrap_or_else(|| "special descriptor".into())
-                    ),
+                    _ => p
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "special descriptor".into()),
                 },
             },
         }
@@ -781,8 +779,7 @@ fn reopen_file(f: &FileState, pipes: &[(OwnedFd, OwnedFd)]) -> Result<Arc<OpenFi
             let host = open_for(path, keep)?;
             if !directory && *size > 0 {
                 if let Some(st) = fstat(host.as_raw_fd()) {
-                    if (st.st_mode & libc::S_IFMT) == libc::S_IFREG && (st.st_size as i64) < *offset
-                    {
+                    if (st.st_mode & libc::S_IFMT) == libc::S_IFREG && st.st_size < *offset {
                         return Err(RestoreError::File(format!(
                             "{}: now {} bytes, shorter than the saved offset {offset}; the job's view of it is gone",
                             path.display(),

@@ -285,7 +285,7 @@ impl Task {
 
     /// Host address of the aligned u32 at `va` (a futex word), mapping it for `access`.
     pub fn user_word(&mut self, va: u64, access: Access) -> Result<*mut u32, Errno> {
-        if va % 4 != 0 {
+        if !va.is_multiple_of(4) {
             return Err(Errno(libc::EINVAL));
         }
         let iov = self.user_iovecs(va, 4, access)?;

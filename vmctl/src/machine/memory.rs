@@ -143,16 +143,6 @@ impl GuestMemory {
         unsafe { (p as *mut u64).write_volatile(value) }
     }
 
-    /// Copies guest memory out. Another vCPU may be writing it: no reference into
-    /// guest RAM is ever formed, only raw copies.
-    pub fn read(&self, gpa: u64, out: &mut [u8]) {
-        let p = self
-            .host_ptr(gpa, out.len() as u64)
-            .expect("read outside guest RAM");
-        // SAFETY: in bounds; source and destination cannot overlap (out is host memory).
-        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) }
-    }
-
     pub fn write(&self, gpa: u64, data: &[u8]) {
         let p = self
             .host_ptr(gpa, data.len() as u64)

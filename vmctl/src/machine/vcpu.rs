@@ -213,10 +213,6 @@ impl Vcpu {
         self.sregs_dirty = true;
     }
 
-    pub fn cr3(&self) -> u64 {
-        self.cr3
-    }
-
     /// Puts the user-mode registers of a task that has never run here (a new thread,
     /// a child after fork, a program after exec); the next run enters user mode.
     pub fn start_user(&mut self, regs: kvm_regs, fs_base: u64, gs_base: u64) {

@@ -107,7 +107,7 @@ pub fn clone(t: &mut Task, flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u6
     let k = t.k.clone();
     // Limits: RLIMIT_NPROC counts the job's threads, as Linux counts a user's; each
     // thread also needs a vCPU.
-    let nproc = t.rlimit(libc::RLIMIT_NPROC as u32).0;
+    let nproc = t.rlimit(libc::RLIMIT_NPROC).0;
     {
         let pids = k.pids.lock().expect("pids poisoned");
         if pids.tasks.len() >= MAX_TASKS || pids.tasks.len() as u64 >= nproc {
@@ -171,10 +171,7 @@ pub fn clone(t: &mut Task, flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u6
     } else {
         t.vcpu.fs_base()
     };
-    let copied = t
-        .vcpu
-        .get_xsave()
-        .and_then(|x| vcpu.set_xsave(&x).map(|()| ()));
+    let copied = t.vcpu.get_xsave().and_then(|x| vcpu.set_xsave(&x));
     if copied.is_err() {
         k.put_vcpu(vcpu);
         drop_mm(t, res.mm);
@@ -359,7 +356,7 @@ pub fn execve(
         .as_bytes(),
     ));
     let stack = t
-        .rlimit(libc::RLIMIT_STACK as u32)
+        .rlimit(libc::RLIMIT_STACK)
         .0
         .clamp(128 << 10, 64 << 20)
         .next_multiple_of(4096);

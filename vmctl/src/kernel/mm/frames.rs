@@ -169,11 +169,6 @@ impl FrameAllocator {
         }
     }
 
-    /// Bytes of guest RAM in use.
-    pub fn in_use(&self) -> u64 {
-        self.in_use
-    }
-
     /// A 2 MiB frame now mapped as 512 separate 4 KiB pages: account them as pages.
     pub fn split_huge(&mut self, _gpa: u64) {
         // in_use is unchanged: the same bytes are in use, now freed page by page.
