@@ -124,6 +124,17 @@ const FIXTURES: &[Fixture] = &[
         source: "clocks.c",
         flags: PIE,
     },
+    // Processes and threads (tests/processes.rs).
+    Fixture {
+        name: "procs",
+        source: "procs.c",
+        flags: &["-fPIE", "-pie", "-pthread"],
+    },
+    Fixture {
+        name: "omp_reduce",
+        source: "omp_reduce.c",
+        flags: &["-fPIE", "-pie", "-fopenmp"],
+    },
 ];
 
 fn main() {

@@ -14,16 +14,13 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmwrap_tests::{diff, require_kvm, run_command, status_code, vmctl_path, Invocation, Rng};
+use vmwrap_tests::{diff, require_kvm, run_command, vmctl_path, Invocation, Job, Rng, STEP};
 use vmwrap_tests::{RunOutput, TempDir};
 
 /// tests/fixtures/fill.c: `fill OUTFILE [PASSES [MIB]]`, 2 stdin bytes a pass.
@@ -37,9 +34,6 @@ const PYTHON: &str = "/usr/bin/python3";
 const EXIT_CHECKPOINTED: i32 = 75;
 /// vmctl itself failed (refused checkpoint, no running vmctl, ...).
 const EXIT_VMCTL_FAILED: i32 = 125;
-/// How long any one step (a line of output, a command) may take before the
-/// test fails. Only a limit: nothing waits for it to pass.
-const STEP: Duration = Duration::from_secs(120);
 
 /// Skips (locally) or fails (CI) the calling test when KVM is unusable.
 macro_rules! need_kvm {
@@ -341,182 +335,6 @@ fn native_fill(dir: &TempDir, out: &Path, passes: usize, mib: usize) -> RunOutpu
         .run_native();
     assert_eq!(run.code, 0, "native fill:\n{run:?}");
     run
-}
-
-/// A vmctl process (run or restore) still going: its stdin stays open until
-/// it exits, and its output is collected as it comes so the test can wait for
-/// a line. Killed if the test fails while it runs.
-struct Job {
-    what: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: Arc<Mutex<Vec<u8>>>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    done: bool,
-}
-
-fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1 << 16];
-        while let Ok(n @ 1..) = from.read(&mut buf) {
-            into.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    })
-}
-
-impl Job {
-    fn spawn(mut cmd: Command) -> Job {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let what = format!("{cmd:?}");
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), stdout.clone()),
-            collect(child.stderr.take().unwrap(), stderr.clone()),
-        ];
-        Job {
-            what,
-            stdin: child.stdin.take(),
-            child,
-            stdout,
-            stderr,
-            readers,
-            done: false,
-        }
-    }
-
-    /// `vmctl run --checkpoint-dir CKPT OPTS... -- PROGRAM ARGS...` in `cwd`.
-    fn run(
-        cwd: &Path,
-        ckpt: &Path,
-        opts: &[&str],
-        program: &str,
-        args: &[&dyn AsRef<OsStr>],
-    ) -> Job {
-        let mut cmd = Command::new(vmctl_path());
-        cmd.arg("run")
-            .arg("--checkpoint-dir")
-            .arg(ckpt)
-            .args(opts)
-            .arg("--")
-            .arg(program)
-            .args(args_of(args))
-            .current_dir(cwd);
-        Job::spawn(cmd)
-    }
-
-    /// `vmctl restore CKPT OPTS...` in `cwd`.
-    fn restore(cwd: &Path, ckpt: &Path, opts: &[&str]) -> Job {
-        let mut cmd = Command::new(vmctl_path());
-        cmd.arg("restore").arg(ckpt).args(opts).current_dir(cwd);
-        Job::spawn(cmd)
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until stdout has a line starting with `prefix`; fails at once if
-    /// the process exits first.
-    fn wait_for(&mut self, prefix: &str) {
-        let start = Instant::now();
-        loop {
-            let out = self.stdout();
-            if out.starts_with(prefix) || out.contains(&format!("\n{prefix}")) {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the readers drain the pipes before reporting.
-                for r in std::mem::take(&mut self.readers) {
-                    r.join().unwrap();
-                }
-                self.done = true;
-                panic!(
-                    "{} exited with {} before printing {prefix:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    self.what,
-                    status_code(status),
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            assert!(
-                start.elapsed() < STEP,
-                "{} printed no {prefix:?} within {STEP:?}\n--- stdout ---\n{out}\n--- stderr ---\n{}",
-                self.what,
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Lets the program go on: writes `data` to its stdin.
-    fn send(&mut self, data: &[u8]) {
-        let pipe = self.stdin.as_mut().expect("stdin is open");
-        pipe.write_all(data).unwrap();
-        pipe.flush().unwrap();
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child, which has not been reaped (we
-        // hold its Child), so the pid cannot have been reused.
-        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
-    }
-
-    /// Waits for the process to exit (stdin stays open until then, so a
-    /// program blocked on it is not woken by EOF) and returns its output.
-    fn finish(mut self) -> RunOutput {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > STEP {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                self.done = true;
-                panic!(
-                    "{} did not exit within {STEP:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    self.what,
-                    self.stdout(),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        self.done = true;
-        self.stdin = None;
-        for r in std::mem::take(&mut self.readers) {
-            r.join().unwrap();
-        }
-        RunOutput {
-            stdout: std::mem::take(&mut *self.stdout.lock().unwrap()),
-            stderr: std::mem::take(&mut *self.stderr.lock().unwrap()),
-            code: status_code(status),
-        }
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// `vmctl restore CKPT OPTS...` in `cwd` with `stdin`, to completion.
@@ -1448,7 +1266,7 @@ fn checkpoint_interval_writes_generations_while_running_and_none_remain() {
         let (_, v) = inspect_json(&ck, false);
         usable(&v).into_iter().find(|&g| g > first)
     });
-    assert!(job.child.try_wait().unwrap().is_none(), "the job stopped");
+    assert!(job.running(), "the job stopped");
     let (code, v) = inspect_json(&ck, true);
     assert_eq!(code, 0, "{v}");
 

@@ -87,6 +87,36 @@ pub struct RegionState {
     pub file_offset: u64,
     pub writable: bool,
     pub path: PathBuf,
+    /// The file's bytes, hex, when it was deleted while mapped (a POSIX semaphore
+    /// or shared memory object unlinked after mmap, as Python's multiprocessing
+    /// does): it is recreated as an anonymous file.
+    #[serde(default)]
+    pub deleted_contents: Option<String>,
+}
+
+/// Largest deleted-but-mapped file a checkpoint carries.
+const MAX_DELETED_MAPPED: u64 = 16 << 20;
+
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The contents of a mapped file that no longer has a name.
+fn deleted_file_contents(f: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let md = f.metadata().ok()?;
+    if md.nlink() != 0 || md.size() > MAX_DELETED_MAPPED {
+        return None;
+    }
+    let mut data = vec![0u8; md.size() as usize];
+    f.read_exact_at(&mut data, 0).ok()?;
+    Some(hex(&data))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,7 +229,7 @@ fn peek_pipe(read_end: RawFd) -> PipeState {
         }
         data.truncate(got);
         PipeState {
-            data: data.iter().map(|b| format!("{b:02x}")).collect(),
+            data: hex(&data),
             capacity,
         }
     }
@@ -312,6 +342,7 @@ fn regions_of(mms: &[AddressSpace], out: &mut Vec<RegionState>) {
                     file_offset: r.file_offset,
                     writable: r.writable,
                     path: file.path.clone(),
+                    deleted_contents: file.file.as_ref().and_then(deleted_file_contents),
                 });
             }
         }
@@ -441,15 +472,30 @@ impl Kernel {
 
         let mut shared = SharedRegions::default();
         let mut regions: HashMap<u64, Arc<SharedRegion>> = HashMap::new();
+        // Files that were deleted while mapped come back as anonymous files, one per
+        // path, shared by every mapping of them.
+        let mut recreated: HashMap<PathBuf, Arc<OwnedFd>> = HashMap::new();
         for r in &state.regions {
-            let file = open_for(
-                &r.path,
-                if r.writable {
-                    libc::O_RDWR
-                } else {
-                    libc::O_RDONLY
-                },
-            )?;
+            if let Some(data) = &r.deleted_contents {
+                if !recreated.contains_key(&r.path) {
+                    recreated.insert(r.path.clone(), Arc::new(anonymous_file(&unhex(data))?));
+                }
+            }
+        }
+        for r in &state.regions {
+            let file = match recreated.get(&r.path) {
+                Some(f) => f.try_clone().map_err(|e| {
+                    RestoreError::File(format!("cannot recreate a mapped file: {e}"))
+                })?,
+                None => open_for(
+                    &r.path,
+                    if r.writable {
+                        libc::O_RDWR
+                    } else {
+                        libc::O_RDONLY
+                    },
+                )?,
+            };
             let region = shared
                 .create_at(
                     &vm,
@@ -470,7 +516,7 @@ impl Kernel {
         }
         let mut mms = Vec::new();
         for mut mm in state.address_spaces {
-            reopen_mapped_files(&mut mm)?;
+            reopen_mapped_files(&mut mm, &recreated)?;
             attach_regions(&mut mm, &state.regions, &regions);
             mms.push(Arc::new(Mutex::new(mm)));
         }
@@ -676,12 +722,26 @@ fn open_for(path: &Path, flags: i32) -> Result<OwnedFd, RestoreError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn reopen_mapped_files(mm: &mut AddressSpace) -> Result<(), RestoreError> {
+fn reopen_mapped_files(
+    mm: &mut AddressSpace,
+    recreated: &HashMap<PathBuf, Arc<OwnedFd>>,
+) -> Result<(), RestoreError> {
     use std::os::unix::fs::MetadataExt;
     for v in mm.vmas.values_mut() {
         let Backing::File { file, .. } = &mut v.backing else {
             continue;
         };
+        if let Some(fd) = recreated.get(&file.path) {
+            let f = fd
+                .try_clone()
+                .map_err(|e| RestoreError::File(format!("cannot recreate a mapped file: {e}")))?;
+            let mut fresh = super::mm::MappedFile::new(file.path.clone(), std::fs::File::from(f))
+                .map_err(|e| RestoreError::File(e.to_string()))?;
+            fresh.size = file.size;
+            fresh.mtime_ns = file.mtime_ns;
+            *file = Arc::new(fresh);
+            continue;
+        }
         let f = std::fs::File::open(&file.path).map_err(|e| {
             RestoreError::File(format!(
                 "{}: mapped by the job but cannot be opened now: {e}",
@@ -713,13 +773,31 @@ fn reopen_mapped_files(mm: &mut AddressSpace) -> Result<(), RestoreError> {
     Ok(())
 }
 
+/// An unnamed file holding `data` (memfd).
+fn anonymous_file(data: &[u8]) -> Result<OwnedFd, RestoreError> {
+    let fail = |what: &str| {
+        RestoreError::File(format!(
+            "cannot recreate a deleted mapped file ({what}): {}",
+            std::io::Error::last_os_error()
+        ))
+    };
+    // SAFETY: memfd_create with a static name; the descriptor is owned below.
+    let fd = unsafe { libc::memfd_create(c"vmwrap-restored".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(fail("memfd_create"));
+    }
+    // SAFETY: just created, owned by nothing else.
+    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    use std::io::Write;
+    (&f).write_all(data).map_err(|_| fail("write"))?;
+    Ok(f.into())
+}
+
 /// New host pipes holding what the job's pipes held: (read end, write end).
 fn make_pipes(states: &[PipeState]) -> Result<Vec<(OwnedFd, OwnedFd)>, RestoreError> {
     let mut out = Vec::new();
     for p in states {
-        let data: Vec<u8> = (0..p.data.len() / 2)
-            .filter_map(|i| u8::from_str_radix(p.data.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect();
+        let data = unhex(&p.data);
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the local array; the descriptors are owned below.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
