@@ -509,62 +509,6 @@ impl Rng {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn native_signal_death_maps_to_128_plus_signal() {
-        let dir = TempDir::new("selftest-signal");
-        let out = run_native("/bin/sh", &["-c", "kill -SEGV $$"], b"", dir.path());
-        assert_eq!(out.code, 139);
-        let out = run_native("/bin/sh", &["-c", "exit 42"], b"", dir.path());
-        assert_eq!(out.code, 42);
-    }
-
-    #[test]
-    fn stdin_cwd_and_pwd_reach_the_program() {
-        let dir = TempDir::new("selftest-io");
-        let out = run_native(
-            "/bin/sh",
-            &["-c", "cat; pwd -P; echo \"$PWD\""],
-            b"in\n",
-            dir.path(),
-        );
-        let cwd = dir.path().to_str().unwrap();
-        assert_eq!(out.stdout_str(), format!("in\n{cwd}\n{cwd}\n"));
-    }
-
-    #[test]
-    fn timeout_kills_the_program() {
-        let r = std::panic::catch_unwind(|| {
-            Invocation::new("/bin/sh")
-                .args(["-c", "exec tail -f /dev/null"])
-                .with_timeout(Duration::from_millis(300))
-                .run_native()
-        });
-        let msg = *r.unwrap_err().downcast::<String>().unwrap();
-        assert!(msg.contains("timed out"), "{msg}");
-    }
-
-    #[test]
-    fn diff_points_at_first_difference() {
-        let d = diff("stdout", b"a\nb\nc\nd\n", b"a\nb\nX\nd\n");
-        assert!(d.contains("first at line 3"), "{d}");
-        assert!(d.contains("-n c") && d.contains("+v X"), "{d}");
-    }
-
-    #[test]
-    fn temp_dir_is_removed_on_drop() {
-        let dir = TempDir::new("selftest-drop");
-        let p = dir.write_file("f", "x", 0o600);
-        assert!(p.exists());
-        let root = dir.path().to_path_buf();
-        drop(dir);
-        assert!(!root.exists());
-    }
-}
-
 /// How long any one step of a [`Job`] (a line of output, its exit) may take before
 /// the test fails. Only a limit: nothing waits for it to pass.
 pub const STEP: Duration = Duration::from_secs(120);
@@ -746,5 +690,61 @@ impl Drop for Job {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_signal_death_maps_to_128_plus_signal() {
+        let dir = TempDir::new("selftest-signal");
+        let out = run_native("/bin/sh", &["-c", "kill -SEGV $$"], b"", dir.path());
+        assert_eq!(out.code, 139);
+        let out = run_native("/bin/sh", &["-c", "exit 42"], b"", dir.path());
+        assert_eq!(out.code, 42);
+    }
+
+    #[test]
+    fn stdin_cwd_and_pwd_reach_the_program() {
+        let dir = TempDir::new("selftest-io");
+        let out = run_native(
+            "/bin/sh",
+            &["-c", "cat; pwd -P; echo \"$PWD\""],
+            b"in\n",
+            dir.path(),
+        );
+        let cwd = dir.path().to_str().unwrap();
+        assert_eq!(out.stdout_str(), format!("in\n{cwd}\n{cwd}\n"));
+    }
+
+    #[test]
+    fn timeout_kills_the_program() {
+        let r = std::panic::catch_unwind(|| {
+            Invocation::new("/bin/sh")
+                .args(["-c", "exec tail -f /dev/null"])
+                .with_timeout(Duration::from_millis(300))
+                .run_native()
+        });
+        let msg = *r.unwrap_err().downcast::<String>().unwrap();
+        assert!(msg.contains("timed out"), "{msg}");
+    }
+
+    #[test]
+    fn diff_points_at_first_difference() {
+        let d = diff("stdout", b"a\nb\nc\nd\n", b"a\nb\nX\nd\n");
+        assert!(d.contains("first at line 3"), "{d}");
+        assert!(d.contains("-n c") && d.contains("+v X"), "{d}");
+    }
+
+    #[test]
+    fn temp_dir_is_removed_on_drop() {
+        let dir = TempDir::new("selftest-drop");
+        let p = dir.write_file("f", "x", 0o600);
+        assert!(p.exists());
+        let root = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!root.exists());
     }
 }
