@@ -1395,3 +1395,78 @@ fn sixteen_jobs_checkpointed_at_once_all_resume() {
         );
     }
 }
+
+/// CRC-32 (IEEE), as vmctl writes it in manifest.sum.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The admin's and the user's memory limit holds for a restore as for the
+/// first run: a checkpoint whose manifest the user grew (and re-summed) past
+/// the job's mem= is refused when the requeued job restarts, with the reason
+/// in the job's output, instead of restoring into a bigger VM.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn restore_keeps_the_memory_limit_of_the_run() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("restore-mem");
+    let output = dir.join("job.out");
+    let job = submit_counter_ticks(
+        &mut cleanup,
+        "restore-mem",
+        dir.path(),
+        &output,
+        &[],
+        TICKS,
+        "--vm-wrap=mem=64M",
+    );
+    wait_running(&job);
+    wait_progress(&job, &output, 4);
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let generation = poll(
+        "the requeue's checkpoint",
+        JOB_TIMEOUT,
+        || latest_generation(&step_dir),
+        || format!("no latest in {}", step_dir.display()),
+    );
+    let gen = step_dir.join(generation);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap();
+    let ram = &mut manifest["memory"]["ram_bytes"];
+    *ram = (ram.as_u64().unwrap() + (200 << 20)).into();
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    fs::write(gen.join("manifest.json"), &bytes).unwrap();
+    fs::write(
+        gen.join("manifest.sum"),
+        format!("crc32 {:08x} manifest.json\n", crc32(&bytes)),
+    )
+    .unwrap();
+    release(&job, requeued_at);
+
+    wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert!(
+        text.contains("more than --mem 64 MiB allows"),
+        "the grown checkpoint was not refused:\n{text}"
+    );
+    let runs = parse_runs(&text);
+    assert!(
+        runs.len() == 2 && runs[1].numbers.is_empty(),
+        "the grown checkpoint ran:\n{text}"
+    );
+    assert!(gen.is_dir(), "the refused generation was removed");
+}
