@@ -1470,3 +1470,183 @@ fn restore_keeps_the_memory_limit_of_the_run() {
     );
     assert!(gen.is_dir(), "the refused generation was removed");
 }
+
+/// The /dev/kvm descriptor slurmstepd opens for a wrapped step is
+/// close-on-exec in slurmstepd, so only vmctl (which the task executes with
+/// the flag cleared) gets it, not other programs slurmstepd starts.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn kvm_descriptor_reaches_vmctl_only() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("kvm-fd");
+    let output = dir.join("job.out");
+    let go = dir.join("go");
+    let script = format!(
+        "srun --vm-wrap /usr/bin/perl -e 'until (-e \"{}\") {{ select(undef,undef,undef,0.05) }} print \"done\\n\"'\n",
+        go.display()
+    );
+    let name = job_name("kvm-fd");
+    let out = run_as_user(
+        &[
+            "sbatch",
+            "--parsable",
+            "-J",
+            &name,
+            "-o",
+            output.to_str().unwrap(),
+            "--wrap",
+            &script,
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let job = out.stdout_str().trim().to_string();
+    cleanup.jobs.push(job.clone());
+
+    // (process, O_CLOEXEC set) for every open /dev/kvm descriptor held by
+    // this step's slurmstepd or vmctl (other helpers' processes are ignored).
+    let step = format!("slurmstepd: [{job}.0]");
+    let holders = || -> Vec<(String, bool)> {
+        let mut found = Vec::new();
+        for proc_entry in fs::read_dir("/proc").unwrap().flatten() {
+            let pid = proc_entry.file_name();
+            if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let base = proc_entry.path();
+            let cmdline = fs::read(base.join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let comm = if cmdline.starts_with(&step) {
+                "slurmstepd"
+            } else if cmdline.contains("vmctl") && cmdline.contains(&format!("/{job}/0")) {
+                "vmctl"
+            } else {
+                continue;
+            };
+            let Ok(fds) = fs::read_dir(base.join("fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                if fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/kvm")) {
+                    let info = fs::read_to_string(base.join("fdinfo").join(fd.file_name()))
+                        .unwrap_or_default();
+                    let flags = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("flags:"))
+                        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok());
+                    if let Some(flags) = flags {
+                        found.push((comm.to_string(), flags & libc::O_CLOEXEC as u32 != 0));
+                    }
+                }
+            }
+        }
+        found
+    };
+    let seen = poll(
+        "slurmstepd and vmctl to hold /dev/kvm",
+        JOB_TIMEOUT,
+        || {
+            let h = holders();
+            (h.iter().any(|(c, _)| c == "vmctl")
+                && h.iter().any(|(c, _)| c.starts_with("slurmstepd")))
+            .then_some(h)
+        },
+        || format!("holders: {:?}", holders()),
+    );
+    let out = run_as_user(&["touch", go.to_str().unwrap()], dir.path());
+    assert_eq!(out.code, 0, "{out:?}");
+    for (comm, cloexec) in &seen {
+        if comm.starts_with("slurmstepd") {
+            assert!(
+                cloexec,
+                "slurmstepd holds /dev/kvm without O_CLOEXEC: {seen:?}"
+            );
+        }
+    }
+    assert_eq!(wait_for_job(&job), "COMPLETED");
+    assert_eq!(fs::read_to_string(&output).unwrap_or_default(), "done\n");
+}
+
+/// A requeued job lands on a node whose CPU lacks a feature its checkpoint
+/// needs (the manifest is made to demand one this host lacks): the step
+/// starts afresh, says why, and the checkpoint, which would restore on a
+/// suitable node, is kept byte for byte in kept-<time>.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn checkpoint_needing_a_missing_cpu_feature_is_kept() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("cpu-kept");
+    let output = dir.join("job.out");
+    let job = submit_counter(&mut cleanup, "cpu-kept", dir.path(), &output, &[]);
+    wait_running(&job);
+    wait_progress(&job, &output, 4);
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let generation = poll(
+        "the requeue's checkpoint",
+        JOB_TIMEOUT,
+        || latest_generation(&step_dir),
+        || format!("no latest in {}", step_dir.display()),
+    );
+    let gen = step_dir.join(&generation);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap();
+    // Demand a feature bit of a recorded CPUID word that this host's CPU
+    // does not have (OSXSAVE, leaf 1 ECX bit 27, is an OS setting: skip it).
+    let host = |leaf: u32, subleaf: u32, register: &str| {
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU and only reads registers.
+        let r = unsafe { std::arch::x86_64::__cpuid_count(leaf, subleaf) };
+        match register {
+            "eax" => r.eax,
+            "ebx" => r.ebx,
+            "ecx" => r.ecx,
+            _ => r.edx,
+        }
+    };
+    let words = manifest["cpu"]["words"].as_array_mut().unwrap();
+    let (word, bit) = words
+        .iter()
+        .enumerate()
+        .find_map(|(i, w)| {
+            let (leaf, subleaf) = (w["leaf"].as_u64()? as u32, w["subleaf"].as_u64()? as u32);
+            let register = w["register"].as_str()?;
+            let have = host(leaf, subleaf, register);
+            (0..32)
+                .filter(|&b| !(leaf == 1 && register == "ecx" && b == 27))
+                .find(|b| have & (1 << b) == 0)
+                .map(|b| (i, b))
+        })
+        .expect("a CPUID feature bit this host lacks");
+    let bits = words[word]["bits"].as_u64().unwrap() | 1 << bit;
+    words[word]["bits"] = bits.into();
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    fs::write(gen.join("manifest.json"), &bytes).unwrap();
+    fs::write(
+        gen.join("manifest.sum"),
+        format!("crc32 {:08x} manifest.json\n", crc32(&bytes)),
+    )
+    .unwrap();
+    let image = fs::read(gen.join("memory.img")).unwrap();
+    release(&job, requeued_at);
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    check_two_runs(&text, Restart::Afresh);
+    assert!(
+        text.contains("starting afresh: vmctl inspect --verify found no valid checkpoint"),
+        "the job's output does not say why it started afresh:\n{text}"
+    );
+    let kept = kept_dirs(&step_dir);
+    assert_eq!(kept.len(), 1, "{text}");
+    let kept_gen = kept[0].join(&generation);
+    assert_eq!(fs::read(kept_gen.join("manifest.json")).unwrap(), bytes);
+    assert!(
+        fs::read(kept_gen.join("memory.img")).is_ok_and(|b| b == image),
+        "the kept memory image changed"
+    );
+}
