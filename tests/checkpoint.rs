@@ -1147,6 +1147,44 @@ fn checkpoint_needing_a_cpu_feature_this_host_lacks_is_refused() {
     assert!(gen.is_dir(), "a refused restore removed the generation");
 }
 
+/// The manifest is the user's file: `restore --mem` caps what it asks for. A
+/// manifest grown past the cap (its sum rewritten to match) is refused with
+/// the reason; the untouched generation restores under the same cap.
+#[test]
+fn restore_mem_caps_what_the_manifest_asks_for() {
+    need_kvm!();
+    let tmp = TempDir::new("ckpt-mem-cap");
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+    let job = start_fill(&tmp, &ck, "64M", &out, 1, 16);
+    term_checkpoint(job);
+    let gen = gen_dir(&ck, 1);
+    let original = fs::read(gen.join("manifest.json")).unwrap();
+    let original_sum = fs::read(gen.join("manifest.sum")).unwrap();
+    rewrite_manifest(&gen, |m| {
+        let ram = &mut m["memory"]["ram_bytes"];
+        *ram = (ram.as_u64().unwrap() + (200 << 20)).into();
+    });
+
+    let r = restore(tmp.path(), &ck, &["--mem", "64M"], b"gg");
+    assert_eq!(
+        r.code, EXIT_VMCTL_FAILED,
+        "a grown manifest was restored:\n{r:?}"
+    );
+    assert!(r.stdout.is_empty(), "the grown job ran:\n{r:?}");
+    assert_contains(
+        "restore of a manifest grown past --mem",
+        &r.stderr_str(),
+        &["generation 1 is unusable", "more than --mem 64 MiB allows"],
+    );
+    assert!(gen.is_dir(), "a refused restore removed the generation");
+
+    fs::write(gen.join("manifest.json"), original).unwrap();
+    fs::write(gen.join("manifest.sum"), original_sum).unwrap();
+    let r = restore(tmp.path(), &ck, &["--mem", "64M"], b"gg");
+    assert_eq!(r.code, 0, "restore within --mem:\n{r:?}");
+}
+
 #[test]
 fn open_file_gone_or_shrunk_below_its_offset_is_refused() {
     need_kvm!();
@@ -1285,12 +1323,10 @@ fn checkpoint_interval_writes_generations_while_running_and_none_remain() {
         "a finished job keeps no generations"
     );
     assert!(!ck.join("latest").exists(), "latest still points somewhere");
-    assert_eq!(
-        entries(&ck),
-        Vec::<String>::new(),
-        "left in {}",
-        ck.display()
-    );
+    // Only the record that the program ended, for launchers not to resume it.
+    assert_eq!(entries(&ck), ["finished"], "left in {}", ck.display());
+    let finished: Value = serde_json::from_slice(&fs::read(ck.join("finished")).unwrap()).unwrap();
+    assert_eq!(finished["exit_status"], 0, "{finished}");
     let (code, v) = inspect_json(&ck, false);
     assert_eq!(code, 1, "{v}");
     assert!(statuses(&v).is_empty(), "{v}");

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use vmwrap_tests::{run_command, RunOutput, TempDir};
 
 const USER: &str = "vmwrap-user";
+/// A second ordinary user (created by vmwrap-cluster), the victim in tests of
+/// what one user can do to another's jobs.
+const OTHER_USER: &str = "vmwrap-user2";
 /// The checkpoint_root vmwrap-cluster writes into plugstack.conf.
 const CHECKPOINT_ROOT: &str = "/var/lib/vmwrap/checkpoints";
 /// Generous: the first job after `up` waits for the scheduler's next pass.
@@ -56,7 +59,11 @@ fn run(program: &str, args: &[&str], cwd: &Path) -> RunOutput {
 
 /// Runs a Slurm command as the test user, as that user would type it.
 fn run_as_user(args: &[&str], cwd: &Path) -> RunOutput {
-    let mut full = vec!["-u", USER, "--"];
+    run_as(USER, args, cwd)
+}
+
+fn run_as(user: &str, args: &[&str], cwd: &Path) -> RunOutput {
+    let mut full = vec!["-u", user, "--"];
     full.extend_from_slice(args);
     run("runuser", &full, cwd)
 }
@@ -843,12 +850,36 @@ fn corrupted_checkpoint_starts_afresh() {
         },
     );
     corrupt(&image);
+    let damaged = fs::read(&image).unwrap();
+    let generation = image.parent().unwrap().file_name().unwrap().to_owned();
     release(&job, requeued_at);
 
     let state = wait_for_job(&job);
     let text = fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(state, "COMPLETED", "job output:\n{text}");
     check_two_runs(&text, Restart::Afresh);
+    // Starting afresh destroyed nothing: the generation inspect refused is
+    // kept, byte for byte, in one kept-<time> directory, and the job says where.
+    let kept = kept_dirs(&step_dir);
+    assert_eq!(
+        kept.len(),
+        1,
+        "expected one kept-* directory in {}",
+        step_dir.display()
+    );
+    let kept_image = kept[0].join(&generation).join("memory.img");
+    assert!(
+        fs::read(&kept_image).is_ok_and(|b| b == damaged),
+        "{} is not the generation the restart refused",
+        kept_image.display()
+    );
+    assert!(
+        text.contains(&format!(
+            "the earlier run's checkpoints are kept in {}",
+            kept[0].display()
+        )),
+        "the job's output does not say where its checkpoints went:\n{text}"
+    );
     let why = format!("job {job} step 0 task 0: restart 1: starting afresh: vmctl inspect --verify found no valid checkpoint");
     let logs: String = fs::read_dir("/var/log/slurm")
         .unwrap()
@@ -1045,4 +1076,577 @@ fn gc_removes_only_forgotten_jobs() {
     assert!(!user.join(forgotten).exists(), "{out:?}");
     assert!(user.join(&known).join("0/step.json").exists(), "{out:?}");
     assert!(user.join("not-a-job").exists(), "{out:?}");
+}
+
+/// The kept-<time> directories a fresh start moved earlier checkpoints into.
+fn kept_dirs(step_dir: &Path) -> Vec<PathBuf> {
+    let mut kept: Vec<PathBuf> = fs::read_dir(step_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("kept-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    kept.sort();
+    kept
+}
+
+// ---------------------------------------------------------------------------
+// Hardening: nothing the user plants reaches root, no checkpoint is lost to a
+// failure, and the drain trusts only Slurm's record.
+
+/// A hard link, a FIFO and a symlink planted as `finished` in a running
+/// wrapped step's checkpoint directory: the step still ends (root never opens
+/// the FIFO), the file the links point to keeps its bytes (nobody truncates
+/// or chowns it), and what is left is vmctl's own marker, a regular file of
+/// the user's.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn planted_entries_in_the_checkpoint_dir_never_reach_root() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("planted");
+    let output = dir.join("job.out");
+    let precious = dir.join("precious");
+    fs::write(&precious, "the user's data\n").unwrap();
+    let (uid, gid) = user_ids();
+    std::os::unix::fs::chown(&precious, Some(uid), Some(gid)).unwrap();
+    // Each step waits inside its VM until the batch script (native, as the
+    // user) has planted `finished` next to it, then ends normally. The
+    // script plants once the control socket exists: vmctl is running then,
+    // past the point where it clears a stale marker of an earlier run.
+    let step = "srun --vm-wrap /usr/bin/perl -e 'until (-e \"$ENV{VMWRAP_CHECKPOINT_DIR}/finished\" || -l \"$ENV{VMWRAP_CHECKPOINT_DIR}/finished\") { select(undef,undef,undef,0.05) } print \"step saw it\\n\"'";
+    let plant = |n: u32, how: &str| {
+        format!(
+            "{step} &\n\
+             d={CHECKPOINT_ROOT}/$USER/$SLURM_JOB_ID/{n}\n\
+             until [ -S $d/control.sock ]; do sleep 0.05; done\n\
+             {how} $d/finished\n\
+             wait\n",
+        )
+    };
+    let precious_s = precious.to_str().unwrap();
+    let script = [
+        plant(0, &format!("ln {precious_s}")),
+        plant(1, "mkfifo"),
+        plant(2, &format!("ln -s {precious_s}")),
+    ]
+    .concat();
+    let name = job_name("planted");
+    let out = run_as_user(
+        &[
+            "sbatch",
+            "--parsable",
+            "-J",
+            &name,
+            "-o",
+            output.to_str().unwrap(),
+            "--wrap",
+            &script,
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let job = out.stdout_str().trim().to_string();
+    cleanup.jobs.push(job.clone());
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    assert_eq!(text.matches("step saw it").count(), 3, "{text}");
+    assert_eq!(
+        fs::read_to_string(&precious).unwrap(),
+        "the user's data\n",
+        "root wrote through the planted hard link or symlink"
+    );
+    assert_eq!(fs::metadata(&precious).unwrap().uid(), uid);
+    for n in 0..3 {
+        let marker = Path::new(CHECKPOINT_ROOT)
+            .join(USER)
+            .join(&job)
+            .join(n.to_string())
+            .join("finished");
+        let meta = fs::symlink_metadata(&marker).unwrap();
+        assert!(
+            meta.file_type().is_file() && meta.nlink() == 1 && meta.uid() == uid,
+            "{} is not vmctl's own marker: {meta:?}",
+            marker.display()
+        );
+        let recorded: serde_json::Value =
+            serde_json::from_slice(&fs::read(&marker).unwrap()).unwrap();
+        assert_eq!(recorded["exit_status"], 0, "{}", marker.display());
+    }
+}
+
+/// The SIGTERM checkpoint of a requeue fails (the directory is made
+/// read-only for the moment): vmctl exits 143, which is not an end of the
+/// program, so the restart resumes from the older periodic generation
+/// instead of starting afresh and deleting it.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn failed_checkpoint_exit_keeps_the_older_generations() {
+    need_slurm!();
+    use std::os::unix::fs::PermissionsExt;
+    const LONG: u64 = 80;
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("failed-exit");
+    let output = dir.join("job.out");
+    let job = submit_counter_ticks(
+        &mut cleanup,
+        "failed-exit",
+        dir.path(),
+        &output,
+        &[],
+        LONG,
+        "--vm-wrap=interval=10,keep=3",
+    );
+    wait_running(&job);
+    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let periodic = poll(
+        "the first periodic checkpoint",
+        Duration::from_secs(30),
+        || latest_generation(&step_dir),
+        || fs::read_to_string(&output).unwrap_or_default(),
+    );
+    let done = parse_runs(&fs::read_to_string(&output).unwrap_or_default())[0]
+        .numbers
+        .len();
+    wait_progress(&job, &output, done + 6);
+    fs::set_permissions(&step_dir, fs::Permissions::from_mode(0o500)).unwrap();
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    fs::set_permissions(&step_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(
+        latest_generation(&step_dir).as_deref(),
+        Some(periodic.as_str()),
+        "the SIGTERM checkpoint should have failed"
+    );
+    release(&job, requeued_at);
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    assert!(text.contains("vmctl: checkpoint failed"), "{text}");
+    check_two_runs_ticks(&text, Restart::Earlier, LONG);
+}
+
+/// User A makes ROOT/A/<B's job id>; the drain must still leave B's
+/// unwrapped job running (it only trusts the plugin's mark in Slurm's
+/// AdminComment) while it moves A's wrapped job.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn drain_trusts_slurm_not_directories_users_make() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let nodes = nodes();
+    let (busy, spare) = (&nodes[0], &nodes[1]);
+    drain(&mut cleanup, spare);
+    let dir = user_dir("drain-trust");
+    let victim_dir = TempDir::new("drain-trust-victim");
+    let victim_out = victim_dir.join("victim.out");
+    {
+        let meta = fs::metadata(format!("/home/{OTHER_USER}")).unwrap_or_else(|e| {
+            panic!("{OTHER_USER} has no home directory ({e}); run contrib/vmwrap-cluster up")
+        });
+        std::os::unix::fs::chown(victim_dir.path(), Some(meta.uid()), Some(meta.gid())).unwrap();
+    }
+    let name = job_name("drain-victim");
+    let out = run_as(
+        OTHER_USER,
+        &[
+            "sbatch",
+            "--parsable",
+            "--requeue",
+            "--open-mode=append",
+            "-J",
+            &name,
+            "-o",
+            victim_out.to_str().unwrap(),
+            "--wrap",
+            &counter_script(TICKS),
+        ],
+        victim_dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let victim = out.stdout_str().trim().to_string();
+    cleanup.jobs.push(victim.clone());
+    let wrapped_out = dir.join("wrapped.out");
+    let wrapped = submit_counter(&mut cleanup, "drain-trust", dir.path(), &wrapped_out, &[]);
+    for (job, output) in [(&victim, &victim_out), (&wrapped, &wrapped_out)] {
+        assert_eq!(&wait_running(job), busy);
+        wait_progress(job, output, 4);
+    }
+    // The attacker's directory, named after the victim's job.
+    let planted = Path::new(CHECKPOINT_ROOT).join(USER).join(&victim);
+    let out = run_as_user(
+        &["mkdir", "-p", planted.join("0").to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    resume_node(&mut cleanup, spare);
+
+    cleanup.drained.push(busy.clone());
+    let helper = vmwrap_tests::workspace_root().join("contrib/vmwrap-drain");
+    let out = run(helper.to_str().unwrap(), &[busy], Path::new("/"));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout_str(),
+        format!("job {wrapped}: {busy} -> {spare}\n"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr_str()
+            .contains(&format!("job {victim} is not wrapped")),
+        "{out:?}"
+    );
+    let fields = job_fields(&victim).unwrap();
+    assert_eq!(
+        fields.get("Restarts").map(String::as_str),
+        Some("0"),
+        "{fields:?}"
+    );
+
+    for (job, output) in [(&victim, &victim_out), (&wrapped, &wrapped_out)] {
+        let state = wait_for_job(job);
+        let text = fs::read_to_string(output).unwrap_or_default();
+        assert_eq!(state, "COMPLETED", "job {job}:\n{text}");
+    }
+    let victim_runs = parse_runs(&fs::read_to_string(&victim_out).unwrap_or_default());
+    assert_eq!(victim_runs.len(), 1, "the victim's job was restarted");
+    check_two_runs(
+        &fs::read_to_string(&wrapped_out).unwrap_or_default(),
+        Restart::Resumed,
+    );
+}
+
+/// Wrapped jobs the load test puts on one node.
+const LOAD_JOBS: usize = 16;
+/// Long enough (30 s) that the first job is still counting when the last of
+/// the 16 has started on a busy 2-core machine.
+const LOAD_TICKS: u64 = 120;
+
+/// Load: 16 wrapped jobs on one node, all checkpointed at once by
+/// contrib/vmwrap-drain; every one resumes on the other node where it
+/// stopped and ends with the right sum. Small VMs (mem=64M) keep it fast.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn sixteen_jobs_checkpointed_at_once_all_resume() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let nodes = nodes();
+    let (busy, spare) = (&nodes[0], &nodes[1]);
+    drain(&mut cleanup, spare);
+    let dir = user_dir("load");
+    let outputs: Vec<PathBuf> = (0..LOAD_JOBS)
+        .map(|i| dir.join(format!("job{i}.out")))
+        .collect();
+    let jobs: Vec<String> = outputs
+        .iter()
+        .map(|o| {
+            submit_counter_ticks(
+                &mut cleanup,
+                "load",
+                dir.path(),
+                o,
+                &["--mem=128M"],
+                LOAD_TICKS,
+                "--vm-wrap=mem=64M",
+            )
+        })
+        .collect();
+    for job in &jobs {
+        assert_eq!(
+            &wait_running(job),
+            busy,
+            "job {job} did not start on {busy}"
+        );
+    }
+    for (job, output) in jobs.iter().zip(&outputs) {
+        wait_progress(job, output, 4);
+    }
+    resume_node(&mut cleanup, spare);
+
+    cleanup.drained.push(busy.clone());
+    let helper = vmwrap_tests::workspace_root().join("contrib/vmwrap-drain");
+    let out = run(helper.to_str().unwrap(), &[busy], Path::new("/"));
+    assert_eq!(out.code, 0, "{out:?}");
+    let mut expected: Vec<String> = jobs
+        .iter()
+        .map(|j| format!("job {j}: {busy} -> {spare}"))
+        .collect();
+    let mut printed: Vec<String> = out.stdout_str().lines().map(str::to_string).collect();
+    expected.sort();
+    printed.sort();
+    assert_eq!(printed, expected, "{out:?}");
+
+    for (job, output) in jobs.iter().zip(&outputs) {
+        let state = wait_for_job(job);
+        let text = fs::read_to_string(output).unwrap_or_default();
+        assert_eq!(state, "COMPLETED", "job {job} output:\n{text}");
+        let (first, second) = check_two_runs_ticks(&text, Restart::Resumed, LOAD_TICKS);
+        assert_eq!(
+            (&first.node, &second.node),
+            (busy, spare),
+            "job {job}:\n{text}"
+        );
+    }
+}
+
+/// CRC-32 (IEEE), as vmctl writes it in manifest.sum.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The admin's and the user's memory limit holds for a restore as for the
+/// first run: a checkpoint whose manifest the user grew (and re-summed) past
+/// the job's mem= is refused when the requeued job restarts, with the reason
+/// in the job's output, instead of restoring into a bigger VM.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn restore_keeps_the_memory_limit_of_the_run() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("restore-mem");
+    let output = dir.join("job.out");
+    let job = submit_counter_ticks(
+        &mut cleanup,
+        "restore-mem",
+        dir.path(),
+        &output,
+        &[],
+        TICKS,
+        "--vm-wrap=mem=64M",
+    );
+    wait_running(&job);
+    wait_progress(&job, &output, 4);
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let generation = poll(
+        "the requeue's checkpoint",
+        JOB_TIMEOUT,
+        || latest_generation(&step_dir),
+        || format!("no latest in {}", step_dir.display()),
+    );
+    let gen = step_dir.join(generation);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap();
+    let ram = &mut manifest["memory"]["ram_bytes"];
+    *ram = (ram.as_u64().unwrap() + (200 << 20)).into();
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    fs::write(gen.join("manifest.json"), &bytes).unwrap();
+    fs::write(
+        gen.join("manifest.sum"),
+        format!("crc32 {:08x} manifest.json\n", crc32(&bytes)),
+    )
+    .unwrap();
+    release(&job, requeued_at);
+
+    wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert!(
+        text.contains("more than --mem 64 MiB allows"),
+        "the grown checkpoint was not refused:\n{text}"
+    );
+    let runs = parse_runs(&text);
+    assert!(
+        runs.len() == 2 && runs[1].numbers.is_empty(),
+        "the grown checkpoint ran:\n{text}"
+    );
+    assert!(gen.is_dir(), "the refused generation was removed");
+}
+
+/// The /dev/kvm descriptor slurmstepd opens for a wrapped step is
+/// close-on-exec in slurmstepd, so only vmctl (which the task executes with
+/// the flag cleared) gets it, not other programs slurmstepd starts.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn kvm_descriptor_reaches_vmctl_only() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("kvm-fd");
+    let output = dir.join("job.out");
+    let go = dir.join("go");
+    let script = format!(
+        "srun --vm-wrap /usr/bin/perl -e 'until (-e \"{}\") {{ select(undef,undef,undef,0.05) }} print \"done\\n\"'\n",
+        go.display()
+    );
+    let name = job_name("kvm-fd");
+    let out = run_as_user(
+        &[
+            "sbatch",
+            "--parsable",
+            "-J",
+            &name,
+            "-o",
+            output.to_str().unwrap(),
+            "--wrap",
+            &script,
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let job = out.stdout_str().trim().to_string();
+    cleanup.jobs.push(job.clone());
+
+    // (process, O_CLOEXEC set) for every open /dev/kvm descriptor held by
+    // this step's slurmstepd or vmctl (other helpers' processes are ignored).
+    let step = format!("slurmstepd: [{job}.0]");
+    let holders = || -> Vec<(String, bool)> {
+        let mut found = Vec::new();
+        for proc_entry in fs::read_dir("/proc").unwrap().flatten() {
+            let pid = proc_entry.file_name();
+            if !pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let base = proc_entry.path();
+            let cmdline = fs::read(base.join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let comm = if cmdline.starts_with(&step) {
+                "slurmstepd"
+            } else if cmdline.contains("vmctl") && cmdline.contains(&format!("/{job}/0")) {
+                "vmctl"
+            } else {
+                continue;
+            };
+            let Ok(fds) = fs::read_dir(base.join("fd")) else {
+                continue;
+            };
+            for fd in fds.flatten() {
+                if fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/kvm")) {
+                    let info = fs::read_to_string(base.join("fdinfo").join(fd.file_name()))
+                        .unwrap_or_default();
+                    let flags = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("flags:"))
+                        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok());
+                    if let Some(flags) = flags {
+                        found.push((comm.to_string(), flags & libc::O_CLOEXEC as u32 != 0));
+                    }
+                }
+            }
+        }
+        found
+    };
+    let seen = poll(
+        "slurmstepd and vmctl to hold /dev/kvm",
+        JOB_TIMEOUT,
+        || {
+            let h = holders();
+            (h.iter().any(|(c, _)| c == "vmctl")
+                && h.iter().any(|(c, _)| c.starts_with("slurmstepd")))
+            .then_some(h)
+        },
+        || format!("holders: {:?}", holders()),
+    );
+    let out = run_as_user(&["touch", go.to_str().unwrap()], dir.path());
+    assert_eq!(out.code, 0, "{out:?}");
+    for (comm, cloexec) in &seen {
+        if comm.starts_with("slurmstepd") {
+            assert!(
+                cloexec,
+                "slurmstepd holds /dev/kvm without O_CLOEXEC: {seen:?}"
+            );
+        }
+    }
+    assert_eq!(wait_for_job(&job), "COMPLETED");
+    assert_eq!(fs::read_to_string(&output).unwrap_or_default(), "done\n");
+}
+
+/// A requeued job lands on a node whose CPU lacks a feature its checkpoint
+/// needs (the manifest is made to demand one this host lacks): the step
+/// starts afresh, says why, and the checkpoint, which would restore on a
+/// suitable node, is kept byte for byte in kept-<time>.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn checkpoint_needing_a_missing_cpu_feature_is_kept() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("cpu-kept");
+    let output = dir.join("job.out");
+    let job = submit_counter(&mut cleanup, "cpu-kept", dir.path(), &output, &[]);
+    wait_running(&job);
+    wait_progress(&job, &output, 4);
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let generation = poll(
+        "the requeue's checkpoint",
+        JOB_TIMEOUT,
+        || latest_generation(&step_dir),
+        || format!("no latest in {}", step_dir.display()),
+    );
+    let gen = step_dir.join(&generation);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap();
+    // Demand a feature bit of a recorded CPUID word that this host's CPU
+    // does not have (OSXSAVE, leaf 1 ECX bit 27, is an OS setting: skip it).
+    let host = |leaf: u32, subleaf: u32, register: &str| {
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU and only reads registers.
+        let r = unsafe { std::arch::x86_64::__cpuid_count(leaf, subleaf) };
+        match register {
+            "eax" => r.eax,
+            "ebx" => r.ebx,
+            "ecx" => r.ecx,
+            _ => r.edx,
+        }
+    };
+    let words = manifest["cpu"]["words"].as_array_mut().unwrap();
+    let (word, bit) = words
+        .iter()
+        .enumerate()
+        .find_map(|(i, w)| {
+            let (leaf, subleaf) = (w["leaf"].as_u64()? as u32, w["subleaf"].as_u64()? as u32);
+            let register = w["register"].as_str()?;
+            let have = host(leaf, subleaf, register);
+            (0..32)
+                .filter(|&b| !(leaf == 1 && register == "ecx" && b == 27))
+                .find(|b| have & (1 << b) == 0)
+                .map(|b| (i, b))
+        })
+        .expect("a CPUID feature bit this host lacks");
+    let bits = words[word]["bits"].as_u64().unwrap() | 1 << bit;
+    words[word]["bits"] = bits.into();
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    fs::write(gen.join("manifest.json"), &bytes).unwrap();
+    fs::write(
+        gen.join("manifest.sum"),
+        format!("crc32 {:08x} manifest.json\n", crc32(&bytes)),
+    )
+    .unwrap();
+    let image = fs::read(gen.join("memory.img")).unwrap();
+    release(&job, requeued_at);
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    check_two_runs(&text, Restart::Afresh);
+    assert!(
+        text.contains("starting afresh: vmctl inspect --verify found no valid checkpoint"),
+        "the job's output does not say why it started afresh:\n{text}"
+    );
+    let kept = kept_dirs(&step_dir);
+    assert_eq!(kept.len(), 1, "{text}");
+    let kept_gen = kept[0].join(&generation);
+    assert_eq!(fs::read(kept_gen.join("manifest.json")).unwrap(), bytes);
+    assert!(
+        fs::read(kept_gen.join("memory.img")).is_ok_and(|b| b == image),
+        "the kept memory image changed"
+    );
 }

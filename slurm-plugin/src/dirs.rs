@@ -2,8 +2,12 @@
 //!
 //! slurmstepd creates the per-user levels as root inside directories the user
 //! owns, so every step below ROOT goes through directory file descriptors
-//! opened with O_NOFOLLOW: a symlink planted by the user cannot redirect a
-//! root mkdir, chown or file creation to somewhere else.
+//! opened with O_NOFOLLOW|O_DIRECTORY: a symlink, FIFO or file planted by the
+//! user cannot redirect a root mkdir or chown to somewhere else, and a
+//! directory the user moved in from elsewhere is refused rather than chowned.
+//! Root creates nothing but these directories and never opens a file below
+//! ROOT: the markers in a checkpoint directory are written by vmctl and the
+//! plugin's task code, both running as the job user.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -13,12 +17,18 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// Name of the marker slurmstepd leaves when a wrapped task ended for good
-/// (anything but "checkpointed, resume me"), so a rerun of the step does not
-/// resume a program that had already finished.
+/// Name of the marker vmctl (as the job user) leaves when the wrapped program
+/// really ended (it exited, or a signal of its own killed it), so a rerun of
+/// the step does not resume a program that had already finished.
 pub const FINISHED_MARKER: &str = "finished";
 /// The step's identity, written when a step starts afresh.
 pub const IDENTITY_FILE: &str = "step.json";
+/// Prefix of the subdirectories a fresh start moves an earlier run's
+/// checkpoints into (`kept-20261130T102302Z`) instead of deleting them.
+pub const KEPT_PREFIX: &str = "kept-";
+/// What a fresh start may remove outright: they describe an earlier run and
+/// hold none of its state. Everything else is set aside.
+const DISPOSABLE: &[&str] = &[IDENTITY_FILE, FINISHED_MARKER, "control.sock"];
 
 /// An open directory, the anchor for *at() calls.
 pub struct Dir {
@@ -82,22 +92,47 @@ impl Dir {
         Self::from_raw(fd)
     }
 
-    /// Creates (if needed) and opens the subdirectory `name`, then makes it
-    /// mode 0700 and owned by uid:gid whatever state it was found in.
+    /// Creates (if needed) and opens the subdirectory `name`, mode 0700 and
+    /// owned by uid:gid. A directory that already existed is only given to
+    /// uid:gid if it sits in a directory nobody but root can write (ROOT
+    /// itself): in a user-writable directory it must already be the user's,
+    /// or it could be another user's directory moved in to be chowned.
     pub fn make_private_child(&self, name: &OsStr, uid: u32, gid: u32) -> io::Result<Dir> {
         check_component(name)?;
         let c = cstring(name)?;
         // SAFETY: as in open_child.
         let rc = unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), 0o700) };
-        if rc < 0 {
+        let created = if rc < 0 {
             let err = io::Error::last_os_error();
             if err.kind() != io::ErrorKind::AlreadyExists {
                 return Err(err);
             }
-        }
+            false
+        } else {
+            true
+        };
         let child = self.open_child(name)?;
+        if !created && !self.only_root_writes()? {
+            let owner = child.as_file()?.metadata()?.uid();
+            if owner != uid {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} exists and belongs to uid {owner}, not to the job's user (uid {uid}); \
+                         remove it",
+                        name.to_string_lossy()
+                    ),
+                ));
+            }
+        }
         child.set_owner_mode(uid, gid, 0o700)?;
         Ok(child)
+    }
+
+    /// True if only root can add or rename entries in this directory.
+    fn only_root_writes(&self) -> io::Result<bool> {
+        let meta = self.as_file()?.metadata()?;
+        Ok(meta.uid() == 0 && meta.mode() & 0o022 == 0)
     }
 
     fn set_owner_mode(&self, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
@@ -120,35 +155,6 @@ impl Dir {
     /// A File sharing the descriptor, for std's metadata helpers.
     fn as_file(&self) -> io::Result<File> {
         Ok(File::from(self.fd.try_clone()?))
-    }
-
-    /// Creates or truncates `name` for writing without following a
-    /// symlink, owned by uid:gid, mode 0600.
-    pub fn create_file(&self, name: &OsStr, uid: u32, gid: u32) -> io::Result<File> {
-        check_component(name)?;
-        let c = cstring(name)?;
-        // SAFETY: as in open_child; the descriptor is checked before use.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                0o600 as libc::c_uint,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly opened descriptor nobody else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let meta = file.metadata()?;
-        if meta.uid() != uid || meta.gid() != gid {
-            // SAFETY: plain syscall on a descriptor we own.
-            if unsafe { libc::fchown(file.as_raw_fd(), uid, gid) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(file)
     }
 }
 
@@ -185,19 +191,6 @@ impl StepPath {
         job.make_private_child(OsStr::new(&self.step_id.to_string()), uid, gid)?;
         Ok(self.step_dir())
     }
-
-    /// Opens the checkpoint directory of one task without following
-    /// symlinks anywhere below ROOT.
-    pub fn open(&self, task_subdir: Option<&str>) -> io::Result<Dir> {
-        let mut dir = Dir::open(&self.root)?
-            .open_child(OsStr::new(&self.user))?
-            .open_child(OsStr::new(&self.job_id.to_string()))?
-            .open_child(OsStr::new(&self.step_id.to_string()))?;
-        if let Some(sub) = task_subdir {
-            dir = dir.open_child(OsStr::new(sub))?;
-        }
-        Ok(dir)
-    }
 }
 
 /// Subdirectory of the step directory for one task of a multi-task step;
@@ -206,21 +199,90 @@ pub fn task_subdir(total_tasks: u32, global_task_id: u32) -> Option<String> {
     (total_tasks > 1).then(|| format!("task{global_task_id}"))
 }
 
-/// Empties `dir` (as the job user) so a fresh run cannot be confused with
-/// the checkpoints of an earlier, unrelated one.
-pub fn clear_contents(dir: &Path) -> io::Result<usize> {
-    let mut removed = 0;
+/// What a fresh start did with an earlier run's files.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cleared {
+    /// Nothing but DISPOSABLE entries (or nothing at all) was there; they
+    /// were removed.
+    Removed(usize),
+    /// Everything else was moved, by rename, into this subdirectory.
+    KeptIn(PathBuf),
+}
+
+/// Makes `dir` ready for a fresh run without destroying anything an earlier
+/// run left (runs as the job user, in the task). Checkpoint generations,
+/// whether or not they verified here, are moved into a new `kept-<UTC time>`
+/// subdirectory together with the files describing them (`step.json`,
+/// `latest`), so it stays a checkpoint directory `vmctl restore` and
+/// `vmctl inspect` accept; `vmctl gc` removes it with the job's directory.
+/// Earlier `kept-*` directories stay where they are.
+pub fn set_aside(dir: &Path, now: std::time::SystemTime) -> io::Result<Cleared> {
+    let mut entries = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(&path)?;
-        } else {
-            std::fs::remove_file(&path)?;
+        let name = entry.file_name();
+        if name.as_bytes().starts_with(KEPT_PREFIX.as_bytes()) {
+            continue;
         }
-        removed += 1;
+        let disposable = DISPOSABLE.iter().any(|d| name.as_bytes() == d.as_bytes())
+            && !entry.file_type()?.is_dir();
+        entries.push((name, disposable));
     }
-    Ok(removed)
+    if entries.iter().all(|(_, disposable)| *disposable) {
+        for (name, _) in &entries {
+            std::fs::remove_file(dir.join(name))?;
+        }
+        return Ok(Cleared::Removed(entries.len()));
+    }
+    let kept = make_kept_dir(dir, now)?;
+    for (name, _) in &entries {
+        std::fs::rename(dir.join(name), kept.join(name))?;
+    }
+    Ok(Cleared::KeptIn(kept))
+}
+
+/// Creates `dir/kept-YYYYMMDDTHHMMSSZ` (with a `-N` suffix if two fresh
+/// starts fall in one second), mode 0700 like the checkpoints it holds.
+fn make_kept_dir(dir: &Path, now: std::time::SystemTime) -> io::Result<PathBuf> {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stamp = utc_stamp(secs);
+    for n in 1u32.. {
+        let name = if n == 1 {
+            format!("{KEPT_PREFIX}{stamp}")
+        } else {
+            format!("{KEPT_PREFIX}{stamp}-{n}")
+        };
+        let path = dir.join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("u32 suffixes exhausted")
+}
+
+/// `YYYYMMDDTHHMMSSZ` for a Unix time (days-to-civil, proleptic Gregorian).
+fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -230,6 +292,9 @@ mod tests {
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("vmwrap-spank-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        if matches!(name, "aside" | "disposable") {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
         dir
     }
 
@@ -267,13 +332,114 @@ mod tests {
         assert_eq!(std::fs::metadata(&root).unwrap().mode() & 0o7777, 0o755);
         // Idempotent: a requeued job finds its directories in place.
         sp.create(uid, gid).unwrap();
-        sp.open(None)
-            .unwrap()
-            .create_file(OsStr::new(FINISHED_MARKER), uid, gid)
-            .unwrap();
-        assert!(dir.join(FINISHED_MARKER).exists());
-        assert_eq!(clear_contents(&dir).unwrap(), 1);
         std::fs::remove_dir_all(root.parent().unwrap()).unwrap();
+    }
+
+    /// A directory another user owns, moved into the job user's tree, is
+    /// refused instead of being handed to the job user. Only meaningful as
+    /// root (as CI runs): otherwise the test cannot make a foreign directory.
+    #[test]
+    fn refuses_a_foreign_directory_below_the_user_level() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to make a directory of another uid");
+            return;
+        }
+        let base = scratch("foreign");
+        let root = base.join("ckpt");
+        let (alice, bob) = (4242, 4343);
+        let sp = StepPath {
+            root: root.clone(),
+            user: "alice".into(),
+            job_id: 7,
+            step_id: 0,
+        };
+        std::fs::create_dir_all(root.join("alice/7")).unwrap();
+        std::os::unix::fs::chown(root.join("alice"), Some(alice), Some(alice)).unwrap();
+        std::os::unix::fs::chown(root.join("alice/7"), Some(bob), Some(bob)).unwrap();
+        let err = sp.create(alice, alice).unwrap_err();
+        assert!(err.to_string().contains("uid 4343"), "{err}");
+        let meta = std::fs::metadata(root.join("alice/7")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (bob, bob));
+        // The user level lives in root's own ROOT: a stale one is taken over.
+        std::os::unix::fs::chown(root.join("alice"), Some(bob), Some(bob)).unwrap();
+        std::fs::remove_dir(root.join("alice/7")).unwrap();
+        sp.create(alice, alice).unwrap();
+        assert_eq!(std::fs::metadata(root.join("alice")).unwrap().uid(), alice);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A fresh start never deletes a generation: everything but the
+    /// disposable files moves into one kept-<time> directory, FIFOs and
+    /// links included (renamed, never opened), earlier kept ones stay.
+    #[test]
+    fn fresh_start_sets_generations_aside() {
+        let dir = scratch("aside");
+        std::fs::create_dir_all(dir.join("gen-000001")).unwrap();
+        std::fs::write(dir.join("gen-000001/memory.img"), b"state").unwrap();
+        std::os::unix::fs::symlink("gen-000001", dir.join("latest")).unwrap();
+        std::fs::write(dir.join(IDENTITY_FILE), b"{}").unwrap();
+        std::fs::write(dir.join(FINISHED_MARKER), b"{}").unwrap();
+        std::fs::create_dir(dir.join("kept-19700101T000000Z")).unwrap();
+        let fifo = CString::new(dir.join("planted").as_os_str().as_bytes()).unwrap();
+        // SAFETY: `fifo` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_034_182);
+        let kept = dir.join("kept-20261130T102302Z");
+        assert_eq!(set_aside(&dir, now).unwrap(), Cleared::KeptIn(kept.clone()));
+        assert_eq!(
+            names(&dir),
+            ["kept-19700101T000000Z", "kept-20261130T102302Z"]
+        );
+        assert_eq!(
+            names(&kept),
+            ["finished", "gen-000001", "latest", "planted", "step.json"]
+        );
+        assert_eq!(
+            std::fs::read(kept.join("latest/memory.img")).unwrap(),
+            b"state"
+        );
+        assert_eq!(std::fs::metadata(&kept).unwrap().mode() & 0o777, 0o700);
+
+        // A second fresh start in the same second gets its own directory.
+        std::fs::create_dir(dir.join("gen-000002")).unwrap();
+        assert_eq!(
+            set_aside(&dir, now).unwrap(),
+            Cleared::KeptIn(dir.join("kept-20261130T102302Z-2"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fresh_start_removes_only_disposable_files() {
+        let dir = scratch("disposable");
+        std::fs::write(dir.join(IDENTITY_FILE), b"{}").unwrap();
+        std::fs::write(dir.join(FINISHED_MARKER), b"{}").unwrap();
+        let now = std::time::SystemTime::now();
+        assert_eq!(set_aside(&dir, now).unwrap(), Cleared::Removed(2));
+        assert!(names(&dir).is_empty());
+        assert_eq!(set_aside(&dir, now).unwrap(), Cleared::Removed(0));
+        // A directory by a disposable name is not what the plugin wrote: keep it.
+        std::fs::create_dir(dir.join(IDENTITY_FILE)).unwrap();
+        assert!(matches!(set_aside(&dir, now).unwrap(), Cleared::KeptIn(_)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn utc_stamps() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_stamp(1_796_034_182), "20261130T102302Z");
     }
 
     #[test]

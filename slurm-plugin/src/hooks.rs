@@ -13,8 +13,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
 
-use crate::dirs::{self, StepPath, FINISHED_MARKER, IDENTITY_FILE};
+use crate::dirs::{self, Cleared, StepPath, FINISHED_MARKER, IDENTITY_FILE};
 use crate::launch::{self, Env, Mode, StepIdentity, EXIT_CHECKPOINTED};
 use crate::options::{Config, WrapOptions};
 use crate::spank::{self, sys, Context, Spank};
@@ -32,8 +33,6 @@ const FAIL: c_int = -1;
 struct Prepared {
     path: StepPath,
     kvm_fd: RawFd,
-    uid: u32,
-    gid: u32,
 }
 
 struct State {
@@ -226,17 +225,21 @@ fn prepare_step(spank: Spank) -> Result<(), String> {
     };
     let job_id = spank.u32_item(sys::S_JOB_ID)?;
     let step_id = spank.u32_item(sys::S_JOB_STEPID)?;
+    let uid = spank.u32_item(sys::S_JOB_UID)?;
     if step_id >= MAX_NORMAL_STEP_ID {
         if step_id == BATCH_STEP_ID {
             spank::verbose(&format!(
                 "job {job_id}: the batch script runs natively; its srun steps are wrapped"
             ));
+            if wrap.is_ok() {
+                record_wrapped_in_slurm(job_id, uid);
+            }
         }
         return Ok(());
     }
     let opts =
         wrap.map_err(|e| format!("job {job_id} step {step_id}: refusing to run: --vm-wrap: {e}"))?;
-    let uid = spank.u32_item(sys::S_JOB_UID)?;
+    record_wrapped_in_slurm(job_id, uid);
     let gid = spank.u32_item(sys::S_JOB_GID)?;
     let user = user_name(uid)?;
     let path = StepPath {
@@ -257,25 +260,96 @@ fn prepare_step(spank: Spank) -> Result<(), String> {
         "job {job_id} step {step_id}: wrapping in a VM; checkpoints in {}, /dev/kvm is fd {kvm_fd}; {opts}",
         dir.display()
     ));
-    st.prepared = Some(Prepared {
-        path,
-        kvm_fd,
-        uid,
-        gid,
-    });
+    st.prepared = Some(Prepared { path, kvm_fd });
     Ok(())
 }
 
-/// Opens /dev/kvm as root and deliberately without O_CLOEXEC: the task
-/// (vmctl, running as the job user) inherits the descriptor, so users need
-/// no access to the device node itself.
+/// What the plugin writes into a wrapped job's AdminComment, for the job's
+/// owner `uid`: the record contrib/vmwrap-drain trusts. Only Slurm
+/// administrators (root here) can set AdminComment, so no user can mark
+/// another user's job, or their own, as wrapped.
+fn wrapped_mark(uid: u32) -> String {
+    format!("vmwrap-uid={uid}")
+}
+
+/// Records in Slurm that job `job_id` runs wrapped steps, unless it already
+/// says so. An AdminComment the site set for its own purposes is left alone
+/// (the drain helper then treats the job as unwrapped and lets it run).
+/// Failures are logged only: the step itself runs as well without it.
+fn record_wrapped_in_slurm(job_id: u32, uid: u32) {
+    let mark = wrapped_mark(uid);
+    let job = job_id.to_string();
+    let shown = Command::new("scontrol")
+        .args(["show", "job", "-o", &job])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let existing = match shown {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("AdminComment=").map(str::to_string)),
+        Ok(out) => {
+            spank::error(&format!(
+                "job {job_id}: scontrol show job failed ({}); contrib/vmwrap-drain will not see that it is wrapped",
+                out.status
+            ));
+            return;
+        }
+        Err(e) => {
+            spank::error(&format!(
+                "job {job_id}: cannot run scontrol: {e}; contrib/vmwrap-drain will not see that it is wrapped"
+            ));
+            return;
+        }
+    };
+    match existing.as_deref() {
+        Some(comment) if comment == mark => return,
+        Some(comment) if !comment.is_empty() && comment != "(null)" => {
+            spank::info(&format!(
+                "job {job_id}: AdminComment is already set ({comment}...); not marking it as wrapped"
+            ));
+            return;
+        }
+        _ => {}
+    }
+    let status = Command::new("scontrol")
+        .args([
+            "update",
+            &format!("jobid={job}"),
+            &format!("AdminComment={mark}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !status.as_ref().is_ok_and(|s| s.success()) {
+        spank::error(&format!(
+            "job {job_id}: cannot set AdminComment={mark} ({status:?}); contrib/vmwrap-drain will not see that it is wrapped"
+        ));
+    }
+}
+
+/// Opens /dev/kvm as root with O_CLOEXEC: only vmctl gets it (exec_vmctl
+/// clears the flag in the task right before executing vmctl), not the other
+/// programs slurmstepd forks during the step, so users need no access to
+/// the device node and cannot pick the descriptor up elsewhere.
 fn open_kvm() -> std::io::Result<RawFd> {
     // SAFETY: a constant path; the result is checked.
-    let fd = unsafe { libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR) };
+    let fd = unsafe { libc::open(c"/dev/kvm".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+/// Lets `fd` survive the next execve. Only called in the task process, which
+/// is about to become vmctl: slurmstepd's own copy keeps FD_CLOEXEC.
+fn inherit_on_exec(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_SETFD on a descriptor this process holds; no pointers.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn user_name(uid: u32) -> Result<String, String> {
@@ -371,6 +445,9 @@ fn exec_vmctl(
             };
             let argv_p = null_terminated(&argv_c);
             let env_p = null_terminated(&env_c);
+            if let Err(e) = inherit_on_exec(kvm_fd) {
+                return format!("cannot pass /dev/kvm (fd {kvm_fd}) to vmctl: {e}");
+            }
             // SAFETY: both arrays are NULL-terminated and point into
             // CStrings that outlive the call (it only returns on failure).
             unsafe { libc::execve(argv_p[0], argv_p.as_ptr(), env_p.as_ptr()) };
@@ -437,9 +514,9 @@ fn build_exec(
         match resumable(&dir, &identity, vmctl) {
             Ok(()) => Mode::Restore,
             Err(why) => {
-                spank::info(&format!(
-                    "{where_}: restart {restarts}: starting afresh: {why}"
-                ));
+                let msg = format!("{where_}: restart {restarts}: starting afresh: {why}");
+                spank::info(&msg);
+                let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
                 Mode::Run
             }
         }
@@ -447,7 +524,7 @@ fn build_exec(
         Mode::Run
     };
     if mode == Mode::Run {
-        start_afresh(&dir, &identity).map_err(|e| format!("{where_}: {e}"))?;
+        start_afresh(&dir, &identity, &where_).map_err(|e| format!("{where_}: {e}"))?;
     }
 
     apply_rlimits(&mut env);
@@ -539,14 +616,33 @@ fn resumable(dir: &Path, now: &StepIdentity, vmctl: &Path) -> Result<(), String>
     }
 }
 
-fn start_afresh(dir: &Path, identity: &StepIdentity) -> Result<(), String> {
-    let removed =
-        dirs::clear_contents(dir).map_err(|e| format!("cannot empty {}: {e}", dir.display()))?;
-    if removed > 0 {
-        spank::verbose(&format!(
-            "removed {removed} stale entries from {}",
+/// Prepares `dir` for a fresh run (as the job user, in the task). Nothing an
+/// earlier run left is deleted but its own bookkeeping files: checkpoints
+/// move into a kept-<time> subdirectory, and both the slurmd log and the
+/// job's stderr say where, so a checkpoint this node could not use (a CPU
+/// feature missing, a damaged newer generation, a crash of inspect) can
+/// still be restored elsewhere or removed by the admin or `vmctl gc`.
+fn start_afresh(dir: &Path, identity: &StepIdentity, where_: &str) -> Result<(), String> {
+    match dirs::set_aside(dir, SystemTime::now()) {
+        Ok(Cleared::Removed(0)) => {}
+        Ok(Cleared::Removed(n)) => spank::verbose(&format!(
+            "{where_}: removed {n} bookkeeping files of an earlier run from {}",
             dir.display()
-        ));
+        )),
+        Ok(Cleared::KeptIn(kept)) => {
+            let msg = format!(
+                "{where_}: the earlier run's checkpoints are kept in {}; restore them with vmctl restore on a suitable node, or remove them (vmctl gc does once Slurm forgets the job)",
+                kept.display()
+            );
+            spank::info(&msg);
+            let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot set the earlier run's files in {} aside: {e}; nothing was deleted",
+                dir.display()
+            ))
+        }
     }
     let json = serde_json::to_vec_pretty(identity).map_err(|e| e.to_string())?;
     std::fs::write(dir.join(IDENTITY_FILE), json)
@@ -618,14 +714,14 @@ pub extern "C" fn slurm_spank_task_exit(
         }
         // SAFETY: `sp` is this hook's handle.
         let spank = unsafe { Spank::new(sp) };
-        let (path, uid, gid) = {
+        let path = {
             let st = state();
             let Some(p) = st.prepared.as_ref() else {
                 return OK;
             };
-            (p.path.clone(), p.uid, p.gid)
+            p.path.clone()
         };
-        if let Err(e) = record_exit(spank, &path, uid, gid) {
+        if let Err(e) = log_exit(spank, &path) {
             spank::error(&e);
         }
         // Bookkeeping trouble must not change the task's own result.
@@ -633,37 +729,34 @@ pub extern "C" fn slurm_spank_task_exit(
     })
 }
 
-/// Runs as root in slurmstepd after a task ended: marks its checkpoint
-/// directory finished unless vmctl said "checkpointed, resume me" or was
-/// killed (then the last periodic checkpoint is what a requeue resumes).
-fn record_exit(spank: Spank, path: &StepPath, uid: u32, gid: u32) -> Result<(), String> {
+/// Runs as root in slurmstepd after a task ended, and only logs: root
+/// writes nothing into the user's checkpoint directory. Whether the job
+/// ended for good is vmctl's to record (its `finished` marker, written as
+/// the job user when the program exited or was killed by its own signal);
+/// any other end (a failed checkpoint-exit, vmctl's own failure, a task that
+/// never reached vmctl, a kill) leaves every generation for the next run.
+fn log_exit(spank: Spank, path: &StepPath) -> Result<(), String> {
     let status = spank.int_item(sys::S_TASK_EXIT_STATUS)?;
     let task_id = spank.u32_item(sys::S_TASK_GLOBAL_ID)?;
-    let total = spank.u32_item(sys::S_JOB_TOTAL_TASK_COUNT)?;
     let where_ = format!("job {} step {} task {task_id}", path.job_id, path.step_id);
     if libc::WIFSIGNALED(status) {
         spank::info(&format!(
             "{where_}: vmctl killed by signal {}; a requeue resumes from the last checkpoint",
             libc::WTERMSIG(status)
         ));
-        return Ok(());
+    } else if libc::WIFEXITED(status) {
+        let code = libc::WEXITSTATUS(status);
+        if code == EXIT_CHECKPOINTED {
+            spank::info(&format!(
+                "{where_}: checkpointed; a requeue of the job resumes it"
+            ));
+        } else {
+            spank::verbose(&format!(
+                "{where_}: exit status {code}; its checkpoints stay unless vmctl recorded that the program ended"
+            ));
+        }
     }
-    if !libc::WIFEXITED(status) {
-        return Ok(());
-    }
-    let code = libc::WEXITSTATUS(status);
-    if code == EXIT_CHECKPOINTED {
-        spank::info(&format!(
-            "{where_}: checkpointed; a requeue of the job resumes it"
-        ));
-        return Ok(());
-    }
-    spank::verbose(&format!("{where_}: finished with exit status {code}"));
-    let sub = dirs::task_subdir(total, task_id);
-    path.open(sub.as_deref())
-        .and_then(|dir| dir.create_file(OsStr::new(FINISHED_MARKER), uid, gid))
-        .map(drop)
-        .map_err(|e| format!("{where_}: cannot mark the checkpoint directory finished: {e}"))
+    Ok(())
 }
 
 #[no_mangle]

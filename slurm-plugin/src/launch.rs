@@ -58,11 +58,13 @@ pub fn vmctl_argv(
         argv.push("--keep".into());
         argv.push(keep.to_string().into());
     }
+    // The same cap on restore as on run: the checkpoint's own sizes come from
+    // a file the user can edit.
+    if let Some(mem) = opts.mem {
+        argv.push("--mem".into());
+        argv.push(mem.to_string().into());
+    }
     if mode == Mode::Run {
-        if let Some(mem) = opts.mem {
-            argv.push("--mem".into());
-            argv.push(mem.to_string().into());
-        }
         argv.push("--".into());
         argv.extend(program.iter().cloned());
     }
@@ -260,7 +262,7 @@ mod tests {
 
     #[test]
     fn restore_argv() {
-        let opts = WrapOptions::parse(Some("signal=USR1"), &Config::default()).unwrap();
+        let opts = WrapOptions::parse(Some("signal=USR1,mem=64M"), &Config::default()).unwrap();
         let argv = vmctl_argv(
             Mode::Restore,
             Path::new("/v"),
@@ -280,7 +282,9 @@ mod tests {
                 "--on-signal",
                 "TERM=checkpoint-exit",
                 "--on-signal",
-                "USR1=checkpoint"
+                "USR1=checkpoint",
+                "--mem",
+                "64M"
             ]
         );
     }

@@ -251,7 +251,9 @@ impl WrapOptions {
         let mut opts = WrapOptions {
             interval: config.default_interval,
             keep: config.default_keep,
-            mem: None,
+            // The site's maximum is also the default: without it vmctl would
+            // give the VM half the host.
+            mem: config.max_mem,
             signal: DEFAULT_SIGNAL.to_string(),
         };
         let text = match optarg.map(str::trim) {
@@ -383,6 +385,12 @@ mod tests {
             .unwrap_err()
             .contains("set by the site"));
         assert!(WrapOptions::parse(Some("signal=USR1"), &c).is_ok());
+        // No mem= under a site maximum means the maximum, not vmctl's default.
+        assert_eq!(WrapOptions::parse(None, &c).unwrap().mem, c.max_mem);
+        assert_eq!(
+            WrapOptions::parse(Some("mem=1G"), &c).unwrap().mem,
+            Some(MemSize::parse("1G").unwrap())
+        );
     }
 
     #[test]

@@ -128,6 +128,8 @@ impl Runner {
         let mut sock = None;
         if let Some(c) = &ckpt {
             prepare_dir(&c.dir)?;
+            // The job runs again: a marker left by an earlier end no longer holds.
+            let _ = std::fs::remove_file(c.dir.join(FINISHED_MARKER));
             sock = Some(socket::serve(&c.dir, requests.clone()).map_err(|e| {
                 format!(
                     "--checkpoint-dir {}: cannot serve the control socket: {e}",
@@ -216,7 +218,7 @@ impl Runner {
         self.kernel.kill_all();
         match end {
             JobEnd::Exited(status) => {
-                self.finished();
+                self.finished(status.shell_code());
                 status.shell_code()
             }
             JobEnd::Failed(why) => {
@@ -292,9 +294,20 @@ impl Runner {
         })
     }
 
-    /// A job that ended on its own needs no checkpoint: remove its generations.
-    fn finished(&self) {
+    /// A job that ended on its own needs no checkpoint: record that it ended (what
+    /// tells a launcher such as the Slurm plugin not to resume it), then remove its
+    /// generations. This is the only place generations are removed because the job
+    /// is over: every other way vmctl stops (a failed checkpoint-exit, its own
+    /// failure, a kill) leaves them for the next restore.
+    fn finished(&self, status: i32) {
         if let Some(c) = &self.ckpt {
+            if let Err(e) = mark_finished(&c.dir, status) {
+                eprintln!(
+                    "vmctl: cannot record in {} that the job ended: {e}; its checkpoints are kept",
+                    c.dir.display()
+                );
+                return;
+            }
             if let Ok(gens) = checkpoint::read::list_generations(&c.dir) {
                 for g in gens {
                     let _ = std::fs::remove_dir_all(c.dir.join(generation_dir_name(g)));
@@ -305,5 +318,86 @@ impl Runner {
     }
 }
 
+/// Marker vmctl leaves in the checkpoint directory when the program ended on its
+/// own (exited, or was killed by a signal of its own), holding the exit status.
+pub const FINISHED_MARKER: &str = "finished";
+
+/// Writes FINISHED_MARKER as a fresh file renamed into place: whatever the guest
+/// (which can write this directory) planted under that name, a FIFO, a symlink or
+/// a hard link to another file, is replaced, never opened, followed or truncated.
+pub fn mark_finished(dir: &Path, status: i32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!(".{FINISHED_MARKER}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let text = serde_json::json!({
+        "exit_status": status,
+        "ended_unix": crate::clock::realtime_s(),
+    });
+    file.write_all(format!("{text}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(FINISHED_MARKER))?;
+    write::fsync_dir(dir).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 pub const DEFAULT_KEEP: usize = 2;
 pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmctl-runner-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn read_status(dir: &Path) -> i64 {
+        let text = std::fs::read(dir.join(FINISHED_MARKER)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        v["exit_status"].as_i64().unwrap()
+    }
+
+    /// Whatever the guest planted under the marker's name is replaced: the file a
+    /// hard link or symlink points to keeps its bytes, and a FIFO does not block.
+    #[test]
+    fn finished_marker_replaces_planted_entries() {
+        let dir = scratch("planted");
+        let precious = dir.join("precious");
+        std::fs::write(&precious, b"keep me").unwrap();
+        let marker = dir.join(FINISHED_MARKER);
+
+        std::fs::hard_link(&precious, &marker).unwrap();
+        mark_finished(&dir, 3).unwrap();
+        assert_eq!(read_status(&dir), 3);
+        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+
+        std::fs::remove_file(&marker).unwrap();
+        std::os::unix::fs::symlink(&precious, &marker).unwrap();
+        mark_finished(&dir, 4).unwrap();
+        assert_eq!(read_status(&dir), 4);
+        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+        assert!(!std::fs::symlink_metadata(&marker)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+
+        std::fs::remove_file(&marker).unwrap();
+        let c = CString::new(marker.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        mark_finished(&dir, 5).unwrap();
+        assert_eq!(read_status(&dir), 5);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,6 +1,7 @@
 //! `vmctl restore DIR`: resume a job from its newest usable checkpoint.
 
 use super::options::{CheckpointArgs, KvmArgs};
+use super::size::parse_size;
 use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
 use crate::checkpoint::format::generation_dir_name;
 use crate::checkpoint::read;
@@ -21,6 +22,12 @@ pub struct RestoreArgs {
     /// Restore this generation instead of the newest usable one
     #[arg(long, value_name = "N")]
     pub generation: Option<u64>,
+
+    /// Largest memory the restored job may use (e.g. 512M, 8G), as `run --mem`: the
+    /// commit limit is lowered to it, and a generation that needs more is refused.
+    /// Default: the limit the job was started with
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem: Option<u64>,
 
     #[command(flatten)]
     pub kvm: KvmArgs,
@@ -66,7 +73,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
     let newest = candidates[0];
     for g in candidates {
         let gen_dir = dir.join(generation_dir_name(g));
-        match try_generation(&kvm, &gen_dir) {
+        match try_generation(&kvm, &gen_dir, args.mem) {
             Ok((kernel, tasks, meta)) => {
                 if g != newest {
                     eprintln!("vmctl: restored generation {g}, the newest usable one");
@@ -99,9 +106,21 @@ pub fn restore(args: RestoreArgs) -> i32 {
 fn try_generation(
     kvm: &kvm_ioctls::Kvm,
     gen_dir: &std::path::Path,
+    mem_cap: Option<u64>,
 ) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta), String> {
     let manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
     let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
+    // The manifest is the user's file: its sizes are a request, and the caller's
+    // --mem decides what is granted.
+    if let Some(cap) = mem_cap {
+        if ram > Kernel::ram_for(cap) {
+            return Err(format!(
+                "it needs a VM of {} MiB, more than --mem {} MiB allows; restore it with a larger --mem",
+                ram >> 20,
+                cap >> 20
+            ));
+        }
+    }
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
     read::check_cpu(&manifest, vm.xcr0()).map_err(|e| e.to_string())?;
     read::load_memory(gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
@@ -109,6 +128,18 @@ fn try_generation(
         program: manifest.program.clone(),
         argv: manifest.argv.clone(),
     };
-    let (kernel, tasks) = Kernel::restore(vm, manifest.kernel).map_err(|e| e.to_string())?;
+    let mut state = manifest.kernel;
+    if let Some(cap) = mem_cap {
+        let committed: u64 = state.address_spaces.iter().map(|m| m.committed).sum();
+        if committed > cap {
+            return Err(format!(
+                "its programs have committed {} MiB, more than --mem {} MiB allows; restore it with a larger --mem",
+                committed >> 20,
+                cap >> 20
+            ));
+        }
+        state.commit_limit = state.commit_limit.min(cap);
+    }
+    let (kernel, tasks) = Kernel::restore(vm, state).map_err(|e| e.to_string())?;
     Ok((kernel, tasks, meta))
 }
