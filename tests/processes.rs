@@ -333,6 +333,39 @@ print("sigchld:", "CHLD" in got)
 }
 
 #[test]
+fn an_orphan_gets_its_parent_death_signal() {
+    need_kvm!();
+    if !have(PYTHON) {
+        return;
+    }
+    let dir = TempDir::new("pdeathsig");
+    script(
+        &dir,
+        PYTHON,
+        r#"
+import ctypes, os, signal
+PR_SET_PDEATHSIG = 1
+report_r, report_w = os.pipe()
+armed_r, armed_w = os.pipe()
+middle = os.fork()
+if middle == 0:
+    if os.fork() == 0:
+        signal.signal(signal.SIGUSR1, lambda s, f: (os.write(report_w, b"orphan got SIGUSR1\n"), os._exit(0)))
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGUSR1)
+        os.write(armed_w, b"x")
+        while True:
+            signal.pause()
+    os.read(armed_r, 1)
+    os._exit(0)
+os.close(report_w)
+os.waitpid(middle, 0)
+print(os.read(report_r, 100).decode().strip())
+"#,
+    )
+    .compare();
+}
+
+#[test]
 fn working_directory_and_umask_belong_to_each_process() {
     need_kvm!();
     let dir = TempDir::new("cwd");
@@ -341,8 +374,8 @@ fn working_directory_and_umask_belong_to_each_process() {
     script(
         &dir,
         BASH,
-        r#"(cd a && sleep 0.1 && pwd | sed "s|.*/||" && umask 077 && touch in-a && stat -c %a in-a) &
-cd b; umask 022; touch in-b; stat -c %a in-b; wait; pwd | sed "s|.*/||"; ls ../a
+        r#"(cd a && umask 077 && touch in-a && { pwd | sed "s|.*/||"; stat -c %a in-a; } > ../bg.txt) &
+cd b; umask 022; touch in-b; stat -c %a in-b; wait; cat ../bg.txt; pwd | sed "s|.*/||"; ls ../a
 "#,
     )
     .compare();

@@ -56,8 +56,10 @@ pub fn process_exit(t: &mut Task, status: ExitStatus) {
         (st.ppid, st.exit_signal)
     };
     let mut pids = k.pids.lock().expect("pids poisoned");
-    // Orphans go to the reaper; those already dead are reaped now.
+    // Orphans go to the reaper; those already dead are reaped now, and those that
+    // asked for it (PR_SET_PDEATHSIG) get their signal.
     let mut dead_orphans = Vec::new();
+    let mut to_signal = Vec::new();
     for g in pids.groups.values() {
         if g.tgid == tg.tgid {
             continue;
@@ -67,6 +69,8 @@ pub fn process_exit(t: &mut Task, status: ExitStatus) {
             st.ppid = REAPER_PID;
             if st.is_zombie() {
                 dead_orphans.push(g.tgid);
+            } else if st.pdeath_signal != 0 {
+                to_signal.push((g.clone(), st.pdeath_signal));
             }
         }
     }
@@ -87,6 +91,16 @@ pub fn process_exit(t: &mut Task, status: ExitStatus) {
     }
     let root = pids.root;
     drop(pids);
+    for (g, sig) in to_signal {
+        k.signal_group(
+            &g,
+            sig,
+            QueuedSig {
+                code: 0x80, // SI_KERNEL
+                ..Default::default()
+            },
+        );
+    }
     if let Some(p) = parent {
         if exit_signal > 0 && exit_signal <= 64 {
             let (code, st) = child_info(status);

@@ -58,6 +58,9 @@ pub struct TgState {
     pub itimers: [ITimer; 3],
     /// A vfork child has not yet exec'd or exited: the parent task waits for this.
     pub vfork_done: bool,
+    /// prctl(PR_SET_PDEATHSIG): the signal this process gets when its parent ends.
+    #[serde(default)]
+    pub pdeath_signal: i32,
     /// Live threads, by tid (not saved: the tasks themselves are).
     #[serde(skip)]
     pub threads: Vec<Arc<TaskHandle>>,
@@ -103,6 +106,7 @@ impl TgState {
             rlimits: super::host_rlimits(),
             itimers: [ITimer::default(); 3],
             vfork_done: true,
+            pdeath_signal: 0,
             threads: Vec::new(),
         }
     }

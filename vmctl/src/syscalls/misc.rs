@@ -257,10 +257,22 @@ pub fn prctl(t: &mut Task, a: [u64; 6]) -> SysResult {
             t.write_user(a[1], &name)?;
             Ok(0)
         }
+        libc::PR_SET_PDEATHSIG => {
+            let sig = a[1] as i32;
+            if !(0..=64).contains(&sig) {
+                return Err(Errno(libc::EINVAL));
+            }
+            t.tg().lock().pdeath_signal = sig;
+            Ok(0)
+        }
+        libc::PR_GET_PDEATHSIG => {
+            let sig = t.tg().lock().pdeath_signal;
+            t.write_user(a[1], &sig.to_le_bytes())?;
+            Ok(0)
+        }
         libc::PR_GET_DUMPABLE => Ok(1),
         libc::PR_SET_DUMPABLE
         | libc::PR_SET_CHILD_SUBREAPER
-        | libc::PR_SET_PDEATHSIG
         | libc::PR_SET_NO_NEW_PRIVS
         | libc::PR_SET_VMA => Ok(0),
         libc::PR_GET_NO_NEW_PRIVS => Ok(0),

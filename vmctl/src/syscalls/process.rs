@@ -204,6 +204,7 @@ pub fn clone(t: &mut Task, flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u6
             rlimits: parent.rlimits.clone(),
             itimers: [ITimer::default(); 3],
             vfork_done: flags & CLONE_VFORK == 0,
+            pdeath_signal: 0,
             threads: Vec::new(),
         };
         drop(parent);
