@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use vmwrap_tests::{require_kvm, vmctl_path, Invocation, Job, RunOutput, TempDir};
+use vmwrap_tests::{have, require_kvm, vmctl_path, Invocation, Job, RunOutput, TempDir};
 
 /// tests/fixtures/procs.c: fork, exec, wait, shared memory, threads, dup.
 const PROCS: &str = env!("VMWRAP_FIXTURE_PROCS");
@@ -24,14 +24,6 @@ macro_rules! need_kvm {
             return;
         }
     };
-}
-
-fn have(program: &str) -> bool {
-    let ok = Path::new(program).is_file();
-    if !ok {
-        eprintln!("SKIPPED: {program} is not installed");
-    }
-    ok
 }
 
 fn script(dir: &TempDir, interpreter: &str, text: &str) -> Invocation {

@@ -6,10 +6,9 @@
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::Path;
 use std::process::{Command, Stdio};
 
-use vmwrap_tests::{require_kvm, vmctl_path, Invocation, RunOutput, TempDir};
+use vmwrap_tests::{have, require_kvm, vmctl_path, Invocation, RunOutput, TempDir};
 
 macro_rules! need_kvm {
     () => {
@@ -21,15 +20,6 @@ macro_rules! need_kvm {
 
 const PYTHON: &str = "/usr/bin/python3";
 const PERL: &str = "/usr/bin/perl";
-
-/// Skips the test when an interpreter it scripts is not installed.
-fn have(program: &str) -> bool {
-    let ok = Path::new(program).is_file();
-    if !ok {
-        eprintln!("SKIPPED: {program} is not installed");
-    }
-    ok
-}
 
 fn compare_script(dir: &TempDir, interpreter: &str, script: &str) -> RunOutput {
     let path = dir.write_file("script", script, 0o644);

@@ -509,6 +509,16 @@ impl Rng {
     }
 }
 
+/// Whether a program a test needs is installed; says so when it is not, so the
+/// caller can skip the test.
+pub fn have(program: &str) -> bool {
+    let ok = Path::new(program).is_file();
+    if !ok {
+        eprintln!("SKIPPED: {program} is not installed");
+    }
+    ok
+}
+
 /// How long any one step of a [`Job`] (a line of output, its exit) may take before
 /// the test fails. Only a limit: nothing waits for it to pass.
 pub const STEP: Duration = Duration::from_secs(120);
