@@ -5,7 +5,6 @@
 //! Tests needing KVM skip locally without it but fail under CI=true (see
 //! `require_kvm`); each works in its own temp dir.
 
-use std::path::Path;
 use std::process::Command;
 
 use vmwrap_tests::{have, require_kvm, vmctl_path, Invocation, Job, RunOutput, TempDir};
