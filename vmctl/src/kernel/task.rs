@@ -442,7 +442,7 @@ impl Task {
                     }
                 }
             }
-            if f & INTR_SIGNAL != 0 {
+            if f & INTR_SIGNAL != 0 && self.thread.vfork_child.is_none() {
                 self.h.clear_flags(INTR_SIGNAL);
                 self.deliver_signals();
                 continue;
@@ -451,17 +451,28 @@ impl Task {
         }
     }
 
+    /// A vfork parent waits for its child to exec or exit. The child may be running
+    /// on the parent's stack, so no signal handler may run meanwhile (Linux's wait
+    /// is only killable): only a freeze or the end of the process interrupts it.
     fn wait_for_vfork(&mut self, child: i32) -> Result<(), Errno> {
-        let k = self.k.clone();
-        self.wait_until(None, |_| {
-            let pids = k.pids.lock().expect("pids poisoned");
-            Ok(match pids.group(child) {
-                Some(g) => g.lock().vfork_done.then_some(()),
-                None => Some(()),
-            })
-        })?;
-        self.thread.vfork_child = None;
-        Ok(())
+        loop {
+            let seq = self.h.wake_seq.load(Ordering::SeqCst);
+            let done = {
+                let pids = self.k.pids.lock().expect("pids poisoned");
+                match pids.group(child) {
+                    Some(g) => g.lock().vfork_done,
+                    None => true,
+                }
+            };
+            if done {
+                self.thread.vfork_child = None;
+                return Ok(());
+            }
+            if self.h.flags() & (INTR_FREEZE | INTR_KILL) != 0 {
+                return Err(Errno(libc::EINTR));
+            }
+            self.h.sleep(seq, None);
+        }
     }
 
     fn exception(&mut self, vector: u8, error_code: u64, cr2: u64) {

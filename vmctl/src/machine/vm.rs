@@ -42,8 +42,9 @@ pub fn open_kvm(source: KvmSource) -> Result<Kvm, MachineError> {
 
 pub struct Vm {
     fd: VmFd,
-    /// Host page behind the one-page memslot that `flush_shadow` adds and removes.
-    flush_page: std::ptr::NonNull<libc::c_void>,
+    /// Host page behind the one-page memslot that `flush_shadow` adds and removes;
+    /// the lock keeps two flushes (two forks at once) from adding it twice.
+    flush_page: std::sync::Mutex<std::ptr::NonNull<libc::c_void>>,
     mem: Arc<GuestMemory>,
     system: SystemHalf,
     cpuid: CpuId,
@@ -100,7 +101,9 @@ impl Vm {
         }
         Ok(Vm {
             fd,
-            flush_page: std::ptr::NonNull::new(page).expect("mmap returned null"),
+            flush_page: std::sync::Mutex::new(
+                std::ptr::NonNull::new(page).expect("mmap returned null"),
+            ),
             mem: Arc::new(mem),
             system,
             cpuid,
@@ -194,15 +197,10 @@ impl Vm {
     /// removing a memslot is KVM's cheapest way to zap everything (shared/PLATFORM.md:
     /// about 65 us, after which pages refault from the guest's tables).
     pub fn flush_shadow(&self) -> Result<(), MachineError> {
+        let page = self.flush_page.lock().expect("flush page poisoned");
         // SAFETY: the page lives as long as the Vm and the slot is removed right away.
         unsafe {
-            self.add_slot(
-                FLUSH_SLOT,
-                FLUSH_GPA,
-                PAGE_SIZE,
-                self.flush_page.as_ptr() as u64,
-                true,
-            )?;
+            self.add_slot(FLUSH_SLOT, FLUSH_GPA, PAGE_SIZE, page.as_ptr() as u64, true)?;
         }
         self.remove_slot(FLUSH_SLOT, FLUSH_GPA)
     }
@@ -210,8 +208,9 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        let page = self.flush_page.lock().expect("flush page poisoned");
         // SAFETY: unmapping the page mapped in new(); its slot is never left in place.
-        unsafe { libc::munmap(self.flush_page.as_ptr(), PAGE_SIZE as usize) };
+        unsafe { libc::munmap(page.as_ptr(), PAGE_SIZE as usize) };
     }
 }
 

@@ -263,8 +263,15 @@ pub fn clone(t: &mut Task, flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u6
         .name(format!("vmctl-task-{tid}"))
         .spawn(move || child.run());
     if spawned.is_err() {
-        // The task is registered but has no thread: make it end as if killed.
-        eprintln!("vmctl: cannot start a host thread for guest thread {tid}");
+        // The task never ran: take it out again (its vCPU and resources went with
+        // the dropped Task).
+        let mut pids = k.pids.lock().expect("pids poisoned");
+        pids.tasks.remove(&tid);
+        tg.lock().threads.retain(|h| h.tid != tid);
+        if !thread {
+            pids.groups.remove(&tid);
+        }
+        t.thread.vfork_child = None;
         return Err(Errno(libc::EAGAIN));
     }
     Ok(tid as i64)
