@@ -484,7 +484,7 @@ fn descriptors_made_with_dup_share_their_offset_after_restore() {
     let want_cmd = format!("exec > {} && exec {PROCS} dup 40", want_out.display());
     native("/bin/sh", &["-c", &want_cmd], &want_dir, b"x");
     let ckpt = dir.join("ckpt");
-    let mut job = Job::run(
+    let job = Job::run(
         dir.path(),
         &ckpt,
         &["--on-signal", "TERM=checkpoint-exit"],
