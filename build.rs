@@ -103,6 +103,24 @@ const FIXTURES: &[Fixture] = &[
         source: "hostile.c",
         flags: PIE,
     },
+    // Routes from the guest into vmctl's own memory and descriptors, and guest
+    // mistakes that must end the guest, never vmctl (tests/hostile.rs).
+    Fixture {
+        name: "escape",
+        source: "escape.c",
+        flags: PIE,
+    },
+    Fixture {
+        name: "mistakes",
+        source: "mistakes.c",
+        flags: PIE,
+    },
+    // Another process of the same user trying to take vmctl's descriptors.
+    Fixture {
+        name: "steal",
+        source: "steal.c",
+        flags: PIE,
+    },
     Fixture {
         name: "hugesplit",
         source: "hugesplit.c",

@@ -310,7 +310,7 @@ impl Runner {
             }
             if let Ok(gens) = checkpoint::read::list_generations(&c.dir) {
                 for g in gens {
-                    let _ = std::fs::remove_dir_all(c.dir.join(generation_dir_name(g)));
+                    write::remove_generation(&c.dir, g);
                 }
             }
             let _ = std::fs::remove_file(c.dir.join(LATEST));

@@ -26,17 +26,84 @@ pub fn latest(dir: &Path) -> Option<u64> {
     parse_generation_dir(&target.to_string_lossy())
 }
 
-/// Generations to try for a restore, best first: `latest`, then the others newest
-/// first.
+/// Generations to try for a restore, best first: newest first. `latest` is only a
+/// hint for people and tools: a generation directory exists only once it is
+/// complete (it is renamed into place), and a crash between that rename and the
+/// update of `latest` must not make a restore pick an older generation. Each
+/// candidate is verified as it is restored, and a damaged one falls back to the next.
 pub fn candidates(dir: &Path) -> Result<Vec<u64>, CheckpointError> {
-    let mut gens = list_generations(dir)?;
-    if let Some(l) = latest(dir) {
-        if let Some(i) = gens.iter().position(|&g| g == l) {
-            gens.remove(i);
-            gens.insert(0, l);
-        }
+    list_generations(dir)
+}
+
+/// Largest manifest.json accepted. Real manifests are a few hundred KiB at most
+/// (descriptors, memory areas, the vCPU's XSAVE image); the bound keeps a crafted
+/// file from making the reader allocate without limit.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// Largest manifest.sum accepted (one line).
+const MAX_SUM_BYTES: u64 = 4096;
+
+/// Opens a file of a generation for reading: a regular file (never a symlink, FIFO
+/// or device, which could block or never end), owned by the caller, at most
+/// `max_len` bytes. Returns it with its length.
+fn open_regular(path: &Path, max_len: u64, direct: bool) -> Result<(File, u64), CheckpointError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |extra: i32| {
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | extra)
+            .open(path)
+    };
+    // Direct I/O lands the pages straight in guest RAM, without first allocating a
+    // page-cache copy of each; filesystems without it get buffered reads.
+    let f = match direct.then(|| open(libc::O_DIRECT)) {
+        Some(Ok(f)) => f,
+        _ => open(0).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                CheckpointError::Corrupt(path.to_path_buf(), "is a symlink, not a file".into())
+            } else {
+                CheckpointError::Io(path.to_path_buf(), e)
+            }
+        })?,
+    };
+    let md = f
+        .metadata()
+        .map_err(|e| CheckpointError::Io(path.to_path_buf(), e))?;
+    if !md.is_file() {
+        return Err(CheckpointError::Corrupt(
+            path.to_path_buf(),
+            "not a regular file".into(),
+        ));
     }
-    Ok(gens)
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    if md.uid() != me {
+        return Err(CheckpointError::Refused(format!(
+            "{}: owned by uid {}, not by you (uid {me}); a checkpoint is only restored by its owner",
+            path.display(),
+            md.uid()
+        )));
+    }
+    if md.len() > max_len {
+        return Err(CheckpointError::Corrupt(
+            path.to_path_buf(),
+            format!(
+                "{} bytes, more than the {max_len} a checkpoint file of this kind can have",
+                md.len()
+            ),
+        ));
+    }
+    Ok((f, md.len()))
+}
+
+/// Reads a whole file opened by `open_regular`, never more than `len` bytes (it may
+/// grow meanwhile).
+fn read_bounded(f: File, len: u64, path: &Path) -> Result<Vec<u8>, CheckpointError> {
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(len)
+        .read_to_end(&mut bytes)
+        .map_err(|e| CheckpointError::Io(path.to_path_buf(), e))?;
+    Ok(bytes)
 }
 
 fn check_owner(path: &Path) -> Result<(), CheckpointError> {
@@ -58,9 +125,10 @@ pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
     check_owner(gen_dir)?;
     let mpath = gen_dir.join(MANIFEST);
     let spath = gen_dir.join(MANIFEST_SUM);
-    check_owner(&mpath)?;
-    let bytes = fs::read(&mpath).map_err(|e| CheckpointError::Io(mpath.clone(), e))?;
-    let sum = fs::read_to_string(&spath).map_err(|e| CheckpointError::Io(spath.clone(), e))?;
+    let (f, len) = open_regular(&mpath, MAX_MANIFEST_BYTES, false)?;
+    let bytes = read_bounded(f, len, &mpath)?;
+    let (f, len) = open_regular(&spath, MAX_SUM_BYTES, false)?;
+    let sum = String::from_utf8_lossy(&read_bounded(f, len, &spath)?).into_owned();
     let want = sum
         .split_whitespace()
         .nth(1)
@@ -107,7 +175,84 @@ pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
             manifest.owner_uid
         )));
     }
+    check_image_shape(&manifest.memory)
+        .and_then(|()| {
+            crate::kernel::persist::check_state(&manifest.kernel, manifest.memory.ram_bytes)
+        })
+        .map_err(|e| CheckpointError::Corrupt(mpath, e))?;
     Ok(manifest)
+}
+
+/// Checks every size, count and address of the memory image's description before
+/// anything is allocated, read or seeked from it: the checksum only says the
+/// manifest is what was written, and whoever owns the directory can write both.
+pub fn check_image_shape(m: &MemoryImage) -> Result<(), String> {
+    use crate::machine::layout::{MAX_RAM, SYSTEM_SIZE};
+    if m.file != MEMORY {
+        return Err(format!(
+            "the memory image is named {:?}; it must be {MEMORY}",
+            m.file
+        ));
+    }
+    if m.page_size != PAGE_SIZE {
+        return Err(format!(
+            "page size {}, this vmctl writes {PAGE_SIZE}",
+            m.page_size
+        ));
+    }
+    if m.ram_bytes < SYSTEM_SIZE
+        || m.ram_bytes > SYSTEM_SIZE + MAX_RAM
+        || !m.ram_bytes.is_multiple_of(PAGE_SIZE)
+    {
+        return Err(format!(
+            "guest RAM size {} is not a possible VM size (at most {} bytes)",
+            m.ram_bytes,
+            SYSTEM_SIZE + MAX_RAM
+        ));
+    }
+    let mut offset = 0u64;
+    for (i, c) in m.chunks.iter().enumerate() {
+        if c.offset != offset {
+            return Err(format!(
+                "chunk {i} starts at offset {}, right after the previous chunk is {offset}",
+                c.offset
+            ));
+        }
+        if c.runs.is_empty() {
+            return Err(format!("chunk {i} holds no pages"));
+        }
+        let mut bytes = 0u64;
+        for r in &c.runs {
+            let len = r.pages.checked_mul(PAGE_SIZE);
+            let end = len.and_then(|l| r.gpa.checked_add(l));
+            match (len, end) {
+                (Some(len), Some(end))
+                    if r.pages > 0 && r.gpa.is_multiple_of(PAGE_SIZE) && end <= m.ram_bytes =>
+                {
+                    bytes += len;
+                }
+                _ => {
+                    return Err(format!(
+                        "chunk {i} names {} pages at {:#x}, outside the VM's {} bytes of RAM",
+                        r.pages, r.gpa, m.ram_bytes
+                    ))
+                }
+            }
+            if bytes > CHUNK_BYTES {
+                return Err(format!(
+                    "chunk {i} holds more than {CHUNK_BYTES} bytes, the most a chunk has"
+                ));
+            }
+        }
+        offset += bytes;
+    }
+    if offset != m.data_bytes {
+        return Err(format!(
+            "the chunks hold {offset} bytes, the manifest says {}",
+            m.data_bytes
+        ));
+    }
+    Ok(())
 }
 
 fn open_image(
@@ -115,25 +260,9 @@ fn open_image(
     m: &Manifest,
     direct: bool,
 ) -> Result<(File, PathBuf), CheckpointError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    // check_image_shape made sure the name is MEMORY, not a path elsewhere.
     let path = gen_dir.join(&m.memory.file);
-    check_owner(&path)?;
-    // Direct I/O lands the pages straight in guest RAM, without first allocating a
-    // page-cache copy of each; filesystems without it get buffered reads.
-    let direct_open = || {
-        fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-    };
-    let f = match direct.then(direct_open) {
-        Some(Ok(f)) => f,
-        _ => File::open(&path).map_err(|e| CheckpointError::Io(path.clone(), e))?,
-    };
-    let len = f
-        .metadata()
-        .map_err(|e| CheckpointError::Io(path.clone(), e))?
-        .len();
+    let (f, len) = open_regular(&path, u64::MAX, direct)?;
     if len != m.memory.data_bytes {
         return Err(CheckpointError::Corrupt(
             path,

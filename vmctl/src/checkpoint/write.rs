@@ -205,11 +205,22 @@ fn update_latest(dir: &Path, generation: u64) -> Result<(), CheckpointError> {
     fsync_dir(dir)
 }
 
+/// Removes a generation directory so that a crash at any point leaves it either
+/// whole or not a generation at all: it is first renamed out of the gen-NNNNNN
+/// names (a leftover that the next prune removes), then deleted file by file.
+pub fn remove_generation(dir: &Path, generation: u64) {
+    let name = generation_dir_name(generation);
+    let doomed = dir.join(format!("{name}.tmp-{}-removed", std::process::id()));
+    if fs::rename(dir.join(&name), &doomed).is_ok() {
+        let _ = fs::remove_dir_all(&doomed);
+    }
+}
+
 /// Removes generations beyond the newest `keep`, and leftovers of interrupted writes.
 pub fn prune(dir: &Path, keep: usize) {
     if let Ok(gens) = super::read::list_generations(dir) {
         for g in gens.iter().skip(keep.max(1)) {
-            let _ = fs::remove_dir_all(dir.join(generation_dir_name(*g)));
+            remove_generation(dir, *g);
         }
     }
     if let Ok(entries) = fs::read_dir(dir) {

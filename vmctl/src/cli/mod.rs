@@ -2,6 +2,7 @@
 
 mod bench;
 mod checkpoint;
+mod fuzz;
 mod gc;
 mod inspect;
 mod options;
@@ -44,6 +45,9 @@ pub enum Command {
     /// Time bare guest exits (for benchmarks)
     #[command(hide = true)]
     BenchExits(bench::BenchExitsArgs),
+    /// Mutation test of the checkpoint reader (for tests and developers)
+    #[command(hide = true)]
+    FuzzReader(fuzz::FuzzReaderArgs),
 }
 
 /// Opens /dev/kvm (or takes the inherited descriptor), reporting failure on stderr.
@@ -93,5 +97,6 @@ pub fn main() -> i32 {
         Command::Inspect(args) => inspect::inspect(args),
         Command::Gc(args) => gc::gc(args),
         Command::BenchExits(args) => bench::bench_exits(args),
+        Command::FuzzReader(args) => fuzz::fuzz_reader(args),
     }
 }

@@ -1,9 +1,8 @@
 //! `vmctl restore DIR`: resume a job from its newest usable checkpoint.
 
 use super::options::{CheckpointArgs, KvmArgs};
-use super::size::parse_size;
 use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
-use crate::checkpoint::format::generation_dir_name;
+use crate::checkpoint::format::{generation_dir_name, Manifest};
 use crate::checkpoint::read;
 use crate::kernel::task::Task;
 use crate::kernel::Kernel;
@@ -23,10 +22,9 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "N")]
     pub generation: Option<u64>,
 
-    /// Largest memory the restored job may use (e.g. 512M, 8G), as `run --mem`: the
-    /// commit limit is lowered to it, and a generation that needs more is refused.
-    /// Default: the limit the job was started with
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    /// Guest memory limit, as for run: a generation whose job needs more is refused
+    /// and the next older one tried. Default: the same as run's default
+    #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size)]
     pub mem: Option<u64>,
 
     #[command(flatten)]
@@ -37,7 +35,18 @@ pub struct RestoreArgs {
 }
 
 pub fn restore(args: RestoreArgs) -> i32 {
-    let dir = args.dir.clone();
+    // Resolved once, now, so that new generations go where this one came from.
+    let dir = match std::fs::canonicalize(&args.dir) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!(
+                "vmctl: {}: not a checkpoint directory ({e}); give the job's --checkpoint-dir",
+                args.dir.display()
+            );
+            return EXIT_VMCTL_FAILED;
+        }
+    };
+    let cap = args.mem.unwrap_or_else(super::run::default_mem);
     if let Err(e) = read::check_dir(&dir) {
         eprintln!("vmctl: {e}");
         return EXIT_VMCTL_FAILED;
@@ -73,7 +82,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
     let newest = candidates[0];
     for g in candidates {
         let gen_dir = dir.join(generation_dir_name(g));
-        match try_generation(&kvm, &gen_dir, args.mem) {
+        match try_generation(&kvm, &gen_dir, cap) {
             Ok((kernel, tasks, meta)) => {
                 if g != newest {
                     eprintln!("vmctl: restored generation {g}, the newest usable one");
@@ -106,21 +115,12 @@ pub fn restore(args: RestoreArgs) -> i32 {
 fn try_generation(
     kvm: &kvm_ioctls::Kvm,
     gen_dir: &std::path::Path,
-    mem_cap: Option<u64>,
+    cap: u64,
 ) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta), String> {
-    let manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
+    let mut manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
+    check_memory_cap(&manifest, cap)?;
+    manifest.kernel.commit_limit = manifest.kernel.commit_limit.min(cap);
     let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
-    // The manifest is the user's file: its sizes are a request, and the caller's
-    // --mem decides what is granted.
-    if let Some(cap) = mem_cap {
-        if ram > Kernel::ram_for(cap) {
-            return Err(format!(
-                "it needs a VM of {} MiB, more than --mem {} MiB allows; restore it with a larger --mem",
-                ram >> 20,
-                cap >> 20
-            ));
-        }
-    }
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
     read::check_cpu(&manifest, vm.xcr0()).map_err(|e| e.to_string())?;
     read::load_memory(gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
@@ -128,18 +128,27 @@ fn try_generation(
         program: manifest.program.clone(),
         argv: manifest.argv.clone(),
     };
-    let mut state = manifest.kernel;
-    if let Some(cap) = mem_cap {
-        let committed: u64 = state.address_spaces.iter().map(|m| m.committed).sum();
-        if committed > cap {
-            return Err(format!(
-                "its programs have committed {} MiB, more than --mem {} MiB allows; restore it with a larger --mem",
-                committed >> 20,
-                cap >> 20
-            ));
-        }
-        state.commit_limit = state.commit_limit.min(cap);
-    }
-    let (kernel, tasks) = Kernel::restore(vm, state).map_err(|e| e.to_string())?;
+    let (kernel, tasks) = Kernel::restore(vm, manifest.kernel).map_err(|e| e.to_string())?;
     Ok((kernel, tasks, meta))
+}
+
+/// The manifest is the user's to edit: the memory policy of a restore is --mem's
+/// (the admin's, through the plugin), never the manifest's. A generation whose VM or
+/// committed memory is larger than a run with `--mem cap` could have is refused.
+pub(super) fn check_memory_cap(m: &Manifest, cap: u64) -> Result<(), String> {
+    let ram = m.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
+    let committed = m
+        .kernel
+        .address_spaces
+        .iter()
+        .fold(0u64, |sum, mm| sum.saturating_add(mm.committed));
+    if ram > Kernel::ram_for(cap) || committed > cap {
+        return Err(format!(
+            "it needs {} MiB of guest RAM ({} MiB committed), more than --mem {} MiB allows",
+            ram >> 20,
+            committed >> 20,
+            cap >> 20
+        ));
+    }
+    Ok(())
 }

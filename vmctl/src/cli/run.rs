@@ -38,7 +38,7 @@ pub struct RunArgs {
 }
 
 /// Half the host's RAM, the default guest memory limit.
-fn default_mem() -> u64 {
+pub(super) fn default_mem() -> u64 {
     // SAFETY: sysinfo fills the local struct.
     let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
     unsafe { libc::sysinfo(&mut si) };
@@ -62,10 +62,20 @@ pub fn run(args: RunArgs) -> i32 {
             return EXIT_VMCTL_FAILED;
         }
     };
-    if let Some(c) = &ckpt {
+    let mut ckpt = ckpt;
+    if let Some(c) = &mut ckpt {
         if let Err(e) = crate::runner::prepare_dir(&c.dir) {
             eprintln!("vmctl: {e}");
             return EXIT_VMCTL_FAILED;
+        }
+        // Resolved once, now: the guest changes the working directory (vmctl's), and
+        // a relative path must not follow it.
+        match std::fs::canonicalize(&c.dir) {
+            Ok(d) => c.dir = d,
+            Err(e) => {
+                eprintln!("vmctl: --checkpoint-dir {}: {e}", c.dir.display());
+                return EXIT_VMCTL_FAILED;
+            }
         }
     }
     let name = args.program.to_string_lossy().into_owned();

@@ -44,6 +44,10 @@ pub const FORWARDED: &[i32] = &[
     libc::SIGALRM,
     libc::SIGVTALRM,
     libc::SIGPROF,
+    // The guest's O_ASYNC descriptors signal vmctl on the host: without a handler
+    // their signals would kill vmctl itself.
+    libc::SIGIO,
+    libc::SIGPWR,
 ];
 
 /// The signal that stops a vCPU thread so it looks at its task's interrupt flags.

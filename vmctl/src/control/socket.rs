@@ -3,10 +3,11 @@
 //! checkpoint directory, which is 0700, so only the job's owner can reach it.
 
 use super::{signals, Request, Requests};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 pub const SOCKET_NAME: &str = "control.sock";
@@ -39,18 +40,50 @@ pub fn serve(dir: &Path, requests: Requests) -> std::io::Result<ControlSocket> {
         .name("vmctl-control".into())
         .spawn(move || {
             signals::block_in_this_thread();
+            let busy = Arc::new(AtomicUsize::new(0));
             for conn in listener.incoming().flatten() {
-                handle(conn, &requests);
+                // Each connection is served on its own thread, so one client that
+                // connects and says nothing (the guest can connect too) never holds
+                // up the next `vmctl checkpoint`. Beyond the limit, connections are
+                // closed at once rather than piling up threads.
+                if busy.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    continue;
+                }
+                busy.fetch_add(1, Ordering::SeqCst);
+                let (requests, done) = (requests.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("vmctl-control-conn".into())
+                    .spawn(move || {
+                        // Helper threads inherit the blocked mask of this one.
+                        handle(conn, &requests);
+                        done.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })?;
     Ok(ControlSocket { path })
 }
 
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a client has to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest request line read.
+const MAX_REQUEST_BYTES: u64 = 4096;
+
 fn handle(conn: UnixStream, requests: &Requests) {
+    if conn.set_read_timeout(Some(REQUEST_TIMEOUT)).is_err()
+        || conn.set_write_timeout(Some(REQUEST_TIMEOUT)).is_err()
+    {
+        return;
+    }
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,
-    });
+    })
+    .take(MAX_REQUEST_BYTES);
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() {
         return;

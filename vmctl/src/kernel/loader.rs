@@ -127,7 +127,15 @@ fn open_image(path: &Path) -> Result<(Image, Vec<u8>), ExecError> {
     {
         return Err(not_elf());
     }
+    // Bounded as Linux's binfmt_elf bounds it, before anything is allocated.
     let ph_size = hdr.e_phnum as usize * hdr.e_phentsize as usize;
+    if hdr.e_phentsize as usize
+        != std::mem::size_of::<goblin::elf64::program_header::ProgramHeader>()
+        || ph_size == 0
+        || ph_size > 65536
+    {
+        return Err(not_elf());
+    }
     let mut ph_bytes = vec![0u8; ph_size];
     use std::os::unix::fs::FileExt;
     file.read_exact_at(&mut ph_bytes, hdr.e_phoff)
@@ -374,6 +382,14 @@ pub fn load_program(
         .iter()
         .find(|p| p.p_type == program_header::PT_INTERP)
         .map(|p| {
+            // The program file is the user's: the interpreter name's size is bounded
+            // before it allocates, as Linux's binfmt_elf bounds it.
+            if p.p_filesz < 2 || p.p_filesz > libc::PATH_MAX as u64 {
+                return Err(ExecError::NotExecutable(
+                    path.display().to_string(),
+                    "its ELF interpreter name is not a path (bad PT_INTERP size)".into(),
+                ));
+            }
             let mut b = vec![0u8; p.p_filesz as usize];
             use std::os::unix::fs::FileExt;
             let f = main.file.file.as_ref().expect("open image");
@@ -381,8 +397,9 @@ pub fn load_program(
             while b.last() == Some(&0) {
                 b.pop();
             }
-            PathBuf::from(OsStr::from_bytes(&b))
-        });
+            Ok(PathBuf::from(OsStr::from_bytes(&b)))
+        })
+        .transpose()?;
     let (entry, interp_base) = match &interp {
         Some(ip) => {
             let (img, _) = open_image(ip)?;

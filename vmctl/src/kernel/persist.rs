@@ -441,6 +441,7 @@ impl Kernel {
         let bad =
             |what: &str| RestoreError::File(format!("the kernel state is inconsistent: {what}"));
         // The manifest passed its checksum, but it must also fit the VM it describes.
+        check_state(&state, mem.size()).map_err(|e| bad(&e))?;
         if !state.frames.fits(mem.size())
             || state.address_spaces.iter().any(|m| m.root >= mem.size())
         {
@@ -900,4 +901,86 @@ fn reopen_file(f: &FileState, pipes: &[(OwnedFd, OwnedFd)]) -> Result<Arc<OpenFi
             }))
         }
     }
+}
+
+/// Checks a checkpoint's kernel state for what its owner could have edited into it
+/// (the checksum only proves the manifest is what was written) before any of it is
+/// used: every address inside the VM's `ram` bytes, memory areas ordered and inside
+/// user space, one disposition per signal, memslots in their window. It needs no VM,
+/// so `inspect --verify` and the reader's mutation test run it too.
+pub fn check_state(state: &KernelState, ram: u64) -> Result<(), String> {
+    use super::mm::address_space::TASK_SIZE;
+    if !state.frames.fits(ram)
+        || state
+            .address_spaces
+            .iter()
+            .any(|m| m.root >= ram || !m.root.is_multiple_of(4096))
+    {
+        return Err("it names guest memory beyond the checkpoint's RAM size".into());
+    }
+    for p in &state.processes {
+        if p.state.actions.len() != super::signals::NSIG + 1 {
+            return Err(format!(
+                "process {} has {} signal dispositions, not {}",
+                p.tgid,
+                p.state.actions.len(),
+                super::signals::NSIG + 1
+            ));
+        }
+    }
+    for mm in &state.address_spaces {
+        let mut prev_end = 0;
+        for v in mm.vmas.values() {
+            if v.start >= v.end
+                || !v.start.is_multiple_of(4096)
+                || !v.end.is_multiple_of(4096)
+                || v.end > TASK_SIZE
+                || v.start < prev_end
+            {
+                return Err(format!(
+                    "memory area {:#x}-{:#x} is not a possible one",
+                    v.start, v.end
+                ));
+            }
+            prev_end = v.end;
+        }
+        if mm.brk < mm.brk_start || mm.brk > TASK_SIZE {
+            return Err("a program break lies outside user space".into());
+        }
+    }
+    if let Some(f) = state.fd_tables.iter().flatten().find(|f| f.fd < 0) {
+        return Err(format!("descriptor {} is not a possible number", f.fd));
+    }
+    check_regions(&state.regions)
+}
+
+/// Shared-file memslots must lie in their guest-physical window, one slot each, or
+/// a crafted checkpoint could map a file over guest RAM or make the sizes wrap.
+fn check_regions(regions: &[RegionState]) -> Result<(), String> {
+    use crate::machine::layout::{FIRST_SHARED_SLOT, SHARED_WINDOW, SHARED_WINDOW_END};
+    let mut seen = std::collections::HashSet::new();
+    for r in regions {
+        let end = r
+            .len
+            .checked_next_multiple_of(4096)
+            .and_then(|l| r.gpa.checked_add(l));
+        let fits = r.len > 0
+            && r.gpa >= SHARED_WINDOW
+            && r.gpa.is_multiple_of(4096)
+            && end.is_some_and(|e| e <= SHARED_WINDOW_END)
+            && r.file_offset.is_multiple_of(4096)
+            && r.file_offset <= i64::MAX as u64
+            && r.slot >= FIRST_SHARED_SLOT
+            && seen.insert(r.slot);
+        if !fits {
+            return Err(format!(
+                "{}: the shared mapping's memslot ({} bytes at {:#x}, slot {}) is not a possible one",
+                r.path.display(),
+                r.len,
+                r.gpa,
+                r.slot
+            ));
+        }
+    }
+    Ok(())
 }

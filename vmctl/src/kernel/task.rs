@@ -390,6 +390,20 @@ impl Task {
                     cr2,
                 } => self.exception(vector, error_code, cr2),
                 Exit::Interrupted => {}
+                Exit::BadAccess { gpa } => {
+                    // Only the doorbell page is mapped without memory behind it; to
+                    // the program it is a kernel address, where Linux reports
+                    // SEGV_MAPERR.
+                    use crate::machine::layout::{MMIO_GPA, MMIO_VA, PAGE_SIZE};
+                    let va = if (MMIO_GPA..MMIO_GPA + PAGE_SIZE).contains(&gpa) {
+                        MMIO_VA + (gpa - MMIO_GPA)
+                    } else {
+                        0
+                    };
+                    self.force_signal(libc::SIGSEGV, 1, va, 14, 0x5);
+                }
+                // BUS_ADRERR; KVM does not say which address.
+                Exit::BadMemory => self.force_signal(libc::SIGBUS, 2, 0, 14, 0x4),
             }
             if self.exit.is_some() {
                 break;

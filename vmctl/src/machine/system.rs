@@ -149,9 +149,12 @@ fn write_stubs(mem: &GuestMemory) {
     mem.write(STUBS_GPA + STUB_DETOUR, &detour);
 }
 
+/// Length of the pad's store: RIP is PAD_VA plus this after it.
+pub const PAD_STORE_LEN: u64 = 6;
+
 fn write_pad(mem: &GuestMemory) {
     mem.zero(PAD_GPA, PAGE_SIZE);
-    let disp = (MMIO_VA - (PAD_VA + 6)) as u32;
+    let disp = (MMIO_VA - (PAD_VA + PAD_STORE_LEN)) as u32;
     let mut code = vec![0x88, 0x05]; // mov [rip+disp32], al
     code.extend_from_slice(&disp.to_le_bytes());
     code.extend_from_slice(&[0x0f, 0x0b]); // ud2: never reached, the VMM resumes at RCX

@@ -57,6 +57,15 @@ pub enum Exit {
     },
     /// KVM_RUN was interrupted by a host signal.
     Interrupted,
+    /// A user access to guest-physical `gpa`, which has no memory behind it (the
+    /// doorbell page), other than the syscall pad's own store. After a load the
+    /// registers are those before it (it did not happen); after a store they are
+    /// those after it (KVM completed it as an MMIO write, to nothing).
+    BadAccess { gpa: u64 },
+    /// A user access to memory the host cannot provide: a page of a shared file
+    /// mapping beyond the end of its (truncated) file, where Linux raises SIGBUS.
+    /// The registers are those of the faulting instruction.
+    BadMemory,
 }
 
 #[derive(Clone, Copy)]
@@ -294,9 +303,13 @@ impl Vcpu {
     pub fn run(&mut self) -> Result<Exit, MachineError> {
         self.prepare_resume()?;
         let exit = match self.fd.run() {
-            Ok(VcpuExit::MmioWrite(addr, _)) if addr == MMIO_GPA => Ok(None),
-            Ok(VcpuExit::IoOut(port, _)) if port < 32 => Ok(Some(port as u8)),
-            Ok(other) => Err(format!("{other:?}")),
+            Ok(VcpuExit::MmioWrite(addr, _)) => Ok(addr),
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                data.fill(0);
+                return self.bad_load(addr);
+            }
+            Ok(VcpuExit::IoOut(port, _)) if port < 32 => Err(Ok(port as u8)),
+            Ok(other) => Err(Err(format!("{other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Cleared only here, after it did its job: a kick that lands between
                 // two runs must still stop the next one.
@@ -304,23 +317,62 @@ impl Vcpu {
                 self.resume = Resume::Untouched;
                 return Ok(Exit::Interrupted);
             }
+            Err(e) if e.errno() == libc::EFAULT => {
+                // Guest RAM is anonymous memory that never fails; only a shared file
+                // mapping truncated under the guest has pages the host cannot give.
+                self.resume = Resume::Untouched;
+                if !self.refresh_user_state()? {
+                    return Err(MachineError::Kvm("KVM_RUN", e));
+                }
+                return Ok(Exit::BadMemory);
+            }
             Err(e) => return Err(MachineError::Kvm("KVM_RUN", e)),
         };
         match exit {
-            Ok(None) => {
+            Ok(addr) => {
                 let regs = self.fd.sync_regs().regs;
+                // The pad's store leaves RIP right after it; any other store to the
+                // doorbell page is the program's own, which Linux would fault.
+                if addr != MMIO_GPA || regs.rip != PAD_VA + system::PAD_STORE_LEN {
+                    self.user = regs;
+                    self.resume = Resume::Syscall;
+                    return Ok(Exit::BadAccess { gpa: addr });
+                }
                 self.user = regs;
                 self.user.rip = regs.rcx;
                 self.user.rflags = regs.r11;
                 self.resume = Resume::Syscall;
                 Ok(Exit::Syscall)
             }
-            Ok(Some(vector)) => self.exception_exit(vector),
-            Err(what) => Err(MachineError::VcpuFailed(format!(
+            Err(Ok(vector)) => self.exception_exit(vector),
+            Err(Err(what)) => Err(MachineError::VcpuFailed(format!(
                 "unexpected exit {what} at {}",
                 self.describe_state()
             ))),
         }
+    }
+
+    /// A load from an address without memory: Linux would fault before the
+    /// instruction completes. KVM insists on finishing the emulated load on the next
+    /// KVM_RUN, so it is finished here (with zeros, under an immediate exit that keeps
+    /// the guest from running on), and then the registers from before the load are
+    /// put back, so the guest sees the fault on the load instruction itself.
+    fn bad_load(&mut self, gpa: u64) -> Result<Exit, MachineError> {
+        let before = self.fd.sync_regs().regs;
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            other => Err(format!("{:?}", other.map(|e| format!("{e:?}")))),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        if let Err(what) = completed {
+            return Err(MachineError::VcpuFailed(format!(
+                "completing a load from {gpa:#x} ended with {what}"
+            )));
+        }
+        self.user = before;
+        self.resume = Resume::Syscall;
+        Ok(Exit::BadAccess { gpa })
     }
 
     fn exception_exit(&mut self, vector: u8) -> Result<Exit, MachineError> {

@@ -2,6 +2,7 @@
 //! host filesystem); descriptors are translated through the guest's fd table, and
 //! bulk I/O goes straight between the host file and guest memory.
 
+use super::guest_path;
 use super::procfs;
 use crate::kernel::files::{FdEntry, OpenFile};
 use crate::kernel::mm::Access;
@@ -42,8 +43,24 @@ pub(super) fn dirfd(t: &Task, fd: u64) -> Result<RawFd, Errno> {
 /// A path for a host call that has no *at form: a relative one is made relative to
 /// the guest process's working directory.
 pub(super) fn cwd_path(t: &mut Task, ptr: u64) -> Result<CString, Errno> {
-    let p = path(t, ptr)?;
-    Ok(relative_to_cwd(t, p))
+    let (d, p) = guest_path::host_at(t, libc::AT_FDCWD as u64, ptr, true)?;
+    Ok(if d == libc::AT_FDCWD {
+        p
+    } else {
+        relative_to_cwd(t, p)
+    })
+}
+
+/// A resolved path for the `*at` calls that take AT_EMPTY_PATH and
+/// AT_SYMLINK_NOFOLLOW: with an empty path and AT_EMPTY_PATH the call is about the
+/// descriptor itself, which needs no resolving.
+fn path_at(t: &mut Task, dfd: u64, pathp: u64, flags: i32) -> Result<(RawFd, CString), Errno> {
+    let p = path(t, pathp)?;
+    if p.as_bytes().is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
+        return Ok((host_fd(t, dfd)?, p));
+    }
+    let d = dirfd(t, dfd)?;
+    guest_path::at_host(t, d, p, flags & libc::AT_SYMLINK_NOFOLLOW == 0)
 }
 
 pub(super) fn path(t: &mut Task, ptr: u64) -> Result<CString, Errno> {
@@ -165,8 +182,10 @@ pub fn preadv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
 }
 
 pub fn openat(t: &mut Task, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysResult {
-    let p = path(t, pathp)?;
     let flags = flags as i32;
+    let follow = flags & libc::O_NOFOLLOW == 0
+        && flags & (libc::O_CREAT | libc::O_EXCL) != (libc::O_CREAT | libc::O_EXCL);
+    let (d, p) = guest_path::at(t, dfd, pathp, follow)?;
     let cloexec = flags & libc::O_CLOEXEC != 0;
     // Linux takes a descriptor slot before looking at the path: with a full table
     // the answer is EMFILE whatever the path.
@@ -176,7 +195,6 @@ pub fn openat(t: &mut Task, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysR
     if let Some(fd) = procfs::open(t, &p, flags)? {
         return install(t, fd, cloexec);
     }
-    let d = dirfd(t, dfd)?;
     let mode = t.fs().apply_umask(mode);
     let fd = sys!(
         libc::SYS_openat,
@@ -185,7 +203,8 @@ pub fn openat(t: &mut Task, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysR
         flags | libc::O_CLOEXEC,
         mode as u32
     )?;
-    install(t, fd as RawFd, cloexec)
+    let fd = guest_path::check_opened(fd as RawFd)?;
+    install(t, fd, cloexec)
 }
 
 pub fn close(t: &mut Task, a: [u64; 6]) -> SysResult {
@@ -218,17 +237,12 @@ pub fn lseek(t: &mut Task, a: [u64; 6]) -> SysResult {
 }
 
 pub fn fstatat(t: &mut Task, dfd: u64, pathp: u64, out: u64, flags: u64) -> SysResult {
-    let p = path(t, pathp)?;
+    let (d, p) = path_at(t, dfd, pathp, flags as i32)?;
     let mut st = [0u8; 144];
     if let Some(r) = procfs::stat(t, &p, &mut st)? {
         t.write_user(out, &st)?;
         return Ok(r);
     }
-    let d = if p.as_bytes().is_empty() && flags as i32 & libc::AT_EMPTY_PATH != 0 {
-        host_fd(t, dfd)?
-    } else {
-        dirfd(t, dfd)?
-    };
     sys!(
         libc::SYS_newfstatat,
         d,
@@ -249,13 +263,8 @@ pub fn fstat(t: &mut Task, a: [u64; 6]) -> SysResult {
 }
 
 pub fn statx(t: &mut Task, a: [u64; 6]) -> SysResult {
-    let p = path(t, a[1])?;
     let flags = a[2] as i32;
-    let d = if p.as_bytes().is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
-        host_fd(t, a[0])?
-    } else {
-        dirfd(t, a[0])?
-    };
+    let (d, p) = path_at(t, a[0], a[1], flags)?;
     let p = procfs::redirect(t, p);
     let mut buf = [0u8; 256];
     sys!(
@@ -300,9 +309,8 @@ pub fn getdents64(t: &mut Task, a: [u64; 6]) -> SysResult {
 }
 
 pub fn faccessat(t: &mut Task, dfd: u64, pathp: u64, mode: u64, flags: u64) -> SysResult {
-    let p = path(t, pathp)?;
+    let (d, p) = path_at(t, dfd, pathp, flags as i32)?;
     let p = procfs::redirect(t, p);
-    let d = dirfd(t, dfd)?;
     sys!(
         libc::SYS_faccessat2,
         d,
@@ -313,14 +321,13 @@ pub fn faccessat(t: &mut Task, dfd: u64, pathp: u64, mode: u64, flags: u64) -> S
 }
 
 pub fn readlinkat(t: &mut Task, dfd: u64, pathp: u64, buf: u64, size: u64) -> SysResult {
-    let p = path(t, pathp)?;
+    let (d, p) = guest_path::at(t, dfd, pathp, false)?;
     if size as i64 <= 0 {
         return Err(Errno(libc::EINVAL));
     }
     let target = match procfs::readlink(t, &p)? {
         Some(x) => x,
         None => {
-            let d = dirfd(t, dfd)?;
             let mut out = vec![0u8; (size as usize).min(libc::PATH_MAX as usize * 4)];
             let n = sys!(
                 libc::SYS_readlinkat,
@@ -372,14 +379,38 @@ pub fn fcntl(t: &mut Task, a: [u64; 6]) -> SysResult {
             }
             Ok(r)
         }
+        libc::F_SETOWN => {
+            // The owner gets SIGIO/SIGURG: only the caller itself (vmctl on the host,
+            // which forwards the signal) may be one, never another host process.
+            let owner = a[2] as i32;
+            let h = host_fd(t, a[0])?;
+            if owner != 0 && owner != t.tgid() {
+                return Err(Errno(libc::ESRCH));
+            }
+            // SAFETY: getpid cannot fail.
+            let host_owner = if owner == 0 {
+                0
+            } else {
+                unsafe { libc::getpid() }
+            };
+            sys!(libc::SYS_fcntl, h, cmd, host_owner)
+        }
+        libc::F_GETOWN => {
+            let h = host_fd(t, a[0])?;
+            let owner = sys!(libc::SYS_fcntl, h, cmd)?;
+            // SAFETY: getpid cannot fail.
+            Ok(if owner == unsafe { libc::getpid() } as i64 {
+                t.tgid() as i64
+            } else {
+                owner
+            })
+        }
         libc::F_GETFL
         | libc::F_SETFL
         | libc::F_GETPIPE_SZ
         | libc::F_SETPIPE_SZ
         | libc::F_ADD_SEALS
-        | libc::F_GET_SEALS
-        | libc::F_GETOWN
-        | libc::F_SETOWN => {
+        | libc::F_GET_SEALS => {
             let h = host_fd(t, a[0])?;
             sys!(libc::SYS_fcntl, h, cmd, a[2])
         }
@@ -481,14 +512,13 @@ pub fn pipe2(t: &mut Task, out: u64, flags: u64) -> SysResult {
 }
 
 pub fn unlinkat(t: &mut Task, dfd: u64, pathp: u64, flags: u64) -> SysResult {
-    let p = path(t, pathp)?;
-    let d = dirfd(t, dfd)?;
+    let (d, p) = guest_path::host_at(t, dfd, pathp, false)?;
     sys!(libc::SYS_unlinkat, d, p.as_ptr(), flags as i32)
 }
 
 pub fn renameat2(t: &mut Task, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
-    let (o, n) = (path(t, op)?, path(t, np)?);
-    let (od, nd) = (dirfd(t, od)?, dirfd(t, nd)?);
+    let (od, o) = guest_path::host_at(t, od, op, false)?;
+    let (nd, n) = guest_path::host_at(t, nd, np, false)?;
     sys!(
         libc::SYS_renameat2,
         od,
@@ -500,15 +530,18 @@ pub fn renameat2(t: &mut Task, od: u64, op: u64, nd: u64, np: u64, flags: u64) -
 }
 
 pub fn mkdirat(t: &mut Task, dfd: u64, pathp: u64, mode: u64) -> SysResult {
-    let p = path(t, pathp)?;
-    let d = dirfd(t, dfd)?;
+    let (d, p) = guest_path::host_at(t, dfd, pathp, false)?;
     let mode = t.fs().apply_umask(mode);
     sys!(libc::SYS_mkdirat, d, p.as_ptr(), mode as u32)
 }
 
 pub fn linkat(t: &mut Task, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> SysResult {
-    let (o, n) = (path(t, op)?, path(t, np)?);
-    let (od, nd) = (dirfd(t, od)?, dirfd(t, nd)?);
+    let (od, o) = if flags as i32 & libc::AT_EMPTY_PATH != 0 {
+        path_at(t, od, op, flags as i32)?
+    } else {
+        guest_path::host_at(t, od, op, flags as i32 & libc::AT_SYMLINK_FOLLOW != 0)?
+    };
+    let (nd, n) = guest_path::host_at(t, nd, np, false)?;
     sys!(
         libc::SYS_linkat,
         od,
@@ -520,14 +553,14 @@ pub fn linkat(t: &mut Task, od: u64, op: u64, nd: u64, np: u64, flags: u64) -> S
 }
 
 pub fn symlinkat(t: &mut Task, target: u64, dfd: u64, pathp: u64) -> SysResult {
-    let (target, p) = (path(t, target)?, path(t, pathp)?);
-    let d = dirfd(t, dfd)?;
+    // The target is only text stored in the link; it is resolved when it is used.
+    let target = path(t, target)?;
+    let (d, p) = guest_path::host_at(t, dfd, pathp, false)?;
     sys!(libc::SYS_symlinkat, target.as_ptr(), d, p.as_ptr())
 }
 
 pub fn fchmodat(t: &mut Task, dfd: u64, pathp: u64, mode: u64) -> SysResult {
-    let p = path(t, pathp)?;
-    let d = dirfd(t, dfd)?;
+    let (d, p) = guest_path::host_at(t, dfd, pathp, true)?;
     sys!(libc::SYS_fchmodat, d, p.as_ptr(), mode as u32)
 }
 
@@ -537,8 +570,12 @@ pub fn fchmod(t: &mut Task, a: [u64; 6]) -> SysResult {
 }
 
 pub fn fchownat(t: &mut Task, dfd: u64, pathp: u64, uid: u64, gid: u64, flags: u64) -> SysResult {
-    let p = path(t, pathp)?;
-    let d = dirfd(t, dfd)?;
+    let (d, p) = path_at(t, dfd, pathp, flags as i32)?;
+    let p = if d == libc::AT_FDCWD {
+        procfs::redirect(t, p)
+    } else {
+        p
+    };
     sys!(
         libc::SYS_fchownat,
         d,
@@ -601,15 +638,16 @@ pub fn flock(t: &mut Task, a: [u64; 6]) -> SysResult {
 }
 
 pub fn utimensat(t: &mut Task, a: [u64; 6]) -> SysResult {
-    let p = if a[1] == 0 {
-        None
+    let (d, p) = if a[1] == 0 {
+        (host_fd(t, a[0])?, None)
     } else {
-        Some(path(t, a[1])?)
-    };
-    let d = if p.is_none() {
-        host_fd(t, a[0])?
-    } else {
-        dirfd(t, a[0])?
+        let (d, p) = path_at(t, a[0], a[1], a[3] as i32)?;
+        let p = if d == libc::AT_FDCWD {
+            procfs::redirect(t, p)
+        } else {
+            p
+        };
+        (d, Some(p))
     };
     let times = if a[2] == 0 {
         None
@@ -631,12 +669,11 @@ pub fn utimes_legacy(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
         libc::SYS_utime => (libc::AT_FDCWD as u64, a[0], a[1], 16),
         _ => (libc::AT_FDCWD as u64, a[0], a[1], 32),
     };
-    let p = if nr == libc::SYS_futimesat {
-        path(t, pathp)?
+    let (d, p) = if nr == libc::SYS_futimesat {
+        guest_path::host_at(t, dfd, pathp, true)?
     } else {
-        cwd_path(t, pathp)?
+        (dirfd(t, dfd)?, cwd_path(t, pathp)?)
     };
-    let d = dirfd(t, dfd)?;
     let buf = if times == 0 {
         None
     } else {
@@ -664,7 +701,9 @@ fn host_errno(e: std::io::Error) -> Errno {
 }
 
 pub fn chdir(t: &mut Task, a: [u64; 6]) -> SysResult {
-    let p = path(t, a[0])?;
+    // Unchanged by the resolver, a relative path stays relative to the working
+    // directory's descriptor, as chdir below expects.
+    let (_, p) = guest_path::at(t, libc::AT_FDCWD as u64, a[0], true)?;
     let p = procfs::redirect(t, p);
     let cwd = t.fs().cwd_fd();
     // chdir needs search permission on the directory, which opening it O_PATH does
@@ -928,8 +967,7 @@ pub fn mknodat(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
     } else {
         (a[0], a[1], a[2], a[3])
     };
-    let p = path(t, p)?;
-    let d = dirfd(t, dfd)?;
+    let (d, p) = guest_path::host_at(t, dfd, p, false)?;
     let mode = t.fs().apply_umask(mode & 0o7777) | (mode & libc::S_IFMT as u64);
     sys!(libc::SYS_mknodat, d, p.as_ptr(), mode as u32, dev as u32)
 }
@@ -961,8 +999,8 @@ enum XattrTarget {
 fn xattr_target(t: &mut Task, nr: i64, arg: u64) -> Result<XattrTarget, Errno> {
     Ok(match nr {
         libc::SYS_getxattr | libc::SYS_setxattr | libc::SYS_listxattr | libc::SYS_removexattr => {
-            let p = path(t, arg)?;
-            let p = procfs::redirect(t, p);
+            // cwd_path has already put the guest's /proc entries' host files in.
+            let p = cwd_path(t, arg)?;
             XattrTarget::Path(relative_to_cwd(t, p))
         }
         libc::SYS_lgetxattr

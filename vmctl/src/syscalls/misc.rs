@@ -280,3 +280,26 @@ pub fn prctl(t: &mut Task, a: [u64; 6]) -> SysResult {
         _ => Err(Errno(libc::EINVAL)),
     }
 }
+
+/// ptrace: the guest cannot trace itself here, and every other pid is, for the guest,
+/// a process that does not exist (see `other_process`).
+pub fn ptrace(t: &mut Task, a: [u64; 6]) -> SysResult {
+    const PTRACE_TRACEME: u64 = 0;
+    if a[0] == PTRACE_TRACEME {
+        // As Linux answers a process that may not be traced by its parent.
+        return Err(Errno(libc::EPERM));
+    }
+    other_process(t, a[1])
+}
+
+/// process_vm_readv/writev, kcmp and pidfd_open name a process by pid. The guest's
+/// own pid gets EPERM (these are not emulated for a process on itself); every other
+/// pid gets ESRCH, as for a process that does not exist, so that none of them ever
+/// reaches vmctl or another host process.
+pub fn other_process(t: &mut Task, pid: u64) -> SysResult {
+    if pid as i32 == t.tgid() {
+        Err(Errno(libc::EPERM))
+    } else {
+        Err(Errno(libc::ESRCH))
+    }
+}

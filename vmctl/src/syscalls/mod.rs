@@ -4,6 +4,7 @@
 
 mod events;
 pub(crate) mod fs;
+mod guest_path;
 mod identity;
 mod memory;
 mod misc;
@@ -355,6 +356,15 @@ fn dispatch(t: &mut Task, nr: u64, a: [u64; 6]) -> Result<Ret, crate::kernel::Er
         }
         SYS_wait4 => v(process::wait4(t, a)),
         SYS_waitid => v(process::waitid(t, a)),
+        // Calls that reach into a process by pid. None of them is emulated, and none
+        // may ever reach vmctl (whose memory and descriptors are not the guest's) or
+        // another host process: the caller gets EPERM, any other pid ESRCH.
+        SYS_ptrace => v(misc::ptrace(t, a)),
+        SYS_process_vm_readv | SYS_process_vm_writev | SYS_kcmp | SYS_pidfd_open => {
+            v(misc::other_process(t, a[0]))
+        }
+        // No pidfd can exist in the VM.
+        SYS_pidfd_getfd | SYS_pidfd_send_signal => Ok(Ret::Value(-(EBADF as i64))),
         SYS_arch_prctl => v(misc::arch_prctl(t, a)),
         SYS_set_tid_address => {
             t.thread.clear_child_tid = a[0];

@@ -268,7 +268,9 @@ pub fn stat(t: &mut Task, path: &CStr, st: &mut [u8; 144]) -> Result<Option<i64>
 pub fn redirect(t: &Task, path: CString) -> CString {
     match classify(t, &path) {
         Some((target, Entry::Exe)) => exe_of(&target),
-        Some((target, Entry::Fd(n))) => host_fd_path(t, &target, n).unwrap_or(path),
+        // A descriptor the process does not have is nobody's, never vmctl's own.
+        Some((target, Entry::Fd(n))) => host_fd_path(t, &target, n)
+            .unwrap_or_else(|_| CString::new("/proc/vmwrap-no-such-entry").expect("no NUL")),
         Some((_, Entry::Missing)) => CString::new("/proc/vmwrap-no-such-entry").expect("no NUL"),
         _ => path,
     }

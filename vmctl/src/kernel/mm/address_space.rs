@@ -654,9 +654,14 @@ impl AddressSpace {
     pub fn read(&mut self, ctx: &mut MmCtx, va: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let mut done = 0usize;
         for r in self.host_ranges(ctx, va, buf.len() as u64, Access::Read)? {
-            // SAFETY: host_ranges returned in-bounds pointers into guest RAM.
-            let src = unsafe { std::slice::from_raw_parts(r.iov_base as *const u8, r.iov_len) };
-            buf[done..done + r.iov_len].copy_from_slice(src);
+            let dst = &mut buf[done..done + r.iov_len];
+            if in_ram(ctx.mem, &r) {
+                // SAFETY: host_ranges returned in-bounds pointers into guest RAM.
+                let src = unsafe { std::slice::from_raw_parts(r.iov_base as *const u8, r.iov_len) };
+                dst.copy_from_slice(src);
+            } else {
+                copy_shared(dst.as_mut_ptr(), r.iov_base as *const u8, r.iov_len)?;
+            }
             done += r.iov_len;
         }
         Ok(())
@@ -665,9 +670,15 @@ impl AddressSpace {
     pub fn write(&mut self, ctx: &mut MmCtx, va: u64, data: &[u8]) -> Result<(), Errno> {
         let mut done = 0usize;
         for r in self.host_ranges(ctx, va, data.len() as u64, Access::Write)? {
-            // SAFETY: host_ranges returned in-bounds pointers into guest RAM.
-            let dst = unsafe { std::slice::from_raw_parts_mut(r.iov_base as *mut u8, r.iov_len) };
-            dst.copy_from_slice(&data[done..done + r.iov_len]);
+            let src = &data[done..done + r.iov_len];
+            if in_ram(ctx.mem, &r) {
+                // SAFETY: host_ranges returned in-bounds pointers into guest RAM.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(r.iov_base as *mut u8, r.iov_len) };
+                dst.copy_from_slice(src);
+            } else {
+                copy_shared(r.iov_base as *mut u8, src.as_ptr(), r.iov_len)?;
+            }
             done += r.iov_len;
         }
         Ok(())
@@ -689,9 +700,16 @@ impl AddressSpace {
             let ptr = self
                 .host_ptr(ctx.mem, p, gpa, page_end - p)
                 .ok_or(Errno(libc::EFAULT))?;
-            // SAFETY: host_ptr checked that the whole range lies in guest RAM or in the
-            // shared region mapped at `p`.
-            let chunk = unsafe { std::slice::from_raw_parts(ptr, (page_end - p) as usize) };
+            let len = (page_end - p) as usize;
+            let mut copy = Vec::new();
+            let chunk: &[u8] = if gpa < SHARED_WINDOW {
+                // SAFETY: host_ptr checked that the whole range lies in guest RAM.
+                unsafe { std::slice::from_raw_parts(ptr, len) }
+            } else {
+                copy.resize(len, 0);
+                copy_shared(copy.as_mut_ptr(), ptr, len)?;
+                &copy
+            };
             if let Some(nul) = chunk.iter().position(|&b| b == 0) {
                 out.extend_from_slice(&chunk[..nul]);
                 return Ok(out);
@@ -819,5 +837,41 @@ mod vma_list {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, Vma>, D::Error> {
         let list = Vec::<Vma>::deserialize(d)?;
         Ok(list.into_iter().map(|v| (v.start, v)).collect())
+    }
+}
+
+/// Whether a host range from `host_ranges` lies in guest RAM (else it is in a shared
+/// file mapping).
+fn in_ram(mem: &GuestMemory, r: &libc::iovec) -> bool {
+    let base = mem.host_base();
+    let p = r.iov_base as u64;
+    p >= base && p + r.iov_len as u64 <= base + mem.size()
+}
+
+/// Copies `len` bytes to or from a shared file mapping. The file may have been
+/// truncated under the mapping (by the guest or anyone else), and a plain load or
+/// store beyond its end would be SIGBUS in vmctl. The kernel's copy answers EFAULT
+/// instead, as Linux does for a syscall buffer there, so the copy goes through
+/// process_vm_readv on vmctl itself.
+fn copy_shared(dst: *mut u8, src: *const u8, len: usize) -> Result<(), Errno> {
+    if len == 0 {
+        return Ok(());
+    }
+    let local = libc::iovec {
+        iov_base: dst as *mut _,
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: src as *mut _,
+        iov_len: len,
+    };
+    // SAFETY: both ranges are valid host addresses of vmctl (a local buffer and a
+    // mapping host_ranges found); the kernel checks every page and fails instead of
+    // faulting. process_vm_readv on our own pid is allowed even when non-dumpable.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n == len as isize {
+        Ok(())
+    } else {
+        Err(Errno(libc::EFAULT))
     }
 }

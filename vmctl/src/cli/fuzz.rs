@@ -1,0 +1,350 @@
+//! `vmctl fuzz-reader DIR` (hidden): a mutation test of the checkpoint reader.
+//!
+//! Starting from a real, intact checkpoint directory, each case builds a damaged copy
+//! (the manifest edited as JSON and re-checksummed as an attacker would, raw bytes
+//! flipped, the checksum line or the memory image damaged, files replaced by
+//! symlinks, FIFOs or directories, generation directories and `latest` rearranged)
+//! and runs, in this process, everything that reads a checkpoint before a VM exists:
+//! listing the generations, loading and checking each manifest, verifying every
+//! memory chunk, the CPU check and restore's memory cap. A case passes when the
+//! reader answers with an error or a result; a panic is counted and reported with the
+//! case's seed, and an abort (an allocation beyond the address-space limit this
+//! command sets) or a hang ends the command, which its test reports.
+//!
+//! docs/CHECKPOINT-FORMAT.md says how to run it longer.
+
+use crate::checkpoint::format::*;
+use crate::checkpoint::read;
+use clap::Args;
+use serde_json::Value;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct FuzzReaderArgs {
+    /// An intact checkpoint directory to start every case from
+    pub dir: PathBuf,
+
+    /// A scratch directory for the damaged copies (emptied and reused)
+    #[arg(long)]
+    pub scratch: PathBuf,
+
+    /// Number of cases
+    #[arg(long, default_value_t = 2000)]
+    pub cases: u64,
+
+    /// First case's seed; case i uses seed + i, so a failing case reruns alone with
+    /// --seed S --cases 1
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// splitmix64: small, seedable and good enough to pick mutations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The address space the reader may use: far above what reading a checkpoint
+/// needs, far below what a size taken on trust would ask for.
+const ADDRESS_SPACE_LIMIT: u64 = 4 << 30;
+
+pub fn fuzz_reader(args: FuzzReaderArgs) -> i32 {
+    let gens = match read::list_generations(&args.dir) {
+        Ok(g) if !g.is_empty() => g,
+        _ => {
+            eprintln!(
+                "vmctl: {}: no checkpoint generation to start from",
+                args.dir.display()
+            );
+            return super::EXIT_VMCTL_FAILED;
+        }
+    };
+    let seed_gen = args.dir.join(generation_dir_name(gens[0]));
+    let Ok(manifest) = fs::read(seed_gen.join(MANIFEST)) else {
+        eprintln!("vmctl: {}: no manifest", seed_gen.display());
+        return super::EXIT_VMCTL_FAILED;
+    };
+    let Ok(json) = serde_json::from_slice::<Value>(&manifest) else {
+        eprintln!("vmctl: {}: manifest is not JSON", seed_gen.display());
+        return super::EXIT_VMCTL_FAILED;
+    };
+    let limit = libc::rlimit {
+        rlim_cur: ADDRESS_SPACE_LIMIT,
+        rlim_max: ADDRESS_SPACE_LIMIT,
+    };
+    // SAFETY: setrlimit with a local struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) };
+    // Panics are counted and reported below, not printed one by one.
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut panics = Vec::new();
+    let mut accepted = 0u64;
+    for case in 0..args.cases {
+        let seed = args.seed.wrapping_add(case);
+        let _ = fs::remove_dir_all(&args.scratch);
+        if let Err(e) = fs::create_dir_all(&args.scratch) {
+            eprintln!("vmctl: {}: {e}", args.scratch.display());
+            return super::EXIT_VMCTL_FAILED;
+        }
+        let work = args.scratch.join("ck");
+        if let Err(e) = build_case(&seed_gen, gens[0], &manifest, &json, &work, seed) {
+            eprintln!("vmctl: case {seed}: cannot build it: {e}");
+            return super::EXIT_VMCTL_FAILED;
+        }
+        match std::panic::catch_unwind(|| read_like_restore(&work)) {
+            Ok(n) => accepted += n,
+            Err(_) => panics.push(seed),
+        }
+    }
+    let _ = fs::remove_dir_all(&args.scratch);
+    println!(
+        "{{\"cases\": {}, \"accepted_generations\": {accepted}, \"panics\": {panics:?}}}",
+        args.cases
+    );
+    if panics.is_empty() {
+        0
+    } else {
+        1
+    }
+}
+
+/// What inspect --verify and restore read before a VM exists. Returns how many
+/// generations passed every check.
+fn read_like_restore(dir: &Path) -> u64 {
+    let _ = read::latest(dir);
+    let Ok(gens) = read::candidates(dir) else {
+        return 0;
+    };
+    let mut ok = 0;
+    for g in gens {
+        let gen_dir = dir.join(generation_dir_name(g));
+        let Ok(m) = read::load_manifest(&gen_dir) else {
+            continue;
+        };
+        let _ = super::restore::check_memory_cap(&m, 1 << 30);
+        if read::verify_memory(&gen_dir, &m).is_ok() && read::check_cpu(&m, u64::MAX).is_ok() {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+fn build_case(
+    seed_gen: &Path,
+    generation: u64,
+    manifest: &[u8],
+    json: &Value,
+    work: &Path,
+    seed: u64,
+) -> std::io::Result<()> {
+    let mut rng = Rng(seed);
+    let gen = work.join(generation_dir_name(generation));
+    fs::create_dir_all(&gen)?;
+    symlink(generation_dir_name(generation), work.join(LATEST))?;
+    let image = gen.join(MEMORY);
+    let mut manifest = manifest.to_vec();
+    let mut resum = true;
+    match rng.below(100) {
+        0..=54 => {
+            let mut v = json.clone();
+            for _ in 0..1 + rng.below(3) {
+                mutate_value(&mut v, &mut rng);
+            }
+            manifest = serde_json::to_vec(&v).unwrap_or_default();
+        }
+        55..=69 => mutate_bytes(&mut manifest, &mut rng),
+        70..=74 => {
+            mutate_bytes(&mut manifest, &mut rng);
+            resum = false;
+        }
+        _ => {}
+    }
+    fs::write(gen.join(MANIFEST), &manifest)?;
+    let sum = if resum {
+        format!("crc32 {:08x} {MANIFEST}\n", crc32fast::hash(&manifest))
+    } else {
+        fs::read_to_string(seed_gen.join(MANIFEST_SUM))?
+    };
+    fs::write(gen.join(MANIFEST_SUM), sum)?;
+    // The image is linked, not copied, unless this case damages it.
+    if rng.chance(12) {
+        let mut bytes = fs::read(seed_gen.join(MEMORY))?;
+        mutate_bytes(&mut bytes, &mut rng);
+        fs::write(&image, bytes)?;
+    } else {
+        fs::hard_link(seed_gen.join(MEMORY), &image)?;
+    }
+    if rng.chance(20) {
+        mutate_shape(work, &gen, &mut rng)?;
+    }
+    Ok(())
+}
+
+fn interesting_number(rng: &mut Rng, old: &Value) -> Value {
+    let old = old.as_u64().unwrap_or(0);
+    match rng.below(12) {
+        0 => 0.into(),
+        1 => 1.into(),
+        2 => 4095.into(),
+        3 => (1u64 << 32).into(),
+        4 => (1u64 << 48).into(),
+        5 => u64::MAX.into(),
+        6 => (u64::MAX - 4095).into(),
+        7 => (-1i64).into(),
+        8 => i64::MIN.into(),
+        9 => old.wrapping_add(1 + rng.below(8192)).into(),
+        10 => old.wrapping_mul(1 << rng.below(40)).into(),
+        _ => rng.next().into(),
+    }
+}
+
+/// Changes one random node of the manifest: a number, string, list or object.
+fn mutate_value(v: &mut Value, rng: &mut Rng) {
+    // Choose a random node (as a JSON pointer), walking down from the root.
+    let mut pointer = String::new();
+    let mut at: &Value = v;
+    for _ in 0..rng.below(12) {
+        let (step, next) = match at {
+            Value::Object(m) if !m.is_empty() => {
+                let (k, n) = m
+                    .iter()
+                    .nth(rng.below(m.len() as u64) as usize)
+                    .expect("index");
+                (k.replace('~', "~0").replace('/', "~1"), n)
+            }
+            Value::Array(a) if !a.is_empty() => {
+                let i = rng.below(a.len() as u64) as usize;
+                (i.to_string(), &a[i])
+            }
+            _ => break,
+        };
+        pointer.push('/');
+        pointer.push_str(&step);
+        at = next;
+    }
+    let Some(node) = v.pointer_mut(&pointer) else {
+        return;
+    };
+    match node {
+        Value::Number(_) => {
+            let old = node.clone();
+            *node = interesting_number(rng, &old);
+        }
+        Value::String(s) => {
+            *s = match rng.below(5) {
+                0 => String::new(),
+                1 => "../../../../etc/passwd".into(),
+                2 => "/dev/zero".into(),
+                3 => "x".repeat(1 << rng.below(20)),
+                _ => format!("{s}\u{0}{}", rng.next()),
+            }
+        }
+        Value::Array(a) => match rng.below(4) {
+            0 => a.clear(),
+            1 if !a.is_empty() => {
+                a.remove(rng.below(a.len() as u64) as usize);
+            }
+            2 if !a.is_empty() => {
+                let e = a[rng.below(a.len() as u64) as usize].clone();
+                for _ in 0..1 + rng.below(500) {
+                    a.push(e.clone());
+                }
+            }
+            _ => a.push(interesting_number(rng, &Value::Null)),
+        },
+        Value::Object(m) => {
+            if let Some(k) = m.keys().nth(rng.below(m.len() as u64) as usize).cloned() {
+                if rng.chance(50) {
+                    m.remove(&k);
+                } else {
+                    m.insert(k, Value::Null);
+                }
+            }
+        }
+        Value::Bool(b) => *b = !*b,
+        Value::Null => *node = interesting_number(rng, &Value::Null),
+    }
+}
+
+fn mutate_bytes(b: &mut Vec<u8>, rng: &mut Rng) {
+    match rng.below(4) {
+        0 => {
+            let n = rng.below(b.len() as u64 + 1) as usize;
+            b.truncate(n);
+        }
+        1 => {
+            for _ in 0..1 + rng.below(16) {
+                if b.is_empty() {
+                    break;
+                }
+                let i = rng.below(b.len() as u64) as usize;
+                b[i] ^= 1 << rng.below(8);
+            }
+        }
+        2 => {
+            let at = rng.below(b.len() as u64 + 1) as usize;
+            let extra: Vec<u8> = (0..1 + rng.below(64)).map(|_| rng.next() as u8).collect();
+            b.splice(at..at, extra);
+        }
+        _ => b.extend((0..rng.below(8192)).map(|_| rng.next() as u8)),
+    }
+}
+
+/// Rearranges the generation directory: files swapped for symlinks, FIFOs or
+/// directories, files missing, extra or odd generation directories, `latest`
+/// pointing elsewhere.
+fn mutate_shape(work: &Path, gen: &Path, rng: &mut Rng) -> std::io::Result<()> {
+    let files = [MANIFEST, MANIFEST_SUM, MEMORY];
+    let victim = gen.join(files[rng.below(3) as usize]);
+    match rng.below(9) {
+        0 => fs::remove_file(&victim)?,
+        1 => {
+            fs::remove_file(&victim)?;
+            symlink("/dev/zero", &victim)?;
+        }
+        2 => {
+            fs::remove_file(&victim)?;
+            let c = std::ffi::CString::new(victim.as_os_str().as_encoded_bytes())
+                .map_err(std::io::Error::other)?;
+            // SAFETY: mkfifo with a NUL-terminated path.
+            unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        }
+        3 => {
+            fs::remove_file(&victim)?;
+            fs::create_dir(&victim)?;
+        }
+        4 => {
+            fs::remove_file(&victim)?;
+            symlink(victim.file_name().unwrap_or_default(), &victim)?;
+        }
+        5 => fs::create_dir(work.join(generation_dir_name(1 + rng.below(1_000_000))))?,
+        6 => fs::write(work.join(generation_dir_name(999_999)), b"not a directory")?,
+        7 => {
+            fs::remove_file(work.join(LATEST))?;
+            let target = match rng.below(3) {
+                0 => "gen-999999".to_string(),
+                1 => "../../..".to_string(),
+                _ => LATEST.to_string(),
+            };
+            symlink(target, work.join(LATEST))?;
+        }
+        _ => fs::create_dir(work.join("gen-99999999999999999999999"))?,
+    }
+    Ok(())
+}
