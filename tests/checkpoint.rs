@@ -1151,7 +1151,7 @@ fn checkpoint_needing_a_cpu_feature_this_host_lacks_is_refused() {
 /// manifest grown past the cap (its sum rewritten to match) is refused with
 /// the reason; the untouched generation restores under the same cap.
 #[test]
-fn restore_mem_caps_what_the_manifest_asks_for() {
+fn restore_mem_refuses_a_grown_manifest_and_restores_the_original() {
     need_kvm!();
     let tmp = TempDir::new("ckpt-mem-cap");
     let out = tmp.join("vm.bin");
