@@ -249,7 +249,7 @@ impl Runner {
         tasks: Vec<crate::kernel::freeze::TaskSnapshot>,
         t0: i64,
     ) -> Result<Taken, String> {
-        if self.kernel.job_status().is_some() {
+        if self.kernel.job_status().is_some() || tasks.is_empty() {
             return Err("the job ended before the checkpoint".into());
         }
         let state = self.kernel.snapshot(tasks);

@@ -58,7 +58,6 @@ impl Freezer {
         while st.generation == generation {
             st = self.cv.wait(st).expect("freezer poisoned");
         }
-        st.parked.remove(&tid);
     }
 
     pub fn is_parked(&self, tid: i32) -> bool {
@@ -95,6 +94,8 @@ impl Freezer {
     pub fn thaw(&self) {
         self.active.store(false, Ordering::SeqCst);
         let mut st = self.state.lock().expect("freezer poisoned");
+        // A task that has not woken yet must not look parked to the next freeze.
+        st.parked.clear();
         st.generation += 1;
         self.cv.notify_all();
     }
