@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod clock;
 mod control;
+mod events;
 mod iov;
 mod kernel;
 mod machine;
@@ -12,5 +13,6 @@ mod runner;
 mod syscalls;
 
 fn main() {
+    events::init_from_env();
     std::process::exit(cli::main());
 }

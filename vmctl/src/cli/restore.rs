@@ -6,6 +6,7 @@ use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
 use crate::checkpoint::format::generation_dir_name;
 use crate::checkpoint::read;
 use crate::kernel::task::Task;
+use crate::events::{self, Event};
 use crate::kernel::Kernel;
 use crate::machine::layout::SYSTEM_SIZE;
 use crate::machine::Vm;
@@ -73,8 +74,13 @@ pub fn restore(args: RestoreArgs) -> i32 {
     let newest = candidates[0];
     for g in candidates {
         let gen_dir = dir.join(generation_dir_name(g));
-        match try_generation(&kvm, &gen_dir, args.mem) {
-            Ok((kernel, tasks, meta)) => {
+        let started = crate::clock::monotonic_ns();
+        let result = try_generation(&kvm, &gen_dir, args.mem);
+        let seconds = (crate::clock::monotonic_ns() - started) as f64 / 1e9;
+        match result {
+            Ok((kernel, tasks, meta, bytes)) => {
+                let kind = if g == newest { "restore" } else { "fallback" };
+                events::emit(&dir, &Event::new(kind, g, bytes, seconds));
                 if g != newest {
                     eprintln!("vmctl: restored generation {g}, the newest usable one");
                 }
@@ -93,7 +99,10 @@ pub fn restore(args: RestoreArgs) -> i32 {
                     }
                 };
             }
-            Err(e) => eprintln!("vmctl: generation {g} is unusable: {e}"),
+            Err(e) => {
+                events::emit(&dir, &Event::new("restore", g, 0, seconds).failed(&e));
+                eprintln!("vmctl: generation {g} is unusable: {e}");
+            }
         }
     }
     eprintln!(
@@ -107,7 +116,7 @@ fn try_generation(
     kvm: &kvm_ioctls::Kvm,
     gen_dir: &std::path::Path,
     mem_cap: Option<u64>,
-) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta), String> {
+) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta, u64), String> {
     let manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
     let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
     // The manifest is the user's file: its sizes are a request, and the caller's
@@ -140,6 +149,7 @@ fn try_generation(
         }
         state.commit_limit = state.commit_limit.min(cap);
     }
+    let bytes = manifest.memory.data_bytes;
     let (kernel, tasks) = Kernel::restore(vm, state).map_err(|e| e.to_string())?;
-    Ok((kernel, tasks, meta))
+    Ok((kernel, tasks, meta, bytes))
 }
