@@ -26,7 +26,8 @@ pub const EVENTS_SHOWN: usize = 100;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
-    /// "checkpoint" or "restore".
+    /// "checkpoint", "restore", or "fallback" (restored an older generation
+    /// because the newer ones were unusable).
     pub event: String,
     pub generation: u64,
     /// "full" (the only kind today).
@@ -41,6 +42,9 @@ pub struct Event {
     pub error: Option<String>,
     pub time_unix: i64,
     pub vmctl_version: String,
+    /// The Slurm task (SLURM_PROCID) when run by the plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u32>,
 }
 
 impl Event {
@@ -55,6 +59,9 @@ impl Event {
             error: None,
             time_unix: crate::clock::realtime_s(),
             vmctl_version: env!("CARGO_PKG_VERSION").into(),
+            task: std::env::var("SLURM_PROCID")
+                .ok()
+                .and_then(|t| t.parse().ok()),
         }
     }
 

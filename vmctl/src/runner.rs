@@ -4,10 +4,10 @@
 use crate::checkpoint::{self, format::*, write};
 use crate::control::signals::{self, SignalAction};
 use crate::control::{socket, Request, Requests};
+use crate::events::{self, Event};
 use crate::kernel::task::Task;
 use crate::kernel::timers::Timers;
 use crate::kernel::{JobEnd, Kernel};
-use crate::events::{self, Event};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -109,7 +109,7 @@ pub fn write_memory(
     let mut progress = crate::events::Progress::new("checkpoint", limit);
     let mut gpa = 0u64;
     while gpa < limit {
-        if gpa % CHUNK_BYTES == 0 {
+        if gpa.is_multiple_of(CHUNK_BYTES) {
             progress.update(gpa);
         }
         let page = mem.slice(gpa, PAGE_SIZE).expect("page inside RAM");

@@ -340,8 +340,8 @@ fn check_checkpoint_root(root: &Path) -> Vec<Item> {
     let mut vfs: libc::statvfs = unsafe_zeroed_statvfs();
     // SAFETY: a valid path and a statvfs to fill.
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut vfs) } == 0 {
-        let free = (vfs.f_bavail as u64).saturating_mul(vfs.f_frsize as u64);
-        let total = (vfs.f_blocks as u64).saturating_mul(vfs.f_frsize as u64);
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        let total = vfs.f_blocks.saturating_mul(vfs.f_frsize);
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let detail = format!(
             "{:.1} GiB free of {:.1} GiB; each generation of a job needs up to its guest RAM",

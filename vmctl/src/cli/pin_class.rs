@@ -17,6 +17,53 @@ pub struct PinClassArgs {
     /// Give up after this many seconds if the job never becomes pending
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub timeout: u64,
+
+    /// Go on in the background, no longer a descendant of the caller:
+    /// slurmstepd kills its descendants when the step ends
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// Says `msg` on stderr and in syslog: the plugin runs this with no stderr.
+fn report(msg: &str) {
+    eprintln!("vmctl: pin-class: {msg}");
+    if let Ok(c) = std::ffi::CString::new(format!("vmwrap: pin-class: {msg}")) {
+        // SAFETY: a constant "%s" format with one valid C string.
+        unsafe {
+            libc::syslog(
+                libc::LOG_INFO | libc::LOG_DAEMON,
+                c"%s".as_ptr(),
+                c.as_ptr(),
+            )
+        };
+    }
+}
+
+/// Forks twice so the worker is adopted by init; returns false in the caller.
+fn detach() -> bool {
+    // SAFETY: vmctl is single-threaded here (nothing started yet), so fork is safe.
+    match unsafe { libc::fork() } {
+        -1 => {
+            report(&format!("cannot fork: {}", std::io::Error::last_os_error()));
+            std::process::exit(1)
+        }
+        0 => {
+            // SAFETY: as above, in the child.
+            unsafe { libc::setsid() };
+            // SAFETY: as above.
+            match unsafe { libc::fork() } {
+                0 => true,
+                // SAFETY: _exit skips destructors the parent's copy still owns.
+                _ => unsafe { libc::_exit(0) },
+            }
+        }
+        child => {
+            let mut status = 0;
+            // SAFETY: reaping the intermediate child we just forked.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            false
+        }
+    }
 }
 
 const SCONTROL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,6 +94,9 @@ pub fn pinned_features(current: &str, class: &str) -> Option<String> {
 }
 
 pub fn pin_class(args: PinClassArgs) -> i32 {
+    if args.detach && !detach() {
+        return 0;
+    }
     let (class, _) = super::cpu_class::this_node();
     let job = args.job.to_string();
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
@@ -59,7 +109,7 @@ pub fn pin_class(args: PinClassArgs) -> i32 {
             Ok(r) => r,
             Err(e) if e.contains("Invalid job id") => return 0,
             Err(e) => {
-                eprintln!("vmctl: pin-class: {e}");
+                report(&e);
                 String::new()
             }
         };
@@ -72,10 +122,10 @@ pub fn pin_class(args: PinClassArgs) -> i32 {
             _ => return 0,
         }
         if Instant::now() >= deadline {
-            eprintln!(
-                "vmctl: pin-class: job {job} did not become pending within {}s (state {state})",
+            report(&format!(
+                "job {job} did not become pending within {}s (state {state})",
                 args.timeout
-            );
+            ));
             return 1;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -90,11 +140,30 @@ pub fn pin_class(args: PinClassArgs) -> i32 {
     if current.split('&').any(|t| t == class) {
         return 0;
     }
+    // A site that has not given its nodes CPU classes gets no pinning, rather than
+    // every requeued job held.
+    let node_features = run_with_timeout("sinfo", &["--noheader", "--format=%f"], SCONTROL_TIMEOUT)
+        .unwrap_or_else(|e| {
+            report(&e);
+            String::new()
+        });
+    let mut classes = node_features
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|f| f.starts_with("vmwrap-"));
+    if classes.clone().next().is_none() {
+        report(&format!(
+            "no node has a vmwrap-* CPU class in its Features; job {job} is not pinned"
+        ));
+        return 0;
+    }
+    let class_exists = classes.any(|f| f == class);
     let Some(features) = pinned_features(&current, &class) else {
-        eprintln!("vmctl: pin-class: job {job} has Features={current}, which cannot be extended; not pinning it to {class}");
+        report(&format!(
+            "job {job} has Features={current}, which cannot be extended; not pinning it to {class}"
+        ));
         return 1;
     };
-    match run_with_timeout(
+    let updated = run_with_timeout(
         "scontrol",
         &[
             "update",
@@ -102,32 +171,32 @@ pub fn pin_class(args: PinClassArgs) -> i32 {
             &format!("Features={features}"),
         ],
         SCONTROL_TIMEOUT,
-    ) {
-        Ok(_) => {
-            eprintln!("vmctl: pin-class: job {job} now requires Features={features}");
-            0
-        }
-        Err(e) => {
-            // Slurm refuses a feature no node has: hold the job rather than let it
-            // start somewhere its checkpoint cannot be restored.
-            let comment = format!(
-                "vmwrap: held: its checkpoint needs a node with CPU class {class} and none has that feature ({}); add Features={class} to such nodes and release the job, or release it to start afresh",
-                e.lines().last().unwrap_or("").trim()
-            );
-            let _ = run_with_timeout("scontrol", &["hold", &job], SCONTROL_TIMEOUT);
-            let _ = run_with_timeout(
-                "scontrol",
-                &[
-                    "update",
-                    &format!("JobId={job}"),
-                    &format!("AdminComment={comment}"),
-                ],
-                SCONTROL_TIMEOUT,
-            );
-            eprintln!("vmctl: pin-class: job {job}: {comment}");
-            1
-        }
+    );
+    if let (Ok(_), true) = (&updated, class_exists) {
+        report(&format!("job {job} now requires Features={features}"));
+        return 0;
     }
+    // No node can restore the checkpoint: hold the job rather than let it start
+    // afresh somewhere, and say why where admins and users look.
+    let why = match &updated {
+        Err(e) => e.lines().last().unwrap_or("").trim().to_string(),
+        Ok(_) => "no node has it in its Features".to_string(),
+    };
+    let comment = format!(
+        "vmwrap: held: its checkpoint needs a node of CPU class {class} ({why}); add Features={class} to such nodes and release the job, or release it to start afresh"
+    );
+    let _ = run_with_timeout("scontrol", &["hold", &job], SCONTROL_TIMEOUT);
+    let _ = run_with_timeout(
+        "scontrol",
+        &[
+            "update",
+            &format!("JobId={job}"),
+            &format!("AdminComment={comment}"),
+        ],
+        SCONTROL_TIMEOUT,
+    );
+    report(&format!("job {job}: {comment}"));
+    1
 }
 
 #[cfg(test)]
