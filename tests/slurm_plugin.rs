@@ -1873,7 +1873,7 @@ fn requeued_job_of_a_missing_cpu_class_is_held() {
         || format!("{:?}", job_fields(&job)),
     );
     assert!(
-        comment.contains("AdminComment=vmwrap: held") && comment.contains(&class),
+        comment.contains("Comment=vmwrap: held") && comment.contains(&class),
         "no reason naming {class}:\n{comment}"
     );
     let text = fs::read_to_string(&output).unwrap_or_default();

@@ -2,7 +2,8 @@
 //! wrapped step stops with a checkpoint. It waits for the requeued job to be
 //! pending and adds this node's CPU class to the job's Features, so Slurm starts it
 //! again only where the checkpoint can be restored. If no node has the class, the
-//! job is held with an AdminComment saying why, rather than started afresh.
+//! job is held with a Comment saying why, rather than started afresh (AdminComment
+//! is left alone: it carries the plugin's wrapped mark that vmwrap-drain trusts).
 
 use super::check::run_with_timeout;
 use clap::Args;
@@ -191,7 +192,7 @@ pub fn pin_class(args: PinClassArgs) -> i32 {
         &[
             "update",
             &format!("JobId={job}"),
-            &format!("AdminComment={comment}"),
+            &format!("Comment={comment}"),
         ],
         SCONTROL_TIMEOUT,
     );
