@@ -319,6 +319,8 @@ enum Restart {
 struct Cleanup {
     jobs: Vec<String>,
     drained: Vec<String>,
+    /// Nodes whose Features a test changed, with the value to put back.
+    features: Vec<(String, String)>,
 }
 
 impl Drop for Cleanup {
@@ -331,6 +333,16 @@ impl Drop for Cleanup {
         for node in &self.drained {
             let _ = Command::new("scontrol")
                 .args(["update", &format!("nodename={node}"), "state=resume"])
+                .status();
+        }
+        for (node, features) in &self.features {
+            let _ = Command::new("scontrol")
+                .args([
+                    "update",
+                    &format!("nodename={node}"),
+                    &format!("availablefeatures={features}"),
+                    &format!("activefeatures={features}"),
+                ])
                 .status();
         }
     }
@@ -394,8 +406,22 @@ fn wait_running(job: &str) -> String {
             let f = job_fields(job)?;
             (f.get("JobState")? == "RUNNING").then(|| f.get("NodeList").cloned())?
         },
-        || format!("state {}", job_state(job)),
+        || {
+            let f = job_fields(job).unwrap_or_default();
+            format!(
+                "state {:?}, reason {:?}",
+                f.get("JobState"),
+                f.get("Reason")
+            )
+        },
     )
+}
+
+/// The installed vmwrap-drain when .ci/run tests the package, else the checkout's.
+fn drain_helper() -> PathBuf {
+    std::env::var_os("VMWRAP_DRAIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmwrap_tests::workspace_root().join("contrib/vmwrap-drain"))
 }
 
 fn unix_now() -> u64 {
@@ -784,7 +810,7 @@ fn drain_helper_moves_wrapped_jobs_off_a_node() {
     resume_node(&mut cleanup, spare);
 
     cleanup.drained.push(busy.clone());
-    let helper = vmwrap_tests::workspace_root().join("contrib/vmwrap-drain");
+    let helper = drain_helper();
     let out = run(
         helper.to_str().unwrap(),
         &[busy, "--reason", "vmwrap test drain"],
@@ -1290,7 +1316,7 @@ fn drain_trusts_slurm_not_directories_users_make() {
     resume_node(&mut cleanup, spare);
 
     cleanup.drained.push(busy.clone());
-    let helper = vmwrap_tests::workspace_root().join("contrib/vmwrap-drain");
+    let helper = drain_helper();
     let out = run(helper.to_str().unwrap(), &[busy], Path::new("/"));
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(
@@ -1371,7 +1397,7 @@ fn sixteen_jobs_checkpointed_at_once_all_resume() {
     resume_node(&mut cleanup, spare);
 
     cleanup.drained.push(busy.clone());
-    let helper = vmwrap_tests::workspace_root().join("contrib/vmwrap-drain");
+    let helper = drain_helper();
     let out = run(helper.to_str().unwrap(), &[busy], Path::new("/"));
     assert_eq!(out.code, 0, "{out:?}");
     let mut expected: Vec<String> = jobs
@@ -1649,4 +1675,207 @@ fn checkpoint_needing_a_missing_cpu_feature_is_kept() {
         fs::read(kept_gen.join("memory.img")).is_ok_and(|b| b == image),
         "the kept memory image changed"
     );
+}
+
+/// This machine's CPU class, which vmwrap-cluster puts in every node's Features.
+fn cpu_class() -> String {
+    let out = run(
+        vmwrap_tests::vmctl_path().to_str().unwrap(),
+        &["cpu-class"],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let class = out.stdout_str().trim().to_string();
+    assert!(class.starts_with("vmwrap-"), "{out:?}");
+    class
+}
+
+fn node_features(node: &str) -> String {
+    let out = run("scontrol", &["show", "node", "-o", node], Path::new("/"));
+    assert_eq!(out.code, 0, "{out:?}");
+    out.stdout_str()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("AvailableFeatures=").map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Gives `node` the Features `features` (empty: none) until the test ends.
+fn set_node_features(cleanup: &mut Cleanup, node: &str, features: &str) {
+    let before = node_features(node);
+    let before = if before == "(null)" {
+        String::new()
+    } else {
+        before
+    };
+    if !cleanup.features.iter().any(|(n, _)| n == node) {
+        cleanup.features.push((node.to_string(), before));
+    }
+    let out = run(
+        "scontrol",
+        &[
+            "update",
+            &format!("nodename={node}"),
+            &format!("availablefeatures={features}"),
+            &format!("activefeatures={features}"),
+        ],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "setting the features of {node}: {out:?}");
+}
+
+/// The slurmd logs of the local cluster, concatenated.
+fn slurmd_logs() -> String {
+    fs::read_dir("/var/log/slurm")
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = path.file_name()?.to_str()?.to_string();
+            name.starts_with("slurmd-")
+                .then(|| fs::read_to_string(&path).unwrap_or_default())
+        })
+        .collect()
+}
+
+/// The `key=value` pairs of the event line of `kind` for `job`, if logged.
+fn event_line(
+    logs: &str,
+    kind: &str,
+    job: &str,
+) -> Option<std::collections::HashMap<String, String>> {
+    let marker = format!("vmwrap: event={kind} job={job} ");
+    let line = logs.lines().find(|l| l.contains(&marker))?;
+    let pairs = &line[line.find("event=")?..];
+    Some(
+        pairs
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+/// Two CPU classes: n1 has this machine's, n2 a made-up one. A wrapped job
+/// checkpointed on n1 is pinned to n1's class when requeued, so with n1
+/// drained it waits instead of starting on n2 (where, on a real cluster, its
+/// checkpoint could not be restored); once n1 is back it resumes there. The
+/// slurmd log carries one parseable event line per fresh start, checkpoint
+/// and restore.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn requeued_job_waits_for_a_node_of_its_cpu_class() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let nodes = nodes();
+    let (home, other) = (&nodes[0], &nodes[1]);
+    let class = cpu_class();
+    set_node_features(&mut cleanup, home, &class);
+    set_node_features(&mut cleanup, other, "vmwrap-test-b");
+    let dir = user_dir("class");
+    let output = dir.join("job.out");
+    // The job must start on `home`: keep `other` drained until it runs.
+    drain(&mut cleanup, other);
+    let job = submit_counter(&mut cleanup, "class", dir.path(), &output, &[]);
+    assert_eq!(&wait_running(&job), home);
+    resume_node(&mut cleanup, other);
+    wait_progress(&job, &output, 4);
+
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    poll(
+        &format!("job {job} to be pinned to {class}"),
+        JOB_TIMEOUT,
+        || {
+            let features = job_fields(&job)?.get("Features")?.clone();
+            features.split('&').any(|f| f == class).then_some(())
+        },
+        || format!("{:?}", job_fields(&job)),
+    );
+    drain(&mut cleanup, home);
+    release(&job, requeued_at);
+    // The scheduler looked at the job (its reason is no longer the requeue's
+    // BeginTime) and left it pending: the only free node has another class.
+    let reason = poll(
+        &format!("the scheduler to consider job {job}"),
+        JOB_TIMEOUT,
+        || {
+            let f = job_fields(&job)?;
+            let reason = f.get("Reason")?.clone();
+            (f.get("JobState")? != "PENDING" || !["BeginTime", "None"].contains(&reason.as_str()))
+                .then_some(reason)
+        },
+        || format!("{:?}", job_fields(&job)),
+    );
+    assert_eq!(
+        job_state(&job),
+        "PENDING",
+        "job {job} pinned to {class} started elsewhere (reason was {reason})"
+    );
+    resume_node(&mut cleanup, home);
+    assert_eq!(&wait_running(&job), home);
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    check_two_runs(&text, Restart::Resumed);
+
+    let logs = slurmd_logs();
+    let fresh = event_line(&logs, "fresh_start", &job).expect("no fresh_start event");
+    assert_eq!(fresh["restart"], "0");
+    assert_eq!(fresh["result"], "ok");
+    let checkpoint = event_line(&logs, "checkpoint", &job).expect("no checkpoint event");
+    assert_eq!(checkpoint["step"], "0");
+    assert_eq!(checkpoint["task"], "0");
+    assert_eq!(checkpoint["result"], "ok");
+    assert_eq!(checkpoint["kind"], "full");
+    assert!(checkpoint["gen"].parse::<u64>().unwrap() >= 1);
+    assert!(checkpoint["bytes"].parse::<u64>().unwrap() > 0);
+    assert!(checkpoint["frozen_s"].parse::<f64>().is_ok());
+    let restore = event_line(&logs, "restore", &job).expect("no restore event");
+    assert_eq!(
+        restore["gen"], checkpoint["gen"],
+        "restored another generation"
+    );
+    assert_eq!(restore["result"], "ok");
+}
+
+/// A requeued wrapped job whose CPU class no node has is held with a reason
+/// saying so, instead of starting afresh on a node that cannot restore it.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn requeued_job_of_a_missing_cpu_class_is_held() {
+    need_slurm!();
+    let mut cleanup = Cleanup::default();
+    let nodes = nodes();
+    let class = cpu_class();
+    let dir = user_dir("noclass");
+    let output = dir.join("job.out");
+    let job = submit_counter(&mut cleanup, "noclass", dir.path(), &output, &[]);
+    let node = wait_running(&job);
+    wait_progress(&job, &output, 4);
+    // The class the job runs on leaves the cluster; others remain.
+    for n in &nodes {
+        let features = if *n == node {
+            "vmwrap-test-c"
+        } else {
+            "vmwrap-test-b"
+        };
+        set_node_features(&mut cleanup, n, features);
+    }
+    requeue(&job);
+    let comment = poll(
+        &format!("job {job} to be held"),
+        JOB_TIMEOUT,
+        || {
+            let f = job_fields(&job)?;
+            (f.get("JobState")? == "PENDING" && f.get("Reason")? == "JobHeldAdmin")
+                .then(|| run("scontrol", &["show", "job", &job], Path::new("/")).stdout_str())
+        },
+        || format!("{:?}", job_fields(&job)),
+    );
+    assert!(
+        comment.contains("Comment=vmwrap: held") && comment.contains(&class),
+        "no reason naming {class}:\n{comment}"
+    );
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(parse_runs(&text).len(), 1, "the job ran again:\n{text}");
 }

@@ -6,7 +6,7 @@
 
 use std::ffi::{c_char, c_int, CStr, CString, OsStr, OsString};
 use std::io::Write;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -16,6 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use crate::dirs::{self, Cleared, StepPath, FINISHED_MARKER, IDENTITY_FILE};
+use crate::events;
 use crate::launch::{self, Env, Mode, StepIdentity, EXIT_CHECKPOINTED};
 use crate::options::{Config, WrapOptions};
 use crate::spank::{self, sys, Context, Spank};
@@ -33,6 +34,13 @@ const FAIL: c_int = -1;
 struct Prepared {
     path: StepPath,
     kvm_fd: RawFd,
+    /// The write end of the events pipe (crate::events), close-on-exec like
+    /// kvm_fd: exec_vmctl hands it to vmctl only.
+    events: Option<std::os::fd::OwnedFd>,
+    /// Ends when every copy of the write end is closed.
+    relay: Option<std::sync::mpsc::Receiver<()>>,
+    /// Set once the job was handed to `vmctl pin-class`.
+    pinning: bool,
 }
 
 struct State {
@@ -47,6 +55,10 @@ struct State {
     /// error is kept until task_init, where failing makes each task exit 1.
     step_error: Option<String>,
 }
+
+/// The events pipe's write end as the task process sees it: set in task_init
+/// before build_exec puts it in vmctl's environment (-1: none).
+static EVENTS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 static STATE: Mutex<State> = Mutex::new(State {
     config: None,
@@ -260,8 +272,51 @@ fn prepare_step(spank: Spank) -> Result<(), String> {
         "job {job_id} step {step_id}: wrapping in a VM; checkpoints in {}, /dev/kvm is fd {kvm_fd}; {opts}",
         dir.display()
     ));
-    st.prepared = Some(Prepared { path, kvm_fd });
+    let (events, relay) = start_event_relay(job_id, step_id);
+    st.prepared = Some(Prepared {
+        path,
+        kvm_fd,
+        events,
+        relay,
+        pinning: false,
+    });
     Ok(())
+}
+
+/// The events pipe and the slurmstepd thread logging what vmctl sends on it. An
+/// error only costs the event lines, never the step.
+fn start_event_relay(
+    job_id: u32,
+    step_id: u32,
+) -> (
+    Option<std::os::fd::OwnedFd>,
+    Option<std::sync::mpsc::Receiver<()>>,
+) {
+    let (read_end, write_end) = match events::pipe_for_tasks() {
+        Ok(p) => p,
+        Err(e) => {
+            spank::error(&format!(
+                "job {job_id} step {step_id}: no event lines for this step: cannot create a pipe: {e}"
+            ));
+            return (None, None);
+        }
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("vmwrap-events".into())
+        .spawn(move || {
+            events::relay(read_end, job_id, step_id.to_string(), spank::info);
+            let _ = done_tx.send(());
+        });
+    match spawned {
+        Ok(_) => (Some(write_end), Some(done_rx)),
+        Err(e) => {
+            spank::error(&format!(
+                "job {job_id} step {step_id}: no event lines for this step: cannot start a thread: {e}"
+            ));
+            (None, None)
+        }
+    }
 }
 
 /// What the plugin writes into a wrapped job's AdminComment, for the job's
@@ -400,15 +455,25 @@ pub extern "C" fn slurm_spank_task_init(
         }
         let Some(plan) = ({
             let st = state();
-            st.prepared
-                .as_ref()
-                .map(|p| (p.path.clone(), p.kvm_fd, st.config().vmctl, st.wrap.clone()))
+            st.prepared.as_ref().map(|p| {
+                let events_fd = p.events.as_ref().map(|fd| fd.as_raw_fd());
+                (
+                    p.path.clone(),
+                    p.kvm_fd,
+                    st.config().vmctl,
+                    st.wrap.clone(),
+                    events_fd,
+                )
+            })
         }) else {
             return OK;
         };
-        let (path, kvm_fd, vmctl, Some(Ok(opts))) = plan else {
+        let (path, kvm_fd, vmctl, Some(Ok(opts)), events_fd) = plan else {
             return OK;
         };
+        if let Some(fd) = events_fd {
+            EVENTS_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
+        }
         // Only returns on failure: on success the process is vmctl now.
         let e = exec_vmctl(spank, &path, kvm_fd, &vmctl, &opts);
         spank::error(&e);
@@ -447,6 +512,12 @@ fn exec_vmctl(
             let env_p = null_terminated(&env_c);
             if let Err(e) = inherit_on_exec(kvm_fd) {
                 return format!("cannot pass /dev/kvm (fd {kvm_fd}) to vmctl: {e}");
+            }
+            let events_fd = EVENTS_FD.load(std::sync::atomic::Ordering::Relaxed);
+            if events_fd >= 0 {
+                if let Err(e) = inherit_on_exec(events_fd) {
+                    return format!("cannot pass the events pipe (fd {events_fd}) to vmctl: {e}");
+                }
             }
             // SAFETY: both arrays are NULL-terminated and point into
             // CStrings that outlive the call (it only returns on failure).
@@ -517,10 +588,24 @@ fn build_exec(
                 let msg = format!("{where_}: restart {restarts}: starting afresh: {why}");
                 spank::info(&msg);
                 let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+                spank::info(&events::fresh_start_line(
+                    path.job_id,
+                    path.step_id,
+                    task_id,
+                    restarts,
+                    Some(&why),
+                ));
                 Mode::Run
             }
         }
     } else {
+        spank::info(&events::fresh_start_line(
+            path.job_id,
+            path.step_id,
+            task_id,
+            0,
+            None,
+        ));
         Mode::Run
     };
     if mode == Mode::Run {
@@ -539,6 +624,10 @@ fn build_exec(
         }
     }
     env.set("VMWRAP_CHECKPOINT_DIR", dir.as_os_str().as_bytes());
+    let events_fd = EVENTS_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if events_fd >= 0 {
+        env.set(events::EVENTS_FD_ENV, events_fd.to_string().as_bytes());
+    }
 
     let mut program = argv;
     program[0] = launch::resolve_program(&program[0], &env, &cwd);
@@ -744,12 +833,14 @@ fn log_exit(spank: Spank, path: &StepPath) -> Result<(), String> {
             "{where_}: vmctl killed by signal {}; a requeue resumes from the last checkpoint",
             libc::WTERMSIG(status)
         ));
+        pin_requeued_job(path.job_id);
     } else if libc::WIFEXITED(status) {
         let code = libc::WEXITSTATUS(status);
         if code == EXIT_CHECKPOINTED {
             spank::info(&format!(
                 "{where_}: checkpointed; a requeue of the job resumes it"
             ));
+            pin_requeued_job(path.job_id);
         } else {
             spank::verbose(&format!(
                 "{where_}: exit status {code}; its checkpoints stay unless vmctl recorded that the program ended"
@@ -759,6 +850,24 @@ fn log_exit(spank: Spank, path: &StepPath) -> Result<(), String> {
     Ok(())
 }
 
+/// Once per step: hands the job to `vmctl pin-class` (crate::steer) so that
+/// its restart goes to a node that can restore the checkpoint.
+fn pin_requeued_job(job_id: u32) {
+    let vmctl = {
+        let mut st = state();
+        if !st.config().steer_cpu_class {
+            return;
+        }
+        let vmctl = st.config().vmctl;
+        match st.prepared.as_mut() {
+            Some(p) if !p.pinning => p.pinning = true,
+            _ => return,
+        }
+        vmctl
+    };
+    crate::steer::pin_class(&vmctl, job_id);
+}
+
 #[no_mangle]
 pub extern "C" fn slurm_spank_exit(
     _sp: sys::spank_t,
@@ -766,10 +875,17 @@ pub extern "C" fn slurm_spank_exit(
     _argv: *mut *mut c_char,
 ) -> c_int {
     guard("slurm_spank_exit", || {
-        if let Some(p) = state().prepared.take() {
+        if let Some(mut p) = state().prepared.take() {
             // SAFETY: the descriptor was opened by prepare_step and is not
             // used after this point; the tasks hold their own copies.
             unsafe { libc::close(p.kvm_fd) };
+            // The tasks have exited: closing the last write end lets the relay
+            // log what is left and stop. A process the job left behind may
+            // still hold a copy, so do not wait for it long.
+            drop(p.events.take());
+            if let Some(done) = p.relay.take() {
+                let _ = done.recv_timeout(std::time::Duration::from_secs(2));
+            }
         }
         OK
     })

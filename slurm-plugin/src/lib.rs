@@ -10,6 +10,7 @@
 #![cfg_attr(test, allow(dead_code))]
 
 mod dirs;
+mod events;
 mod launch;
 mod options;
 
@@ -17,6 +18,8 @@ mod options;
 mod hooks;
 #[cfg(not(test))]
 mod spank;
+#[cfg(not(test))]
+mod steer;
 
 #[cfg(not(test))]
 pub use exports::*;

@@ -144,6 +144,8 @@ pub struct Config {
     pub default_keep: Option<u32>,
     pub max_mem: Option<MemSize>,
     pub allow_user_override: bool,
+    /// Pin a requeued wrapped job to the CPU class its checkpoint was taken on.
+    pub steer_cpu_class: bool,
 }
 
 impl Default for Config {
@@ -155,6 +157,7 @@ impl Default for Config {
             default_keep: None,
             max_mem: None,
             allow_user_override: true,
+            steer_cpu_class: true,
         }
     }
 }
@@ -189,10 +192,22 @@ impl Config {
                     }
                     _ => Err(format!("'{value}' is not yes or no")),
                 },
+                "steer_cpu_class" => match value {
+                    "yes" => {
+                        config.steer_cpu_class = true;
+                        Ok(())
+                    }
+                    "no" => {
+                        config.steer_cpu_class = false;
+                        Ok(())
+                    }
+                    _ => Err(format!("'{value}' is not yes or no")),
+                },
                 _ => {
                     errors.push(format!(
                         "unknown plugstack.conf argument '{arg}' (known: vmctl, checkpoint_root, \
-                         default_interval, default_keep, max_mem, allow_user_override)"
+                         default_interval, default_keep, max_mem, allow_user_override, \
+                         steer_cpu_class)"
                     ));
                     continue;
                 }
@@ -415,5 +430,53 @@ mod tests {
             .unwrap_err();
         assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(errors[0].contains("'bogus=1'"));
+    }
+
+    /// Every plugstack argument and --vm-wrap key this file accepts is described
+    /// in the man page, which is written by hand: this keeps it honest.
+    #[test]
+    fn man_page_names_every_option() {
+        let source = include_str!("options.rs");
+        let man = include_str!("../doc/vmwrap-plugin.8").replace("\\-", "-");
+        let mut keys = Vec::new();
+        for line in source.lines() {
+            let line = line.trim();
+            // Match arms on option names: `"name" => ...`.
+            if let Some(rest) = line.strip_prefix('"') {
+                if let Some((key, tail)) = rest.split_once('"') {
+                    if tail.trim_start().starts_with("=>")
+                        && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        && !["yes", "no", "checkpoint"].contains(&key)
+                    {
+                        keys.push(key.to_string());
+                    }
+                }
+            }
+        }
+        for key in [
+            "vmctl",
+            "checkpoint_root",
+            "steer_cpu_class",
+            "interval",
+            "mem",
+            "signal",
+        ] {
+            assert!(
+                keys.iter().any(|k| k == key),
+                "the scan missed {key}: {keys:?}"
+            );
+        }
+        for key in &keys {
+            assert!(
+                man.contains(&format!("{key}=")),
+                "doc/vmwrap-plugin.8 does not describe {key}="
+            );
+        }
+        for signal in CHECKPOINT_SIGNALS {
+            assert!(
+                man.contains(signal),
+                "doc/vmwrap-plugin.8 does not list signal {signal}"
+            );
+        }
     }
 }

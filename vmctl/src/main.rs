@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod clock;
 mod control;
+mod events;
 mod iov;
 mod kernel;
 mod machine;
@@ -18,5 +19,6 @@ fn main() {
     // /proc entries root-owned; vmctl itself still reads its own.
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    events::init_from_env();
     std::process::exit(cli::main());
 }

@@ -4,6 +4,7 @@
 use crate::checkpoint::{self, format::*, write};
 use crate::control::signals::{self, SignalAction};
 use crate::control::{socket, Request, Requests};
+use crate::events::{self, Event};
 use crate::kernel::task::Task;
 use crate::kernel::timers::Timers;
 use crate::kernel::{JobEnd, Kernel};
@@ -190,6 +191,7 @@ impl Runner {
                 return self.finish(end);
             }
             let result = self.checkpoint(exit_after.is_some());
+            self.report_checkpoint(&result);
             let reply = match &result {
                 Ok(t) => t.to_json().to_string(),
                 Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
@@ -292,6 +294,18 @@ impl Runner {
             total_bytes: written.total_bytes,
             frozen_seconds: (crate::clock::monotonic_ns() - t0) as f64 / 1e9,
         })
+    }
+
+    fn report_checkpoint(&self, result: &Result<Taken, String>) {
+        let Some(opts) = &self.ckpt else { return };
+        let event = match result {
+            Ok(t) => Event::new("checkpoint", t.generation, t.total_bytes, t.frozen_seconds),
+            Err(e) => {
+                let next = write::next_generation(&opts.dir).unwrap_or(0);
+                Event::new("checkpoint", next, 0, 0.0).failed(e)
+            }
+        };
+        events::emit(&opts.dir, &event);
     }
 
     /// A job that ended on its own needs no checkpoint: record that it ended (what

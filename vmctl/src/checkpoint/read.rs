@@ -318,7 +318,9 @@ pub fn verify_memory(gen_dir: &Path, m: &Manifest) -> Result<(), CheckpointError
 /// Loads the memory image into guest RAM, checking each chunk's CRC as it lands.
 pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<(), CheckpointError> {
     let (f, path) = open_image(gen_dir, m, true)?;
+    let mut progress = crate::events::Progress::new("restore", m.memory.data_bytes);
     for (i, c) in m.memory.chunks.iter().enumerate() {
+        progress.update(c.offset);
         let mut iov = Vec::with_capacity(c.runs.len());
         for r in &c.runs {
             let bytes = r.pages.saturating_mul(PAGE_SIZE);

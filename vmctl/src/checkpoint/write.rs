@@ -106,8 +106,12 @@ pub fn write_memory(
             Ok(())
         };
 
+    let mut progress = crate::events::Progress::new("checkpoint", limit);
     let mut gpa = 0u64;
     while gpa < limit {
+        if gpa.is_multiple_of(CHUNK_BYTES) {
+            progress.update(gpa);
+        }
         let page = mem.slice(gpa, PAGE_SIZE).expect("page inside RAM");
         if !is_zero(page) {
             match current.last_mut() {

@@ -24,7 +24,7 @@ pub struct InspectArgs {
 }
 
 /// The XSAVE features KVM offers here, as a restore's VM would enable them.
-fn xcr0_of_this_host() -> u64 {
+pub fn xcr0_of_this_host() -> u64 {
     kvm_ioctls::Kvm::new()
         .ok()
         .and_then(|k| {
@@ -95,6 +95,7 @@ pub fn inspect(args: InspectArgs) -> i32 {
                     "host": m.host,
                     "program": m.program,
                     "argv": m.argv,
+                    "kind": m.kind,
                     "memory_bytes": m.memory.data_bytes,
                     "format_version": m.format_version,
                     "vmctl_version": m.vmctl_version,
@@ -112,7 +113,11 @@ pub fn inspect(args: InspectArgs) -> i32 {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"dir": args.dir, "generations": rows})
+            serde_json::json!({
+                "dir": args.dir,
+                "generations": rows,
+                "events": crate::events::read_recent(&args.dir, crate::events::EVENTS_SHOWN),
+            })
         );
     } else if rows.is_empty() {
         println!("{}: no checkpoint generations", args.dir.display());

@@ -1,11 +1,15 @@
 //! The `vmctl` command line.
 
 mod bench;
+mod check;
 mod checkpoint;
+mod cpu_class;
+mod docs;
 mod fuzz;
 mod gc;
 mod inspect;
 mod options;
+mod pin_class;
 mod restore;
 mod run;
 pub mod size;
@@ -42,6 +46,20 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Remove checkpoint directories (ROOT/<user>/<jobid>) of jobs Slurm no longer knows
     Gc(gc::GcArgs),
+    /// Check whether this node can run, checkpoint and restore wrapped jobs
+    #[command(
+        after_help = "Exit status: 0 all items ok; 1 some item failed (the node cannot \
+                            wrap or restore jobs as configured); 2 warnings only; 125 vmctl failed."
+    )]
+    Check(check::CheckArgs),
+    /// Print this node's CPU class, for the nodes' Features in slurm.conf
+    CpuClass(cpu_class::CpuClassArgs),
+    /// Pin a requeued job to this node's CPU class (run by the SPANK plugin)
+    #[command(hide = true)]
+    PinClass(pin_class::PinClassArgs),
+    /// Write man pages and shell completions (run by contrib/build-deb)
+    #[command(hide = true)]
+    GenerateDocs(docs::GenerateDocsArgs),
     /// Time bare guest exits (for benchmarks)
     #[command(hide = true)]
     BenchExits(bench::BenchExitsArgs),
@@ -96,6 +114,10 @@ pub fn main() -> i32 {
         Command::Checkpoint(args) => checkpoint::checkpoint(args),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Gc(args) => gc::gc(args),
+        Command::Check(args) => check::check(args),
+        Command::CpuClass(args) => cpu_class::cpu_class(args),
+        Command::PinClass(args) => pin_class::pin_class(args),
+        Command::GenerateDocs(args) => docs::generate(args),
         Command::BenchExits(args) => bench::bench_exits(args),
         Command::FuzzReader(args) => fuzz::fuzz_reader(args),
     }

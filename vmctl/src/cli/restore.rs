@@ -4,6 +4,7 @@ use super::options::{CheckpointArgs, KvmArgs};
 use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
 use crate::checkpoint::format::{generation_dir_name, Manifest};
 use crate::checkpoint::read;
+use crate::events::{self, Event};
 use crate::kernel::task::Task;
 use crate::kernel::Kernel;
 use crate::machine::layout::SYSTEM_SIZE;
@@ -82,8 +83,13 @@ pub fn restore(args: RestoreArgs) -> i32 {
     let newest = candidates[0];
     for g in candidates {
         let gen_dir = dir.join(generation_dir_name(g));
-        match try_generation(&kvm, &gen_dir, cap) {
-            Ok((kernel, tasks, meta)) => {
+        let started = crate::clock::monotonic_ns();
+        let result = try_generation(&kvm, &gen_dir, cap);
+        let seconds = (crate::clock::monotonic_ns() - started) as f64 / 1e9;
+        match result {
+            Ok((kernel, tasks, meta, bytes)) => {
+                let kind = if g == newest { "restore" } else { "fallback" };
+                events::emit(&dir, &Event::new(kind, g, bytes, seconds));
                 if g != newest {
                     eprintln!("vmctl: restored generation {g}, the newest usable one");
                 }
@@ -102,7 +108,10 @@ pub fn restore(args: RestoreArgs) -> i32 {
                     }
                 };
             }
-            Err(e) => eprintln!("vmctl: generation {g} is unusable: {e}"),
+            Err(e) => {
+                events::emit(&dir, &Event::new("restore", g, 0, seconds).failed(&e));
+                eprintln!("vmctl: generation {g} is unusable: {e}");
+            }
         }
     }
     eprintln!(
@@ -116,7 +125,7 @@ fn try_generation(
     kvm: &kvm_ioctls::Kvm,
     gen_dir: &std::path::Path,
     cap: u64,
-) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta), String> {
+) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta, u64), String> {
     let mut manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
     check_memory_cap(&manifest, cap)?;
     manifest.kernel.commit_limit = manifest.kernel.commit_limit.min(cap);
@@ -128,8 +137,9 @@ fn try_generation(
         program: manifest.program.clone(),
         argv: manifest.argv.clone(),
     };
+    let bytes = manifest.memory.data_bytes;
     let (kernel, tasks) = Kernel::restore(vm, manifest.kernel).map_err(|e| e.to_string())?;
-    Ok((kernel, tasks, meta))
+    Ok((kernel, tasks, meta, bytes))
 }
 
 /// The manifest is the user's to edit: the memory policy of a restore is --mem's
