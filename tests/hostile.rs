@@ -1,7 +1,7 @@
 //! A hostile or careless guest against vmctl: every route from the guest into
 //! vmctl's own memory, descriptors and process is closed, another process of the
 //! same user cannot take vmctl's descriptors, and the guest's mistakes end the guest
-//! the way Linux would, never vmctl (docs/THREAT-MODEL-vmctl.md).
+//! the way Linux would, never vmctl (docs/THREAT-MODEL.md).
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;

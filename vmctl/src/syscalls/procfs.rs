@@ -80,7 +80,11 @@ fn classify(t: &Task, path: &CStr) -> Option<(Target, Entry)> {
         b"stat" => Entry::Stat,
         b"status" => Entry::Status,
         b"fd" => Entry::FdDir,
-        b"mounts" | b"mountinfo" | b"mountstats" | b"cgroup" | b"limits" => Entry::Passthrough,
+        b"mounts" | b"mountinfo" | b"mountstats" | b"cgroup" | b"limits" | b"net" => {
+            Entry::Passthrough
+        }
+        // The network namespace is the host's (the job uses the host's network).
+        r if r.starts_with(b"net/") => Entry::Passthrough,
         _ => match rest.strip_prefix(b"fd/") {
             Some(n) => match std::str::from_utf8(n).ok().and_then(|n| n.parse().ok()) {
                 Some(fd) => Entry::Fd(fd),
