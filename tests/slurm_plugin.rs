@@ -248,7 +248,7 @@ fn check_private_dirs(step_dir: &Path) {
 
 #[test]
 #[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
-fn sbatch_wraps_srun_steps_but_not_the_script() {
+fn sbatch_wraps_the_script_and_its_srun_steps() {
     need_slurm!();
     let dir = user_dir("sbatch");
     let output = dir.join("job.out");
@@ -276,16 +276,19 @@ fn sbatch_wraps_srun_steps_but_not_the_script() {
     let state = wait_for_job(&job);
     let text = fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(state, "COMPLETED", "job output:\n{text}");
-    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let job_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job);
+    let step_dir = job_dir.join("0");
     assert_eq!(
         text,
-        format!("script: native\n{}\n", step_dir.display()),
-        "the batch script must run natively and its srun step wrapped"
+        format!(
+            "script: {}\n{}\n",
+            job_dir.join("batch").display(),
+            step_dir.display()
+        ),
+        "the batch script and its srun step must both run wrapped"
     );
     check_private_dirs(&step_dir);
-    // Nothing was made for the batch step (id 4294967294).
-    let batch = step_dir.with_file_name("4294967294");
-    assert!(!batch.exists(), "{} exists", batch.display());
+    check_private_dirs(&job_dir.join("batch"));
 }
 
 // ---------------------------------------------------------------------------

@@ -14,6 +14,12 @@ pub const KEEP_RANGE: std::ops::RangeInclusive<u32> = 1..=10;
 /// into "checkpoint and exit", so it cannot also be the keep-running signal.
 const CHECKPOINT_SIGNALS: &[&str] = &["USR1", "USR2", "HUP", "ALRM", "URG", "WINCH"];
 const DEFAULT_SIGNAL: &str = "USR2";
+/// Time-limit continuations a job may have when the site sets no
+/// `max_continuations`: enough for a day of work in two-hour pieces.
+pub const DEFAULT_MAX_CONTINUATIONS: u32 = 12;
+/// Smallest margin before the time limit: the requeue must reach slurmctld
+/// before its time-limit check does.
+pub const MIN_MARGIN_SECS: u32 = 5;
 
 /// How slurmstepd spells an optional option argument that was not given
 /// (`--vm-wrap` alone): Slurm formats the NULL optarg with "%s".
@@ -144,6 +150,9 @@ pub struct Config {
     pub default_keep: Option<u32>,
     pub max_mem: Option<MemSize>,
     pub allow_user_override: bool,
+    /// Most time-limit continuations (requeues of the job, counted by
+    /// Slurm's Restarts) a job may have; 0 turns `timelimit=continue` off.
+    pub max_continuations: u32,
 }
 
 impl Default for Config {
@@ -155,6 +164,7 @@ impl Default for Config {
             default_keep: None,
             max_mem: None,
             allow_user_override: true,
+            max_continuations: DEFAULT_MAX_CONTINUATIONS,
         }
     }
 }
@@ -178,6 +188,9 @@ impl Config {
                 }
                 "default_keep" => parse_keep(value).map(|v| config.default_keep = Some(v)),
                 "max_mem" => MemSize::parse(value).map(|v| config.max_mem = Some(v)),
+                "max_continuations" => parse_decimal(value)
+                    .map(|v| config.max_continuations = v)
+                    .ok_or_else(|| format!("'{value}' is not a whole number")),
                 "allow_user_override" => match value {
                     "yes" => {
                         config.allow_user_override = true;
@@ -192,7 +205,7 @@ impl Config {
                 _ => {
                     errors.push(format!(
                         "unknown plugstack.conf argument '{arg}' (known: vmctl, checkpoint_root, \
-                         default_interval, default_keep, max_mem, allow_user_override)"
+                         default_interval, default_keep, max_mem, allow_user_override, max_continuations)"
                     ));
                     continue;
                 }
@@ -218,6 +231,9 @@ fn absolute_path(value: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// The keys `--vm-wrap=` accepts, for error messages.
+const KEYS: &str = "interval, keep, mem, signal, timelimit, margin, continuations";
+
 /// What one wrapped step asked for, after site defaults and limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WrapOptions {
@@ -225,6 +241,13 @@ pub struct WrapOptions {
     pub keep: Option<u32>,
     pub mem: Option<MemSize>,
     pub signal: String,
+    /// `timelimit=continue`: the batch job checkpoints and requeues itself
+    /// a little before its time limit (see batch.rs).
+    pub continue_at_limit: bool,
+    /// Seconds before the time limit to do so; None: a third of KillWait.
+    pub margin: Option<u32>,
+    /// The user's own cap on continuations (at most the site's).
+    pub continuations: u32,
 }
 
 impl fmt::Display for WrapOptions {
@@ -240,7 +263,17 @@ impl fmt::Display for WrapOptions {
             or_default(&self.keep),
             or_default(&self.mem),
             self.signal
-        )
+        )?;
+        if self.continue_at_limit {
+            write!(
+                f,
+                " timelimit=continue margin={} continuations={}",
+                self.margin
+                    .map_or_else(|| "KillWait/3".into(), |m| m.to_string()),
+                self.continuations
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -255,6 +288,9 @@ impl WrapOptions {
             // give the VM half the host.
             mem: config.max_mem,
             signal: DEFAULT_SIGNAL.to_string(),
+            continue_at_limit: false,
+            margin: None,
+            continuations: config.max_continuations,
         };
         let text = match optarg.map(str::trim) {
             None | Some("") | Some(NULL_OPTARG) => return Ok(opts),
@@ -266,9 +302,7 @@ impl WrapOptions {
                 continue;
             }
             let Some((key, value)) = item.split_once('=') else {
-                return Err(format!(
-                    "'{item}' is not key=value (keys: interval, keep, mem, signal)"
-                ));
+                return Err(format!("'{item}' is not key=value (keys: {KEYS})"));
             };
             let (key, value) = (key.trim(), value.trim());
             let policy_key = matches!(key, "interval" | "keep");
@@ -297,12 +331,41 @@ impl WrapOptions {
                 "signal" => {
                     opts.signal = parse_signal(value).map_err(|e| format!("signal: {e}"))?
                 }
-                _ => {
-                    return Err(format!(
-                        "unknown key '{key}' (keys: interval, keep, mem, signal)"
-                    ))
+                "timelimit" => {
+                    opts.continue_at_limit = match value {
+                        "continue" => true,
+                        "stop" => false,
+                        _ => return Err(format!("timelimit: '{value}' is not continue or stop")),
+                    }
                 }
+                "margin" => {
+                    let secs: u32 = parse_decimal(value)
+                        .ok_or_else(|| format!("margin: '{value}' is not a number of seconds"))?;
+                    if secs < MIN_MARGIN_SECS {
+                        return Err(format!(
+                            "margin: {secs} seconds is too short; the minimum is {MIN_MARGIN_SECS}"
+                        ));
+                    }
+                    opts.margin = Some(secs);
+                }
+                "continuations" => {
+                    let n: u32 = parse_decimal(value)
+                        .ok_or_else(|| format!("continuations: '{value}' is not a whole number"))?;
+                    if n > config.max_continuations {
+                        return Err(format!(
+                            "continuations: {n} is more than this site's limit of {}",
+                            config.max_continuations
+                        ));
+                    }
+                    opts.continuations = n;
+                }
+                _ => return Err(format!("unknown key '{key}' (keys: {KEYS})")),
             }
+        }
+        if opts.continue_at_limit && config.max_continuations == 0 {
+            return Err(
+                "timelimit=continue is turned off on this site (max_continuations=0)".into(),
+            );
         }
         Ok(opts)
     }
@@ -368,6 +431,37 @@ mod tests {
         assert!(err("signal=KILL").starts_with("signal:"));
         assert!(err("colour=red").contains("unknown key 'colour'"));
         assert!(err("keep").contains("not key=value"));
+        assert!(err("timelimit=forever").contains("continue or stop"));
+        assert!(err("margin=2").contains("minimum is 5"));
+        assert!(err("continuations=99").contains("limit of 12"));
+    }
+
+    #[test]
+    fn time_limit_continuation() {
+        let c = Config::default();
+        let opts =
+            WrapOptions::parse(Some("timelimit=continue,margin=20,continuations=3"), &c).unwrap();
+        assert!(opts.continue_at_limit);
+        assert_eq!((opts.margin, opts.continuations), (Some(20), 3));
+        assert!(opts
+            .to_string()
+            .ends_with("timelimit=continue margin=20 continuations=3"));
+        let plain = WrapOptions::parse(None, &c).unwrap();
+        assert!(!plain.continue_at_limit);
+        assert_eq!(plain.continuations, DEFAULT_MAX_CONTINUATIONS);
+        let off = Config {
+            max_continuations: 0,
+            ..Config::default()
+        };
+        assert!(WrapOptions::parse(Some("timelimit=continue"), &off)
+            .unwrap_err()
+            .contains("turned off"));
+        assert_eq!(
+            Config::parse(["max_continuations=3"])
+                .unwrap()
+                .max_continuations,
+            3
+        );
     }
 
     #[test]
