@@ -304,6 +304,10 @@ fn sbatch_wraps_the_script_and_its_srun_steps() {
 const TICK: &str = "0.25";
 /// Ticks per counting step: about 10 s of work.
 const TICKS: u64 = 40;
+/// These tests are about srun steps resuming while the script itself runs
+/// again from the top: the batch script runs natively (tests/slurm_batch.rs
+/// covers wrapped scripts).
+const NATIVE_SCRIPT: &str = "--vm-wrap=script=native";
 
 /// Where a restarted counting step is expected to carry on from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -465,7 +469,7 @@ fn submit_counter(
     output: &Path,
     extra: &[&str],
 ) -> String {
-    submit_counter_ticks(cleanup, name, dir, output, extra, TICKS, "--vm-wrap")
+    submit_counter_ticks(cleanup, name, dir, output, extra, TICKS, NATIVE_SCRIPT)
 }
 
 fn submit_counter_ticks(
@@ -932,7 +936,7 @@ fn corrupted_newest_generation_falls_back_to_the_previous_one() {
         &output,
         &[],
         LONG,
-        "--vm-wrap=interval=10",
+        "--vm-wrap=interval=10,script=native",
     );
     wait_running(&job);
     let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
@@ -1205,7 +1209,7 @@ fn failed_checkpoint_exit_keeps_the_older_generations() {
         &output,
         &[],
         LONG,
-        "--vm-wrap=interval=10,keep=3",
+        "--vm-wrap=interval=10,keep=3,script=native",
     );
     wait_running(&job);
     let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
@@ -1357,7 +1361,7 @@ fn sixteen_jobs_checkpointed_at_once_all_resume() {
                 o,
                 &["--mem=128M"],
                 LOAD_TICKS,
-                "--vm-wrap=mem=64M",
+                "--vm-wrap=mem=64M,script=native",
             )
         })
         .collect();
@@ -1433,7 +1437,7 @@ fn restore_keeps_the_memory_limit_of_the_run() {
         &output,
         &[],
         TICKS,
-        "--vm-wrap=mem=64M",
+        "--vm-wrap=mem=64M,script=native",
     );
     wait_running(&job);
     wait_progress(&job, &output, 4);

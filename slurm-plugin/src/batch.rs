@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::dirs::{FINISHED_MARKER, IDENTITY_FILE};
+use crate::launch::StepIdentity;
+
 /// Name of the script's copy in the batch checkpoint directory.
 pub const SCRIPT_COPY: &str = "script";
 /// What step.json records as the script's argv[0]: the spool path differs
@@ -61,6 +64,63 @@ pub fn identity_argv(argv: &[OsString]) -> Vec<String> {
 pub fn latest_generation(dir: &Path) -> Option<String> {
     let target = std::fs::read_link(dir.join("latest")).ok()?;
     Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The job's srun steps that an earlier run left interrupted: a step (or
+/// task) directory beside `batch_dir` holding a checkpoint but no
+/// `finished` marker. Returns (step directory name, its command, its path).
+/// Read as the job user when the batch script is restored, to say on the
+/// job's stderr which steps the restored script's sruns cannot reconnect to.
+pub fn interrupted_steps(batch_dir: &Path) -> Vec<(String, String, PathBuf)> {
+    let Some(job_dir) = batch_dir.parent() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(job_dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let step_dir = entry.path();
+        // A one-task step checkpoints in its directory, others in task<N>.
+        let mut dirs = vec![step_dir.clone()];
+        if let Ok(tasks) = std::fs::read_dir(&step_dir) {
+            dirs.extend(
+                tasks
+                    .flatten()
+                    .filter(|t| t.file_name().to_string_lossy().starts_with("task"))
+                    .map(|t| t.path()),
+            );
+        }
+        let interrupted = dirs.iter().find(|d| {
+            d.join("latest").symlink_metadata().is_ok() && !d.join(FINISHED_MARKER).exists()
+        });
+        if let Some(dir) = interrupted {
+            let command = std::fs::read(dir.join(IDENTITY_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<StepIdentity>(&t).ok())
+                .map_or_else(|| "?".into(), |id| id.argv.join(" "));
+            found.push((name, command, step_dir));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// True when the task's stdout is an empty regular file: on a restore that
+/// means Slurm truncated the output file (its default open mode for a
+/// restarted job), losing what the job printed before.
+pub fn output_was_emptied() -> bool {
+    // SAFETY: fstat of descriptor 1 into a zeroed stat buffer we own.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(1, &mut st) == 0
+            && (st.st_mode & libc::S_IFMT) == libc::S_IFREG
+            && st.st_size == 0
+    }
 }
 
 /// Parses squeue's `%L` (time left): `SS`, `MM:SS`, `HH:MM:SS` or
@@ -246,6 +306,35 @@ mod tests {
         ] {
             assert_eq!(parse_time_left(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn finds_interrupted_steps() {
+        let job = std::env::temp_dir().join(format!("vmwrap-steps-{}", std::process::id()));
+        let batch = job.join("batch");
+        for d in ["batch", "0", "1", "2/task0", "2/task1", "kept-x"] {
+            std::fs::create_dir_all(job.join(d)).unwrap();
+        }
+        // 0 finished; 1 interrupted; 2 has one interrupted task.
+        std::fs::write(job.join("0/finished"), "{}").unwrap();
+        std::os::unix::fs::symlink("gen-000001", job.join("0/latest")).unwrap();
+        std::os::unix::fs::symlink("gen-000001", job.join("1/latest")).unwrap();
+        let id = StepIdentity {
+            job_id: 1,
+            step_id: 1,
+            task_id: 0,
+            argv: vec!["/bin/sim".into(), "x".into()],
+            cwd: "/".into(),
+        };
+        std::fs::write(job.join("1/step.json"), serde_json::to_vec(&id).unwrap()).unwrap();
+        std::os::unix::fs::symlink("gen-000002", job.join("2/task1/latest")).unwrap();
+        let found = interrupted_steps(&batch);
+        let names: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(n, c, _)| (n.as_str(), c.as_str()))
+            .collect();
+        assert_eq!(names, [("1", "/bin/sim x"), ("2", "?")]);
+        std::fs::remove_dir_all(&job).unwrap();
     }
 
     #[test]

@@ -158,8 +158,9 @@ impl Dir {
     }
 }
 
-/// Slurm's step id of a batch script (SLURM_BATCH_SCRIPT in slurm.h).
-pub const BATCH_STEP_ID: u32 = 0xffff_fffe;
+/// Slurm's step id of a batch script: SLURM_BATCH_SCRIPT in slurm.h, which
+/// bindgen does not see through spank.h (0xfffffffb since Slurm 20.11).
+pub const BATCH_STEP_ID: u32 = 0xffff_fffb;
 /// The checkpoint directory of a job's batch script: a name, not the id, so
 /// operators can tell it from the srun steps' numbered directories.
 pub const BATCH_DIR: &str = "batch";

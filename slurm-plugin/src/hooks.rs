@@ -102,7 +102,7 @@ fn option_table() -> &'static mut sys::spank_option {
     Box::leak(Box::new(sys::spank_option {
         name: c"vm-wrap".as_ptr().cast_mut(),
         arginfo: c"OPTS".as_ptr().cast_mut(),
-        usage: c"Run the batch script and each srun step of the job in a checkpointable VM (vmctl). OPTS is an optional comma list of interval=SECS (>=10), keep=N (1-10), mem=SIZE[KMGT], signal=NAME (default USR2: checkpoint and continue), timelimit=continue (requeue and continue before the time limit), margin=SECS, continuations=N."
+        usage: c"Run the batch script and each srun step of the job in a checkpointable VM (vmctl). OPTS is an optional comma list of interval=SECS (>=10), keep=N (1-10), mem=SIZE[KMGT], signal=NAME (default USR2: checkpoint and continue), script=native (only the srun steps), timelimit=continue (requeue and continue before the time limit), margin=SECS, continuations=N."
             .as_ptr()
             .cast_mut(),
         // 2: the argument is optional (--vm-wrap or --vm-wrap=OPTS).
@@ -229,6 +229,13 @@ fn prepare_step(spank: Spank) -> Result<(), String> {
     // The batch script is wrapped like a step; the other special steps
     // (extern, interactive) run no user program to wrap.
     if step_id >= MAX_NORMAL_STEP_ID && step_id != BATCH_STEP_ID {
+        return Ok(());
+    }
+    if step_id == BATCH_STEP_ID && wrap.as_ref().is_ok_and(|o| o.native_script) {
+        spank::verbose(&format!(
+            "job {job_id}: script=native: the batch script runs natively; its srun steps are wrapped"
+        ));
+        record_wrapped_in_slurm(job_id, uid);
         return Ok(());
     }
     let opts =
@@ -554,6 +561,21 @@ fn build_exec(
         );
         spank::info(&msg);
         let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+        if batch::output_was_emptied() {
+            let msg = format!(
+                "{where_}: warning: the job's output file is empty again: Slurm truncated it when the job restarted, so what the job printed before the requeue is gone (resubmit with --open-mode=append, or ask the site for JobFileAppend=1)"
+            );
+            spank::info(&msg);
+            let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+        }
+        for (step, command, step_dir) in batch::interrupted_steps(&dir) {
+            let msg = format!(
+                "{where_}: step {step} ({command}) was running when the job stopped; the restored srun cannot reconnect to it (a checkpoint does not carry sockets): srun reports errors, gives up after its step timeout, and the step is NOT resumed; its checkpoint stays in {}",
+                step_dir.display()
+            );
+            spank::info(&msg);
+            let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+        }
     }
 
     apply_rlimits(&mut env);

@@ -232,7 +232,7 @@ fn absolute_path(value: &str) -> Result<PathBuf, String> {
 }
 
 /// The keys `--vm-wrap=` accepts, for error messages.
-const KEYS: &str = "interval, keep, mem, signal, timelimit, margin, continuations";
+const KEYS: &str = "interval, keep, mem, signal, script, timelimit, margin, continuations";
 
 /// What one wrapped step asked for, after site defaults and limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -248,6 +248,9 @@ pub struct WrapOptions {
     pub margin: Option<u32>,
     /// The user's own cap on continuations (at most the site's).
     pub continuations: u32,
+    /// `script=native`: the batch script runs natively (only its srun
+    /// steps are wrapped) instead of in a VM of its own.
+    pub native_script: bool,
 }
 
 impl fmt::Display for WrapOptions {
@@ -291,6 +294,7 @@ impl WrapOptions {
             continue_at_limit: false,
             margin: None,
             continuations: config.max_continuations,
+            native_script: false,
         };
         let text = match optarg.map(str::trim) {
             None | Some("") | Some(NULL_OPTARG) => return Ok(opts),
@@ -331,6 +335,13 @@ impl WrapOptions {
                 "signal" => {
                     opts.signal = parse_signal(value).map_err(|e| format!("signal: {e}"))?
                 }
+                "script" => {
+                    opts.native_script = match value {
+                        "wrap" => false,
+                        "native" => true,
+                        _ => return Err(format!("script: '{value}' is not wrap or native")),
+                    }
+                }
                 "timelimit" => {
                     opts.continue_at_limit = match value {
                         "continue" => true,
@@ -361,6 +372,11 @@ impl WrapOptions {
                 }
                 _ => return Err(format!("unknown key '{key}' (keys: {KEYS})")),
             }
+        }
+        if opts.continue_at_limit && opts.native_script {
+            return Err(
+                "timelimit=continue needs the batch script wrapped; drop script=native".into(),
+            );
         }
         if opts.continue_at_limit && config.max_continuations == 0 {
             return Err(
@@ -434,6 +450,13 @@ mod tests {
         assert!(err("timelimit=forever").contains("continue or stop"));
         assert!(err("margin=2").contains("minimum is 5"));
         assert!(err("continuations=99").contains("limit of 12"));
+        assert!(err("script=vm").contains("wrap or native"));
+        assert!(err("script=native,timelimit=continue").contains("drop script=native"));
+        assert!(
+            WrapOptions::parse(Some("script=native"), &c)
+                .unwrap()
+                .native_script
+        );
     }
 
     #[test]
