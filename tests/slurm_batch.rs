@@ -510,8 +510,8 @@ fn node_failure_resumes_from_the_newest_generation() {
     let printed_before = fs::read_to_string(&output).unwrap_or_default();
     let last_before: u32 = printed_before
         .lines()
-        .filter_map(|l| l.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.parse().ok())
         .unwrap();
 
     // Slurm notices (SlurmdTimeout), requeues and restarts it elsewhere.
