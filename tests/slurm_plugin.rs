@@ -248,7 +248,7 @@ fn check_private_dirs(step_dir: &Path) {
 
 #[test]
 #[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
-fn sbatch_wraps_srun_steps_but_not_the_script() {
+fn sbatch_wraps_the_script_and_its_srun_steps() {
     need_slurm!();
     let dir = user_dir("sbatch");
     let output = dir.join("job.out");
@@ -276,16 +276,19 @@ fn sbatch_wraps_srun_steps_but_not_the_script() {
     let state = wait_for_job(&job);
     let text = fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(state, "COMPLETED", "job output:\n{text}");
-    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let job_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job);
+    let step_dir = job_dir.join("0");
     assert_eq!(
         text,
-        format!("script: native\n{}\n", step_dir.display()),
-        "the batch script must run natively and its srun step wrapped"
+        format!(
+            "script: {}\n{}\n",
+            job_dir.join("batch").display(),
+            step_dir.display()
+        ),
+        "the batch script and its srun step must both run wrapped"
     );
     check_private_dirs(&step_dir);
-    // Nothing was made for the batch step (id 4294967294).
-    let batch = step_dir.with_file_name("4294967294");
-    assert!(!batch.exists(), "{} exists", batch.display());
+    check_private_dirs(&job_dir.join("batch"));
 }
 
 // ---------------------------------------------------------------------------
@@ -301,6 +304,10 @@ fn sbatch_wraps_srun_steps_but_not_the_script() {
 const TICK: &str = "0.25";
 /// Ticks per counting step: about 10 s of work.
 const TICKS: u64 = 40;
+/// These tests are about srun steps resuming while the script itself runs
+/// again from the top: the batch script runs natively (tests/slurm_batch.rs
+/// covers wrapped scripts).
+const NATIVE_SCRIPT: &str = "--vm-wrap=script=native";
 
 /// Where a restarted counting step is expected to carry on from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -488,7 +495,7 @@ fn submit_counter(
     output: &Path,
     extra: &[&str],
 ) -> String {
-    submit_counter_ticks(cleanup, name, dir, output, extra, TICKS, "--vm-wrap")
+    submit_counter_ticks(cleanup, name, dir, output, extra, TICKS, NATIVE_SCRIPT)
 }
 
 fn submit_counter_ticks(
@@ -955,7 +962,7 @@ fn corrupted_newest_generation_falls_back_to_the_previous_one() {
         &output,
         &[],
         LONG,
-        "--vm-wrap=interval=10",
+        "--vm-wrap=interval=10,script=native",
     );
     wait_running(&job);
     let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
@@ -1228,7 +1235,7 @@ fn failed_checkpoint_exit_keeps_the_older_generations() {
         &output,
         &[],
         LONG,
-        "--vm-wrap=interval=10,keep=3",
+        "--vm-wrap=interval=10,keep=3,script=native",
     );
     wait_running(&job);
     let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
@@ -1380,7 +1387,7 @@ fn sixteen_jobs_checkpointed_at_once_all_resume() {
                 o,
                 &["--mem=128M"],
                 LOAD_TICKS,
-                "--vm-wrap=mem=64M",
+                "--vm-wrap=mem=64M,script=native",
             )
         })
         .collect();
@@ -1456,7 +1463,7 @@ fn restore_keeps_the_memory_limit_of_the_run() {
         &output,
         &[],
         TICKS,
-        "--vm-wrap=mem=64M",
+        "--vm-wrap=mem=64M,script=native",
     );
     wait_running(&job);
     wait_progress(&job, &output, 4);

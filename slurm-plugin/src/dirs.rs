@@ -158,6 +158,13 @@ impl Dir {
     }
 }
 
+/// Slurm's step id of a batch script: SLURM_BATCH_SCRIPT in slurm.h, which
+/// bindgen does not see through spank.h (0xfffffffb since Slurm 20.11).
+pub const BATCH_STEP_ID: u32 = 0xffff_fffb;
+/// The checkpoint directory of a job's batch script: a name, not the id, so
+/// operators can tell it from the srun steps' numbered directories.
+pub const BATCH_DIR: &str = "batch";
+
 /// Path components below ROOT for one step.
 #[derive(Clone, Debug)]
 pub struct StepPath {
@@ -172,7 +179,20 @@ impl StepPath {
         self.root
             .join(&self.user)
             .join(self.job_id.to_string())
-            .join(self.step_id.to_string())
+            .join(self.step_name())
+    }
+
+    /// The step directory's name: the step id, or `batch` for the script.
+    pub fn step_name(&self) -> String {
+        if self.step_id == BATCH_STEP_ID {
+            BATCH_DIR.to_string()
+        } else {
+            self.step_id.to_string()
+        }
+    }
+
+    pub fn is_batch(&self) -> bool {
+        self.step_id == BATCH_STEP_ID
     }
 
     /// Creates ROOT (0755, root's) and the user, job and step levels (0700,
@@ -188,7 +208,7 @@ impl StepPath {
         let root = Dir::open(&self.root)?;
         let user = root.make_private_child(OsStr::new(&self.user), uid, gid)?;
         let job = user.make_private_child(OsStr::new(&self.job_id.to_string()), uid, gid)?;
-        job.make_private_child(OsStr::new(&self.step_id.to_string()), uid, gid)?;
+        job.make_private_child(OsStr::new(&self.step_name()), uid, gid)?;
         Ok(self.step_dir())
     }
 }

@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use crate::dirs::{self, Cleared, StepPath, FINISHED_MARKER, IDENTITY_FILE};
+use crate::batch;
+use crate::dirs::{self, Cleared, StepPath, BATCH_STEP_ID, FINISHED_MARKER, IDENTITY_FILE};
 use crate::events;
 use crate::launch::{self, Env, Mode, StepIdentity, EXIT_CHECKPOINTED};
 use crate::options::{Config, WrapOptions};
@@ -24,7 +25,6 @@ use crate::spank::{self, sys, Context, Spank};
 /// Step ids at and above this are Slurm's special steps (batch script,
 /// extern, interactive, pending): SLURM_MAX_NORMAL_STEP_ID in slurm.h.
 const MAX_NORMAL_STEP_ID: u32 = 0xffff_fff0;
-const BATCH_STEP_ID: u32 = 0xffff_fffe;
 
 /// SPANK hooks return 0 on success and a negative value on failure.
 const OK: c_int = 0;
@@ -114,7 +114,7 @@ fn option_table() -> &'static mut sys::spank_option {
     Box::leak(Box::new(sys::spank_option {
         name: c"vm-wrap".as_ptr().cast_mut(),
         arginfo: c"OPTS".as_ptr().cast_mut(),
-        usage: c"Run each srun step of the job in a checkpointable VM (vmctl). OPTS is an optional comma list of interval=SECS (>=10), keep=N (1-10), mem=SIZE[KMGT], signal=NAME (default USR2: checkpoint and continue)."
+        usage: c"Run the batch script and each srun step of the job in a checkpointable VM (vmctl). OPTS is an optional comma list of interval=SECS (>=10), keep=N (1-10), mem=SIZE[KMGT], signal=NAME (default USR2: checkpoint and continue), script=native (only the srun steps), timelimit=continue (requeue and continue before the time limit), margin=SECS, continuations=N."
             .as_ptr()
             .cast_mut(),
         // 2: the argument is optional (--vm-wrap or --vm-wrap=OPTS).
@@ -238,15 +238,16 @@ fn prepare_step(spank: Spank) -> Result<(), String> {
     let job_id = spank.u32_item(sys::S_JOB_ID)?;
     let step_id = spank.u32_item(sys::S_JOB_STEPID)?;
     let uid = spank.u32_item(sys::S_JOB_UID)?;
-    if step_id >= MAX_NORMAL_STEP_ID {
-        if step_id == BATCH_STEP_ID {
-            spank::verbose(&format!(
-                "job {job_id}: the batch script runs natively; its srun steps are wrapped"
-            ));
-            if wrap.is_ok() {
-                record_wrapped_in_slurm(job_id, uid);
-            }
-        }
+    // The batch script is wrapped like a step; the other special steps
+    // (extern, interactive) run no user program to wrap.
+    if step_id >= MAX_NORMAL_STEP_ID && step_id != BATCH_STEP_ID {
+        return Ok(());
+    }
+    if step_id == BATCH_STEP_ID && wrap.as_ref().is_ok_and(|o| o.native_script) {
+        spank::verbose(&format!(
+            "job {job_id}: script=native: the batch script runs natively; its srun steps are wrapped"
+        ));
+        record_wrapped_in_slurm(job_id, uid);
         return Ok(());
     }
     let opts =
@@ -474,6 +475,18 @@ pub extern "C" fn slurm_spank_task_init(
         if let Some(fd) = events_fd {
             EVENTS_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
         }
+        if path.is_batch() && opts.continue_at_limit {
+            let watch = batch::Watch {
+                job_id: path.job_id,
+                margin: opts.margin,
+                continuations: opts.continuations,
+            };
+            if let Err(e) = batch::start_watcher(watch, kvm_fd) {
+                // The job itself can run; only the continuation is lost.
+                spank::error(&e);
+                let _ = writeln!(std::io::stderr(), "vmwrap: error: {e}");
+            }
+        }
         // Only returns on failure: on success the process is vmctl now.
         let e = exec_vmctl(spank, &path, kvm_fd, &vmctl, &opts);
         spank::error(&e);
@@ -561,7 +574,11 @@ fn build_exec(
     let total = spank.u32_item(sys::S_JOB_TOTAL_TASK_COUNT)?;
     let restarts = restart_count(spank, &env);
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let where_ = format!("job {} step {} task {task_id}", path.job_id, path.step_id);
+    let where_ = if path.is_batch() {
+        format!("job {} batch script", path.job_id)
+    } else {
+        format!("job {} step {} task {task_id}", path.job_id, path.step_id)
+    };
 
     let mut dir = path.step_dir();
     if let Some(sub) = dirs::task_subdir(total, task_id) {
@@ -578,7 +595,11 @@ fn build_exec(
         job_id: path.job_id,
         step_id: path.step_id,
         task_id,
-        argv: launch::lossy(&argv),
+        argv: if path.is_batch() {
+            batch::identity_argv(&argv)
+        } else {
+            launch::lossy(&argv)
+        },
         cwd: cwd.to_string_lossy().into_owned(),
     };
     let mode = if restarts > 0 {
@@ -608,8 +629,38 @@ fn build_exec(
         ));
         Mode::Run
     };
+    let mut program = argv;
     if mode == Mode::Run {
         start_afresh(&dir, &identity, &where_).map_err(|e| format!("{where_}: {e}"))?;
+        if path.is_batch() {
+            // Run the copy: the spool file is per node and goes with the run.
+            let copy = batch::copy_script(Path::new(&program[0]), &dir)
+                .map_err(|e| format!("{where_}: {e}"))?;
+            program[0] = copy.into_os_string();
+        }
+    } else if path.is_batch() {
+        // One line in the job's output for every run that continues.
+        let generation = batch::latest_generation(&dir).unwrap_or_else(|| "?".into());
+        let msg = format!(
+            "{where_}: restart {restarts}: resuming from its checkpoint ({generation}); nothing that ran before it runs again"
+        );
+        spank::info(&msg);
+        let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+        if batch::output_was_emptied() {
+            let msg = format!(
+                "{where_}: warning: the job's output file is empty again: Slurm truncated it when the job restarted, so what the job printed before the requeue is gone (resubmit with --open-mode=append, or ask the site for JobFileAppend=1)"
+            );
+            spank::info(&msg);
+            let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+        }
+        for (step, command, step_dir) in batch::interrupted_steps(&dir) {
+            let msg = format!(
+                "{where_}: step {step} ({command}) was running when the job stopped; the restored srun cannot reconnect to it (a checkpoint does not carry sockets): srun reports errors, gives up after its step timeout, and the step is NOT resumed; its checkpoint stays in {}",
+                step_dir.display()
+            );
+            spank::info(&msg);
+            let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+        }
     }
 
     apply_rlimits(&mut env);
@@ -629,7 +680,6 @@ fn build_exec(
         env.set(events::EVENTS_FD_ENV, events_fd.to_string().as_bytes());
     }
 
-    let mut program = argv;
     program[0] = launch::resolve_program(&program[0], &env, &cwd);
     let vm_argv = launch::vmctl_argv(mode, vmctl, kvm_fd, &dir, opts, &program);
     spank::verbose(&format!(
@@ -827,7 +877,11 @@ pub extern "C" fn slurm_spank_task_exit(
 fn log_exit(spank: Spank, path: &StepPath) -> Result<(), String> {
     let status = spank.int_item(sys::S_TASK_EXIT_STATUS)?;
     let task_id = spank.u32_item(sys::S_TASK_GLOBAL_ID)?;
-    let where_ = format!("job {} step {} task {task_id}", path.job_id, path.step_id);
+    let where_ = if path.is_batch() {
+        format!("job {} batch script", path.job_id)
+    } else {
+        format!("job {} step {} task {task_id}", path.job_id, path.step_id)
+    };
     if libc::WIFSIGNALED(status) {
         spank::info(&format!(
             "{where_}: vmctl killed by signal {}; a requeue resumes from the last checkpoint",

@@ -1,5 +1,5 @@
 //! vmwrap SPANK plugin: `--vm-wrap[=OPTS]` for sbatch, salloc and srun runs
-//! each srun step's tasks under `vmctl`, which checkpoints them so a
+//! the batch script and each srun step's tasks under `vmctl`, which checkpoints them so a
 //! requeued or preempted job resumes where it stopped.
 //!
 //! Only the pure parts (option parsing, directory layout, the vmctl command
@@ -9,6 +9,7 @@
 // The hooks that use the pure modules are not built for unit tests (above).
 #![cfg_attr(test, allow(dead_code))]
 
+mod batch;
 mod dirs;
 mod events;
 mod launch;

@@ -14,6 +14,12 @@ pub const KEEP_RANGE: std::ops::RangeInclusive<u32> = 1..=10;
 /// into "checkpoint and exit", so it cannot also be the keep-running signal.
 const CHECKPOINT_SIGNALS: &[&str] = &["USR1", "USR2", "HUP", "ALRM", "URG", "WINCH"];
 const DEFAULT_SIGNAL: &str = "USR2";
+/// Time-limit continuations a job may have when the site sets no
+/// `max_continuations`: enough for a day of work in two-hour pieces.
+pub const DEFAULT_MAX_CONTINUATIONS: u32 = 12;
+/// Smallest margin before the time limit: the requeue must reach slurmctld
+/// before its time-limit check does.
+pub const MIN_MARGIN_SECS: u32 = 5;
 
 /// How slurmstepd spells an optional option argument that was not given
 /// (`--vm-wrap` alone): Slurm formats the NULL optarg with "%s".
@@ -146,6 +152,9 @@ pub struct Config {
     pub allow_user_override: bool,
     /// Pin a requeued wrapped job to the CPU class its checkpoint was taken on.
     pub steer_cpu_class: bool,
+    /// Most time-limit continuations (requeues of the job, counted by
+    /// Slurm's Restarts) a job may have; 0 turns `timelimit=continue` off.
+    pub max_continuations: u32,
 }
 
 impl Default for Config {
@@ -158,6 +167,7 @@ impl Default for Config {
             max_mem: None,
             allow_user_override: true,
             steer_cpu_class: true,
+            max_continuations: DEFAULT_MAX_CONTINUATIONS,
         }
     }
 }
@@ -181,6 +191,9 @@ impl Config {
                 }
                 "default_keep" => parse_keep(value).map(|v| config.default_keep = Some(v)),
                 "max_mem" => MemSize::parse(value).map(|v| config.max_mem = Some(v)),
+                "max_continuations" => parse_decimal(value)
+                    .map(|v| config.max_continuations = v)
+                    .ok_or_else(|| format!("'{value}' is not a whole number")),
                 "allow_user_override" => match value {
                     "yes" => {
                         config.allow_user_override = true;
@@ -207,7 +220,7 @@ impl Config {
                     errors.push(format!(
                         "unknown plugstack.conf argument '{arg}' (known: vmctl, checkpoint_root, \
                          default_interval, default_keep, max_mem, allow_user_override, \
-                         steer_cpu_class)"
+                         steer_cpu_class, max_continuations)"
                     ));
                     continue;
                 }
@@ -233,6 +246,9 @@ fn absolute_path(value: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// The keys `--vm-wrap=` accepts, for error messages.
+const KEYS: &str = "interval, keep, mem, signal, script, timelimit, margin, continuations";
+
 /// What one wrapped step asked for, after site defaults and limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WrapOptions {
@@ -240,6 +256,16 @@ pub struct WrapOptions {
     pub keep: Option<u32>,
     pub mem: Option<MemSize>,
     pub signal: String,
+    /// `timelimit=continue`: the batch job checkpoints and requeues itself
+    /// a little before its time limit (see batch.rs).
+    pub continue_at_limit: bool,
+    /// Seconds before the time limit to do so; None: a third of KillWait.
+    pub margin: Option<u32>,
+    /// The user's own cap on continuations (at most the site's).
+    pub continuations: u32,
+    /// `script=native`: the batch script runs natively (only its srun
+    /// steps are wrapped) instead of in a VM of its own.
+    pub native_script: bool,
 }
 
 impl fmt::Display for WrapOptions {
@@ -255,7 +281,17 @@ impl fmt::Display for WrapOptions {
             or_default(&self.keep),
             or_default(&self.mem),
             self.signal
-        )
+        )?;
+        if self.continue_at_limit {
+            write!(
+                f,
+                " timelimit=continue margin={} continuations={}",
+                self.margin
+                    .map_or_else(|| "KillWait/3".into(), |m| m.to_string()),
+                self.continuations
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -270,6 +306,10 @@ impl WrapOptions {
             // give the VM half the host.
             mem: config.max_mem,
             signal: DEFAULT_SIGNAL.to_string(),
+            continue_at_limit: false,
+            margin: None,
+            continuations: config.max_continuations,
+            native_script: false,
         };
         let text = match optarg.map(str::trim) {
             None | Some("") | Some(NULL_OPTARG) => return Ok(opts),
@@ -281,9 +321,7 @@ impl WrapOptions {
                 continue;
             }
             let Some((key, value)) = item.split_once('=') else {
-                return Err(format!(
-                    "'{item}' is not key=value (keys: interval, keep, mem, signal)"
-                ));
+                return Err(format!("'{item}' is not key=value (keys: {KEYS})"));
             };
             let (key, value) = (key.trim(), value.trim());
             let policy_key = matches!(key, "interval" | "keep");
@@ -312,12 +350,53 @@ impl WrapOptions {
                 "signal" => {
                     opts.signal = parse_signal(value).map_err(|e| format!("signal: {e}"))?
                 }
-                _ => {
-                    return Err(format!(
-                        "unknown key '{key}' (keys: interval, keep, mem, signal)"
-                    ))
+                "script" => {
+                    opts.native_script = match value {
+                        "wrap" => false,
+                        "native" => true,
+                        _ => return Err(format!("script: '{value}' is not wrap or native")),
+                    }
                 }
+                "timelimit" => {
+                    opts.continue_at_limit = match value {
+                        "continue" => true,
+                        "stop" => false,
+                        _ => return Err(format!("timelimit: '{value}' is not continue or stop")),
+                    }
+                }
+                "margin" => {
+                    let secs: u32 = parse_decimal(value)
+                        .ok_or_else(|| format!("margin: '{value}' is not a number of seconds"))?;
+                    if secs < MIN_MARGIN_SECS {
+                        return Err(format!(
+                            "margin: {secs} seconds is too short; the minimum is {MIN_MARGIN_SECS}"
+                        ));
+                    }
+                    opts.margin = Some(secs);
+                }
+                "continuations" => {
+                    let n: u32 = parse_decimal(value)
+                        .ok_or_else(|| format!("continuations: '{value}' is not a whole number"))?;
+                    if n > config.max_continuations {
+                        return Err(format!(
+                            "continuations: {n} is more than this site's limit of {}",
+                            config.max_continuations
+                        ));
+                    }
+                    opts.continuations = n;
+                }
+                _ => return Err(format!("unknown key '{key}' (keys: {KEYS})")),
             }
+        }
+        if opts.continue_at_limit && opts.native_script {
+            return Err(
+                "timelimit=continue needs the batch script wrapped; drop script=native".into(),
+            );
+        }
+        if opts.continue_at_limit && config.max_continuations == 0 {
+            return Err(
+                "timelimit=continue is turned off on this site (max_continuations=0)".into(),
+            );
         }
         Ok(opts)
     }
@@ -383,6 +462,44 @@ mod tests {
         assert!(err("signal=KILL").starts_with("signal:"));
         assert!(err("colour=red").contains("unknown key 'colour'"));
         assert!(err("keep").contains("not key=value"));
+        assert!(err("timelimit=forever").contains("continue or stop"));
+        assert!(err("margin=2").contains("minimum is 5"));
+        assert!(err("continuations=99").contains("limit of 12"));
+        assert!(err("script=vm").contains("wrap or native"));
+        assert!(err("script=native,timelimit=continue").contains("drop script=native"));
+        assert!(
+            WrapOptions::parse(Some("script=native"), &c)
+                .unwrap()
+                .native_script
+        );
+    }
+
+    #[test]
+    fn time_limit_continuation() {
+        let c = Config::default();
+        let opts =
+            WrapOptions::parse(Some("timelimit=continue,margin=20,continuations=3"), &c).unwrap();
+        assert!(opts.continue_at_limit);
+        assert_eq!((opts.margin, opts.continuations), (Some(20), 3));
+        assert!(opts
+            .to_string()
+            .ends_with("timelimit=continue margin=20 continuations=3"));
+        let plain = WrapOptions::parse(None, &c).unwrap();
+        assert!(!plain.continue_at_limit);
+        assert_eq!(plain.continuations, DEFAULT_MAX_CONTINUATIONS);
+        let off = Config {
+            max_continuations: 0,
+            ..Config::default()
+        };
+        assert!(WrapOptions::parse(Some("timelimit=continue"), &off)
+            .unwrap_err()
+            .contains("turned off"));
+        assert_eq!(
+            Config::parse(["max_continuations=3"])
+                .unwrap()
+                .max_continuations,
+            3
+        );
     }
 
     #[test]
