@@ -563,7 +563,16 @@ mod tests {
                 if let Some((key, tail)) = rest.split_once('"') {
                     if tail.trim_start().starts_with("=>")
                         && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                        && !["yes", "no", "checkpoint"].contains(&key)
+                        && ![
+                            "yes",
+                            "no",
+                            "checkpoint",
+                            "wrap",
+                            "native",
+                            "continue",
+                            "stop",
+                        ]
+                        .contains(&key)
                     {
                         keys.push(key.to_string());
                     }
