@@ -1323,8 +1323,14 @@ fn checkpoint_interval_writes_generations_while_running_and_none_remain() {
         "a finished job keeps no generations"
     );
     assert!(!ck.join("latest").exists(), "latest still points somewhere");
-    // Only the record that the program ended, for launchers not to resume it.
-    assert_eq!(entries(&ck), ["finished"], "left in {}", ck.display());
+    // Only the record that the program ended, for launchers not to resume it, and
+    // the log of what vmctl did.
+    assert_eq!(
+        entries(&ck),
+        ["events.jsonl", "finished"],
+        "left in {}",
+        ck.display()
+    );
     let finished: Value = serde_json::from_slice(&fs::read(ck.join("finished")).unwrap()).unwrap();
     assert_eq!(finished["exit_status"], 0, "{finished}");
     let (code, v) = inspect_json(&ck, false);
