@@ -153,6 +153,23 @@ const FIXTURES: &[Fixture] = &[
         source: "omp_reduce.c",
         flags: &["-fPIE", "-pie", "-fopenmp"],
     },
+    // Process and thread benchmarks (tests/bench/run-benchmarks). Dynamic, as
+    // a job's programs are: libgomp and libpthread come through ld.so.
+    Fixture {
+        name: "omp_bench",
+        source: "omp_bench.c",
+        flags: &["-fPIE", "-pie", "-fopenmp"],
+    },
+    Fixture {
+        name: "futex_pingpong",
+        source: "futex_pingpong.c",
+        flags: &["-fPIE", "-pie", "-pthread"],
+    },
+    Fixture {
+        name: "forktouch",
+        source: "forktouch.c",
+        flags: PIE,
+    },
 ];
 
 fn main() {
