@@ -1,7 +1,8 @@
 //! The guest's vDSO: clock reads run at CPL3 without an exit, through glibc's
 //! dynamic loader and through a static glibc alike; the clocks stay within the
 //! stated bound of the host's; clocks the vDSO does not serve still work (through
-//! the syscall); /proc/self/maps shows [vdso] and [vvar].
+//! the syscall); /proc/self/maps shows [vdso] and [vvar]; forked children, exec'd
+//! programs and threads have the vDSO too.
 
 use vmwrap_tests::{require_kvm, Invocation, RunOutput};
 
@@ -111,4 +112,68 @@ fn guest_clocks_stay_within_the_bound_of_the_hosts() {
     }
     // The syscalls were the host's, one before and one after each vDSO read.
     assert_eq!(syscall_exits(&report, "clock_gettime"), 3000, "{report}");
+}
+
+/// Clock reads that exit, summed over every process and thread of the job.
+fn clock_exits(report: &serde_json::Value) -> u64 {
+    ["clock_gettime", "gettimeofday", "time"]
+        .iter()
+        .map(|c| syscall_exits(report, c))
+        .sum()
+}
+
+/// Every process of a job has the vDSO: a child forked from a parent that used it
+/// (which keeps its parent's mappings) and a program that child then execs (a new
+/// address space from the loader) read their clocks without exits, and their
+/// [vvar] is the one live page vmctl keeps up to date, not a copy made at the fork.
+fn forked_and_execd_children_read_clocks_without_exits(program: &str) {
+    let inv = Invocation::new(program).args(["fork", "2000"]);
+    let native = inv.run_native();
+    let (vm, report) = counted_vm_run(&inv);
+    assert_eq!(vm.stdout_str(), native.stdout_str(), "{vm:?}");
+    let stdout = native.stdout_str();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{native:?}");
+    for l in lines {
+        assert!(
+            l.ends_with("backwards=0 vdso_mapped=1 auxv_ehdr=1 vvar_live=1"),
+            "{l}"
+        );
+    }
+    assert_eq!(syscall_exits(&report, "execve"), 1, "{report}");
+    assert_eq!(clock_exits(&report), 0, "clock reads exited: {report}");
+}
+
+#[test]
+fn forked_and_execd_children_read_clocks_without_exits_through_ld_so() {
+    if !require_kvm() {
+        return;
+    }
+    forked_and_execd_children_read_clocks_without_exits(DYNAMIC);
+}
+
+#[test]
+fn forked_and_execd_children_read_clocks_without_exits_in_a_static_program() {
+    if !require_kvm() {
+        return;
+    }
+    forked_and_execd_children_read_clocks_without_exits(STATIC);
+}
+
+/// Threads, each on a vCPU of its own, share the vDSO and read their clocks at
+/// once without exits.
+#[test]
+fn threads_read_clocks_without_exits() {
+    if !require_kvm() {
+        return;
+    }
+    let inv = Invocation::new(DYNAMIC).args(["threads", "5000"]);
+    let native = inv.run_native();
+    let (vm, report) = counted_vm_run(&inv);
+    assert_eq!(vm.stdout_str(), native.stdout_str(), "{vm:?}");
+    assert_eq!(
+        native.stdout_str().trim(),
+        "threads=4 calls=5000 backwards=0"
+    );
+    assert_eq!(clock_exits(&report), 0, "clock reads exited: {report}");
 }
