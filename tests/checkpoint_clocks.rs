@@ -2,7 +2,8 @@
 //! TSC never go backwards, whether the restored guest reads its clocks in the vDSO
 //! or, when the restoring host's TSC is behind the checkpoint's (simulated with
 //! VMCTL_TEST_TSC_AHEAD), vmctl traps rdtsc, carries the guest's TSC on from where
-//! it was, and the vDSO falls back to the syscall.
+//! it was, and the vDSO falls back to the syscall; in the first process and in a
+//! forked child alike.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -24,16 +25,17 @@ struct Reads {
     restore_stderr: String,
 }
 
-/// Runs the clocks fixture for three reads, checkpoints it, and restores it for
-/// three more with `restore_env` (VMCTL_COUNT_EXITS is always set, so the exits of
-/// the restored part can be inspected).
-fn checkpoint_and_restore(name: &str, restore_env: &[(&str, &str)]) -> Reads {
+/// Runs the clocks fixture (with `args`) for three reads, checkpoints it, and
+/// restores it for three more with `restore_env` (VMCTL_COUNT_EXITS is always set, so
+/// the exits of the restored part can be inspected).
+fn checkpoint_and_restore(name: &str, args: &[&str], restore_env: &[(&str, &str)]) -> Reads {
     let tmp = TempDir::new(name);
     let dir = tmp.path().join("ck");
     let mut run = Command::new(vmctl_path())
         .args(["run", "--checkpoint-dir"])
         .arg(&dir)
         .args(["--on-signal", "TERM=checkpoint-exit", "--", CLOCKS])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -124,8 +126,14 @@ fn tsc_and_monotonic_continue_across_restore_onto_a_host_that_is_behind() {
     }
     let reads = checkpoint_and_restore(
         "clocks-behind",
+        &[],
         &[("VMCTL_TEST_TSC_AHEAD", "100000000000000")],
     );
+    the_tsc_is_trapped_and_clocks_fall_back_to_the_syscall(&reads);
+}
+
+/// What a restore onto a host whose TSC is behind must show.
+fn the_tsc_is_trapped_and_clocks_fall_back_to_the_syscall(reads: &Reads) {
     // The first read after the restore sees the checkpoint's TSC plus the simulated
     // lead: proof that rdtsc is trapped and offset, not read from this host.
     assert!(
@@ -149,7 +157,7 @@ fn monotonic_clocks_continue_across_restore_without_exits() {
     if !require_kvm() {
         return;
     }
-    let reads = checkpoint_and_restore("clocks-vdso", &[]);
+    let reads = checkpoint_and_restore("clocks-vdso", &[], &[]);
     // This host's TSC is not behind: the restored guest reads its clocks in the
     // vDSO, at CPL3, and never exits for them.
     assert_eq!(
@@ -159,6 +167,40 @@ fn monotonic_clocks_continue_across_restore_without_exits() {
         reads.restore_stderr
     );
     assert!(reads.after.iter().all(|l| !l.contains("tsc_jump=1")));
+}
+
+/// The same in a forked child, with its parent waiting for it: both are carried by
+/// the checkpoint, and after the restore the child's vDSO reads its clocks without
+/// exits.
+#[test]
+fn a_forked_child_reads_clocks_without_exits_after_a_restore() {
+    if !require_kvm() {
+        return;
+    }
+    let reads = checkpoint_and_restore("clocks-fork-vdso", &["fork"], &[]);
+    assert_eq!(
+        syscall_exits(&reads.restore_stderr, "clock_gettime"),
+        0,
+        "{}",
+        reads.restore_stderr
+    );
+    assert!(reads.after.iter().all(|l| !l.contains("tsc_jump=1")));
+}
+
+/// Onto a host whose TSC is behind, rdtsc is trapped on the vCPU of every task of a
+/// restored job, not only the first one's: the forked child's own rdtsc is offset,
+/// and its vDSO falls back to the syscall.
+#[test]
+fn a_forked_childs_tsc_is_trapped_after_a_restore_onto_a_host_that_is_behind() {
+    if !require_kvm() {
+        return;
+    }
+    let reads = checkpoint_and_restore(
+        "clocks-fork-behind",
+        &["fork"],
+        &[("VMCTL_TEST_TSC_AHEAD", "100000000000000")],
+    );
+    the_tsc_is_trapped_and_clocks_fall_back_to_the_syscall(&reads);
 }
 
 /// An interval timer the guest armed keeps firing after a restore: the timers are
