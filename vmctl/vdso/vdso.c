@@ -1,6 +1,7 @@
 /*
- * vmwrap's vDSO: clock_gettime, gettimeofday, time, clock_getres and getcpu at
- * CPL3, without an exit to vmctl. The clocks are a linear model of the host's,
+ * vmwrap's vDSO: clock_gettime, gettimeofday, time and clock_getres at CPL3,
+ * without an exit to vmctl; getcpu answers from the page only when vmctl says it
+ * can (vvar.h: today it never does, and getcpu makes the syscall). The clocks are a linear model of the host's,
  * which vmctl keeps in the [vvar] page mapped just below this image and refreshes
  * every few milliseconds (vmctl/src/kernel/vdso.rs has the design and the error
  * bound). Anything the model does not cover (CPU-time clocks, unknown ids, a
