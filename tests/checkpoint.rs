@@ -1776,7 +1776,7 @@ fn checkpoint_from_before_the_vdso_restores() {
 
 /// A crafted checkpoint cannot turn the vDSO's kernel mapping into a window on
 /// other guest memory (here the system area with the page tables' neighbours), nor
-/// make the shared vvar page writable.
+/// make the shared vvar page writable, nor overflow the clocks' offsets.
 #[test]
 fn checkpoint_mapping_other_memory_as_the_vdso_is_refused() {
     need_kvm!();
@@ -1827,4 +1827,19 @@ fn checkpoint_mapping_other_memory_as_the_vdso_is_refused() {
             &["generation 1 is unusable", "not the job's vDSO"],
         );
     }
+
+    // Saved clocks so far back that the offsets to this host's clocks would overflow.
+    fs::write(gen.join("manifest.json"), &original).unwrap();
+    fs::write(gen.join("manifest.sum"), &original_sum).unwrap();
+    rewrite_manifest(&gen, |m| {
+        m["kernel"]["clocks"]["monotonic_ns"] = i64::MIN.into();
+    });
+    let r = restore(tmp.path(), &ck, &[], b"gg");
+    assert_eq!(r.code, EXIT_VMCTL_FAILED, "{r:?}");
+    assert!(r.stdout.is_empty(), "the job ran:\n{r:?}");
+    assert_contains(
+        "crafted clocks",
+        &r.stderr_str(),
+        &["generation 1 is unusable", "saved clocks are out of range"],
+    );
 }

@@ -481,6 +481,7 @@ impl Kernel {
             return Err(bad("no task, or more than vmctl can run"));
         }
         check_kernel_mappings(&state)?;
+        check_clocks(&state)?;
         // The image is in guest RAM already; KVM needs memslots up to where it reaches.
         mem.ensure_backed(state.frames.high_water())
             .map_err(|e| RestoreError::File(format!("cannot expose guest RAM to KVM: {e}")))?;
@@ -738,6 +739,29 @@ fn check_kernel_mappings(state: &KernelState) -> Result<(), RestoreError> {
         }
     }
     Ok(())
+}
+
+/// Guest clock values a restore accepts: from boot up to about 146 years, so the
+/// offsets to this host's clocks are computed without overflow.
+const MAX_CLOCK_NS: i64 = 1 << 62;
+
+/// The saved clocks are untrusted numbers too: out of range, they are refused rather
+/// than left to overflow the offsets.
+fn check_clocks(state: &KernelState) -> Result<(), RestoreError> {
+    let saved = state
+        .clocks
+        .iter()
+        .flat_map(|c| [c.monotonic_ns, c.boottime_ns, c.monotonic_raw_ns]);
+    if std::iter::once(state.monotonic_ns)
+        .chain(saved)
+        .all(|ns| (0..=MAX_CLOCK_NS).contains(&ns))
+    {
+        Ok(())
+    } else {
+        Err(RestoreError::File(
+            "the kernel state's saved clocks are out of range".into(),
+        ))
+    }
 }
 
 fn attach_regions(
