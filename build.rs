@@ -170,6 +170,17 @@ const FIXTURES: &[Fixture] = &[
         source: "forktouch.c",
         flags: PIE,
     },
+    // The guest's vDSO, through ld.so and through a static libc (tests/vdso.rs).
+    Fixture {
+        name: "vdso_clocks",
+        source: "vdso_clocks.c",
+        flags: PIE,
+    },
+    Fixture {
+        name: "vdso_clocks_static",
+        source: "vdso_clocks.c",
+        flags: STATIC,
+    },
 ];
 
 fn main() {

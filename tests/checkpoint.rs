@@ -1709,3 +1709,137 @@ fn sigkill_at_random_points_of_checkpoint_writes_never_loses_the_job() {
     );
     assert_file_eq("file after the kills", &native_out, &out);
 }
+
+// ---------------------------------------------------------------------------
+// The vDSO in checkpoints
+
+/// The kinds of the VMAs of every address space in a generation's manifest.
+fn vma_kinds(gen: &Path) -> Vec<String> {
+    manifest(gen)["kernel"]["address_spaces"]
+        .as_array()
+        .expect("address spaces")
+        .iter()
+        .flat_map(|mm| mm["vmas"].as_array().expect("vmas").iter())
+        .map(|v| v["kind"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A checkpoint written before vmctl had a vDSO (no `vdso` or `clocks` in its kernel
+/// state, no [vdso] mapping; VMCTL_VDSO=0 makes a job like that) restores and
+/// finishes like an uninterrupted run.
+#[test]
+fn checkpoint_from_before_the_vdso_restores() {
+    need_kvm!();
+    let tmp = TempDir::new("ckpt-novdso");
+    let native_out = tmp.join("native.bin");
+    let native = native_fill(&tmp, &native_out, 1, 16);
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+    let mut cmd = Command::new(vmctl_path());
+    cmd.env("VMCTL_VDSO", "0")
+        .args(["run", "--checkpoint-dir"])
+        .arg(&ck)
+        .args([
+            "--mem",
+            "256M",
+            "--on-signal",
+            "TERM=checkpoint-exit",
+            "--",
+            FILL,
+        ])
+        .arg(&out)
+        .args(["1", "16"])
+        .current_dir(tmp.path());
+    let mut job = Job::spawn(cmd);
+    job.wait_for("filled ");
+    let before = term_checkpoint(job);
+    let gen = gen_dir(&ck, 1);
+    let kinds = vma_kinds(&gen);
+    assert!(
+        !kinds.iter().any(|k| k == "Vdso" || k == "Vvar"),
+        "VMCTL_VDSO=0 still mapped a vDSO: {kinds:?}"
+    );
+    rewrite_manifest(&gen, |m| {
+        let kernel = m["kernel"].as_object_mut().expect("kernel state");
+        assert!(kernel.remove("vdso").expect("vdso field").is_null());
+        kernel.remove("clocks").expect("clocks field");
+    });
+
+    let r = restore(tmp.path(), &ck, &[], b"gg");
+    assert_eq!(r.code, 0, "restore of a checkpoint without a vDSO:\n{r:?}");
+    assert_eq!(
+        format!("{}{}", before.stdout_str(), r.stdout_str()),
+        native.stdout_str()
+    );
+    assert_file_eq("fill output", &native_out, &out);
+}
+
+/// A crafted checkpoint cannot turn the vDSO's kernel mapping into a window on
+/// other guest memory (here the system area with the page tables' neighbours), nor
+/// make the shared vvar page writable, nor overflow the clocks' offsets.
+#[test]
+fn checkpoint_mapping_other_memory_as_the_vdso_is_refused() {
+    need_kvm!();
+    let tmp = TempDir::new("ckpt-vdso-crafted");
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+    let job = start_fill(&tmp, &ck, "256M", &out, 1, 16);
+    term_checkpoint(job);
+    let gen = gen_dir(&ck, 1);
+    let kinds = vma_kinds(&gen);
+    assert!(kinds.iter().any(|k| k == "Vdso"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "Vvar"), "{kinds:?}");
+    let original = fs::read(gen.join("manifest.json")).unwrap();
+    let original_sum = fs::read(gen.join("manifest.sum")).unwrap();
+
+    type Edit = fn(&mut Value);
+    let edits: [(&str, Edit); 2] = [
+        ("[vdso] pointed at guest-physical 0", |v| {
+            if v["kind"] == "Vdso" {
+                v["backing"]["Kernel"]["gpa"] = 0.into();
+            }
+        }),
+        ("[vvar] made writable", |v| {
+            if v["kind"] == "Vvar" {
+                v["prot"] = (libc::PROT_READ | libc::PROT_WRITE).into();
+            }
+        }),
+    ];
+    for (what, edit) in edits {
+        fs::write(gen.join("manifest.json"), &original).unwrap();
+        fs::write(gen.join("manifest.sum"), &original_sum).unwrap();
+        rewrite_manifest(&gen, |m| {
+            for mm in m["kernel"]["address_spaces"]
+                .as_array_mut()
+                .expect("address spaces")
+            {
+                for v in mm["vmas"].as_array_mut().expect("vmas") {
+                    edit(v);
+                }
+            }
+        });
+        let r = restore(tmp.path(), &ck, &[], b"gg");
+        assert_eq!(r.code, EXIT_VMCTL_FAILED, "{what}:\n{r:?}");
+        assert!(r.stdout.is_empty(), "{what}: the job ran:\n{r:?}");
+        assert_contains(
+            what,
+            &r.stderr_str(),
+            &["generation 1 is unusable", "not the job's vDSO"],
+        );
+    }
+
+    // Saved clocks so far back that the offsets to this host's clocks would overflow.
+    fs::write(gen.join("manifest.json"), &original).unwrap();
+    fs::write(gen.join("manifest.sum"), &original_sum).unwrap();
+    rewrite_manifest(&gen, |m| {
+        m["kernel"]["clocks"]["monotonic_ns"] = i64::MIN.into();
+    });
+    let r = restore(tmp.path(), &ck, &[], b"gg");
+    assert_eq!(r.code, EXIT_VMCTL_FAILED, "{r:?}");
+    assert!(r.stdout.is_empty(), "the job ran:\n{r:?}");
+    assert_contains(
+        "crafted clocks",
+        &r.stderr_str(),
+        &["generation 1 is unusable", "saved clocks are out of range"],
+    );
+}

@@ -1,7 +1,9 @@
-//! The guest's clocks across a checkpoint and restore: CLOCK_MONOTONIC and the TSC
-//! never go backwards, and when the restoring host's TSC is behind the checkpoint's
-//! (simulated with VMCTL_TEST_TSC_AHEAD), vmctl traps rdtsc and carries the guest's
-//! TSC on from where it was.
+//! The guest's clocks across a checkpoint and restore: the monotonic clocks and the
+//! TSC never go backwards, whether the restored guest reads its clocks in the vDSO
+//! or, when the restoring host's TSC is behind the checkpoint's (simulated with
+//! VMCTL_TEST_TSC_AHEAD), vmctl traps rdtsc, carries the guest's TSC on from where
+//! it was, and the vDSO falls back to the syscall; in the first process and in a
+//! forked child alike.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -15,17 +17,25 @@ fn read_line(r: &mut impl BufRead) -> String {
     s.trim_end().to_string()
 }
 
-#[test]
-fn tsc_and_monotonic_continue_across_restore_onto_a_host_that_is_behind() {
-    if !require_kvm() {
-        return;
-    }
-    let tmp = TempDir::new("clocks");
+/// What the clocks fixture printed before its checkpoint and after its restore, and
+/// the restore's stderr.
+struct Reads {
+    before: Vec<String>,
+    after: Vec<String>,
+    restore_stderr: String,
+}
+
+/// Runs the clocks fixture (with `args`) for three reads, checkpoints it, and
+/// restores it for three more with `restore_env` (VMCTL_COUNT_EXITS is always set, so
+/// the exits of the restored part can be inspected).
+fn checkpoint_and_restore(name: &str, args: &[&str], restore_env: &[(&str, &str)]) -> Reads {
+    let tmp = TempDir::new(name);
     let dir = tmp.path().join("ck");
     let mut run = Command::new(vmctl_path())
         .args(["run", "--checkpoint-dir"])
         .arg(&dir)
         .args(["--on-signal", "TERM=checkpoint-exit", "--", CLOCKS])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -48,16 +58,18 @@ fn tsc_and_monotonic_continue_across_restore_onto_a_host_that_is_behind() {
         "checkpoint-exit status; output so far: {before:?}"
     );
 
-    let restored = Command::new(vmctl_path())
+    let mut restore = Command::new(vmctl_path());
+    restore
         .arg("restore")
         .arg(&dir)
-        .env("VMCTL_TEST_TSC_AHEAD", "100000000000000")
+        .env("VMCTL_COUNT_EXITS", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vmctl restore");
-    let mut child = restored;
+        .stderr(Stdio::piped());
+    for (k, v) in restore_env {
+        restore.env(k, v);
+    }
+    let mut child = restore.spawn().expect("start vmctl restore");
     child
         .stdin
         .take()
@@ -65,43 +77,130 @@ fn tsc_and_monotonic_continue_across_restore_onto_a_host_that_is_behind() {
         .write_all(b"yyy")
         .expect("feed restored guest");
     let output = child.wait_with_output().expect("wait for restore");
-    let after = String::from_utf8_lossy(&output.stdout).to_string();
+    let restore_stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert_eq!(
         output.status.code(),
         Some(0),
-        "restore failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        "restore failed: {restore_stderr}"
     );
-    let lines: Vec<&str> = after.lines().collect();
+    let after: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
     assert_eq!(
-        lines.len(),
+        after.len(),
         4,
-        "three reads and the end line after restore: {after}"
+        "three reads and the end line after restore: {after:?}"
     );
-    for l in before
-        .iter()
-        .map(String::as_str)
-        .chain(lines[..3].iter().copied())
-    {
+    assert_eq!(after[3], "end");
+    for l in before.iter().chain(&after[..3]) {
         assert!(l.contains("tsc_back=0"), "the TSC went backwards: {l}");
-        assert!(
-            l.contains("mono_back=0"),
-            "CLOCK_MONOTONIC went backwards: {l}"
-        );
+        for clock in ["mono", "boot", "raw"] {
+            assert!(
+                l.contains(&format!("{clock}_back=0")),
+                "a monotonic clock ({clock}) went backwards: {l}"
+            );
+        }
     }
+    Reads {
+        before,
+        after,
+        restore_stderr,
+    }
+}
+
+/// The `vmctl: exits {..}` report's count of one syscall (0 when absent).
+fn syscall_exits(stderr: &str, name: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmctl: exits "))
+        .unwrap_or_else(|| panic!("no exit report in: {stderr}"));
+    let report: serde_json::Value = serde_json::from_str(line).expect("exit report is JSON");
+    report["syscalls"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn tsc_and_monotonic_continue_across_restore_onto_a_host_that_is_behind() {
+    if !require_kvm() {
+        return;
+    }
+    let reads = checkpoint_and_restore(
+        "clocks-behind",
+        &[],
+        &[("VMCTL_TEST_TSC_AHEAD", "100000000000000")],
+    );
+    the_tsc_is_trapped_and_clocks_fall_back_to_the_syscall(&reads);
+}
+
+/// What a restore onto a host whose TSC is behind must show.
+fn the_tsc_is_trapped_and_clocks_fall_back_to_the_syscall(reads: &Reads) {
     // The first read after the restore sees the checkpoint's TSC plus the simulated
     // lead: proof that rdtsc is trapped and offset, not read from this host.
     assert!(
-        lines[0].contains("tsc_jump=1"),
+        reads.after[0].contains("tsc_jump=1"),
         "no TSC offset after restore: {}",
-        lines[0]
+        reads.after[0]
     );
     assert!(
-        lines[1].contains("tsc_jump=0"),
+        reads.after[1].contains("tsc_jump=0"),
         "the TSC kept jumping: {}",
-        lines[1]
+        reads.after[1]
     );
-    assert_eq!(lines[3], "end");
+    assert!(reads.before.iter().all(|l| l.contains("tsc_jump=0")));
+    // With rdtsc trapped the vDSO cannot read the TSC: it makes the syscall, which
+    // the same clock model serves (three clocks per read, three reads).
+    assert_eq!(syscall_exits(&reads.restore_stderr, "clock_gettime"), 9);
+}
+
+#[test]
+fn monotonic_clocks_continue_across_restore_without_exits() {
+    if !require_kvm() {
+        return;
+    }
+    let reads = checkpoint_and_restore("clocks-vdso", &[], &[]);
+    // This host's TSC is not behind: the restored guest reads its clocks in the
+    // vDSO, at CPL3, and never exits for them.
+    assert_eq!(
+        syscall_exits(&reads.restore_stderr, "clock_gettime"),
+        0,
+        "{}",
+        reads.restore_stderr
+    );
+    assert!(reads.after.iter().all(|l| !l.contains("tsc_jump=1")));
+}
+
+/// The same in a forked child, with its parent waiting for it: both are carried by
+/// the checkpoint, and after the restore the child's vDSO reads its clocks without
+/// exits.
+#[test]
+fn a_forked_child_reads_clocks_without_exits_after_a_restore() {
+    if !require_kvm() {
+        return;
+    }
+    let reads = checkpoint_and_restore("clocks-fork-vdso", &["fork"], &[]);
+    assert_eq!(
+        syscall_exits(&reads.restore_stderr, "clock_gettime"),
+        0,
+        "{}",
+        reads.restore_stderr
+    );
+    assert!(reads.after.iter().all(|l| !l.contains("tsc_jump=1")));
+}
+
+/// Onto a host whose TSC is behind, rdtsc is trapped on the vCPU of every task of a
+/// restored job, not only the first one's: the forked child's own rdtsc is offset,
+/// and its vDSO falls back to the syscall.
+#[test]
+fn a_forked_childs_tsc_is_trapped_after_a_restore_onto_a_host_that_is_behind() {
+    if !require_kvm() {
+        return;
+    }
+    let reads = checkpoint_and_restore(
+        "clocks-fork-behind",
+        &["fork"],
+        &[("VMCTL_TEST_TSC_AHEAD", "100000000000000")],
+    );
+    the_tsc_is_trapped_and_clocks_fall_back_to_the_syscall(&reads);
 }
 
 /// An interval timer the guest armed keeps firing after a restore: the timers are

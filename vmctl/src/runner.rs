@@ -154,9 +154,17 @@ impl Runner {
         })
     }
 
-    /// Runs the job to its end. Each task runs on a thread of its own; this (main)
-    /// thread waits for host signals, checkpoint requests and the job's end.
+    /// Runs the job to its end (or to its checkpoint-and-exit) and returns vmctl's
+    /// exit status. With VMCTL_COUNT_EXITS, reports the exits of all its tasks.
     pub fn run(mut self) -> i32 {
+        let code = self.run_job();
+        self.kernel.report_exits();
+        code
+    }
+
+    /// Each task runs on a thread of its own; this (main) thread waits for host
+    /// signals, checkpoint requests and the job's end.
+    fn run_job(&mut self) -> i32 {
         Timers::start(&self.kernel);
         self.kernel.start_watchdog();
         for t in std::mem::take(&mut self.tasks) {
@@ -284,8 +292,13 @@ impl Runner {
             .lock()
             .expect("frames poisoned")
             .high_water();
-        let written = write::write_generation(&opts.dir, &self.kernel.mem, limit, &mut manifest)
-            .map_err(|e| e.to_string())?;
+        let written = {
+            // Every task is parked, but the clock thread would still rewrite the vvar
+            // page, which is guest RAM: the image is checksummed as it is written.
+            let _vvar_still = self.kernel.clocks.hold();
+            write::write_generation(&opts.dir, &self.kernel.mem, limit, &mut manifest)
+                .map_err(|e| e.to_string())?
+        };
         write::prune(&opts.dir, opts.keep);
         Ok(Taken {
             generation: written.generation,

@@ -37,8 +37,19 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run PROGRAM in a new VM
+    #[command(
+        after_help = "Environment: VMCTL_COUNT_EXITS=1 prints, when the job ends, its \
+                            exits to vmctl (per syscall, faults, interruptions; summed over \
+                            all its processes and threads) and the clocks' largest measured \
+                            error. VMCTL_VDSO=0 leaves out the guest's vDSO, so that every \
+                            clock read is a syscall."
+    )]
     Run(run::RunArgs),
     /// Resume a job from its newest usable checkpoint in DIR
+    #[command(
+        after_help = "Environment: VMCTL_COUNT_EXITS=1 prints, when the job ends, its \
+                            exits to vmctl, as for run."
+    )]
     Restore(restore::RestoreArgs),
     /// Ask the job running with --checkpoint-dir DIR for a checkpoint
     Checkpoint(checkpoint::CheckpointCmd),

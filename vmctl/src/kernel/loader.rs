@@ -332,6 +332,8 @@ pub struct HostInfo {
     pub euid: u32,
     pub gid: u32,
     pub egid: u32,
+    /// The vDSO to map into the new image (AT_SYSINFO_EHDR), if the VM has one.
+    pub vdso: Option<super::vdso::VdsoFrames>,
 }
 
 /// Loads `path` (or the interpreter of a `#!` script) into `mm` and builds its stack.
@@ -411,6 +413,11 @@ pub fn load_program(
     mm.set_brk_start(exe_loaded.end.next_multiple_of(PAGE_SIZE));
 
     let nomem = |_| ExecError::NoMemory(path.display().to_string());
+    // Below the interpreter, as Linux places it with randomisation off.
+    let vdso_ehdr = match &host.vdso {
+        Some(v) => Some(v.map_into(mm, ctx).map_err(nomem)?),
+        None => None,
+    };
     let stack_top = super::mm::address_space::STACK_TOP;
     mm.map(
         ctx,
@@ -453,7 +460,11 @@ pub fn load_program(
     let random_ptr = push_bytes(mm, ctx, &random)?;
     let exe_path = main.file.path.clone();
 
-    let auxv: Vec<(u64, u64)> = vec![
+    let mut auxv: Vec<(u64, u64)> = Vec::with_capacity(24);
+    if let Some(ehdr) = vdso_ehdr {
+        auxv.push((libc::AT_SYSINFO_EHDR, ehdr));
+    }
+    auxv.extend([
         (libc::AT_HWCAP, host.hwcap),
         (libc::AT_PAGESZ, PAGE_SIZE),
         (libc::AT_CLKTCK, 100),
@@ -474,7 +485,7 @@ pub fn load_program(
         (libc::AT_PLATFORM, platform),
         (51, host.minsigstksz), // AT_MINSIGSTKSZ
         (libc::AT_NULL, 0),
-    ];
+    ]);
     let words = 1 + arg_ptrs.len() + 1 + env_ptrs.len() + 1 + auxv.len() * 2;
     sp &= !15;
     if words % 2 == 1 {

@@ -8,6 +8,7 @@
 //! own host thread on its own vCPU.
 
 pub mod exit;
+mod exits;
 pub mod files;
 pub mod freeze;
 pub mod fs_context;
@@ -22,6 +23,7 @@ pub mod signals;
 pub mod task;
 pub mod thread_group;
 pub mod timers;
+pub mod vdso;
 
 pub use sigframe::sigreturn as sigframe_return;
 
@@ -120,6 +122,12 @@ pub struct Kernel {
     pub tsc_trap: bool,
     /// The XSAVE image of a freshly reset FPU, for exec.
     pub clean_fpu: machine::VcpuState,
+    /// The guest's clocks, for the vDSO and the clock syscalls alike. The vDSO's
+    /// frames, shared by every process, are `host.vdso`.
+    pub clocks: Arc<vdso::GuestClocks>,
+    _clock_refresher: vdso::Refresher,
+    /// VMCTL_COUNT_EXITS: every task's exits, reported when the job ends.
+    exits: Option<exits::ExitCounter>,
     vcpus: Mutex<VcpuPool>,
     warned: Mutex<HashSet<u64>>,
     job: Mutex<Option<JobEnd>>,
@@ -143,6 +151,7 @@ impl Kernel {
         tsc_offset: u64,
         tsc_trap: bool,
         shared: SharedRegions,
+        clocks: Arc<vdso::GuestClocks>,
     ) -> Kernel {
         Kernel {
             mem: vm.memory().clone(),
@@ -159,6 +168,9 @@ impl Kernel {
             tsc_offset,
             tsc_trap,
             clean_fpu,
+            _clock_refresher: clocks.start(),
+            exits: exits::ExitCounter::from_env(),
+            clocks,
             vcpus: Mutex::new(VcpuPool {
                 free: Vec::new(),
                 next_index: first_vcpu_index,
@@ -177,6 +189,15 @@ impl Kernel {
         let commit = Commit::new(launch.mem);
         let mut mm =
             AddressSpace::new(&mem, &mut frames, vm.system_half()).ok_or(KernelError::NoMemory)?;
+        // VMCTL_VDSO=0 leaves the vDSO out, as Linux's vdso=0 does: an escape hatch,
+        // at the price of an exit per clock read.
+        let vdso = match std::env::var_os("VMCTL_VDSO") {
+            Some(v) if v == "0" => None,
+            _ => Some(vdso::VdsoFrames::install(&mem, &mut frames).ok_or(KernelError::NoMemory)?),
+        };
+        // Created before the program is loaded, so that loading counts towards the
+        // time the TSC rate is measured over before the guest starts.
+        let clocks = vdso::GuestClocks::new(mem.clone(), vdso.map(|v| v.vvar), None, true);
         let mut vcpu = vm.create_vcpu(0, mm.root)?;
         let clean_fpu = vcpu
             .capture()?
@@ -185,7 +206,7 @@ impl Kernel {
         let stack = rlimits[libc::RLIMIT_STACK as usize]
             .0
             .clamp(128 << 10, 64 << 20);
-        let host = host_info();
+        let host = host_info(vdso);
         let start = {
             let mut ctx = MmCtx {
                 mem: &mem,
@@ -271,6 +292,7 @@ impl Kernel {
             0,
             false,
             SharedRegions::default(),
+            clocks,
         ));
         let task = Task {
             k: k.clone(),
@@ -293,6 +315,21 @@ impl Kernel {
     /// The guest's CLOCK_MONOTONIC now.
     pub fn guest_monotonic_ns(&self) -> i64 {
         crate::clock::monotonic_ns() + self.clock_offset_ns
+    }
+
+    /// Counts one exit of a task's vCPU (VMCTL_COUNT_EXITS); `nr` is the syscall
+    /// number for a syscall exit.
+    pub fn count_exit(&self, exit: &machine::Exit, nr: u64) {
+        if let Some(c) = &self.exits {
+            c.count(exit, nr);
+        }
+    }
+
+    /// Prints the exit counts of all tasks (VMCTL_COUNT_EXITS) once the job is over.
+    pub fn report_exits(&self) {
+        if let Some(c) = &self.exits {
+            c.report(self.clocks.max_error_ns());
+        }
     }
 
     pub fn warn_unsupported(&self, nr: u64) {
@@ -525,7 +562,7 @@ impl Kernel {
     }
 }
 
-fn host_info() -> HostInfo {
+fn host_info(vdso: Option<vdso::VdsoFrames>) -> HostInfo {
     // SAFETY: these identity calls cannot fail.
     unsafe {
         HostInfo {
@@ -535,6 +572,7 @@ fn host_info() -> HostInfo {
             euid: libc::geteuid(),
             gid: libc::getgid(),
             egid: libc::getegid(),
+            vdso,
         }
     }
 }

@@ -15,6 +15,7 @@ use super::pids::PidTable;
 use super::signals::ThreadSignals;
 use super::task::{Task, TaskHandle};
 use super::thread_group::{Resources, TgState, ThreadGroup};
+use super::vdso::{GuestClocks, ModelClock, SavedClocks, VdsoFrames};
 use super::{dup_stdio, Kernel};
 use crate::machine::{GuestMemory, MachineError, Vm};
 use serde::{Deserialize, Serialize};
@@ -151,6 +152,14 @@ pub struct KernelState {
     pub root_pid: i32,
     /// The guest's CLOCK_MONOTONIC when the checkpoint was taken.
     pub monotonic_ns: i64,
+    /// All the guest's monotonic clocks (absent from checkpoints made before the
+    /// vDSO: those carry CLOCK_MONOTONIC's offset over to the others).
+    #[serde(default)]
+    pub clocks: Option<SavedClocks>,
+    /// The vDSO's frames, which every address space maps; absent from checkpoints
+    /// made before vmctl had one.
+    #[serde(default)]
+    pub vdso: Option<VdsoFrames>,
     /// The TSC the guest would have read when the checkpoint was taken.
     pub tsc: u64,
 }
@@ -354,6 +363,8 @@ impl Kernel {
     /// states).
     pub fn snapshot(&self, tasks: Vec<TaskSnapshot>) -> KernelState {
         self.shared.lock().expect("shared poisoned").msync_all();
+        // The model's values now: no read the frozen guest made can exceed them.
+        let clocks = self.clocks.save();
         let pids = self.pids.lock().expect("pids poisoned");
         let mut mms: Ids<Mutex<AddressSpace>> = Ids::new();
         let mut tables: Ids<Mutex<FdTable>> = Ids::new();
@@ -429,7 +440,9 @@ impl Kernel {
             tasks: task_states,
             next_pid: pids.next,
             root_pid: pids.root,
-            monotonic_ns: self.guest_monotonic_ns(),
+            monotonic_ns: clocks.monotonic_ns,
+            clocks: Some(clocks),
+            vdso: self.host.vdso,
             tsc: crate::clock::host_tsc().wrapping_add(self.tsc_offset),
         }
     }
@@ -467,6 +480,8 @@ impl Kernel {
         if state.tasks.is_empty() || state.tasks.len() > super::MAX_TASKS {
             return Err(bad("no task, or more than vmctl can run"));
         }
+        check_kernel_mappings(&state)?;
+        check_clocks(&state)?;
         // The image is in guest RAM already; KVM needs memslots up to where it reaches.
         mem.ensure_backed(state.frames.high_water())
             .map_err(|e| RestoreError::File(format!("cannot expose guest RAM to KVM: {e}")))?;
@@ -587,19 +602,33 @@ impl Kernel {
         let clean_fpu = first_vcpu[0]
             .capture()?
             .ok_or_else(|| MachineError::VcpuFailed("a new vCPU is not at a clean point".into()))?;
+        // The guest's monotonic clocks continue from where they stopped.
+        let saved = state.clocks.unwrap_or(SavedClocks {
+            monotonic_ns: state.monotonic_ns,
+            boottime_ns: state.monotonic_ns
+                + (host_clock(libc::CLOCK_BOOTTIME) - crate::clock::monotonic_ns()),
+            monotonic_raw_ns: state.monotonic_ns
+                + (host_clock(libc::CLOCK_MONOTONIC_RAW) - crate::clock::monotonic_ns()),
+        });
+        let clocks = GuestClocks::new(
+            mem.clone(),
+            state.vdso.map(|v| v.vvar),
+            Some(&saved),
+            !tsc_trap,
+        );
         let k = Arc::new(Kernel::new(
             vm,
             state.frames,
             Commit::new(state.commit_limit),
             pids,
-            super::host_info(),
+            super::host_info(state.vdso),
             clean_fpu,
             1,
-            // The guest's monotonic clock continues from where it stopped.
-            state.monotonic_ns - crate::clock::monotonic_ns(),
+            clocks.offset_ns(ModelClock::Monotonic),
             tsc_offset,
             tsc_trap,
             shared,
+            clocks,
         ));
         for mm in &mms {
             k.commit
@@ -675,6 +704,63 @@ impl Kernel {
             }
         }
         Ok((k, tasks))
+    }
+}
+
+fn host_clock(id: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the local timespec (the raw syscall: rdtsc
+    // may be trapped on this thread).
+    unsafe { libc::syscall(libc::SYS_clock_gettime, id, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// A checkpoint is untrusted: its vDSO frames must lie in its RAM, and a VMA of any
+/// address space that maps kernel frames may map only those, read-only.
+fn check_kernel_mappings(state: &KernelState) -> Result<(), RestoreError> {
+    let bad = || {
+        RestoreError::File("the kernel state maps guest memory that is not the job's vDSO".into())
+    };
+    let ram = state.frames.high_water();
+    if state.vdso.is_some_and(|v| !v.fits(ram)) {
+        return Err(bad());
+    }
+    for v in state.address_spaces.iter().flat_map(|m| m.vmas.values()) {
+        if let Backing::Kernel { gpa } = v.backing {
+            let ok = state.vdso.is_some_and(|f| f.covers(gpa, v.len()))
+                && v.prot & libc::PROT_WRITE == 0
+                && !v.shared;
+            if !ok {
+                return Err(bad());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Guest clock values a restore accepts: from boot up to about 146 years, so the
+/// offsets to this host's clocks are computed without overflow.
+const MAX_CLOCK_NS: i64 = 1 << 62;
+
+/// The saved clocks are untrusted numbers too: out of range, they are refused rather
+/// than left to overflow the offsets.
+fn check_clocks(state: &KernelState) -> Result<(), RestoreError> {
+    let saved = state
+        .clocks
+        .iter()
+        .flat_map(|c| [c.monotonic_ns, c.boottime_ns, c.monotonic_raw_ns]);
+    if std::iter::once(state.monotonic_ns)
+        .chain(saved)
+        .all(|ns| (0..=MAX_CLOCK_NS).contains(&ns))
+    {
+        Ok(())
+    } else {
+        Err(RestoreError::File(
+            "the kernel state's saved clocks are out of range".into(),
+        ))
     }
 }
 

@@ -382,6 +382,7 @@ impl Task {
                     break;
                 }
             };
+            self.k.count_exit(&exit, self.vcpu.user_regs().rax);
             match exit {
                 Exit::Syscall => crate::syscalls::handle(&mut self),
                 Exit::Exception {

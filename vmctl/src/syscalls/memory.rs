@@ -190,7 +190,10 @@ pub fn mprotect(t: &mut Task, a: [u64; 6]) -> SysResult {
         while va < addr + len {
             match t.mm().find(va) {
                 Some(v) => {
-                    if v.region().is_some_and(|r| !r.writable) {
+                    // The vDSO's frames are shared by every address space.
+                    if v.region().is_some_and(|r| !r.writable)
+                        || matches!(v.backing, Backing::Kernel { .. })
+                    {
                         return Err(Errno(libc::EACCES));
                     }
                     va = v.end;
@@ -310,8 +313,12 @@ pub fn mremap(t: &mut Task, a: [u64; 6]) -> SysResult {
     }
     // The backing of the remapped range, as if it started at `old`.
     let mut backing = vma.backing.clone();
-    if let Backing::File { offset, .. } = &mut backing {
-        *offset += old - vma.start;
+    match &mut backing {
+        Backing::File { offset, .. } => *offset += old - vma.start,
+        // The vDSO may move (as on Linux) but not grow past its frames.
+        Backing::Kernel { .. } if new_len > old_len => return Err(Errno(libc::EFAULT)),
+        Backing::Kernel { gpa } => *gpa += old - vma.start,
+        Backing::Anonymous => {}
     }
     if let (Some(r), Backing::File { file, offset, .. }) = (vma.region(), &backing) {
         // A shared mapping's memslot covers only the file range first mapped; a
@@ -372,7 +379,7 @@ pub fn mremap(t: &mut Task, a: [u64; 6]) -> SysResult {
     t.with_mm(|mm, ctx| mm.map(ctx, dest, new_len, vma.prot, vma.shared, backing, vma.kind))?;
     // Copy what the guest has touched; untouched pages come back from their backing.
     // Shared file pages live in the file; shared anonymous ones only in guest RAM.
-    let copy = if vma.region().is_some() {
+    let copy = if vma.region().is_some() || matches!(vma.backing, Backing::Kernel { .. }) {
         0
     } else {
         old_len.min(new_len)

@@ -1,7 +1,9 @@
-//! Clocks and sleeping, read from the host.
+//! Clocks and sleeping. The clocks the vDSO serves come from the same model here
+//! (kernel/vdso.rs), so vDSO reads and syscalls agree; the others are the host's.
 
 use super::fs::sys;
 use crate::kernel::task::Task;
+use crate::kernel::vdso::ModelClock;
 use crate::kernel::{Errno, SysResult};
 
 fn valid_clock(id: i32) -> bool {
@@ -48,10 +50,11 @@ pub fn clock_gettime(t: &mut Task, a: [u64; 6]) -> SysResult {
     if !valid_clock(id) {
         return Err(Errno(libc::EINVAL));
     }
-    let mut ns = host_clock_ns(id)?;
-    if is_monotonic(id) {
-        ns += t.k.clock_offset_ns;
-    }
+    let ns = match ModelClock::for_id(id) {
+        Some(c) => t.k.clocks.now_ns(c),
+        None if is_monotonic(id) => host_clock_ns(id)? + t.k.clock_offset_ns,
+        None => host_clock_ns(id)?,
+    };
     t.write_user(a[1], &ts_bytes(ns))?;
     Ok(0)
 }
@@ -112,6 +115,9 @@ pub fn gettimeofday(t: &mut Task, a: [u64; 6]) -> SysResult {
     let mut tv = [0u8; 16];
     let mut tz = [0u8; 8];
     sys!(libc::SYS_gettimeofday, tv.as_mut_ptr(), tz.as_mut_ptr())?;
+    let ns = t.k.clocks.now_ns(ModelClock::Realtime);
+    tv[..8].copy_from_slice(&ns.div_euclid(1_000_000_000).to_le_bytes());
+    tv[8..].copy_from_slice(&(ns.rem_euclid(1_000_000_000) / 1000).to_le_bytes());
     if a[0] != 0 {
         t.write_user(a[0], &tv)?;
     }
@@ -122,7 +128,10 @@ pub fn gettimeofday(t: &mut Task, a: [u64; 6]) -> SysResult {
 }
 
 pub fn time(t: &mut Task, a: [u64; 6]) -> SysResult {
-    let now = sys!(libc::SYS_time, 0)?;
+    let now =
+        t.k.clocks
+            .now_ns(ModelClock::Realtime)
+            .div_euclid(1_000_000_000);
     if a[0] != 0 {
         t.write_user(a[0], &now.to_le_bytes())?;
     }

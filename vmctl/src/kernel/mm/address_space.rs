@@ -323,12 +323,11 @@ impl AddressSpace {
             .checked_add(len)
             .ok_or(Errno(libc::EINVAL))?
             .min(TASK_SIZE);
-        if self
-            .vmas
-            .range(..end)
-            .any(|(_, v)| v.end > start && v.shared)
-        {
-            // Shared mappings keep their contents (the file is the truth).
+        if self.vmas.range(..end).any(|(_, v)| {
+            v.end > start && (v.shared || matches!(v.backing, Backing::Kernel { .. }))
+        }) {
+            // Shared mappings keep their contents (the file is the truth), and so do
+            // the kernel's shared frames (the vDSO).
             return Ok(());
         }
         self.change_range(ctx, start, end, RangeOp::Discard)
@@ -500,6 +499,19 @@ impl AddressSpace {
             return Ok(());
         }
         let table = pt::ensure_pt(mem, ctx.frames, pd_slot).ok_or(Fault::OutOfMemory)?;
+        if let Backing::Kernel { gpa } = vma.backing {
+            // PTE_SHARED: the frames are not this address space's to free.
+            let flags = pt::leaf_flags(vma.prot) | PTE_SHARED;
+            let mut p = start;
+            while p < end {
+                let slot = table + crate::machine::system::pt_index(p, 1) * 8;
+                if !pt::is_mapped(mem.read_u64(slot)) {
+                    mem.write_u64(slot, (gpa + (p - vma.start)) | flags);
+                }
+                p += PAGE_SIZE;
+            }
+            return Ok(());
+        }
         if let Some(region) = vma.region() {
             return self.fault_shared(mem, &vma, region, table, start, end, va);
         }
@@ -771,13 +783,15 @@ impl AddressSpace {
                 Backing::File { file, offset, .. } => {
                     (*offset, file.dev, file.ino, file.path.display().to_string())
                 }
-                Backing::Anonymous => (
+                Backing::Anonymous | Backing::Kernel { .. } => (
                     0,
                     0,
                     0,
                     match v.kind {
                         VmaKind::Heap => "[heap]".to_string(),
                         VmaKind::Stack => "[stack]".to_string(),
+                        VmaKind::Vdso => "[vdso]".to_string(),
+                        VmaKind::Vvar => "[vvar]".to_string(),
                         VmaKind::Mapping => String::new(),
                     },
                 ),

@@ -111,6 +111,33 @@ impl FrameAllocator {
         Some(base + off)
     }
 
+    /// `n` zeroed, physically contiguous 4 KiB frames (at most a chunk's worth).
+    pub fn alloc_contiguous_pages(&mut self, mem: &GuestMemory, n: u64) -> Option<u64> {
+        let bytes = n
+            .checked_mul(PAGE_SIZE)
+            .filter(|&b| b > 0 && b <= HUGE_PAGE)?;
+        let (base, off) = match self.carving {
+            Some((base, off)) if off + bytes <= HUGE_PAGE => (base, off),
+            old => {
+                let (c, dirty) = self.fresh_chunk(mem)?;
+                if dirty {
+                    mem.zero(c, HUGE_PAGE);
+                }
+                // The rest of the chunk being carved stays usable page by page.
+                if let Some((b, mut o)) = old {
+                    while o < HUGE_PAGE {
+                        self.free_pages.push(b + o);
+                        o += PAGE_SIZE;
+                    }
+                }
+                (c, 0)
+            }
+        };
+        self.carving = Some((base, off + bytes));
+        self.in_use += bytes;
+        Some(base + off)
+    }
+
     /// Drops one reference to a 4 KiB frame, freeing it with the last.
     pub fn free_page(&mut self, gpa: u64) {
         if self.drop_extra_ref(gpa) {

@@ -51,6 +51,10 @@ pub enum Backing {
         #[serde(skip)]
         region: Option<Arc<SharedRegion>>,
     },
+    /// Frames the kernel owns and every address space shares (the vDSO and its data
+    /// page), starting at guest-physical `gpa`: mapped, never copied, freed or
+    /// written by the guest.
+    Kernel { gpa: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +62,8 @@ pub enum VmaKind {
     Mapping,
     Heap,
     Stack,
+    Vdso,
+    Vvar,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +85,9 @@ impl Vma {
 
     /// Charged against the memory limit, as Linux accounts private writable memory.
     pub fn committed(&self) -> u64 {
+        if matches!(self.backing, Backing::Kernel { .. }) {
+            return 0;
+        }
         let private = !self.shared || matches!(self.backing, Backing::Anonymous);
         if private && self.prot & libc::PROT_WRITE != 0 {
             self.len()
@@ -90,14 +99,14 @@ impl Vma {
     pub fn region(&self) -> Option<&Arc<SharedRegion>> {
         match &self.backing {
             Backing::File { region, .. } => region.as_ref(),
-            Backing::Anonymous => None,
+            Backing::Anonymous | Backing::Kernel { .. } => None,
         }
     }
 
     pub fn file_offset(&self, va: u64) -> Option<u64> {
         match &self.backing {
             Backing::File { offset, .. } => Some(offset + (va - self.start)),
-            Backing::Anonymous => None,
+            Backing::Anonymous | Backing::Kernel { .. } => None,
         }
     }
 
@@ -106,8 +115,10 @@ impl Vma {
         debug_assert!(self.start < at && at < self.end);
         let mut tail = self.clone();
         tail.start = at;
-        if let Backing::File { offset, .. } = &mut tail.backing {
-            *offset += at - self.start;
+        match &mut tail.backing {
+            Backing::File { offset, .. } => *offset += at - self.start,
+            Backing::Kernel { gpa } => *gpa += at - self.start,
+            Backing::Anonymous => {}
         }
         self.end = at;
         tail
@@ -120,6 +131,7 @@ impl Vma {
             && self.kind == next.kind
             && match (&self.backing, &next.backing) {
                 (Backing::Anonymous, Backing::Anonymous) => true,
+                (Backing::Kernel { gpa: a }, Backing::Kernel { gpa: b }) => a + self.len() == *b,
                 (
                     Backing::File {
                         file: a,
