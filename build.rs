@@ -93,6 +93,11 @@ const FIXTURES: &[Fixture] = &[
         flags: PIE,
     },
     Fixture {
+        name: "records",
+        source: "records.c",
+        flags: PIE,
+    },
+    Fixture {
         name: "readfile",
         source: "readfile.c",
         flags: STATIC,

@@ -6,6 +6,7 @@ mod cli;
 mod clock;
 mod control;
 mod events;
+mod filejournal;
 mod iov;
 mod kernel;
 mod machine;

@@ -285,7 +285,19 @@ impl Runner {
                 chunks: Vec::new(),
             },
             kernel: state,
+            files: None,
         };
+        // Every process's descriptions, held here so none closes while recorded.
+        let open = self.kernel.open_files();
+        let journal = crate::filejournal::track::prepare(
+            generation,
+            open.iter().map(|f| (f.raw(), f.stdio.is_some())),
+        );
+        manifest.files = journal.as_ref().map(|j| j.info.clone());
+        let extra: Vec<(&str, &[u8])> = journal
+            .iter()
+            .map(|j| (crate::filejournal::JOURNAL, j.bytes.as_slice()))
+            .collect();
         let limit = self
             .kernel
             .frames
@@ -296,9 +308,12 @@ impl Runner {
             // Every task is parked, but the clock thread would still rewrite the vvar
             // page, which is guest RAM: the image is checksummed as it is written.
             let _vvar_still = self.kernel.clocks.hold();
-            write::write_generation(&opts.dir, &self.kernel.mem, limit, &mut manifest)
+            write::write_generation(&opts.dir, &self.kernel.mem, limit, &mut manifest, &extra)
                 .map_err(|e| e.to_string())?
         };
+        if let Some(j) = journal {
+            crate::filejournal::track::activate(j, &written.path);
+        }
         write::prune(&opts.dir, opts.keep);
         Ok(Taken {
             generation: written.generation,

@@ -98,4 +98,8 @@ pub struct Manifest {
     pub cpu: CpuFeatures,
     pub memory: MemoryImage,
     pub kernel: KernelState,
+    /// The file journal (`files.journal`) kept for this generation; absent when the job
+    /// ran with `--files=none` (or under a vmctl before file journals).
+    #[serde(default)]
+    pub files: Option<crate::filejournal::FilesInfo>,
 }

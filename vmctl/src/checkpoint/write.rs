@@ -148,12 +148,14 @@ pub fn next_generation(dir: &Path) -> Result<u64, CheckpointError> {
         .map_or(1, |g| g + 1))
 }
 
-/// Writes `manifest` and the memory of `mem` as a new generation of `dir`.
+/// Writes `manifest`, the memory of `mem` and the `extra` files (name, contents) as a
+/// new generation of `dir`.
 pub fn write_generation(
     dir: &Path,
     mem: &GuestMemory,
     memory_limit: u64,
     manifest: &mut Manifest,
+    extra: &[(&str, &[u8])],
 ) -> Result<Written, CheckpointError> {
     let generation = manifest.generation;
     let final_dir = dir.join(generation_dir_name(generation));
@@ -169,6 +171,14 @@ pub fn write_generation(
         .map_err(|e| io(&tmp, e))?;
     let result = (|| {
         manifest.memory = write_memory(mem, memory_limit, &tmp.join(MEMORY))?;
+        let mut extra_bytes = 0;
+        for (name, contents) in extra {
+            let path = tmp.join(name);
+            let mut f = create_file(&path)?;
+            f.write_all(contents).map_err(|e| io(&path, e))?;
+            f.sync_all().map_err(|e| io(&path, e))?;
+            extra_bytes += contents.len() as u64;
+        }
         let json = serde_json::to_vec(&manifest)
             .map_err(|e| CheckpointError::Format(tmp.join(MANIFEST), e.to_string()))?;
         let mpath = tmp.join(MANIFEST);
@@ -184,7 +194,7 @@ pub fn write_generation(
         fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
         fsync_dir(dir)?;
         update_latest(dir, generation)?;
-        Ok(manifest.memory.data_bytes + json.len() as u64)
+        Ok(manifest.memory.data_bytes + json.len() as u64 + extra_bytes)
     })();
     match result {
         Ok(total) => Ok(Written {

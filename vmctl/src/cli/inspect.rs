@@ -87,7 +87,16 @@ pub fn inspect(args: InspectArgs) -> i32 {
         let row = match result {
             Ok(m) => {
                 usable += 1;
+                // What a restore of this generation would do to the job's files now.
+                let files =
+                    m.files
+                        .as_ref()
+                        .map(|_| match crate::filejournal::undo::plan(&args.dir, g) {
+                            Ok(plan) => serde_json::json!({"restore": plan.files}),
+                            Err(e) => serde_json::json!({"refused": e}),
+                        });
                 serde_json::json!({
+                    "files": files,
                     "generation": g,
                     "latest": latest == Some(g),
                     "status": if args.verify { "verified" } else { "ok" },
@@ -143,6 +152,7 @@ pub fn inspect(args: InspectArgs) -> i32 {
                     r["host"].as_str().unwrap_or(""),
                     r["program"].as_str().unwrap_or("")
                 );
+                print_files(&r["files"]);
             }
         }
     }
@@ -150,6 +160,40 @@ pub fn inspect(args: InspectArgs) -> i32 {
         0
     } else {
         EXIT_NONE_USABLE
+    }
+}
+
+/// The files a restore of a generation would bring back, one line each.
+fn print_files(files: &serde_json::Value) {
+    if files.is_null() {
+        println!("  files: not recorded (--files=none); a restore leaves them as they are");
+        return;
+    }
+    if let Some(e) = files["refused"].as_str() {
+        println!("  files: a restore would REFUSE this generation: {e}");
+        return;
+    }
+    let list = files["restore"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("  files: none open for writing");
+    }
+    for f in list {
+        let path = f["path"].as_str().unwrap_or("");
+        let now = f["size_now"].as_u64().unwrap_or(0);
+        let to = f["size_restored"].as_u64().unwrap_or(0);
+        if let Some(note) = f["note"].as_str() {
+            println!("  file {path}: {note}");
+        } else if f["stdio"].as_bool() == Some(true) {
+            println!(
+                "  output {path}: {now} -> {to} bytes (the job's {} bytes written since removed)",
+                f["removed_bytes"].as_u64().unwrap_or(0)
+            );
+        } else {
+            println!(
+                "  file {path}: {now} -> {to} bytes ({} bytes written back)",
+                f["write_back_bytes"].as_u64().unwrap_or(0)
+            );
+        }
     }
 }
 

@@ -20,6 +20,13 @@ pub struct CheckpointArgs {
     /// SIG=checkpoint-exit (take one and exit with status 75). Repeatable.
     #[arg(long = "on-signal", value_name = "SIG=ACTION", value_parser = parse_on_signal)]
     pub on_signal: Vec<(i32, SignalAction)>,
+
+    /// How a restore brings back the files the job writes: journal[:SIZE] (cut appended
+    /// files back, save overwritten data first, up to SIZE per generation, default 1G),
+    /// truncate (cut appended files back, refuse if overwritten), refuse (refuse if the
+    /// job changed them at all) or none (leave them)
+    #[arg(long, value_name = "POLICY", default_value = "journal", value_parser = crate::filejournal::parse_policy)]
+    pub files: crate::filejournal::Policy,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -33,7 +40,8 @@ impl CheckpointArgs {
     pub fn options(&self, dir: Option<PathBuf>) -> Result<Option<CheckpointOptions>, String> {
         match dir {
             Some(dir) => Ok(Some(CheckpointOptions {
-                dir,
+                // The guest's chdir moves vmctl's working directory with it.
+                dir: std::path::absolute(&dir).unwrap_or(dir),
                 interval: self.checkpoint_interval.map(Duration::from_secs),
                 keep: self.keep,
             })),

@@ -80,11 +80,12 @@ pub fn restore(args: RestoreArgs) -> i32 {
         return EXIT_VMCTL_FAILED;
     };
     let waited = crate::runner::setup_signals(&args.checkpoint.on_signal);
+    crate::filejournal::track::set_policy(args.checkpoint.files);
+    let files = args.checkpoint.files.mode != crate::filejournal::Mode::None;
     let newest = candidates[0];
     for g in candidates {
-        let gen_dir = dir.join(generation_dir_name(g));
         let started = crate::clock::monotonic_ns();
-        let result = try_generation(&kvm, &gen_dir, cap);
+        let result = try_generation(&kvm, &dir, g, cap, files);
         let seconds = (crate::clock::monotonic_ns() - started) as f64 / 1e9;
         match result {
             Ok((kernel, tasks, meta, bytes)) => {
@@ -121,24 +122,41 @@ pub fn restore(args: RestoreArgs) -> i32 {
     EXIT_VMCTL_FAILED
 }
 
+/// Restores generation `g` of `dir`; with `files`, first brings the job's files back
+/// to it (see crate::filejournal), or refuses it if they cannot be.
 fn try_generation(
     kvm: &kvm_ioctls::Kvm,
-    gen_dir: &std::path::Path,
+    dir: &std::path::Path,
+    g: u64,
     cap: u64,
+    files: bool,
 ) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta, u64), String> {
-    let mut manifest = read::load_manifest(gen_dir).map_err(|e| e.to_string())?;
+    let gen_dir = dir.join(generation_dir_name(g));
+    let mut manifest = read::load_manifest(&gen_dir).map_err(|e| e.to_string())?;
     check_memory_cap(&manifest, cap)?;
     manifest.kernel.commit_limit = manifest.kernel.commit_limit.min(cap);
     let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
     read::check_cpu(&manifest, vm.xcr0()).map_err(|e| e.to_string())?;
-    read::load_memory(gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
+    // Everything is checked before any file is touched.
+    let plan = match (&manifest.files, files) {
+        (Some(_), true) => Some(crate::filejournal::undo::plan(dir, g)?),
+        _ => None,
+    };
+    read::load_memory(&gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
+    if let Some(plan) = &plan {
+        plan.apply()?;
+        plan.abandon_newer(dir);
+    }
     let meta = JobMeta {
         program: manifest.program.clone(),
         argv: manifest.argv.clone(),
     };
     let bytes = manifest.memory.data_bytes;
     let (kernel, tasks) = Kernel::restore(vm, manifest.kernel).map_err(|e| e.to_string())?;
+    if let Some(plan) = &plan {
+        crate::filejournal::track::resume(&gen_dir, g, &plan.entries)?;
+    }
     Ok((kernel, tasks, meta, bytes))
 }
 

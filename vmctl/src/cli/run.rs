@@ -55,6 +55,7 @@ pub fn run(args: RunArgs) -> i32 {
         );
         return EXIT_VMCTL_FAILED;
     }
+    crate::filejournal::track::set_policy(args.checkpoint.files);
     let ckpt = match args.checkpoint.options(args.checkpoint_dir.clone()) {
         Ok(c) => c,
         Err(e) => {

@@ -359,6 +359,31 @@ fn regions_of(mms: &[AddressSpace], out: &mut Vec<RegionState>) {
 }
 
 impl Kernel {
+    /// Every open file description of every process of the job, each once however
+    /// many descriptors and processes share it, for the file journal
+    /// (crate::filejournal) to record at a checkpoint. Call with the job frozen.
+    pub fn open_files(&self) -> Vec<Arc<OpenFile>> {
+        let handles: Vec<_> = self
+            .pids
+            .lock()
+            .expect("pids poisoned")
+            .tasks
+            .values()
+            .cloned()
+            .collect();
+        let mut tables: Ids<Mutex<FdTable>> = Ids::new();
+        for res in handles.iter().filter_map(|h| h.try_resources()) {
+            tables.id(&res.files);
+        }
+        let mut files: Ids<OpenFile> = Ids::new();
+        for t in &tables.items {
+            for (_, e) in t.lock().expect("fd table poisoned").iter() {
+                files.id(&e.file);
+            }
+        }
+        files.items
+    }
+
     /// Captures the kernel layer of a frozen job (every task parked, `tasks` their
     /// states).
     pub fn snapshot(&self, tasks: Vec<TaskSnapshot>) -> KernelState {

@@ -4,6 +4,7 @@
 
 use super::guest_path;
 use super::procfs;
+use crate::filejournal::track as journal;
 use crate::kernel::files::{FdEntry, OpenFile};
 use crate::kernel::mm::Access;
 use crate::kernel::task::Task;
@@ -92,6 +93,24 @@ pub(super) fn install(t: &mut Task, host: RawFd, cloexec: bool) -> SysResult {
     Ok(t.files().install(file, cloexec, 0, limit)? as i64)
 }
 
+/// Lets the file journal record what undoing a change to `fd` needs, before it is made
+/// (see crate::filejournal).
+fn journal_write(t: &Task, fd: u64, offset: Option<u64>, len: u64) {
+    let file = t.files().get(fd as i32).map(|e| e.file.clone());
+    if let Ok(file) = file {
+        journal::before_write(&file, offset, len);
+    }
+}
+
+fn iov_len(iov: &[libc::iovec]) -> u64 {
+    iov.iter().map(|v| v.iov_len as u64).sum()
+}
+
+/// A `loff_t *` argument, or None when null or unreadable.
+fn offset_arg(t: &mut Task, ptr: u64) -> Option<u64> {
+    (ptr != 0).then(|| t.read_user_u64(ptr).ok()).flatten()
+}
+
 pub fn read(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = t.user_iovecs(a[1], a[2], Access::Write)?;
@@ -113,6 +132,7 @@ pub fn write(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
+    journal_write(t, a[0], None, iov_len(&iov[..n as usize]));
     let r = sys!(libc::SYS_writev, fd, iov.as_ptr(), n);
     epipe_sigpipe(t, r)
 }
@@ -128,6 +148,7 @@ pub fn pwrite(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
+    journal_write(t, a[0], Some(a[3]), iov_len(&iov[..n as usize]));
     let r = sys!(libc::SYS_pwritev, fd, iov.as_ptr(), n, a[3], 0);
     epipe_sigpipe(t, r)
 }
@@ -160,6 +181,9 @@ fn guest_iovecs(
 pub fn readv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = guest_iovecs(t, a[1], a[2], !is_write)?;
+    if is_write {
+        journal_write(t, a[0], None, iov_len(&iov));
+    }
     let nr = if is_write {
         libc::SYS_writev
     } else {
@@ -172,6 +196,11 @@ pub fn readv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
 pub fn preadv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = guest_iovecs(t, a[1], a[2], !is_write)?;
+    if is_write {
+        // pwritev2 writes at the current position when the offset is -1.
+        let at = (a[3] as i64 != -1).then_some(a[3]);
+        journal_write(t, a[0], at, iov_len(&iov));
+    }
     let nr = if is_write {
         libc::SYS_pwritev
     } else {
@@ -196,14 +225,38 @@ pub fn openat(t: &mut Task, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysR
         return install(t, fd, cloexec);
     }
     let mode = t.fs().apply_umask(mode);
+    // O_TRUNC is a change to the file: opened without it, the journal records what
+    // the truncation cuts, then it is done.
+    let truncate = flags & libc::O_TRUNC != 0
+        && flags & libc::O_ACCMODE != libc::O_RDONLY
+        && journal::is_active();
+    let open_flags = if truncate {
+        flags & !libc::O_TRUNC
+    } else {
+        flags
+    };
     let fd = sys!(
         libc::SYS_openat,
         d,
         p.as_ptr(),
-        flags | libc::O_CLOEXEC,
+        open_flags | libc::O_CLOEXEC,
         mode as u32
     )?;
     let fd = guest_path::check_opened(fd as RawFd)?;
+    if truncate {
+        journal::before_truncate_fd(fd, false, 0);
+        // SAFETY: fstat into a local struct, then ftruncate, on the descriptor just
+        // opened; only a regular file is truncated (O_TRUNC ignores the others).
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let regular =
+            unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        if regular && unsafe { libc::ftruncate(fd, 0) } != 0 {
+            let e = Errno::last();
+            // SAFETY: closing the descriptor opened above, owned by nothing else.
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
+    }
     install(t, fd, cloexec)
 }
 
@@ -593,12 +646,17 @@ pub fn fchown(t: &mut Task, a: [u64; 6]) -> SysResult {
 
 pub fn truncate(t: &mut Task, a: [u64; 6]) -> SysResult {
     let p = cwd_path(t, a[0])?;
+    if let Some(f) = journal::open_for_truncate(&p) {
+        use std::os::fd::AsRawFd;
+        journal::before_truncate_fd(f.as_raw_fd(), false, a[1]);
+    }
     sys!(libc::SYS_truncate, p.as_ptr(), a[1] as i64)
 }
 
 pub fn ftruncate(t: &mut Task, a: [u64; 6]) -> SysResult {
-    let fd = host_fd(t, a[0])?;
-    sys!(libc::SYS_ftruncate, fd, a[1] as i64)
+    let file = t.files().get(a[0] as i32)?.file.clone();
+    journal::before_truncate(&file, a[1]);
+    sys!(libc::SYS_ftruncate, file.raw(), a[1] as i64)
 }
 
 pub fn fsync(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
@@ -612,6 +670,8 @@ pub fn sync() -> SysResult {
 
 pub fn fallocate(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
+    let file = t.files().get(a[0] as i32)?.file.clone();
+    journal::before_fallocate(&file, a[1] as i32, a[2], a[3]);
     sys!(
         libc::SYS_fallocate,
         fd,
@@ -892,6 +952,7 @@ pub fn select(t: &mut Task, a: [u64; 6], is_pselect: bool) -> SysResult {
 
 pub fn sendfile(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (out, inp) = (host_fd(t, a[0])?, host_fd(t, a[1])?);
+    journal_write(t, a[0], None, a[3]);
     let r = with_offsets(t, [a[2]], |[off]| {
         sys!(libc::SYS_sendfile, out, inp, off, a[3])
     });
@@ -927,6 +988,8 @@ fn with_offsets<const N: usize>(
 
 pub fn copy_file_range(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[2])?);
+    let at = offset_arg(t, a[3]);
+    journal_write(t, a[2], at, a[4]);
     with_offsets(t, [a[1], a[3]], |[oin, oout]| {
         sys!(
             libc::SYS_copy_file_range,
@@ -974,6 +1037,8 @@ pub fn mknodat(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
 
 pub fn splice(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[2])?);
+    let at = offset_arg(t, a[3]);
+    journal_write(t, a[2], at, a[4]);
     let r = with_offsets(t, [a[1], a[3]], |[oin, oout]| {
         sys!(libc::SYS_splice, inp, oin, out, oout, a[4], a[5] as u32)
     });

@@ -1,0 +1,571 @@
+//! The running side: the newest generation's journal, and the hooks the write-family
+//! syscalls call before they change a file.
+//!
+//! One vmctl runs one job, and every task of it writes through the same journal, so
+//! the journal is process-wide state behind a mutex rather than a field of any task.
+
+use super::{append, encode, tail_crc, Entry, FilesInfo, Mode, Policy, Record, BLOCK, JOURNAL};
+use crate::kernel::files::OpenFile;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// (st_dev, st_ino) of a file on this host.
+type Key = (u64, u64);
+
+#[derive(Debug, Clone)]
+struct Tracked {
+    id: u32,
+    /// Size at the generation: bytes from here on are the job's appends.
+    size: u64,
+    /// Blocks whose contents at the generation are saved in the journal.
+    saved: BTreeSet<u64>,
+    /// Marked changed beyond undoing: nothing more to record.
+    changed: bool,
+    stdio: bool,
+}
+
+struct Active {
+    policy: Policy,
+    generation: u64,
+    path: PathBuf,
+    file: File,
+    files: HashMap<Key, Tracked>,
+    next_id: u32,
+    saved_bytes: u64,
+}
+
+static POLICY: Mutex<Option<Policy>> = Mutex::new(None);
+static ACTIVE: Mutex<Option<Active>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sets the policy for the generations this vmctl takes.
+pub fn set_policy(policy: Policy) {
+    *lock(&POLICY) = Some(policy);
+}
+
+pub fn policy() -> Policy {
+    lock(&POLICY).unwrap_or_default()
+}
+
+/// Whether writes are being journaled (some generation exists and the policy keeps
+/// anything); the hooks do nothing otherwise.
+pub fn is_active() -> bool {
+    lock(&ACTIVE).is_some()
+}
+
+fn fstat(fd: RawFd) -> Option<libc::stat> {
+    // SAFETY: fstat into a local struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st)
+}
+
+fn is_regular(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
+}
+
+fn fd_path(fd: RawFd) -> PathBuf {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default()
+}
+
+/// A `File` view of a descriptor vmctl owns elsewhere, never closed by this view.
+fn borrowed(fd: RawFd) -> std::mem::ManuallyDrop<File> {
+    // SAFETY: the descriptor stays open for the life of the view (the caller holds it),
+    // and ManuallyDrop keeps the view from closing it.
+    std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Reads of the file open as `fd`: through it, or, when it was opened write-only,
+/// through a read-only descriptor of the same file.
+enum Reader {
+    Same(std::mem::ManuallyDrop<File>),
+    Own(File),
+}
+
+impl std::ops::Deref for Reader {
+    type Target = File;
+    fn deref(&self) -> &File {
+        match self {
+            Reader::Same(f) => f,
+            Reader::Own(f) => f,
+        }
+    }
+}
+
+fn reader(fd: RawFd) -> std::io::Result<Reader> {
+    // SAFETY: a query on a descriptor the caller holds.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags >= 0 && flags & libc::O_ACCMODE != libc::O_WRONLY {
+        return Ok(Reader::Same(borrowed(fd)));
+    }
+    File::open(format!("/proc/self/fd/{fd}")).map(Reader::Own)
+}
+
+/// Which part of a file a change touches.
+enum Change {
+    /// Bytes [offset, offset+len).
+    Write { offset: u64, len: u64 },
+    /// Everything from `offset` on (truncation, collapsing or inserting a range).
+    From { offset: u64 },
+}
+
+impl Active {
+    fn durable(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        append(&mut self.file, bytes)?;
+        self.file.sync_data()
+    }
+
+    /// The journal can no longer say how to undo the job's changes: it is renamed
+    /// aside, so restoring this generation (or an older one) is refused rather than
+    /// silently wrong, and nothing more is recorded until the next generation.
+    fn fail(self, e: std::io::Error) {
+        let aside = self.path.with_extension("journal.incomplete");
+        let _ = std::fs::rename(&self.path, &aside);
+        eprintln!(
+            "vmctl: warning: cannot record the job's file changes in {}: {e}; generation {} and older ones can no longer be restored; the next checkpoint starts afresh",
+            self.path.display(),
+            self.generation
+        );
+    }
+
+    fn add_file(&mut self, fd: RawFd, st: &libc::stat, stdio: bool) -> std::io::Result<Key> {
+        let key = (st.st_dev, st.st_ino);
+        let size = st.st_size as u64;
+        let id = self.next_id;
+        self.next_id += 1;
+        let record = Record::File {
+            id,
+            path: fd_path(fd),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size,
+            // A standard stream is never cut back to a size, so needs no check of it.
+            tail_crc32: if stdio {
+                0
+            } else {
+                tail_crc(&*reader(fd)?, size)?
+            },
+            stdio,
+        };
+        self.durable(&encode(&record, &[]))?;
+        self.files.insert(
+            key,
+            Tracked {
+                id,
+                size,
+                saved: BTreeSet::new(),
+                changed: false,
+                stdio,
+            },
+        );
+        Ok(key)
+    }
+
+    fn mark_changed(&mut self, key: Key, what: String) -> std::io::Result<()> {
+        let t = self.files.get_mut(&key).expect("tracked");
+        t.changed = true;
+        let id = t.id;
+        self.durable(&encode(&Record::Changed { id, what }, &[]))
+    }
+
+    /// Records what undoing `change` to the file open as `fd` will need, before it is
+    /// made.
+    fn before(&mut self, fd: RawFd, stdio: bool, change: Change) -> std::io::Result<()> {
+        let Some(st) = fstat(fd) else { return Ok(()) };
+        if !is_regular(&st) {
+            return Ok(());
+        }
+        let key = (st.st_dev, st.st_ino);
+        if !self.files.contains_key(&key) {
+            self.add_file(fd, &st, stdio)?;
+        }
+        let t = self.files[&key].clone();
+        if t.changed {
+            return Ok(());
+        }
+        let (lo, hi) = match change {
+            Change::Write { offset, len } => (offset, offset.saturating_add(len)),
+            Change::From { offset } => (offset, u64::MAX),
+        };
+        if t.stdio {
+            // Another writer may share the file: what is undone is exactly the job's
+            // own bytes, so each write's place is recorded. Not synced: this survives
+            // vmctl being killed; a crash of the whole node loses the file's own
+            // unsynced tail alike.
+            if let Change::Write { offset, len } = change {
+                append(
+                    &mut self.file,
+                    &encode(
+                        &Record::Wrote {
+                            id: t.id,
+                            offset,
+                            len,
+                        },
+                        &[],
+                    ),
+                )?;
+            }
+            return Ok(());
+        }
+        let below = hi.min(t.size);
+        if self.policy.mode == Mode::Refuse {
+            return self.mark_changed(key, format!("written at byte {lo}"));
+        }
+        if lo >= below {
+            return Ok(());
+        }
+        if self.policy.mode == Mode::Truncate {
+            return self.mark_changed(
+                key,
+                format!(
+                    "overwritten at byte {lo}, below its size {} at the checkpoint",
+                    t.size
+                ),
+            );
+        }
+        self.save(fd, key, lo, below)
+    }
+
+    /// Saves the blocks of [lo, hi) not saved yet, as they are now (that is, as at the
+    /// generation: the job has not changed them since).
+    fn save(&mut self, fd: RawFd, key: Key, lo: u64, hi: u64) -> std::io::Result<()> {
+        let t = &self.files[&key];
+        let (id, size) = (t.id, t.size);
+        let missing: Vec<u64> = (lo / BLOCK..hi.div_ceil(BLOCK))
+            .filter(|b| !t.saved.contains(b))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let bytes: u64 = missing.len() as u64 * BLOCK;
+        if self.saved_bytes + bytes > self.policy.budget {
+            return self.mark_changed(
+                key,
+                format!(
+                    "overwritten at byte {lo} after more than {} bytes of overwritten data were saved (raise journal:SIZE)",
+                    self.policy.budget
+                ),
+            );
+        }
+        let file = reader(fd)?;
+        let mut out = Vec::new();
+        // Contiguous runs of missing blocks, each saved in records of bounded size.
+        let mut i = 0;
+        while i < missing.len() {
+            let mut j = i + 1;
+            while j < missing.len()
+                && missing[j] == missing[j - 1] + 1
+                && (j - i) as u64 * BLOCK < super::MAX_SAVED_PER_RECORD
+            {
+                j += 1;
+            }
+            let start = missing[i] * BLOCK;
+            let end = ((missing[j - 1] + 1) * BLOCK).min(size);
+            let mut data = vec![0u8; (end - start) as usize];
+            let got = read_upto(&file, &mut data, start)?;
+            data.truncate(got);
+            out.extend(encode(
+                &Record::Saved {
+                    id,
+                    offset: start,
+                    len: got as u64,
+                },
+                &data,
+            ));
+            i = j;
+        }
+        self.durable(&out)?;
+        self.saved_bytes += bytes;
+        let t = self.files.get_mut(&key).expect("tracked");
+        t.saved.extend(missing);
+        Ok(())
+    }
+}
+
+/// Reads up to `buf.len()` bytes at `offset`, fewer at end of file.
+fn read_upto(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+fn with_active(fd: RawFd, stdio: bool, change: impl FnOnce(RawFd) -> Option<Change>) {
+    let mut guard = lock(&ACTIVE);
+    let Some(active) = guard.as_mut() else {
+        return;
+    };
+    let Some(change) = change(fd) else { return };
+    if let Err(e) = active.before(fd, stdio, change) {
+        if let Some(a) = guard.take() {
+            a.fail(e);
+        }
+    }
+}
+
+/// Before the job writes `len` bytes to `file` at `offset` (None: at its current
+/// position, or at the end for O_APPEND).
+pub fn before_write(file: &OpenFile, offset: Option<u64>, len: u64) {
+    with_active(file.raw(), file.stdio.is_some(), |fd| {
+        // SAFETY: queries on a descriptor the caller holds.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let offset = if flags >= 0 && flags & libc::O_APPEND != 0 {
+            fstat(fd)?.st_size as u64
+        } else {
+            match offset {
+                Some(o) => o,
+                // SAFETY: as above.
+                None => u64::try_from(unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) }).ok()?,
+            }
+        };
+        Some(Change::Write { offset, len })
+    });
+}
+
+/// Before the job truncates `file` to `len` bytes.
+pub fn before_truncate(file: &OpenFile, len: u64) {
+    before_truncate_fd(file.raw(), file.stdio.is_some(), len);
+}
+
+/// Before a truncation of the file open (by vmctl) as `fd`.
+pub fn before_truncate_fd(fd: RawFd, stdio: bool, len: u64) {
+    with_active(fd, stdio, |_| Some(Change::From { offset: len }));
+}
+
+/// Before `fallocate(file, mode, offset, len)`.
+pub fn before_fallocate(file: &OpenFile, mode: i32, offset: u64, len: u64) {
+    with_active(file.raw(), file.stdio.is_some(), |_| {
+        if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+            Some(Change::From { offset })
+        } else if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            Some(Change::Write { offset, len })
+        } else {
+            // Allocation only: the data stays; any growth is cut back on restore.
+            None
+        }
+    });
+}
+
+/// A generation's journal, made while the guest is frozen for a checkpoint, written
+/// into the generation by the checkpoint writer, and kept from then on by `activate`.
+pub struct Prepared {
+    pub info: FilesInfo,
+    pub bytes: Vec<u8>,
+    generation: u64,
+    policy: Policy,
+    files: HashMap<Key, Tracked>,
+}
+
+/// Records the regular files open for writing among `open` (host descriptor, whether it
+/// is a standard stream). None under the `none` policy.
+pub fn prepare(generation: u64, open: impl IntoIterator<Item = (RawFd, bool)>) -> Option<Prepared> {
+    let policy = policy();
+    if policy.mode == Mode::None {
+        return None;
+    }
+    let follows = lock(&ACTIVE).as_ref().map(|a| a.generation);
+    let mut bytes = encode(
+        &Record::Header {
+            generation,
+            follows,
+            policy: policy.to_string(),
+        },
+        &[],
+    );
+    let mut files: HashMap<Key, Tracked> = HashMap::new();
+    for (fd, stdio) in open {
+        // SAFETY: queries on a descriptor the job's table holds.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
+            continue;
+        }
+        let Some(st) = fstat(fd) else { continue };
+        let key = (st.st_dev, st.st_ino);
+        if !is_regular(&st) || files.contains_key(&key) {
+            continue;
+        }
+        let size = st.st_size as u64;
+        let tail = if stdio {
+            Ok(0)
+        } else {
+            reader(fd).and_then(|r| tail_crc(&*r, size))
+        };
+        let id = files.len() as u32;
+        bytes.extend(encode(
+            &Record::File {
+                id,
+                path: fd_path(fd),
+                dev: st.st_dev,
+                ino: st.st_ino,
+                size,
+                tail_crc32: *tail.as_ref().unwrap_or(&0),
+                stdio,
+            },
+            &[],
+        ));
+        // Unreadable to vmctl (a write-only mode): nothing could be saved, so a restore
+        // refuses this generation rather than guess.
+        let changed = if let Err(e) = &tail {
+            let what = format!("cannot be read by vmctl ({e}), so its changes cannot be undone");
+            bytes.extend(encode(&Record::Changed { id, what }, &[]));
+            true
+        } else {
+            false
+        };
+        files.insert(
+            key,
+            Tracked {
+                id,
+                size,
+                saved: BTreeSet::new(),
+                changed,
+                stdio,
+            },
+        );
+    }
+    Some(Prepared {
+        info: FilesInfo {
+            policy: policy.to_string(),
+            journal: JOURNAL.into(),
+        },
+        bytes,
+        generation,
+        policy,
+        files,
+    })
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().append(true).open(path)
+}
+
+/// The generation written from `prepared` is complete in `gen_dir`: the job's changes
+/// from now on are recorded in its journal.
+pub fn activate(prepared: Prepared, gen_dir: &Path) {
+    let path = gen_dir.join(JOURNAL);
+    let mut guard = lock(&ACTIVE);
+    match open_append(&path) {
+        Ok(file) => {
+            *guard = Some(Active {
+                policy: prepared.policy,
+                generation: prepared.generation,
+                path,
+                next_id: prepared.files.len() as u32,
+                files: prepared.files,
+                file,
+                saved_bytes: 0,
+            });
+        }
+        Err(e) => {
+            *guard = None;
+            eprintln!(
+                "vmctl: warning: {}: {e}; the job's file changes after generation {} are not recorded, so it cannot be restored",
+                path.display(),
+                prepared.generation
+            );
+        }
+    }
+}
+
+/// After a restore of `generation` (whose journal's records are `entries`) brought the
+/// files back: the job goes on from it, so its journal is kept again.
+pub fn resume(gen_dir: &Path, generation: u64, entries: &[Entry]) -> Result<(), String> {
+    let policy = policy();
+    if policy.mode == Mode::None {
+        return Ok(());
+    }
+    let path = gen_dir.join(JOURNAL);
+    let mut file = open_append(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let own_streams: Vec<Key> = [1, 2]
+        .iter()
+        .filter_map(|&fd| fstat(fd).map(|st| (st.st_dev, st.st_ino)))
+        .collect();
+    let mut by_id: HashMap<u32, Key> = HashMap::new();
+    let mut files: HashMap<Key, Tracked> = HashMap::new();
+    let mut next_id = 0;
+    for e in entries {
+        match &e.record {
+            Record::File {
+                id,
+                path,
+                ino,
+                size,
+                stdio,
+                ..
+            } => {
+                next_id = next_id.max(id + 1);
+                // The restore checked the inode; the device number is this host's.
+                let key = if *stdio {
+                    own_streams.iter().copied().find(|k| k.1 == *ino)
+                } else {
+                    std::fs::metadata(path).ok().map(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        (m.dev(), m.ino())
+                    })
+                };
+                let Some(key) = key.filter(|k| k.1 == *ino) else {
+                    continue;
+                };
+                by_id.insert(*id, key);
+                files.entry(key).or_insert(Tracked {
+                    id: *id,
+                    size: *size,
+                    saved: BTreeSet::new(),
+                    changed: false,
+                    stdio: *stdio,
+                });
+            }
+            Record::Saved { id, offset, len } => {
+                if let Some(t) = by_id.get(id).and_then(|k| files.get_mut(k)) {
+                    t.saved.extend(
+                        offset / BLOCK..(offset + len).div_ceil(BLOCK).max(offset / BLOCK + 1),
+                    );
+                }
+            }
+            Record::Changed { id, .. } => {
+                if let Some(t) = by_id.get(id).and_then(|k| files.get_mut(k)) {
+                    t.changed = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    let bytes = encode(&Record::Resumed, &[]);
+    append(&mut file, &bytes)
+        .and_then(|_| file.sync_data())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    *lock(&ACTIVE) = Some(Active {
+        policy,
+        generation,
+        path,
+        file,
+        files,
+        next_id,
+        saved_bytes: 0,
+    });
+    Ok(())
+}
+
+/// The descriptor behind a guest's `truncate(path)`, opened only to learn and save
+/// what the truncation will cut. None if nothing is being journaled.
+pub fn open_for_truncate(path: &std::ffi::CStr) -> Option<File> {
+    if !is_active() {
+        return None;
+    }
+    // SAFETY: open with a valid C string; the result is owned below.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
+}
