@@ -14,6 +14,7 @@
 
 use std::ffi::OsStr;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1845,5 +1846,331 @@ fn checkpoint_mapping_other_memory_as_the_vdso_is_refused() {
         "crafted clocks",
         &r.stderr_str(),
         &["generation 1 is unusable", "saved clocks are out of range"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The job's files after a restore: as they were at the generation restored
+// (vmctl/src/filejournal). The job runs on past its newest checkpoint, as a job
+// does when its node dies between periodic checkpoints, and is then SIGKILLed.
+
+/// tests/fixtures/records.c: `records FILE STEPS append|inplace`, one stdin
+/// byte a step, "step N" on stdout after each.
+const RECORDS: &str = env!("VMWRAP_FIXTURE_RECORDS");
+/// Bytes of the header and of each record `records ... append` writes.
+const RECORDS_HEADER: u64 = 48;
+const RECORD_LEN: u64 = 37;
+
+/// `records FILE STEPS MODE` run natively to the end: the file it leaves.
+fn native_records(tmp: &TempDir, name: &str, steps: usize, mode: &str) -> Vec<u8> {
+    let path = tmp.join(name);
+    let mut cmd = Command::new(RECORDS);
+    cmd.arg(&path)
+        .arg(steps.to_string())
+        .arg(mode)
+        .current_dir(tmp.path());
+    let out = run_command(cmd, &vec![b'x'; steps], STEP);
+    assert_eq!(out.code, 0, "native records:\n{out:?}");
+    fs::read(&path).unwrap()
+}
+
+/// Lets `job` run step after step up to `step` (steps < 10, so "step N" is one
+/// line's prefix).
+fn run_to_step(job: &mut Job, sent: &mut usize, step: usize, log: Option<&Path>) {
+    while *sent <= step {
+        job.send(b"x");
+        *sent += 1;
+    }
+    let line = format!("step {step}");
+    match log {
+        None => job.wait_for(&line),
+        Some(log) => poll_until(&format!("{line:?} in {}", log.display()), STEP, || {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            text.lines().any(|l| l == line).then_some(())
+        }),
+    }
+}
+
+/// Runs `records FILE STEPS MODE` under `vmctl run OPTS`, checkpointing once
+/// the steps in `checkpoints` are done, lets it run on to step `until`, and
+/// SIGKILLs vmctl. Returns the generations taken.
+fn records_killed(
+    tmp: &TempDir,
+    ckpt: &Path,
+    opts: &[&str],
+    file: &Path,
+    (steps, mode): (usize, &str),
+    checkpoints: &[usize],
+    until: usize,
+) -> Vec<u64> {
+    let mut job = Job::run(
+        tmp.path(),
+        ckpt,
+        opts,
+        RECORDS,
+        &[&file, &steps.to_string(), &mode],
+    );
+    let mut sent = 0;
+    let mut gens = Vec::new();
+    for &step in checkpoints {
+        run_to_step(&mut job, &mut sent, step, None);
+        gens.push(checkpoint(ckpt));
+    }
+    run_to_step(&mut job, &mut sent, until, None);
+    job.signal(libc::SIGKILL);
+    let out = job.finish();
+    assert_eq!(
+        out.code,
+        128 + libc::SIGKILL,
+        "vmctl run, SIGKILLed:\n{out:?}"
+    );
+    gens
+}
+
+/// The `files.restore` entry of `vmctl inspect --json` for `file` in `generation`.
+fn inspect_file(v: &Value, generation: u64, file: &Path) -> Value {
+    let row = v["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["generation"].as_u64() == Some(generation))
+        .unwrap_or_else(|| panic!("no generation {generation} in {v}"));
+    row["files"]["restore"]
+        .as_array()
+        .unwrap_or_else(|| panic!("generation {generation}: no files to restore in {row}"))
+        .iter()
+        .find(|f| f["path"].as_str() == file.to_str())
+        .unwrap_or_else(|| {
+            panic!(
+                "generation {generation}: {} not listed in {row}",
+                file.display()
+            )
+        })
+        .clone()
+}
+
+#[test]
+fn trajectory_with_a_rewritten_header_is_restored_byte_for_byte_after_running_on() {
+    need_kvm!();
+    let tmp = TempDir::new("files-trajectory");
+    let ckpt = tmp.join("ckpt");
+    let traj = tmp.join("md.traj");
+    let steps = 9;
+    let native = native_records(&tmp, "native.traj", steps, "append");
+    // Checkpoints after steps 2 and 5; steps 6 and 7 append two records (and
+    // rewrite the header once) past the newest one before the kill.
+    let gens = records_killed(&tmp, &ckpt, &[], &traj, (steps, "append"), &[2, 5], 7);
+    assert_eq!(gens, [1, 2]);
+    let size_at = |step: u64| RECORDS_HEADER + (step + 1) * RECORD_LEN;
+    assert_eq!(fs::metadata(&traj).unwrap().len(), size_at(7));
+
+    // inspect shows what a restore of each generation would do to the file.
+    let (code, v) = inspect_json(&ckpt, false);
+    assert_eq!(code, 0, "{v}");
+    for (g, step) in [(1, 2), (2, 5)] {
+        let f = inspect_file(&v, g, &traj);
+        assert_eq!(f["size_now"].as_u64(), Some(size_at(7)), "{f}");
+        assert_eq!(f["size_restored"].as_u64(), Some(size_at(step)), "{f}");
+    }
+    let human = vmctl(&[&"inspect", &ckpt]);
+    assert_contains(
+        "vmctl inspect",
+        &human.stdout_str(),
+        &[&format!(
+            "file {}: {} -> {} bytes",
+            traj.display(),
+            size_at(7),
+            size_at(5)
+        )],
+    );
+
+    let out = restore(tmp.path(), &ckpt, &[], &vec![b'x'; steps - 6]);
+    assert_eq!(out.code, 0, "vmctl restore:\n{out:?}");
+    assert!(out.stdout_str().ends_with("step 8\ndone\n"), "{out:?}");
+    assert_bytes_eq(
+        "the trajectory after run, checkpoint, run on, SIGKILL, restore (vs native)",
+        &native,
+        &fs::read(&traj).unwrap(),
+    );
+}
+
+#[test]
+fn file_updated_in_place_is_restored_exactly_or_refused_under_each_policy() {
+    need_kvm!();
+    let steps = 8;
+    for policy in ["journal", "truncate", "refuse"] {
+        let tmp = TempDir::new(&format!("files-inplace-{policy}"));
+        let ckpt = tmp.join("ckpt");
+        let data = tmp.join("counters.dat");
+        let native = native_records(&tmp, "native.dat", steps, "inplace");
+        let opts = ["--files", policy];
+        let gens = records_killed(&tmp, &ckpt, &opts, &data, (steps, "inplace"), &[1, 3], 5);
+        assert_eq!(gens, [1, 2]);
+        // The newest generation is damaged: the restore falls back to the
+        // older one, so the journals of both are undone.
+        flip_bit(&gen_dir(&ckpt, 2).join("memory.img"), 100, 0);
+        let before = fs::read(&data).unwrap();
+        let out = restore(tmp.path(), &ckpt, &opts, &vec![b'x'; steps - 2]);
+        let stderr = out.stderr_str();
+        if policy == "journal" {
+            assert_eq!(out.code, 0, "--files {policy}: vmctl restore:\n{out:?}");
+            assert_contains(
+                &format!("--files {policy}"),
+                &stderr,
+                &["generation 2 is unusable"],
+            );
+            assert_bytes_eq(
+                &format!("--files {policy}: the counters file after run, checkpoints, run on, SIGKILL, restore of generation 1 (vs native)"),
+                &native,
+                &fs::read(&data).unwrap(),
+            );
+        } else {
+            assert_eq!(out.code, EXIT_VMCTL_FAILED, "--files {policy}:\n{out:?}");
+            let what = if policy == "truncate" {
+                "overwritten at byte"
+            } else {
+                "written at byte"
+            };
+            for g in [2, 1] {
+                let line = stderr
+                    .lines()
+                    .find(|l| l.starts_with(&format!("vmctl: generation {g} is unusable: ")))
+                    .unwrap_or_else(|| {
+                        panic!("--files {policy}: generation {g} not tried:\n{out:?}")
+                    });
+                assert_contains(
+                    &format!("--files {policy}, generation {g}"),
+                    line,
+                    &[&data.display().to_string(), what],
+                );
+            }
+            assert_bytes_eq(
+                &format!("--files {policy}: a refused restore leaves the file alone"),
+                &before,
+                &fs::read(&data).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn file_shrunk_replaced_or_rewritten_behind_the_jobs_back_is_refused_and_named() {
+    need_kvm!();
+    let tmp = TempDir::new("files-behind-back");
+    let ckpt = tmp.join("ckpt");
+    let traj = tmp.join("out.traj");
+    let steps = 6;
+    let native = native_records(&tmp, "native.traj", steps, "append");
+    // Step 4 only appends (no header rewrite), so the generation keeps no copy
+    // of the file's earlier bytes: only the file itself has them.
+    records_killed(&tmp, &ckpt, &[], &traj, (steps, "append"), &[3], 4);
+    let original = fs::read(&traj).unwrap();
+    let refused = |why: &str| {
+        let out = restore(tmp.path(), &ckpt, &[], b"xx");
+        assert_eq!(out.code, EXIT_VMCTL_FAILED, "{why}:\n{out:?}");
+        assert_contains(
+            why,
+            &out.stderr_str(),
+            &[&format!("generation 1 is unusable: {}: ", traj.display())],
+        );
+        out.stderr_str()
+    };
+
+    set_len(&traj, 10);
+    let err = refused("shrunk behind the job's back");
+    assert_contains("shrunk", &err, &["shrunk to 10 bytes"]);
+    assert_eq!(
+        fs::metadata(&traj).unwrap().len(),
+        10,
+        "a refused restore changed the file"
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&traj)
+        .and_then(|mut f| f.write_all(&original))
+        .unwrap();
+
+    let aside = tmp.join("out.traj.orig");
+    fs::rename(&traj, &aside).unwrap();
+    fs::write(&traj, &original).unwrap();
+    let err = refused("replaced by another file with the same contents");
+    assert_contains("replaced", &err, &["replaced since generation 1"]);
+    fs::rename(&aside, &traj).unwrap();
+
+    flip_bit(&traj, RECORDS_HEADER + 5, 0);
+    let err = refused("rewritten in place behind the job's back");
+    assert_contains("rewritten", &err, &["by something other than the job"]);
+    flip_bit(&traj, RECORDS_HEADER + 5, 0);
+
+    // Put back as the job left it, the file is restored and the job finishes.
+    let out = restore(tmp.path(), &ckpt, &[], b"xx");
+    assert_eq!(out.code, 0, "vmctl restore:\n{out:?}");
+    assert_bytes_eq("the file (vs native)", &native, &fs::read(&traj).unwrap());
+}
+
+#[test]
+fn stdout_file_shared_with_other_writers_shows_each_line_once() {
+    need_kvm!();
+    let tmp = TempDir::new("files-stdout");
+    let ckpt = tmp.join("ckpt");
+    let log = tmp.join("slurm-42.out");
+    let traj = tmp.join("md.traj");
+    let steps = 8;
+    let append_to_log = || {
+        fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log)
+            .unwrap()
+    };
+    // As under Slurm: the batch script writes to the output file before the
+    // step, and something else (slurmstepd) after the job's last line.
+    append_to_log().write_all(b"script: start\n").unwrap();
+    let mut cmd = Command::new(vmctl_path());
+    cmd.args(["run", "--checkpoint-dir"])
+        .arg(&ckpt)
+        .arg("--")
+        .arg(RECORDS)
+        .arg(&traj)
+        .arg(steps.to_string())
+        .arg("append")
+        .current_dir(tmp.path());
+    let mut job = Job::spawn_with_stdout(cmd, append_to_log().into());
+    let mut sent = 0;
+    run_to_step(&mut job, &mut sent, 3, Some(&log));
+    checkpoint(&ckpt);
+    run_to_step(&mut job, &mut sent, 6, Some(&log));
+    job.signal(libc::SIGKILL);
+    let out = job.finish();
+    assert_eq!(out.code, 128 + libc::SIGKILL, "{out:?}");
+    append_to_log()
+        .write_all(b"slurmstepd: error: node failure\n")
+        .unwrap();
+
+    let mut cmd = Command::new(vmctl_path());
+    cmd.arg("restore").arg(&ckpt).current_dir(tmp.path());
+    let mut job = Job::spawn_with_stdout(cmd, append_to_log().into());
+    job.send(&vec![b'x'; steps - 4]);
+    let out = job.finish();
+    assert_eq!(out.code, 0, "vmctl restore:\n{out:?}");
+    let mut expected = String::from("script: start\n");
+    for step in 0..4 {
+        expected += &format!("step {step}\n");
+    }
+    expected += "slurmstepd: error: node failure\n";
+    for step in 4..steps {
+        expected += &format!("step {step}\n");
+    }
+    expected += "done\n";
+    assert_bytes_eq(
+        "the shared output file",
+        expected.as_bytes(),
+        &fs::read(&log).unwrap(),
+    );
+    let native = native_records(&tmp, "native.traj", steps, "append");
+    assert_bytes_eq(
+        "the trajectory (vs native)",
+        &native,
+        &fs::read(&traj).unwrap(),
     );
 }

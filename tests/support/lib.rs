@@ -546,9 +546,15 @@ fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> J
 }
 
 impl Job {
-    pub fn spawn(mut cmd: Command) -> Job {
+    pub fn spawn(cmd: Command) -> Job {
+        Job::spawn_with_stdout(cmd, Stdio::piped())
+    }
+
+    /// Like `spawn`, with the job's standard output going to `stdout` (a file,
+    /// as under Slurm) instead of to the test.
+    pub fn spawn_with_stdout(mut cmd: Command, stdout: Stdio) -> Job {
         cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped());
         let what = format!("{cmd:?}");
         let mut child = cmd
@@ -556,10 +562,10 @@ impl Job {
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), stdout.clone()),
-            collect(child.stderr.take().unwrap(), stderr.clone()),
-        ];
+        let mut readers = vec![collect(child.stderr.take().unwrap(), stderr.clone())];
+        if let Some(out) = child.stdout.take() {
+            readers.push(collect(out, stdout.clone()));
+        }
         Job {
             what,
             stdin: child.stdin.take(),

@@ -400,7 +400,7 @@ pub fn prepare(generation: u64, open: impl IntoIterator<Item = (RawFd, bool)>) -
         let tail = if stdio {
             Ok(0)
         } else {
-            reader(fd).and_then(|r| tail_crc(&*r, size))
+            reader(fd).and_then(|r| tail_crc(&r, size))
         };
         let id = files.len() as u32;
         bytes.extend(encode(
