@@ -64,6 +64,10 @@ pub fn vmctl_argv(
         argv.push("--mem".into());
         argv.push(mem.to_string().into());
     }
+    if let Some(files) = &opts.files {
+        argv.push("--files".into());
+        argv.push(files.into());
+    }
     if mode == Mode::Run {
         argv.push("--".into());
         argv.extend(program.iter().cloned());
@@ -262,7 +266,11 @@ mod tests {
 
     #[test]
     fn restore_argv() {
-        let opts = WrapOptions::parse(Some("signal=USR1,mem=64M"), &Config::default()).unwrap();
+        let opts = WrapOptions::parse(
+            Some("signal=USR1,mem=64M,files=truncate"),
+            &Config::default(),
+        )
+        .unwrap();
         let argv = vmctl_argv(
             Mode::Restore,
             Path::new("/v"),
@@ -284,7 +292,9 @@ mod tests {
                 "--on-signal",
                 "USR1=checkpoint",
                 "--mem",
-                "64M"
+                "64M",
+                "--files",
+                "truncate"
             ]
         );
     }

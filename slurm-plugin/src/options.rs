@@ -141,6 +141,22 @@ fn parse_signal(value: &str) -> Result<String, String> {
     ))
 }
 
+/// Checks a file policy for `vmctl --files` (see `vmctl run --help`): `journal`,
+/// `journal:SIZE`, `truncate`, `refuse` or `none`.
+fn parse_files(value: &str) -> Result<String, String> {
+    let (name, size) = match value.split_once(':') {
+        Some((n, s)) => (n, Some(s)),
+        None => (value, None),
+    };
+    match (name, size) {
+        ("journal" | "truncate" | "refuse" | "none", None) => Ok(value.to_string()),
+        ("journal", Some(size)) => MemSize::parse(size).map(|s| format!("journal:{s}")),
+        _ => Err(format!(
+            "'{value}' is not a file policy: use journal, journal:SIZE, truncate, refuse or none"
+        )),
+    }
+}
+
 /// Site configuration from the plugin's plugstack.conf line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -148,6 +164,8 @@ pub struct Config {
     pub checkpoint_root: PathBuf,
     pub default_interval: Option<u32>,
     pub default_keep: Option<u32>,
+    /// What restores do with the job's files (vmctl --files); vmctl's default if None.
+    pub default_files: Option<String>,
     pub max_mem: Option<MemSize>,
     pub allow_user_override: bool,
     /// Pin a requeued wrapped job to the CPU class its checkpoint was taken on.
@@ -164,6 +182,7 @@ impl Default for Config {
             checkpoint_root: PathBuf::from("/var/lib/vmwrap/checkpoints"),
             default_interval: None,
             default_keep: None,
+            default_files: None,
             max_mem: None,
             allow_user_override: true,
             steer_cpu_class: true,
@@ -190,6 +209,7 @@ impl Config {
                     parse_interval(value).map(|v| config.default_interval = Some(v))
                 }
                 "default_keep" => parse_keep(value).map(|v| config.default_keep = Some(v)),
+                "default_files" => parse_files(value).map(|v| config.default_files = Some(v)),
                 "max_mem" => MemSize::parse(value).map(|v| config.max_mem = Some(v)),
                 "max_continuations" => parse_decimal(value)
                     .map(|v| config.max_continuations = v)
@@ -219,8 +239,8 @@ impl Config {
                 _ => {
                     errors.push(format!(
                         "unknown plugstack.conf argument '{arg}' (known: vmctl, checkpoint_root, \
-                         default_interval, default_keep, max_mem, allow_user_override, \
-                         steer_cpu_class, max_continuations)"
+                         default_interval, default_keep, default_files, max_mem, \
+                         allow_user_override, steer_cpu_class, max_continuations)"
                     ));
                     continue;
                 }
@@ -247,7 +267,7 @@ fn absolute_path(value: &str) -> Result<PathBuf, String> {
 }
 
 /// The keys `--vm-wrap=` accepts, for error messages.
-const KEYS: &str = "interval, keep, mem, signal, script, timelimit, margin, continuations";
+const KEYS: &str = "interval, keep, mem, signal, script, timelimit, margin, continuations, files";
 
 /// What one wrapped step asked for, after site defaults and limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,6 +286,7 @@ pub struct WrapOptions {
     /// `script=native`: the batch script runs natively (only its srun
     /// steps are wrapped) instead of in a VM of its own.
     pub native_script: bool,
+    pub files: Option<String>,
 }
 
 impl fmt::Display for WrapOptions {
@@ -291,7 +312,10 @@ impl fmt::Display for WrapOptions {
                 self.continuations
             )?;
         }
-        Ok(())
+        match &self.files {
+            Some(files) => write!(f, " files={files}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -310,6 +334,7 @@ impl WrapOptions {
             margin: None,
             continuations: config.max_continuations,
             native_script: false,
+            files: config.default_files.clone(),
         };
         let text = match optarg.map(str::trim) {
             None | Some("") | Some(NULL_OPTARG) => return Ok(opts),
@@ -324,7 +349,7 @@ impl WrapOptions {
                 return Err(format!("'{item}' is not key=value (keys: {KEYS})"));
             };
             let (key, value) = (key.trim(), value.trim());
-            let policy_key = matches!(key, "interval" | "keep");
+            let policy_key = matches!(key, "interval" | "keep" | "files");
             if policy_key && !config.allow_user_override {
                 return Err(format!(
                     "{key}= is set by the site for all jobs and cannot be changed here"
@@ -356,6 +381,9 @@ impl WrapOptions {
                         "native" => true,
                         _ => return Err(format!("script: '{value}' is not wrap or native")),
                     }
+                }
+                "files" => {
+                    opts.files = Some(parse_files(value).map_err(|e| format!("files: {e}"))?)
                 }
                 "timelimit" => {
                     opts.continue_at_limit = match value {
@@ -447,6 +475,12 @@ mod tests {
         assert_eq!(opts.mem.unwrap().to_string(), "8G");
         assert_eq!(opts.signal, "USR1");
         assert_eq!(opts.to_string(), "interval=600 keep=2 mem=8G signal=USR1");
+        let opts = WrapOptions::parse(Some("files=journal:256M"), &Config::default()).unwrap();
+        assert_eq!(opts.files.as_deref(), Some("journal:256M"));
+        let c = Config::parse(["default_files=truncate"]).unwrap();
+        assert_eq!(c.default_files.as_deref(), Some("truncate"));
+        let opts = WrapOptions::parse(None, &c).unwrap();
+        assert_eq!(opts.to_string(), "interval=vmctl default keep=vmctl default mem=vmctl default signal=USR2 files=truncate");
     }
 
     #[test]
@@ -472,6 +506,8 @@ mod tests {
                 .unwrap()
                 .native_script
         );
+        assert!(err("files=keep").starts_with("files:"));
+        assert!(err("files=truncate:1G").starts_with("files:"));
     }
 
     #[test]
