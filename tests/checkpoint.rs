@@ -992,7 +992,15 @@ fn checkpoints_are_private_and_only_their_owner_restores_them() {
         let dir = gen_dir(&ck, g);
         assert_eq!(mode(&dir), 0o700, "{}", dir.display());
         let names = entries(&dir);
-        assert_eq!(names, ["manifest.json", "manifest.sum", "memory.img"]);
+        assert_eq!(
+            names,
+            [
+                "files.journal",
+                "manifest.json",
+                "manifest.sum",
+                "memory.img"
+            ]
+        );
         for n in names {
             assert_eq!(mode(&dir.join(&n)), 0o600, "{}", dir.join(&n).display());
         }
@@ -2172,5 +2180,63 @@ fn stdout_file_shared_with_other_writers_shows_each_line_once() {
         "the trajectory (vs native)",
         &native,
         &fs::read(&traj).unwrap(),
+    );
+}
+
+/// Adds to bytes of a file it maps shared and writable (as a memory-mapped
+/// database or HDF5 file does), one step per stdin byte.
+const PY_MMAP: &str = r#"
+import mmap, sys
+path, steps = sys.argv[1], int(sys.argv[2])
+with open(path, "wb") as f:
+    f.write(bytes(range(256)) * 64)
+f = open(path, "r+b")
+m = mmap.mmap(f.fileno(), 0)
+for step in range(steps):
+    sys.stdin.buffer.read(1)
+    for j in range(8):
+        i = (step * 131 + j * 977) % len(m)
+        m[i] = (m[i] + step + 1) % 256
+    print(f"step {step}", flush=True)
+m.close()
+f.close()
+print("done", flush=True)
+"#;
+
+#[test]
+fn file_mapped_shared_and_writable_is_restored_byte_for_byte() {
+    need_kvm!();
+    let tmp = TempDir::new("files-mmap");
+    let script = tmp.write_file("counters.py", PY_MMAP, 0o644);
+    let steps = 6;
+    let native_file = tmp.join("native.db");
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg(&script).arg(&native_file).arg(steps.to_string());
+    let native = run_command(cmd, &vec![b'x'; steps], STEP);
+    assert_eq!(native.code, 0, "native python:\n{native:?}");
+
+    let ckpt = tmp.join("ckpt");
+    let db = tmp.join("vm.db");
+    let mut job = Job::run(
+        tmp.path(),
+        &ckpt,
+        &["--mem", "1G"],
+        PYTHON,
+        &[&script, &db, &steps.to_string()],
+    );
+    let mut sent = 0;
+    run_to_step(&mut job, &mut sent, 1, None);
+    checkpoint(&ckpt);
+    // The guest's stores to the mapping change the file without a syscall.
+    run_to_step(&mut job, &mut sent, 4, None);
+    job.signal(libc::SIGKILL);
+    assert_eq!(job.finish().code, 128 + libc::SIGKILL);
+
+    let out = restore(tmp.path(), &ckpt, &[], &vec![b'x'; steps - 2]);
+    assert_eq!(out.code, 0, "vmctl restore:\n{out:?}");
+    assert_bytes_eq(
+        "the mapped file (vs native)",
+        &fs::read(&native_file).unwrap(),
+        &fs::read(&db).unwrap(),
     );
 }

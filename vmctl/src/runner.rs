@@ -287,12 +287,9 @@ impl Runner {
             kernel: state,
             files: None,
         };
-        // Every process's descriptions, held here so none closes while recorded.
-        let open = self.kernel.open_files();
-        let journal = crate::filejournal::track::prepare(
-            generation,
-            open.iter().map(|f| (f.raw(), f.stdio.is_some())),
-        );
+        // Every process's files, held open here while they are recorded.
+        let held = self.kernel.held_files();
+        let journal = crate::filejournal::track::prepare(generation, held.list.iter().copied());
         manifest.files = journal.as_ref().map(|j| j.info.clone());
         let extra: Vec<(&str, &[u8])> = journal
             .iter()

@@ -138,12 +138,12 @@ fn try_generation(
     let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
     read::check_cpu(&manifest, vm.xcr0()).map_err(|e| e.to_string())?;
+    read::load_memory(&gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
     // Everything is checked before any file is touched.
     let plan = match (&manifest.files, files) {
         (Some(_), true) => Some(crate::filejournal::undo::plan(dir, g)?),
         _ => None,
     };
-    read::load_memory(&gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
     if let Some(plan) = &plan {
         plan.apply()?;
         plan.abandon_newer(dir);

@@ -368,9 +368,25 @@ pub struct Prepared {
     files: HashMap<Key, Tracked>,
 }
 
-/// Records the regular files open for writing among `open` (host descriptor, whether it
-/// is a standard stream). None under the `none` policy.
-pub fn prepare(generation: u64, open: impl IntoIterator<Item = (RawFd, bool)>) -> Option<Prepared> {
+/// How the job holds a file at a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Through a descriptor (recorded if open for writing).
+    Descriptor,
+    /// Through one of its standard streams.
+    Stdio,
+    /// Mapped shared and writable: the guest's stores reach the file without vmctl
+    /// seeing them, so the whole file is copied into the generation.
+    SharedWritable,
+}
+
+/// Mapped files larger than this are not copied: restoring such a generation is
+/// refused instead.
+pub const MAPPED_COPY_MAX: u64 = 64 << 20;
+
+/// Records the regular files among `held` (host descriptor, how the job holds it) that
+/// the job can write. None under the `none` policy.
+pub fn prepare(generation: u64, held: impl IntoIterator<Item = (RawFd, Held)>) -> Option<Prepared> {
     let policy = policy();
     if policy.mode == Mode::None {
         return None;
@@ -385,10 +401,14 @@ pub fn prepare(generation: u64, open: impl IntoIterator<Item = (RawFd, bool)>) -
         &[],
     );
     let mut files: HashMap<Key, Tracked> = HashMap::new();
-    for (fd, stdio) in open {
+    // Mapped files first: their record carries the copy.
+    let mut held: Vec<(RawFd, Held)> = held.into_iter().collect();
+    held.sort_by_key(|&(_, h)| h != Held::SharedWritable);
+    for (fd, how) in held {
+        let stdio = how == Held::Stdio;
         // SAFETY: queries on a descriptor the job's table holds.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
+        if flags < 0 || (flags & libc::O_ACCMODE == libc::O_RDONLY && how != Held::SharedWritable) {
             continue;
         }
         let Some(st) = fstat(fd) else { continue };
@@ -417,10 +437,29 @@ pub fn prepare(generation: u64, open: impl IntoIterator<Item = (RawFd, bool)>) -
         ));
         // Unreadable to vmctl (a write-only mode): nothing could be saved, so a restore
         // refuses this generation rather than guess.
+        let mut saved = BTreeSet::new();
         let changed = if let Err(e) = &tail {
             let what = format!("cannot be read by vmctl ({e}), so its changes cannot be undone");
             bytes.extend(encode(&Record::Changed { id, what }, &[]));
             true
+        } else if how == Held::SharedWritable {
+            match copy_whole(fd, id, size) {
+                Ok(Some(copy)) => {
+                    bytes.extend(copy);
+                    saved.extend(0..size.div_ceil(BLOCK));
+                    false
+                }
+                Ok(None) => {
+                    let what = format!("mapped shared and writable, and larger than the {MAPPED_COPY_MAX} bytes a generation copies of such a file");
+                    bytes.extend(encode(&Record::Changed { id, what }, &[]));
+                    true
+                }
+                Err(e) => {
+                    let what = format!("mapped shared and writable, and cannot be copied ({e})");
+                    bytes.extend(encode(&Record::Changed { id, what }, &[]));
+                    true
+                }
+            }
         } else {
             false
         };
@@ -429,7 +468,7 @@ pub fn prepare(generation: u64, open: impl IntoIterator<Item = (RawFd, bool)>) -
             Tracked {
                 id,
                 size,
-                saved: BTreeSet::new(),
+                saved,
                 changed,
                 stdio,
             },
@@ -445,6 +484,24 @@ pub fn prepare(generation: u64, open: impl IntoIterator<Item = (RawFd, bool)>) -
         policy,
         files,
     })
+}
+
+/// Saved records holding the whole file, or None if it is too large to copy.
+fn copy_whole(fd: RawFd, id: u32, size: u64) -> std::io::Result<Option<Vec<u8>>> {
+    if size > MAPPED_COPY_MAX {
+        return Ok(None);
+    }
+    let file = reader(fd)?;
+    let mut out = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(super::MAX_SAVED_PER_RECORD);
+        let mut data = vec![0u8; len as usize];
+        file.read_exact_at(&mut data, offset)?;
+        out.extend(encode(&Record::Saved { id, offset, len }, &data));
+        offset += len;
+    }
+    Ok(Some(out))
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {

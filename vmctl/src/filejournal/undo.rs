@@ -70,6 +70,21 @@ struct Acc {
     generation: u64,
 }
 
+/// A journal says which files to rewrite: only the caller's own is believed.
+fn check_owner(path: &Path) -> Result<(), String> {
+    let md = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    if md.uid() != me || !md.is_file() {
+        return Err(format!(
+            "{}: not a file of yours (owner uid {}, you are uid {me}); a checkpoint is only restored by its owner",
+            path.display(),
+            md.uid()
+        ));
+    }
+    Ok(())
+}
+
 fn journal_of(dir: &Path, generation: u64) -> PathBuf {
     dir.join(generation_dir_name(generation)).join(JOURNAL)
 }
@@ -104,6 +119,7 @@ pub fn plan(dir: &Path, generation: u64) -> Result<Plan, String> {
                 path.display()
             ));
         }
+        check_owner(&path)?;
         let entries = read_journal(&path)?;
         match entries.first().map(|e| &e.record) {
             Some(Record::Header {

@@ -10,7 +10,9 @@
 use super::files::{FdEntry, FdTable, OpenFile};
 use super::freeze::TaskSnapshot;
 use super::fs_context::FsContext;
-use super::mm::{AddressSpace, Backing, Commit, FrameAllocator, SharedRegion, SharedRegions};
+use super::mm::{
+    AddressSpace, Backing, Commit, FrameAllocator, MappedFile, SharedRegion, SharedRegions,
+};
 use super::pids::PidTable;
 use super::signals::ThreadSignals;
 use super::task::{Task, TaskHandle};
@@ -162,6 +164,14 @@ pub struct KernelState {
     pub vdso: Option<VdsoFrames>,
     /// The TSC the guest would have read when the checkpoint was taken.
     pub tsc: u64,
+}
+
+/// The files a frozen job holds (`Kernel::held_files`): host descriptors and how the
+/// job holds each, kept open for as long as this lives.
+pub struct HeldFiles {
+    pub list: Vec<(RawFd, crate::filejournal::track::Held)>,
+    _open: Vec<Arc<OpenFile>>,
+    _mapped: Vec<Arc<MappedFile>>,
 }
 
 /// Numbers objects by identity, in the order they are first seen.
@@ -359,10 +369,11 @@ fn regions_of(mms: &[AddressSpace], out: &mut Vec<RegionState>) {
 }
 
 impl Kernel {
-    /// Every open file description of every process of the job, each once however
-    /// many descriptors and processes share it, for the file journal
-    /// (crate::filejournal) to record at a checkpoint. Call with the job frozen.
-    pub fn open_files(&self) -> Vec<Arc<OpenFile>> {
+    /// Every file the job holds, each once however many descriptors, processes and
+    /// mappings share it, and how, for the file journal (crate::filejournal) to record
+    /// at a checkpoint. Call with the job frozen.
+    pub fn held_files(&self) -> HeldFiles {
+        use crate::filejournal::track::Held;
         let handles: Vec<_> = self
             .pids
             .lock()
@@ -372,16 +383,55 @@ impl Kernel {
             .cloned()
             .collect();
         let mut tables: Ids<Mutex<FdTable>> = Ids::new();
+        let mut mms: Ids<Mutex<AddressSpace>> = Ids::new();
         for res in handles.iter().filter_map(|h| h.try_resources()) {
             tables.id(&res.files);
+            mms.id(&res.mm);
         }
-        let mut files: Ids<OpenFile> = Ids::new();
+        let mut open: Ids<OpenFile> = Ids::new();
         for t in &tables.items {
             for (_, e) in t.lock().expect("fd table poisoned").iter() {
-                files.id(&e.file);
+                open.id(&e.file);
             }
         }
-        files.items
+        let mut held = HeldFiles {
+            list: open
+                .items
+                .iter()
+                .map(|f| {
+                    let how = if f.stdio.is_some() {
+                        Held::Stdio
+                    } else {
+                        Held::Descriptor
+                    };
+                    (f.raw(), how)
+                })
+                .collect(),
+            _open: open.items,
+            _mapped: Vec::new(),
+        };
+        let mut mapped: Ids<MappedFile> = Ids::new();
+        for mm in &mms.items {
+            for v in mm.lock().expect("address space poisoned").vmas.values() {
+                if let Backing::File {
+                    file,
+                    region: Some(r),
+                    ..
+                } = &v.backing
+                {
+                    if v.shared && r.writable {
+                        mapped.id(file);
+                    }
+                }
+            }
+        }
+        for m in mapped.items {
+            if let Some(f) = &m.file {
+                held.list.push((f.as_raw_fd(), Held::SharedWritable));
+                held._mapped.push(m.clone());
+            }
+        }
+        held
     }
 
     /// Captures the kernel layer of a frozen job (every task parked, `tasks` their
