@@ -261,8 +261,17 @@ fn plan_stream(ino: u64, acc: &Acc, streams: &[(i32, u64, u64)]) -> FileUndo {
         undo.note = Some("the job's output then, not this restore's: left alone".into());
         return undo;
     };
-    undo.stream_fd = Some(fd);
     undo.size_now = size_now;
+    // Cut below its size at the generation (Slurm's --open-mode=truncate on a requeue,
+    // say): the recorded offsets no longer point at the job's bytes.
+    if size_now < acc.size {
+        undo.note = Some(format!(
+            "shorter ({size_now} bytes) than at the generation ({} bytes), so rewritten by something else: left alone",
+            acc.size
+        ));
+        return undo;
+    }
+    undo.stream_fd = Some(fd);
     // The job's own bytes after the generation, merged, within the file as it is.
     let mut ranges: Vec<(u64, u64)> = acc
         .wrote
