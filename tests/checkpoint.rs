@@ -2014,9 +2014,11 @@ fn file_updated_in_place_is_restored_exactly_or_refused_under_each_policy() {
         let opts = ["--files", policy];
         let gens = records_killed(&tmp, &ckpt, &opts, &data, (steps, "inplace"), &[1, 3], 5);
         assert_eq!(gens, [1, 2]);
-        // The newest generation is damaged: the restore falls back to the
-        // older one, so the journals of both are undone.
-        flip_bit(&gen_dir(&ckpt, 2).join("memory.img"), 100, 0);
+        if policy == "journal" {
+            // The newest generation is damaged: the restore falls back to the
+            // older one, so the journals of both are undone.
+            flip_bit(&gen_dir(&ckpt, 2).join("memory.img"), 100, 0);
+        }
         let before = fs::read(&data).unwrap();
         let out = restore(tmp.path(), &ckpt, &opts, &vec![b'x'; steps - 2]);
         let stderr = out.stderr_str();
