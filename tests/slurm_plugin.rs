@@ -1886,3 +1886,92 @@ fn requeued_job_of_a_missing_cpu_class_is_held() {
     let text = fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(parse_runs(&text).len(), 1, "the job ran again:\n{text}");
 }
+
+/// Like `counter_script`, and the step also writes `traj` in the job's
+/// directory as a trajectory writer does: it seeks to the end to append a
+/// record per tick and, every 3 records, seeks back to rewrite a header with
+/// the count.
+fn trajectory_script(ticks: u64) -> String {
+    format!(
+        "echo \"script start ${{SLURM_RESTART_COUNT:-0}} on $SLURMD_NODENAME\"\n\
+         srun /usr/bin/perl -e 'use Fcntl; $|=1; sysopen(T, \"traj\", O_RDWR|O_CREAT|O_TRUNC) or die; syswrite(T, sprintf(\"count=%08d\\n\", 0)); $s=0; for $i (0..{last}) {{ $s += $i; sysseek(T, 0, 2); syswrite(T, sprintf(\"rec %04d\\n\", $i)); if (($i+1) % 3 == 0 || $i == {last}) {{ sysseek(T, 0, 0); syswrite(T, sprintf(\"count=%08d\\n\", $i+1)) }} print \"$i\\n\"; select(undef,undef,undef,{TICK}) }} print \"sum=$s\\n\"'\n",
+        last = ticks - 1
+    )
+}
+
+/// What `trajectory_script(ticks)` leaves in `traj` when it runs uninterrupted.
+fn trajectory(ticks: u64) -> String {
+    let mut t = format!("count={ticks:08}\n");
+    for i in 0..ticks {
+        t += &format!("rec {i:04}\n");
+    }
+    t
+}
+
+/// A wrapped step with periodic checkpoints runs on past its periodic
+/// generation, writing a file in place and appending to it; it is requeued,
+/// and its requeue generation is damaged, so it resumes from the older
+/// periodic one. The file it writes still ends up exactly as an uninterrupted
+/// run leaves it: the restore undid what the step wrote after that generation.
+#[test]
+#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
+fn files_written_past_the_restored_generation_equal_an_uninterrupted_run() {
+    need_slurm!();
+    const LONG: u64 = 80;
+    let mut cleanup = Cleanup::default();
+    let dir = user_dir("files-past");
+    let output = dir.join("job.out");
+    let name = job_name("files-past");
+    let script = trajectory_script(LONG);
+    let out = run_as_user(
+        &[
+            "sbatch",
+            "--parsable",
+            "--requeue",
+            "--open-mode=append",
+            "--vm-wrap=interval=10",
+            "-J",
+            &name,
+            "-o",
+            output.to_str().unwrap(),
+            "--wrap",
+            &script,
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let job = out.stdout_str().trim().to_string();
+    cleanup.jobs.push(job.clone());
+    wait_running(&job);
+    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
+    let periodic = poll(
+        "the first periodic checkpoint",
+        Duration::from_secs(30),
+        || latest_generation(&step_dir),
+        || fs::read_to_string(&output).unwrap_or_default(),
+    );
+    let done = parse_runs(&fs::read_to_string(&output).unwrap_or_default())[0]
+        .numbers
+        .len();
+    wait_progress(&job, &output, done + 7);
+    let requeued_at = requeue(&job);
+    wait_pending(&job);
+    let newest = poll(
+        "the requeue's checkpoint",
+        JOB_TIMEOUT,
+        || latest_generation(&step_dir).filter(|g| *g != periodic),
+        || format!("latest is still {periodic}"),
+    );
+    corrupt(&step_dir.join(&newest).join("memory.img"));
+    release(&job, requeued_at);
+
+    let state = wait_for_job(&job);
+    let text = fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "job output:\n{text}");
+    check_two_runs_ticks(&text, Restart::Earlier, LONG);
+    let traj = fs::read_to_string(dir.join("traj")).unwrap_or_default();
+    assert!(
+        traj == trajectory(LONG),
+        "the file the step wrote differs from an uninterrupted run's:\n{traj}\n--- job output ---\n{text}"
+    );
+}
