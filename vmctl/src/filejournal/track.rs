@@ -113,6 +113,8 @@ enum Change {
     Write { offset: u64, len: u64 },
     /// Everything from `offset` on (truncation, collapsing or inserting a range).
     From { offset: u64 },
+    /// Space allocated, data unchanged: only the file's size may grow.
+    Grow,
 }
 
 impl Active {
@@ -192,6 +194,8 @@ impl Active {
         let (lo, hi) = match change {
             Change::Write { offset, len } => (offset, offset.saturating_add(len)),
             Change::From { offset } => (offset, u64::MAX),
+            // Recorded with its size above; a restore cuts the growth back.
+            Change::Grow => return Ok(()),
         };
         if t.stdio {
             // Another writer may share the file: what is undone is exactly the job's
@@ -352,8 +356,7 @@ pub fn before_fallocate(file: &OpenFile, mode: i32, offset: u64, len: u64) {
         } else if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
             Some(Change::Write { offset, len })
         } else {
-            // Allocation only: the data stays; any growth is cut back on restore.
-            None
+            Some(Change::Grow)
         }
     });
 }

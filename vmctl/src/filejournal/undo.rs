@@ -258,7 +258,9 @@ fn plan_stream(ino: u64, acc: &Acc, streams: &[(i32, u64, u64)]) -> FileUndo {
         stream_fd: None,
     };
     let Some(&(fd, _, size_now)) = streams.iter().find(|s| s.1 == ino) else {
-        undo.note = Some("the job's output then, not this restore's: left alone".into());
+        undo.note = Some(
+            "the job's standard output or error: its later bytes are removed only when the restore writes to this same file".into(),
+        );
         return undo;
     };
     undo.size_now = size_now;
