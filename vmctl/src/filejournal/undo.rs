@@ -363,6 +363,14 @@ fn plan_file(ino: u64, acc: &Acc, generation: u64) -> Result<FileUndo, String> {
         ));
     }
     undo.size_now = md.size();
+    // Found now rather than half-way through bringing the files back.
+    if let Err(e) = OpenOptions::new().write(true).open(path) {
+        return Err(format!(
+            "{}: cannot open it for writing to bring it back to generation {}: {e}",
+            path.display(),
+            acc.generation
+        ));
+    }
     if md.size() < acc.size && !covered(&acc.pieces, md.size(), acc.size) {
         return Err(format!(
             "{}: shrunk to {} bytes since generation {} ({} bytes then), not by the job",
