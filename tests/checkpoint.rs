@@ -2189,9 +2189,12 @@ fn stdout_file_shared_with_other_writers_shows_each_line_once() {
 /// database or HDF5 file does), one step per stdin byte.
 const PY_MMAP: &str = r#"
 import mmap, sys
-path, steps = sys.argv[1], int(sys.argv[2])
+path, steps, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 with open(path, "wb") as f:
     f.write(bytes(range(256)) * 64)
+if when == "late":
+    print("ready", flush=True)
+    sys.stdin.buffer.read(1)
 f = open(path, "r+b")
 m = mmap.mmap(f.fileno(), 0)
 for step in range(steps):
@@ -2208,37 +2211,52 @@ print("done", flush=True)
 #[test]
 fn file_mapped_shared_and_writable_is_restored_byte_for_byte() {
     need_kvm!();
-    let tmp = TempDir::new("files-mmap");
-    let script = tmp.write_file("counters.py", PY_MMAP, 0o644);
-    let steps = 6;
-    let native_file = tmp.join("native.db");
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(&script).arg(&native_file).arg(steps.to_string());
-    let native = run_command(cmd, &vec![b'x'; steps], STEP);
-    assert_eq!(native.code, 0, "native python:\n{native:?}");
+    // Mapped before the checkpoint, or only after it (checkpointed at "ready").
+    for when in ["early", "late"] {
+        let tmp = TempDir::new(&format!("files-mmap-{when}"));
+        let script = tmp.write_file("counters.py", PY_MMAP, 0o644);
+        let steps = 6;
+        let late = usize::from(when == "late");
+        let native_file = tmp.join("native.db");
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(&script)
+            .arg(&native_file)
+            .arg(steps.to_string())
+            .arg(when);
+        let native = run_command(cmd, &vec![b'x'; steps + late], STEP);
+        assert_eq!(native.code, 0, "native python:\n{native:?}");
 
-    let ckpt = tmp.join("ckpt");
-    let db = tmp.join("vm.db");
-    let mut job = Job::run(
-        tmp.path(),
-        &ckpt,
-        &["--mem", "1G"],
-        PYTHON,
-        &[&script, &db, &steps.to_string()],
-    );
-    let mut sent = 0;
-    run_to_step(&mut job, &mut sent, 1, None);
-    checkpoint(&ckpt);
-    // The guest's stores to the mapping change the file without a syscall.
-    run_to_step(&mut job, &mut sent, 4, None);
-    job.signal(libc::SIGKILL);
-    assert_eq!(job.finish().code, 128 + libc::SIGKILL);
+        let ckpt = tmp.join("ckpt");
+        let db = tmp.join("vm.db");
+        let mut job = Job::run(
+            tmp.path(),
+            &ckpt,
+            &["--mem", "1G"],
+            PYTHON,
+            &[&script, &db, &steps.to_string(), &when],
+        );
+        let mut sent = 0;
+        if late == 1 {
+            job.wait_for("ready");
+        } else {
+            run_to_step(&mut job, &mut sent, 1, None);
+        }
+        checkpoint(&ckpt);
+        if late == 1 {
+            job.send(b"x");
+        }
+        // The guest's stores to the mapping change the file without a syscall.
+        run_to_step(&mut job, &mut sent, 4, None);
+        job.signal(libc::SIGKILL);
+        assert_eq!(job.finish().code, 128 + libc::SIGKILL);
 
-    let out = restore(tmp.path(), &ckpt, &[], &vec![b'x'; steps - 2]);
-    assert_eq!(out.code, 0, "vmctl restore:\n{out:?}");
-    assert_bytes_eq(
-        "the mapped file (vs native)",
-        &fs::read(&native_file).unwrap(),
-        &fs::read(&db).unwrap(),
-    );
+        let left = steps - if late == 1 { 0 } else { 2 } + late;
+        let out = restore(tmp.path(), &ckpt, &[], &vec![b'x'; left]);
+        assert_eq!(out.code, 0, "{when}: vmctl restore:\n{out:?}");
+        assert_bytes_eq(
+            &format!("{when}: the mapped file (vs native)"),
+            &fs::read(&native_file).unwrap(),
+            &fs::read(&db).unwrap(),
+        );
+    }
 }

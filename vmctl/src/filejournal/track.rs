@@ -115,6 +115,9 @@ enum Change {
     From { offset: u64 },
     /// Space allocated, data unchanged: only the file's size may grow.
     Grow,
+    /// Mapped shared and writable: from now on the guest's stores reach the file
+    /// without vmctl seeing them.
+    MappedWritable,
 }
 
 impl Active {
@@ -191,11 +194,20 @@ impl Active {
         if t.changed {
             return Ok(());
         }
+        if let (Change::MappedWritable, false) = (&change, t.stdio) {
+            if self.policy.mode != Mode::Journal || t.size > MAPPED_COPY_MAX {
+                return self.mark_changed(
+                    key,
+                    format!("mapped shared and writable (keeping a copy needs --files=journal and at most {MAPPED_COPY_MAX} bytes)"),
+                );
+            }
+            return self.save(fd, key, 0, t.size);
+        }
         let (lo, hi) = match change {
             Change::Write { offset, len } => (offset, offset.saturating_add(len)),
             Change::From { offset } => (offset, u64::MAX),
             // Recorded with its size above; a restore cuts the growth back.
-            Change::Grow => return Ok(()),
+            Change::Grow | Change::MappedWritable => return Ok(()),
         };
         if t.stdio {
             // Another writer may share the file: what is undone is exactly the job's
@@ -359,6 +371,11 @@ pub fn before_fallocate(file: &OpenFile, mode: i32, offset: u64, len: u64) {
             Some(Change::Grow)
         }
     });
+}
+
+/// Before the job maps the file open as `fd` shared and writable.
+pub fn before_shared_writable_map(fd: RawFd) {
+    with_active(fd, false, |_| Some(Change::MappedWritable));
 }
 
 /// A generation's journal, made while the guest is frozen for a checkpoint, written

@@ -62,6 +62,9 @@ fn file_backing(
     link.truncate(n.max(0) as usize);
     let region = if shared {
         let writable = mode == libc::O_RDWR;
+        if writable {
+            crate::filejournal::track::before_shared_writable_map(host);
+        }
         let r =
             t.k.shared
                 .lock()
