@@ -155,6 +155,10 @@ pub enum Record {
     Changed { id: u32, what: String },
     /// The job wrote `len` bytes at `offset` of standard stream file `id`.
     Wrote { id: u32, offset: u64, len: u64 },
+    /// The `Wrote` record with these fields, made before its write, is void: the
+    /// write failed, or wrote less or elsewhere (a `Wrote` record of what it did
+    /// write follows).
+    NotWritten { id: u32, offset: u64, len: u64 },
     /// A restore brought the files back to this generation and the job went on from it.
     Resumed,
 }

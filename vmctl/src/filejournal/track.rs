@@ -70,6 +70,21 @@ fn is_regular(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFREG
 }
 
+/// (st_dev, st_ino) of vmctl's own standard output and error where they are regular
+/// files. A file is one of the job's standard streams whichever description the job
+/// writes it through (its processes inherit vmctl's; `>> /dev/stdout` opens another).
+fn own_streams() -> &'static [Key] {
+    static STREAMS: std::sync::OnceLock<Vec<Key>> = std::sync::OnceLock::new();
+    STREAMS.get_or_init(|| {
+        [1, 2]
+            .into_iter()
+            .filter_map(fstat)
+            .filter(is_regular)
+            .map(|st| (st.st_dev, st.st_ino))
+            .collect()
+    })
+}
+
 fn fd_path(fd: RawFd) -> PathBuf {
     std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default()
 }
@@ -179,35 +194,40 @@ impl Active {
         self.durable(&encode(&Record::Changed { id, what }, &[]))
     }
 
-    /// Records what undoing `change` to the file open as `fd` will need, before it is
-    /// made.
-    fn before(&mut self, fd: RawFd, stdio: bool, change: Change) -> std::io::Result<()> {
-        let Some(st) = fstat(fd) else { return Ok(()) };
-        if !is_regular(&st) {
-            return Ok(());
-        }
+    /// Records what undoing `change` to the regular file open as `fd` (`st` its
+    /// status) will need, before it is made. For a write to a standard stream, returns
+    /// the file's id in the `Wrote` record made.
+    fn before(
+        &mut self,
+        fd: RawFd,
+        st: &libc::stat,
+        stdio: bool,
+        change: Change,
+    ) -> std::io::Result<Option<u32>> {
         let key = (st.st_dev, st.st_ino);
         if !self.files.contains_key(&key) {
-            self.add_file(fd, &st, stdio)?;
+            self.add_file(fd, st, stdio)?;
         }
         let t = self.files[&key].clone();
         if t.changed {
-            return Ok(());
+            return Ok(None);
         }
         if let (Change::MappedWritable, false) = (&change, t.stdio) {
             if self.policy.mode != Mode::Journal || t.size > MAPPED_COPY_MAX {
-                return self.mark_changed(
+                self.mark_changed(
                     key,
                     format!("mapped shared and writable (keeping a copy needs --files=journal and at most {MAPPED_COPY_MAX} bytes)"),
-                );
+                )?;
+                return Ok(None);
             }
-            return self.save(fd, key, 0, t.size);
+            self.save(fd, key, 0, t.size)?;
+            return Ok(None);
         }
         let (lo, hi) = match change {
             Change::Write { offset, len } => (offset, offset.saturating_add(len)),
             Change::From { offset } => (offset, u64::MAX),
             // Recorded with its size above; a restore cuts the growth back.
-            Change::Grow | Change::MappedWritable => return Ok(()),
+            Change::Grow | Change::MappedWritable => return Ok(None),
         };
         if t.stdio {
             // Another writer may share the file: what is undone is exactly the job's
@@ -215,37 +235,39 @@ impl Active {
             // vmctl being killed; a crash of the whole node loses the file's own
             // unsynced tail alike.
             if let Change::Write { offset, len } = change {
-                append(
-                    &mut self.file,
-                    &encode(
-                        &Record::Wrote {
-                            id: t.id,
-                            offset,
-                            len,
-                        },
-                        &[],
-                    ),
-                )?;
+                self.record_stream(&Record::Wrote {
+                    id: t.id,
+                    offset,
+                    len,
+                })?;
+                return Ok(Some(t.id));
             }
-            return Ok(());
+            return Ok(None);
         }
         let below = hi.min(t.size);
         if self.policy.mode == Mode::Refuse {
-            return self.mark_changed(key, format!("written at byte {lo}"));
+            self.mark_changed(key, format!("written at byte {lo}"))?;
+            return Ok(None);
         }
         if lo >= below {
-            return Ok(());
+            return Ok(None);
         }
         if self.policy.mode == Mode::Truncate {
-            return self.mark_changed(
+            self.mark_changed(
                 key,
                 format!(
                     "overwritten at byte {lo}, below its size {} at the checkpoint",
                     t.size
                 ),
-            );
+            )?;
+            return Ok(None);
         }
-        self.save(fd, key, lo, below)
+        self.save(fd, key, lo, below)?;
+        Ok(None)
+    }
+
+    fn record_stream(&mut self, record: &Record) -> std::io::Result<()> {
+        append(&mut self.file, &encode(record, &[]))
     }
 
     /// Saves the blocks of [lo, hi) not saved yet, as they are now (that is, as at the
@@ -318,26 +340,82 @@ fn read_upto(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     Ok(done)
 }
 
-fn with_active(fd: RawFd, stdio: bool, change: impl FnOnce(RawFd) -> Option<Change>) {
+/// Changes to one file are made one at a time while the journal is kept, each with
+/// its record: the job's processes and threads run on host threads of their own and
+/// may write to the same file (an inherited standard output, a log) at once. Two
+/// writes through one shared offset could otherwise both be recorded at the same
+/// place, or one save the blocks the other is about to overwrite too late. Files
+/// share these locks by their inode; Linux itself takes a lock per inode for each
+/// write, so little concurrency is lost.
+static FILE_ORDER: [Mutex<()>; 64] = [const { Mutex::new(()) }; 64];
+
+fn file_order(key: Key) -> std::sync::MutexGuard<'static, ()> {
+    let slot = (key.0.wrapping_mul(31).wrapping_add(key.1) % FILE_ORDER.len() as u64) as usize;
+    lock(&FILE_ORDER[slot])
+}
+
+/// A change to a file the journal has recorded and the caller is about to make.
+/// Until it is dropped, other changes to the same file wait: drop it (or pass it
+/// to `written`) once the change is made.
+#[must_use = "hold it while the change is made"]
+pub struct Pending {
+    _order: std::sync::MutexGuard<'static, ()>,
+    stream: Option<StreamWrite>,
+}
+
+/// A write to a standard stream as recorded: checked against where it landed.
+struct StreamWrite {
+    fd: RawFd,
+    id: u32,
+    offset: u64,
+    len: u64,
+    positional: bool,
+    append: bool,
+}
+
+/// Records what undoing the change `change` works out (from the file open as `fd`)
+/// will need, and returns with the file's other changes held back until the caller
+/// has made it. None if the journal is not kept or `fd` is not a regular file.
+fn begin(
+    fd: RawFd,
+    stdio: bool,
+    change: impl FnOnce(RawFd) -> Option<(Change, Option<StreamWrite>)>,
+) -> Option<Pending> {
+    if !is_active() {
+        return None;
+    }
+    let st = fstat(fd).filter(is_regular)?;
+    let key = (st.st_dev, st.st_ino);
+    let order = file_order(key);
     let mut guard = lock(&ACTIVE);
-    let Some(active) = guard.as_mut() else {
-        return;
-    };
-    let Some(change) = change(fd) else { return };
-    if let Err(e) = active.before(fd, stdio, change) {
-        if let Some(a) = guard.take() {
-            a.fail(e);
+    let active = guard.as_mut()?;
+    // Worked out only now: no other write of the job moves the file's end or the
+    // shared offset until this one is made.
+    let (change, stream) = change(fd)?;
+    let stdio = stdio || own_streams().contains(&key);
+    match active.before(fd, &st, stdio, change) {
+        Ok(recorded) => Some(Pending {
+            _order: order,
+            stream: recorded.and_then(|id| stream.map(|s| StreamWrite { id, ..s })),
+        }),
+        Err(e) => {
+            if let Some(a) = guard.take() {
+                a.fail(e);
+            }
+            None
         }
     }
 }
 
 /// Before the job writes `len` bytes to `file` at `offset` (None: at its current
-/// position, or at the end for O_APPEND).
-pub fn before_write(file: &OpenFile, offset: Option<u64>, len: u64) {
-    with_active(file.raw(), file.stdio.is_some(), |fd| {
+/// position, or at the end for O_APPEND). Make the write, then call `written`.
+pub fn before_write(file: &OpenFile, offset: Option<u64>, len: u64) -> Option<Pending> {
+    begin(file.raw(), file.stdio.is_some(), |fd| {
         // SAFETY: queries on a descriptor the caller holds.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        let offset = if flags >= 0 && flags & libc::O_APPEND != 0 {
+        let append = flags >= 0 && flags & libc::O_APPEND != 0;
+        // Linux writes at the end of an O_APPEND file even with an offset.
+        let at = if append {
             fstat(fd)?.st_size as u64
         } else {
             match offset {
@@ -346,36 +424,97 @@ pub fn before_write(file: &OpenFile, offset: Option<u64>, len: u64) {
                 None => u64::try_from(unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) }).ok()?,
             }
         };
-        Some(Change::Write { offset, len })
-    });
+        let stream = StreamWrite {
+            fd,
+            // Set once recorded.
+            id: 0,
+            offset: at,
+            len,
+            positional: offset.is_some(),
+            append,
+        };
+        Some((Change::Write { offset: at, len }, Some(stream)))
+    })
 }
 
-/// Before the job truncates `file` to `len` bytes.
-pub fn before_truncate(file: &OpenFile, len: u64) {
-    before_truncate_fd(file.raw(), file.stdio.is_some(), len);
+/// After the write `before_write` recorded was made, with the bytes it wrote (None
+/// if it failed). The place of a write to a standard stream was foretold: if the
+/// write landed elsewhere (something outside the job appended to the file meanwhile)
+/// or wrote less, the record is corrected.
+pub fn written(pending: Option<Pending>, result: &crate::kernel::SysResult) {
+    let Some(Pending {
+        _order,
+        stream: Some(s),
+    }) = pending
+    else {
+        return;
+    };
+    let wrote = result.map_or(0, |n| n.max(0) as u64).min(s.len);
+    let landed = if wrote == 0 {
+        None
+    } else if s.append && s.positional {
+        // pwrite on O_APPEND moves no offset: the file's end is the write's end.
+        fstat(s.fd).map(|st| (st.st_size as u64).saturating_sub(wrote))
+    } else if s.positional {
+        Some(s.offset)
+    } else {
+        // SAFETY: a query on a descriptor the caller holds.
+        u64::try_from(unsafe { libc::lseek(s.fd, 0, libc::SEEK_CUR) })
+            .ok()
+            .map(|end| end.saturating_sub(wrote))
+    };
+    if landed == Some(s.offset) && wrote == s.len {
+        return;
+    }
+    let mut guard = lock(&ACTIVE);
+    let Some(active) = guard.as_mut() else { return };
+    let mut result = active.record_stream(&Record::NotWritten {
+        id: s.id,
+        offset: s.offset,
+        len: s.len,
+    });
+    if let (Ok(()), Some(offset)) = (&result, landed) {
+        result = active.record_stream(&Record::Wrote {
+            id: s.id,
+            offset,
+            len: wrote,
+        });
+    }
+    if let Err(e) = result {
+        if let Some(a) = guard.take() {
+            a.fail(e);
+        }
+    }
+}
+
+/// Before the job truncates `file` to `len` bytes; make it while this is held.
+pub fn before_truncate(file: &OpenFile, len: u64) -> Option<Pending> {
+    before_truncate_fd(file.raw(), file.stdio.is_some(), len)
 }
 
 /// Before a truncation of the file open (by vmctl) as `fd`.
-pub fn before_truncate_fd(fd: RawFd, stdio: bool, len: u64) {
-    with_active(fd, stdio, |_| Some(Change::From { offset: len }));
+pub fn before_truncate_fd(fd: RawFd, stdio: bool, len: u64) -> Option<Pending> {
+    begin(fd, stdio, |_| Some((Change::From { offset: len }, None)))
 }
 
-/// Before `fallocate(file, mode, offset, len)`.
-pub fn before_fallocate(file: &OpenFile, mode: i32, offset: u64, len: u64) {
-    with_active(file.raw(), file.stdio.is_some(), |_| {
-        if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
-            Some(Change::From { offset })
+/// Before `fallocate(file, mode, offset, len)`; make it while this is held.
+pub fn before_fallocate(file: &OpenFile, mode: i32, offset: u64, len: u64) -> Option<Pending> {
+    begin(file.raw(), file.stdio.is_some(), |_| {
+        let change = if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0
+        {
+            Change::From { offset }
         } else if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
-            Some(Change::Write { offset, len })
+            Change::Write { offset, len }
         } else {
-            Some(Change::Grow)
-        }
-    });
+            Change::Grow
+        };
+        Some((change, None))
+    })
 }
 
 /// Before the job maps the file open as `fd` shared and writable.
 pub fn before_shared_writable_map(fd: RawFd) {
-    with_active(fd, false, |_| Some(Change::MappedWritable));
+    drop(begin(fd, false, |_| Some((Change::MappedWritable, None))));
 }
 
 /// A generation's journal, made while the guest is frozen for a checkpoint, written
@@ -425,7 +564,6 @@ pub fn prepare(generation: u64, held: impl IntoIterator<Item = (RawFd, Held)>) -
     let mut held: Vec<(RawFd, Held)> = held.into_iter().collect();
     held.sort_by_key(|&(_, h)| h != Held::SharedWritable);
     for (fd, how) in held {
-        let stdio = how == Held::Stdio;
         // SAFETY: queries on a descriptor the job's table holds.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         if flags < 0 || (flags & libc::O_ACCMODE == libc::O_RDONLY && how != Held::SharedWritable) {
@@ -436,6 +574,7 @@ pub fn prepare(generation: u64, held: impl IntoIterator<Item = (RawFd, Held)>) -
         if !is_regular(&st) || files.contains_key(&key) {
             continue;
         }
+        let stdio = how == Held::Stdio || own_streams().contains(&key);
         let size = st.st_size as u64;
         let tail = if stdio {
             Ok(0)
@@ -565,10 +704,6 @@ pub fn resume(gen_dir: &Path, generation: u64, entries: &[Entry]) -> Result<(), 
     }
     let path = gen_dir.join(JOURNAL);
     let mut file = open_append(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let own_streams: Vec<Key> = [1, 2]
-        .iter()
-        .filter_map(|&fd| fstat(fd).map(|st| (st.st_dev, st.st_ino)))
-        .collect();
     let mut by_id: HashMap<u32, Key> = HashMap::new();
     let mut files: HashMap<Key, Tracked> = HashMap::new();
     let mut next_id = 0;
@@ -585,7 +720,7 @@ pub fn resume(gen_dir: &Path, generation: u64, entries: &[Entry]) -> Result<(), 
                 next_id = next_id.max(id + 1);
                 // The restore checked the inode; the device number is this host's.
                 let key = if *stdio {
-                    own_streams.iter().copied().find(|k| k.1 == *ino)
+                    own_streams().iter().copied().find(|k| k.1 == *ino)
                 } else {
                     std::fs::metadata(path).ok().map(|m| {
                         use std::os::unix::fs::MetadataExt;

@@ -211,7 +211,18 @@ pub fn plan(dir: &Path, generation: u64) -> Result<Plan, String> {
                         acc.wrote.push((*offset, offset.saturating_add(*len)));
                     }
                 }
-                Record::Header { .. } | Record::Resumed | Record::Wrote { .. } => {}
+                Record::NotWritten { id, offset, len } if index > resumed_at => {
+                    if let Some(acc) = ids.get(id).and_then(|ino| files.get_mut(ino)) {
+                        let void = (*offset, offset.saturating_add(*len));
+                        if let Some(at) = acc.wrote.iter().rposition(|&r| r == void) {
+                            acc.wrote.remove(at);
+                        }
+                    }
+                }
+                Record::Header { .. }
+                | Record::Resumed
+                | Record::Wrote { .. }
+                | Record::NotWritten { .. } => {}
             }
         }
     }

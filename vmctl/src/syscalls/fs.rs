@@ -93,13 +93,11 @@ pub(super) fn install(t: &mut Task, host: RawFd, cloexec: bool) -> SysResult {
     Ok(t.files().install(file, cloexec, 0, limit)? as i64)
 }
 
-/// Lets the file journal record what undoing a change to `fd` needs, before it is made
-/// (see crate::filejournal).
-fn journal_write(t: &Task, fd: u64, offset: Option<u64>, len: u64) {
-    let file = t.files().get(fd as i32).map(|e| e.file.clone());
-    if let Ok(file) = file {
-        journal::before_write(&file, offset, len);
-    }
+/// Lets the file journal record what undoing a write to `fd` needs, before it is made
+/// (see crate::filejournal). Make the write, then pass this to `journal::written`.
+fn journal_write(t: &Task, fd: u64, offset: Option<u64>, len: u64) -> Option<journal::Pending> {
+    let file = t.files().get(fd as i32).map(|e| e.file.clone()).ok()?;
+    journal::before_write(&file, offset, len)
 }
 
 fn iov_len(iov: &[libc::iovec]) -> u64 {
@@ -132,8 +130,9 @@ pub fn write(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
-    journal_write(t, a[0], None, iov_len(&iov[..n as usize]));
+    let pending = journal_write(t, a[0], None, iov_len(&iov[..n as usize]));
     let r = sys!(libc::SYS_writev, fd, iov.as_ptr(), n);
+    journal::written(pending, &r);
     epipe_sigpipe(t, r)
 }
 
@@ -148,8 +147,9 @@ pub fn pwrite(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
-    journal_write(t, a[0], Some(a[3]), iov_len(&iov[..n as usize]));
+    let pending = journal_write(t, a[0], Some(a[3]), iov_len(&iov[..n as usize]));
     let r = sys!(libc::SYS_pwritev, fd, iov.as_ptr(), n, a[3], 0);
+    journal::written(pending, &r);
     epipe_sigpipe(t, r)
 }
 
@@ -181,32 +181,34 @@ fn guest_iovecs(
 pub fn readv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = guest_iovecs(t, a[1], a[2], !is_write)?;
-    if is_write {
-        journal_write(t, a[0], None, iov_len(&iov));
-    }
+    let pending = is_write
+        .then(|| journal_write(t, a[0], None, iov_len(&iov)))
+        .flatten();
     let nr = if is_write {
         libc::SYS_writev
     } else {
         libc::SYS_readv
     };
     let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32);
+    journal::written(pending, &r);
     epipe_sigpipe(t, r)
 }
 
 pub fn preadv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = guest_iovecs(t, a[1], a[2], !is_write)?;
-    if is_write {
-        // pwritev2 writes at the current position when the offset is -1.
-        let at = (a[3] as i64 != -1).then_some(a[3]);
-        journal_write(t, a[0], at, iov_len(&iov));
-    }
+    // pwritev2 writes at the current position when the offset is -1.
+    let at = (a[3] as i64 != -1).then_some(a[3]);
+    let pending = is_write
+        .then(|| journal_write(t, a[0], at, iov_len(&iov)))
+        .flatten();
     let nr = if is_write {
         libc::SYS_pwritev
     } else {
         libc::SYS_preadv
     };
     let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32, a[3], a[4]);
+    journal::written(pending, &r);
     epipe_sigpipe(t, r)
 }
 
@@ -244,7 +246,7 @@ pub fn openat(t: &mut Task, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysR
     )?;
     let fd = guest_path::check_opened(fd as RawFd)?;
     if truncate {
-        journal::before_truncate_fd(fd, false, 0);
+        let _pending = journal::before_truncate_fd(fd, false, 0);
         // SAFETY: fstat into a local struct, then ftruncate, on the descriptor just
         // opened; only a regular file is truncated (O_TRUNC ignores the others).
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -646,16 +648,17 @@ pub fn fchown(t: &mut Task, a: [u64; 6]) -> SysResult {
 
 pub fn truncate(t: &mut Task, a: [u64; 6]) -> SysResult {
     let p = cwd_path(t, a[0])?;
-    if let Some(f) = journal::open_for_truncate(&p) {
+    let file = journal::open_for_truncate(&p);
+    let _pending = file.as_ref().and_then(|f| {
         use std::os::fd::AsRawFd;
-        journal::before_truncate_fd(f.as_raw_fd(), false, a[1]);
-    }
+        journal::before_truncate_fd(f.as_raw_fd(), false, a[1])
+    });
     sys!(libc::SYS_truncate, p.as_ptr(), a[1] as i64)
 }
 
 pub fn ftruncate(t: &mut Task, a: [u64; 6]) -> SysResult {
     let file = t.files().get(a[0] as i32)?.file.clone();
-    journal::before_truncate(&file, a[1]);
+    let _pending = journal::before_truncate(&file, a[1]);
     sys!(libc::SYS_ftruncate, file.raw(), a[1] as i64)
 }
 
@@ -671,7 +674,7 @@ pub fn sync() -> SysResult {
 pub fn fallocate(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let file = t.files().get(a[0] as i32)?.file.clone();
-    journal::before_fallocate(&file, a[1] as i32, a[2], a[3]);
+    let _pending = journal::before_fallocate(&file, a[1] as i32, a[2], a[3]);
     sys!(
         libc::SYS_fallocate,
         fd,
@@ -952,9 +955,11 @@ pub fn select(t: &mut Task, a: [u64; 6], is_pselect: bool) -> SysResult {
 
 pub fn sendfile(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (out, inp) = (host_fd(t, a[0])?, host_fd(t, a[1])?);
-    journal_write(t, a[0], None, a[3]);
+    let pending = journal_write(t, a[0], None, a[3]);
     let r = with_offsets(t, [a[2]], |[off]| {
-        sys!(libc::SYS_sendfile, out, inp, off, a[3])
+        let r = sys!(libc::SYS_sendfile, out, inp, off, a[3]);
+        journal::written(pending, &r);
+        r
     });
     epipe_sigpipe(t, r)
 }
@@ -989,9 +994,9 @@ fn with_offsets<const N: usize>(
 pub fn copy_file_range(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[2])?);
     let at = offset_arg(t, a[3]);
-    journal_write(t, a[2], at, a[4]);
+    let pending = journal_write(t, a[2], at, a[4]);
     with_offsets(t, [a[1], a[3]], |[oin, oout]| {
-        sys!(
+        let r = sys!(
             libc::SYS_copy_file_range,
             inp,
             oin,
@@ -999,7 +1004,9 @@ pub fn copy_file_range(t: &mut Task, a: [u64; 6]) -> SysResult {
             oout,
             a[4],
             a[5] as u32
-        )
+        );
+        journal::written(pending, &r);
+        r
     })
 }
 
@@ -1038,9 +1045,11 @@ pub fn mknodat(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
 pub fn splice(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[2])?);
     let at = offset_arg(t, a[3]);
-    journal_write(t, a[2], at, a[4]);
+    let pending = journal_write(t, a[2], at, a[4]);
     let r = with_offsets(t, [a[1], a[3]], |[oin, oout]| {
-        sys!(libc::SYS_splice, inp, oin, out, oout, a[4], a[5] as u32)
+        let r = sys!(libc::SYS_splice, inp, oin, out, oout, a[4], a[5] as u32);
+        journal::written(pending, &r);
+        r
     });
     epipe_sigpipe(t, r)
 }
