@@ -2260,3 +2260,114 @@ fn file_mapped_shared_and_writable_is_restored_byte_for_byte() {
         );
     }
 }
+
+/// `script DATA STEPS`, one stdin byte a step: each step, three subshells print
+/// to the inherited standard output and append to DATA at the same time (and
+/// run `seq`, a program of their own, onto the standard output); once they are
+/// done, an end line goes to DATA, `/bin/echo` prints a line and bash "step N"
+/// (once every process of the step is gone: a checkpoint then finds bash alone).
+const SH_CHILDREN: &str = r#"
+data=$1 steps=$2
+for ((n = 0; n < steps; n++)); do
+    read -r -n 1 _ || exit 3
+    for c in 1 2 3; do
+        (
+            for ((i = 0; i < 100; i++)); do
+                echo "step $n child $c line $i"
+                echo "step $n child $c record $i" >> "$data"
+            done
+            seq -f "step $n child $c seq %g" 5
+        ) &
+    done
+    wait
+    echo "step $n end" >> "$data"
+    /bin/echo "step $n exec"
+    echo "step $n"
+done
+echo done
+"#;
+
+/// `text` with the lines between two lines matching `marker` sorted: lines that
+/// concurrent writers print in any order, compared as a multiset per step, the
+/// steps in order.
+fn sorted_between_markers(text: &str, marker: impl Fn(&str) -> bool) -> String {
+    let mut out = Vec::new();
+    let mut block: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if marker(line) {
+            block.sort();
+            out.append(&mut block);
+            out.push(line.to_string());
+        } else {
+            block.push(line.to_string());
+        }
+    }
+    block.sort();
+    out.append(&mut block);
+    out.join("\n")
+}
+
+#[test]
+fn processes_writing_the_same_stdout_and_file_at_once_restore_to_an_uninterrupted_run() {
+    need_kvm!();
+    let tmp = TempDir::new("files-processes");
+    let ckpt = tmp.join("ckpt");
+    let script = tmp.write_file("children.sh", SH_CHILDREN, 0o755);
+    let log = tmp.join("job.out");
+    let data = tmp.join("data.log");
+    let steps = 7;
+
+    let native_data = tmp.join("native-data.log");
+    let mut cmd = Command::new("/bin/bash");
+    cmd.arg(&script)
+        .arg(&native_data)
+        .arg(steps.to_string())
+        .current_dir(tmp.path());
+    let native = run_command(cmd, &vec![b'x'; steps], STEP);
+    assert_eq!(native.code, 0, "native run:\n{native:?}");
+
+    // The job's standard output is a regular file (as Slurm's --output is), one
+    // description shared by bash, its subshells and the programs they run.
+    let mut cmd = Command::new(vmctl_path());
+    cmd.args(["run", "--checkpoint-dir"])
+        .arg(&ckpt)
+        .args(["--", "/bin/bash"])
+        .arg(&script)
+        .arg(&data)
+        .arg(steps.to_string())
+        .current_dir(tmp.path());
+    let mut job = Job::spawn_with_stdout(cmd, fs::File::create(&log).unwrap().into());
+    let mut sent = 0;
+    run_to_step(&mut job, &mut sent, 2, Some(&log));
+    checkpoint(&ckpt);
+    // Steps 3 to 5 write past the generation, the subshells all at once.
+    run_to_step(&mut job, &mut sent, 5, Some(&log));
+    job.signal(libc::SIGKILL);
+    let out = job.finish();
+    assert_eq!(out.code, 128 + libc::SIGKILL, "{out:?}");
+
+    let append = fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let mut cmd = Command::new(vmctl_path());
+    cmd.arg("restore").arg(&ckpt).current_dir(tmp.path());
+    let mut job = Job::spawn_with_stdout(cmd, append.into());
+    job.send(&vec![b'x'; steps - 3]);
+    let out = job.finish();
+    assert_eq!(out.code, 0, "vmctl restore:\n{out:?}");
+
+    let is_step = |l: &str| {
+        l == "done"
+            || l.strip_prefix("step ")
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    assert_bytes_eq(
+        "the job's standard output after run, checkpoint, run on, SIGKILL, restore (vs native; lines within a step sorted)",
+        sorted_between_markers(&native.stdout_str(), is_step).as_bytes(),
+        sorted_between_markers(&fs::read_to_string(&log).unwrap(), is_step).as_bytes(),
+    );
+    let is_end = |l: &str| l.ends_with(" end");
+    assert_bytes_eq(
+        "the file the processes append to (vs native; lines within a step sorted)",
+        sorted_between_markers(&fs::read_to_string(&native_data).unwrap(), is_end).as_bytes(),
+        sorted_between_markers(&fs::read_to_string(&data).unwrap(), is_end).as_bytes(),
+    );
+}
