@@ -1929,7 +1929,7 @@ fn files_written_past_the_restored_generation_equal_an_uninterrupted_run() {
             "--parsable",
             "--requeue",
             "--open-mode=append",
-            "--vm-wrap=interval=10",
+            "--vm-wrap=interval=10,script=native",
             "-J",
             &name,
             "-o",
