@@ -70,6 +70,13 @@ fn is_regular(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFREG
 }
 
+/// A regular file with a name: one deleted while open (a POSIX semaphore or shared
+/// memory object, a scratch file) has no path a restore could bring back, and the
+/// kernel layer's checkpoint carries what the job can still reach of it.
+fn is_journaled(st: &libc::stat) -> bool {
+    is_regular(st) && st.st_nlink > 0
+}
+
 /// (st_dev, st_ino) of vmctl's own standard output and error where they are regular
 /// files. A file is one of the job's standard streams whichever description the job
 /// writes it through (its processes inherit vmctl's; `>> /dev/stdout` opens another).
@@ -384,7 +391,7 @@ fn begin(
     if !is_active() {
         return None;
     }
-    let st = fstat(fd).filter(is_regular)?;
+    let st = fstat(fd).filter(is_journaled)?;
     let key = (st.st_dev, st.st_ino);
     let order = file_order(key);
     let mut guard = lock(&ACTIVE);
@@ -571,7 +578,7 @@ pub fn prepare(generation: u64, held: impl IntoIterator<Item = (RawFd, Held)>) -
         }
         let Some(st) = fstat(fd) else { continue };
         let key = (st.st_dev, st.st_ino);
-        if !is_regular(&st) || files.contains_key(&key) {
+        if !is_journaled(&st) || files.contains_key(&key) {
             continue;
         }
         let stdio = how == Held::Stdio || own_streams().contains(&key);
