@@ -6,6 +6,9 @@ use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `--precopy=auto` copies memory while the job runs from this much RAM in use.
+pub const PRECOPY_AUTO_BYTES: u64 = 256 << 20;
+
 #[derive(Args, Debug, Clone)]
 pub struct CheckpointArgs {
     /// Take checkpoints periodically, every SECS seconds
@@ -20,6 +23,19 @@ pub struct CheckpointArgs {
     /// SIG=checkpoint-exit (take one and exit with status 75). Repeatable.
     #[arg(long = "on-signal", value_name = "SIG=ACTION", value_parser = parse_on_signal)]
     pub on_signal: Vec<(i32, SignalAction)>,
+
+    /// Whether checkpoints after the first store only the pages changed since the
+    /// previous one (KVM's dirty log stays on between checkpoints, which slows the
+    /// guest's first write to each page after a checkpoint). auto: on with
+    /// --checkpoint-interval.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub incremental: String,
+
+    /// Whether a checkpoint first copies memory while the job runs, in rounds, and
+    /// stops the job only for the last round (pages written meanwhile) and the kernel
+    /// state. auto: when the job uses 256 MiB or more.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub precopy: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -36,6 +52,16 @@ impl CheckpointArgs {
                 dir,
                 interval: self.checkpoint_interval.map(Duration::from_secs),
                 keep: self.keep,
+                incremental: match self.incremental.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => self.checkpoint_interval.is_some(),
+                },
+                precopy_from: match self.precopy.as_str() {
+                    "on" => Some(0),
+                    "off" => None,
+                    _ => Some(PRECOPY_AUTO_BYTES),
+                },
             })),
             None if self.checkpoint_interval.is_some() => {
                 Err("--checkpoint-interval needs --checkpoint-dir".into())
