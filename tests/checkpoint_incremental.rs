@@ -10,17 +10,14 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmwrap_tests::{diff, require_kvm, run_command, status_code, vmctl_path, Invocation, Rng};
-use vmwrap_tests::{RunOutput, TempDir};
+use vmwrap_tests::{diff, require_kvm, run_command, vmctl_path, Invocation, Rng};
+use vmwrap_tests::{Job, RunOutput, TempDir};
 
 /// tests/fixtures/hotset.c: `hotset OUTFILE MIB HOT_KIB ROUNDS`, 1 stdin byte a round.
 const HOTSET: &str = env!("VMWRAP_FIXTURE_HOTSET");
@@ -238,160 +235,6 @@ fn assert_contains(what: &str, haystack: &str, needles: &[&str]) {
             haystack.contains(n),
             "{what} does not mention {n:?}:\n{haystack}"
         );
-    }
-}
-
-struct Job {
-    what: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: Arc<Mutex<Vec<u8>>>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    done: bool,
-}
-
-fn collect(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1 << 16];
-        while let Ok(n @ 1..) = from.read(&mut buf) {
-            into.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    })
-}
-
-impl Job {
-    /// `vmctl run --checkpoint-dir CKPT OPTS... -- PROGRAM ARGS...` in `cwd`.
-    fn run(
-        cwd: &Path,
-        ckpt: &Path,
-        opts: &[&str],
-        program: &str,
-        args: &[&dyn AsRef<OsStr>],
-    ) -> Job {
-        let mut cmd = Command::new(vmctl_path());
-        cmd.arg("run")
-            .arg("--checkpoint-dir")
-            .arg(ckpt)
-            .args(opts)
-            .arg("--")
-            .arg(program)
-            .args(args.iter().map(|a| a.as_ref()));
-        Job::start(cmd, cwd)
-    }
-
-    /// `vmctl restore CKPT OPTS...` in `cwd`, driven like a run.
-    fn restore(cwd: &Path, ckpt: &Path, opts: &[&str]) -> Job {
-        let mut cmd = Command::new(vmctl_path());
-        cmd.arg("restore").arg(ckpt).args(opts);
-        Job::start(cmd, cwd)
-    }
-
-    fn start(mut cmd: Command, cwd: &Path) -> Job {
-        cmd.current_dir(cwd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let what = format!("{cmd:?}");
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![
-            collect(child.stdout.take().unwrap(), stdout.clone()),
-            collect(child.stderr.take().unwrap(), stderr.clone()),
-        ];
-        Job {
-            what,
-            stdin: child.stdin.take(),
-            child,
-            stdout,
-            stderr,
-            readers,
-            done: false,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
-    }
-
-    fn wait_for(&mut self, prefix: &str) {
-        let start = Instant::now();
-        loop {
-            let out = self.stdout();
-            if out.starts_with(prefix) || out.contains(&format!("\n{prefix}")) {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                for r in std::mem::take(&mut self.readers) {
-                    r.join().unwrap();
-                }
-                self.done = true;
-                panic!(
-                    "{} exited with {} before printing {prefix:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    self.what,
-                    status_code(status),
-                    self.stdout(),
-                    String::from_utf8_lossy(&self.stderr.lock().unwrap())
-                );
-            }
-            assert!(
-                start.elapsed() < STEP,
-                "{} printed no {prefix:?} within {STEP:?}",
-                self.what
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn send(&mut self, data: &[u8]) {
-        let pipe = self.stdin.as_mut().expect("stdin is open");
-        pipe.write_all(data).unwrap();
-        pipe.flush().unwrap();
-    }
-
-    fn kill(&self) {
-        // SAFETY: kill(2) on our own unreaped child, so the pid cannot be reused.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) },
-            0
-        );
-    }
-
-    fn finish(mut self) -> RunOutput {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                start.elapsed() < STEP,
-                "{} did not exit within {STEP:?}",
-                self.what
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        self.done = true;
-        self.stdin = None;
-        for r in std::mem::take(&mut self.readers) {
-            r.join().unwrap();
-        }
-        RunOutput {
-            stdout: std::mem::take(&mut *self.stdout.lock().unwrap()),
-            stderr: std::mem::take(&mut *self.stderr.lock().unwrap()),
-            code: status_code(status),
-        }
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -650,7 +493,7 @@ fn crafted_chains_are_refused_clearly() {
     job.send(b"g");
     job.wait_for("round 1 ");
     assert_eq!(checkpoint(&ck)["kind"], "incremental");
-    job.kill();
+    job.signal(libc::SIGKILL);
     job.finish();
 
     // Each case edits one manifest (re-signed, as its owner can) of a copy of the
@@ -776,7 +619,7 @@ fn a_restored_job_continues_its_chain() {
     );
     job.wait_for("filled ");
     assert_eq!(checkpoint(&ck)["kind"], "full");
-    job.kill();
+    job.signal(libc::SIGKILL);
     job.finish();
 
     set_len(&out, fd_offset(&gen_dir(&ck, 1), &out));
@@ -789,7 +632,7 @@ fn a_restored_job_continues_its_chain() {
         (2.into(), "incremental".into()),
         "{v}"
     );
-    job.kill();
+    job.signal(libc::SIGKILL);
     job.finish();
     let (code, v) = inspect_json(&ck, true);
     assert_eq!(code, 0, "{v}");
@@ -841,7 +684,7 @@ fn pages_only_vmctl_wrote_are_in_the_next_incremental_generation() {
     let v = checkpoint(&ck);
     assert_eq!(v["kind"], "incremental", "{v}");
     assert!(v["memory_bytes"].as_u64().unwrap() >= CHUNK as u64, "{v}");
-    job.kill();
+    job.signal(libc::SIGKILL);
     job.finish();
 
     let r = restore(tmp.path(), &ck, &[], b"g");
@@ -897,7 +740,7 @@ fn sigkill_during_an_incremental_write_leaves_earlier_generations_restorable() {
             .into_iter()
             .find(|n| n.starts_with("gen-000003.tmp-"))
     });
-    job.kill();
+    job.signal(libc::SIGKILL);
     let killed = job.finish();
     assert_eq!(killed.code, 128 + libc::SIGKILL, "{killed:?}");
     assert_ne!(client.join().unwrap().code, 0);
@@ -1020,7 +863,7 @@ fn precopy_while_the_job_rewrites_all_its_memory_restores_like_native() {
     job.wait_for("pass 2 start");
     let second = checkpoint(&ck);
     assert_eq!(second["kind"], "incremental", "{second}");
-    job.kill();
+    job.signal(libc::SIGKILL);
     job.finish();
     let offsets: Vec<u64> = (1..=2).map(|g| fd_offset(&gen_dir(&ck, g), &out)).collect();
     copy_generations(&ck, &[1], &tmp.join("at1"), true);
