@@ -141,6 +141,17 @@ const FIXTURES: &[Fixture] = &[
         source: "spin.c",
         flags: PIE,
     },
+    // Incremental checkpoints (tests/checkpoint_incremental.rs).
+    Fixture {
+        name: "hotset",
+        source: "hotset.c",
+        flags: PIE,
+    },
+    Fixture {
+        name: "readhold",
+        source: "readhold.c",
+        flags: PIE,
+    },
     // Clock continuity across restore (tests/checkpoint_clocks.rs).
     Fixture {
         name: "clocks",

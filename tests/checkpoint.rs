@@ -1481,7 +1481,40 @@ fn crafted_sizes_in_a_manifest_are_refused_clearly() {
 fn checkpoint_reader_survives_mutated_generations() {
     need_kvm!();
     let tmp = TempDir::new("ckpt-fuzz");
-    let (_, _, ck) = one_generation(&tmp, "64M", 1);
+    // A full generation and an incremental one on it: the cases damage either, and
+    // the links between them.
+    let ck = tmp.join("ckpt");
+    let out = tmp.join("vm.bin");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &[
+            "--mem",
+            "64M",
+            "--incremental=on",
+            "--on-signal",
+            "TERM=checkpoint-exit",
+        ],
+        FILL,
+        &[&out, &"1", &"1"],
+    );
+    job.wait_for("filled ");
+    assert_eq!(checkpoint(&ck), 1);
+    term_checkpoint(job);
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    let kinds: Vec<(u64, &str)> = v["generations"]
+        .as_array()
+        .expect("generations")
+        .iter()
+        .map(|g| {
+            (
+                g["generation"].as_u64().unwrap(),
+                g["kind"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(kinds.contains(&(2, "incremental")), "{v}");
     let cases = std::env::var("VMWRAP_FUZZ_CASES").unwrap_or_else(|_| "2000".into());
     let seed = std::env::var("VMWRAP_FUZZ_SEED").unwrap_or_else(|_| "1".into());
     let scratch = tmp.join("scratch");

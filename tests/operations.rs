@@ -98,7 +98,7 @@ fn crc32(data: &[u8]) -> u32 {
 
 /// The committed checkpoint of format 1 (vmctl 0.1) either restores or is
 /// refused with a message naming its format and this vmctl's, and is left
-/// intact either way. Today's vmctl (format 2, process trees) refuses it.
+/// intact either way. Today's vmctl (formats 2 and 3, process trees) refuses it.
 #[test]
 fn checkpoint_of_the_previous_format_restores_or_is_refused_by_version() {
     need_kvm!();
@@ -113,7 +113,7 @@ fn checkpoint_of_the_previous_format_restores_or_is_refused_by_version() {
         assert_eq!(out.code, 125, "{out:?}");
         let err = out.stderr_str();
         assert!(
-            err.contains("checkpoint format 1") && err.contains("reads format "),
+            err.contains("checkpoint format 1") && err.contains("reads format"),
             "the refusal does not name both versions: {err}"
         );
         let gen = dir.join("gen-000001");
@@ -149,7 +149,7 @@ fn checkpoint_of_a_newer_format_is_refused_naming_both_versions() {
     assert_eq!(out.code, 125, "{out:?}");
     let err = out.stderr_str();
     assert!(
-        err.contains("format 999") && err.contains("reads format "),
+        err.contains("format 999") && err.contains("reads format"),
         "the refusal does not name both versions: {err}"
     );
     assert!(

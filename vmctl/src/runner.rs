@@ -21,6 +21,10 @@ pub struct CheckpointOptions {
     pub dir: PathBuf,
     pub interval: Option<Duration>,
     pub keep: usize,
+    /// Keep a digest of every page so that later generations are incremental.
+    pub incremental: bool,
+    /// Copy memory while the job runs when at least this much guest RAM is in use.
+    pub precopy_from: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +41,7 @@ pub struct Runner {
     _socket: Option<socket::ControlSocket>,
     meta: JobMeta,
     waited: Vec<i32>,
+    tracker: checkpoint::incremental::Tracker,
 }
 
 /// Creates (0700) or checks the checkpoint directory: it must be the caller's own.
@@ -74,6 +79,11 @@ pub fn prepare_dir(dir: &Path) -> Result<(), String> {
 
 pub struct Taken {
     pub generation: u64,
+    pub kind: String,
+    /// Bytes stored by each pre-copy round while the job ran (empty without pre-copy).
+    pub precopy_rounds: Vec<u64>,
+    /// Seconds from the pre-copy's start to the end of the checkpoint.
+    pub precopy_seconds: f64,
     pub path: PathBuf,
     pub memory_bytes: u64,
     pub total_bytes: u64,
@@ -85,6 +95,9 @@ impl Taken {
         serde_json::json!({
             "ok": true,
             "generation": self.generation,
+            "kind": self.kind,
+            "precopy_round_bytes": self.precopy_rounds,
+            "precopy_seconds": self.precopy_seconds,
             "path": self.path,
             "memory_bytes": self.memory_bytes,
             "bytes": self.total_bytes,
@@ -143,6 +156,8 @@ impl Runner {
         } else if on_signal.iter().any(|&(_, a)| a != SignalAction::Forward) {
             return Err("--on-signal ...=checkpoint needs --checkpoint-dir".into());
         }
+        let tracker =
+            checkpoint::incremental::Tracker::new(ckpt.as_ref().is_some_and(|c| c.incremental));
         Ok(Runner {
             kernel,
             tasks,
@@ -151,7 +166,22 @@ impl Runner {
             _socket: sock,
             meta,
             waited,
+            tracker,
         })
+    }
+
+    /// The job was restored from this chain: later generations may build on it.
+    pub fn continue_chain(&mut self, chain: &checkpoint::incremental::Restored) {
+        let limit = self.high_water();
+        self.tracker.restored(&self.kernel.mem, chain, limit);
+    }
+
+    fn high_water(&self) -> u64 {
+        self.kernel
+            .frames
+            .lock()
+            .expect("frames poisoned")
+            .high_water()
     }
 
     /// Runs the job to its end (or to its checkpoint-and-exit) and returns vmctl's
@@ -210,7 +240,16 @@ impl Runner {
                 }
             }
             match (result, exit_after) {
-                (Ok(_), Some(_)) => return EXIT_CHECKPOINTED,
+                (Ok(t), Some(_)) => {
+                    eprintln!(
+                        "vmctl: checkpointed as generation {} ({}, {:.1} MiB, the job stopped for {:.3} s); resume it with vmctl restore",
+                        t.generation,
+                        t.kind,
+                        t.memory_bytes as f64 / (1 << 20) as f64,
+                        t.frozen_seconds
+                    );
+                    return EXIT_CHECKPOINTED;
+                }
                 (Err(e), Some(sig)) => {
                     eprintln!("vmctl: checkpoint failed: {e}; the job is stopped without one, as signal {sig} asked");
                     return 128 + sig;
@@ -244,6 +283,9 @@ impl Runner {
         let Some(opts) = self.ckpt.clone() else {
             return Err("no --checkpoint-dir was given".into());
         };
+        if let Some(session) = self.start_precopy(&opts) {
+            return self.finish_precopy(&opts, session, then_exit);
+        }
         let t0 = crate::clock::monotonic_ns();
         let tasks = self.kernel.freeze_all();
         let result = self.write_frozen(&opts, tasks, t0);
@@ -253,8 +295,86 @@ impl Runner {
         result
     }
 
+    /// Starts copying memory while the job runs, if it is big enough for that to
+    /// matter; returns once the rounds are done. None to checkpoint the plain way.
+    fn start_precopy(&mut self, opts: &CheckpointOptions) -> Option<checkpoint::precopy::Session> {
+        let limit = self.high_water();
+        if limit < opts.precopy_from? {
+            return None;
+        }
+        // Armed with every task at a safe point: no write of vmctl's in flight.
+        let _ = self.kernel.freeze_all();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let started = checkpoint::precopy::Session::start(
+            &opts.dir,
+            self.kernel.mem.clone(),
+            &mut self.tracker,
+            limit,
+            move || {
+                let _ = tx.send(());
+            },
+        );
+        self.kernel.thaw_all();
+        match started {
+            Ok(session) => {
+                let _ = rx.recv();
+                Some(session)
+            }
+            Err(e) => {
+                eprintln!(
+                    "vmctl: pre-copy could not start ({e}); checkpointing with the job stopped"
+                );
+                None
+            }
+        }
+    }
+
+    /// The last pre-copy round and the kernel state, with every task frozen.
+    fn finish_precopy(
+        &mut self,
+        opts: &CheckpointOptions,
+        session: checkpoint::precopy::Session,
+        then_exit: bool,
+    ) -> Result<Taken, String> {
+        let t0 = crate::clock::monotonic_ns();
+        let tasks = self.kernel.freeze_all();
+        let result = (|| {
+            if self.kernel.job_status().is_some() {
+                return Err("the job ended before the checkpoint".to_string());
+            }
+            let mut manifest = self.manifest(session.generation(), tasks);
+            let held = self.kernel.held_files();
+            let journal = FileJournal::prepare(&held, &mut manifest);
+            // The last round copies and digests the vvar page too (see write_frozen).
+            let vvar_still = self.kernel.clocks.hold();
+            let (written, summary) = session.finish(
+                &self.kernel.mem,
+                &mut self.tracker,
+                &mut manifest,
+                &journal.extra(),
+            )?;
+            drop(vvar_still);
+            journal.activate(&written.path);
+            write::prune(&opts.dir, opts.keep);
+            Ok(Taken {
+                generation: written.generation,
+                kind: manifest.kind.clone(),
+                precopy_rounds: summary.rounds,
+                precopy_seconds: summary.running_seconds,
+                path: written.path,
+                memory_bytes: written.memory_bytes,
+                total_bytes: written.total_bytes,
+                frozen_seconds: (crate::clock::monotonic_ns() - t0) as f64 / 1e9,
+            })
+        })();
+        if !(then_exit && result.is_ok()) {
+            self.kernel.thaw_all();
+        }
+        result
+    }
+
     fn write_frozen(
-        &self,
+        &mut self,
         opts: &CheckpointOptions,
         tasks: Vec<crate::kernel::freeze::TaskSnapshot>,
         t0: i64,
@@ -262,14 +382,61 @@ impl Runner {
         if self.kernel.job_status().is_some() || tasks.is_empty() {
             return Err("the job ended before the checkpoint".into());
         }
-        let state = self.kernel.snapshot(tasks);
         let generation = write::next_generation(&opts.dir).map_err(|e| e.to_string())?;
-        let mut manifest = Manifest {
+        let mut manifest = self.manifest(generation, tasks);
+        let held = self.kernel.held_files();
+        let journal = FileJournal::prepare(&held, &mut manifest);
+        // Every task is parked, but the clock thread would still rewrite the vvar
+        // page, which is guest RAM: the pages are digested, then checksummed as they
+        // are written, and must not change in between.
+        let vvar_still = self.kernel.clocks.hold();
+        let plan = self.tracker.plan(&self.kernel.mem, self.high_water());
+        plan.describe(&mut manifest);
+        let pages = match &plan {
+            checkpoint::incremental::Plan::Full => write::Pages::All {
+                limit: self.high_water(),
+            },
+            checkpoint::incremental::Plan::Incremental { dirty, .. } => write::Pages::Dirty(dirty),
+        };
+        let written = write::write_generation(
+            &opts.dir,
+            &self.kernel.mem,
+            pages,
+            &mut manifest,
+            &journal.extra(),
+        )
+        .map_err(|e| e.to_string())?;
+        drop(vvar_still);
+        journal.activate(&written.path);
+        self.tracker.written(&plan, &written);
+        write::prune(&opts.dir, opts.keep);
+        Ok(Taken {
+            generation: written.generation,
+            kind: manifest.kind.clone(),
+            precopy_rounds: Vec::new(),
+            precopy_seconds: 0.0,
+            path: written.path,
+            memory_bytes: written.memory_bytes,
+            total_bytes: written.total_bytes,
+            frozen_seconds: (crate::clock::monotonic_ns() - t0) as f64 / 1e9,
+        })
+    }
+
+    /// The manifest of generation `generation` but for its memory image, from the
+    /// frozen tasks.
+    fn manifest(
+        &self,
+        generation: u64,
+        tasks: Vec<crate::kernel::freeze::TaskSnapshot>,
+    ) -> Manifest {
+        let state = self.kernel.snapshot(tasks);
+        Manifest {
             format_version: FORMAT_VERSION,
             vmctl_version: env!("CARGO_PKG_VERSION").to_string(),
             generation,
-            kind: "full".into(),
+            kind: KIND_FULL.into(),
             parent: None,
+            parent_manifest_crc32: None,
             created_unix: crate::clock::realtime_s(),
             host: hostname(),
             // SAFETY: getuid cannot fail.
@@ -283,42 +450,11 @@ impl Runner {
                 ram_bytes: 0,
                 data_bytes: 0,
                 chunks: Vec::new(),
+                zero_runs: Vec::new(),
             },
             kernel: state,
             files: None,
-        };
-        // Every process's files, held open here while they are recorded.
-        let held = self.kernel.held_files();
-        let journal = crate::filejournal::track::prepare(generation, held.list.iter().copied());
-        manifest.files = journal.as_ref().map(|j| j.info.clone());
-        let extra: Vec<(&str, &[u8])> = journal
-            .iter()
-            .map(|j| (crate::filejournal::JOURNAL, j.bytes.as_slice()))
-            .collect();
-        let limit = self
-            .kernel
-            .frames
-            .lock()
-            .expect("frames poisoned")
-            .high_water();
-        let written = {
-            // Every task is parked, but the clock thread would still rewrite the vvar
-            // page, which is guest RAM: the image is checksummed as it is written.
-            let _vvar_still = self.kernel.clocks.hold();
-            write::write_generation(&opts.dir, &self.kernel.mem, limit, &mut manifest, &extra)
-                .map_err(|e| e.to_string())?
-        };
-        if let Some(j) = journal {
-            crate::filejournal::track::activate(j, &written.path);
         }
-        write::prune(&opts.dir, opts.keep);
-        Ok(Taken {
-            generation: written.generation,
-            path: written.path,
-            memory_bytes: written.memory_bytes,
-            total_bytes: written.total_bytes,
-            frozen_seconds: (crate::clock::monotonic_ns() - t0) as f64 / 1e9,
-        })
     }
 
     fn report_checkpoint(&self, result: &Result<Taken, String>) {
@@ -438,5 +574,32 @@ mod tests {
         mark_finished(&dir, 5).unwrap();
         assert_eq!(read_status(&dir), 5);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The file journal of the generation being written (see crate::filejournal): recorded
+/// from the files the frozen job holds, written into the generation, and active from
+/// the moment the generation is complete.
+struct FileJournal(Option<crate::filejournal::track::Prepared>);
+
+impl FileJournal {
+    fn prepare(held: &crate::kernel::persist::HeldFiles, manifest: &mut Manifest) -> Self {
+        let prepared =
+            crate::filejournal::track::prepare(manifest.generation, held.list.iter().copied());
+        manifest.files = prepared.as_ref().map(|j| j.info.clone());
+        FileJournal(prepared)
+    }
+
+    fn extra(&self) -> Vec<(&str, &[u8])> {
+        self.0
+            .iter()
+            .map(|j| (crate::filejournal::JOURNAL, j.bytes.as_slice()))
+            .collect()
+    }
+
+    fn activate(self, gen_dir: &std::path::Path) {
+        if let Some(j) = self.0 {
+            crate::filejournal::track::activate(j, gen_dir);
+        }
     }
 }

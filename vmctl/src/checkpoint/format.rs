@@ -4,14 +4,22 @@
 //! `manifest.sum` (CRC32 of the manifest) and `memory.img` (the guest-physical pages
 //! that are not all zero, in chunks listed in the manifest, each with its CRC32).
 //! DIR/latest is a symlink to the newest complete generation.
+//!
+//! A generation is "full" (every non-zero page) or "incremental": only the pages
+//! written since its parent generation, which it names; restoring it loads its whole
+//! chain, the full generation first.
 
 use crate::kernel::persist::KernelState;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any change a reader of the previous version could misread.
-pub const FORMAT_VERSION: u32 = 2;
-/// Older formats this vmctl still reads.
+/// 2: a process tree per job. 3: incremental generations (`kind`, `parent`,
+/// `parent_manifest_crc32`, `zero_runs`) and pre-copy rounds (`round`).
+pub const FORMAT_VERSION: u32 = 3;
+/// Older formats this vmctl still reads (a version 2 generation is a full one).
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
+pub const KIND_FULL: &str = "full";
+pub const KIND_INCREMENTAL: &str = "incremental";
 pub const MANIFEST: &str = "manifest.json";
 pub const MANIFEST_SUM: &str = "manifest.sum";
 pub const MEMORY: &str = "memory.img";
@@ -43,6 +51,10 @@ pub struct Chunk {
     pub offset: u64,
     pub runs: Vec<Run>,
     pub crc32: u32,
+    /// Pre-copy round that wrote it. Chunks of one round never overlap; a later
+    /// round's copy of a page replaces an earlier one's.
+    #[serde(default)]
+    pub round: u32,
 }
 
 impl Chunk {
@@ -63,6 +75,11 @@ pub struct MemoryImage {
     /// Bytes of data in the file (non-zero pages only).
     pub data_bytes: u64,
     pub chunks: Vec<Chunk>,
+    /// Pages that are all zero although the parent or an earlier pre-copy round of this
+    /// image held data there; applied after every chunk. Pages neither in a chunk nor
+    /// here are zero in a full generation and unchanged in an incremental one.
+    #[serde(default)]
+    pub zero_runs: Vec<Run>,
 }
 
 /// CPUID feature words the guest could see. Guests see the host's CPUID here (it
@@ -87,9 +104,13 @@ pub struct Manifest {
     pub format_version: u32,
     pub vmctl_version: String,
     pub generation: u64,
-    /// "full" today; incremental generations will name their parent.
+    /// KIND_FULL, or KIND_INCREMENTAL with `parent` naming the generation it builds on.
     pub kind: String,
     pub parent: Option<u64>,
+    /// CRC32 of the parent's manifest.json: a parent directory that is not the one
+    /// this generation was written against does not match.
+    #[serde(default)]
+    pub parent_manifest_crc32: Option<u32>,
     pub created_unix: i64,
     pub host: String,
     pub owner_uid: u32,

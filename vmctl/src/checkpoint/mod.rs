@@ -2,6 +2,8 @@
 
 pub mod cpu;
 pub mod format;
+pub mod incremental;
+pub mod precopy;
 pub mod read;
 pub mod write;
 
@@ -18,4 +20,7 @@ pub enum CheckpointError {
     Format(PathBuf, String),
     #[error("{0}")]
     Refused(String),
+    /// A generation this one builds on is unusable.
+    #[error("it needs generation {0}, which is unusable: {1}")]
+    Chain(u64, Box<CheckpointError>),
 }

@@ -120,13 +120,20 @@ fn check_owner(path: &Path) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// Reads and checks a generation's manifest: owner, checksum, format version.
+/// Reads and checks a generation's manifest: owner, checksum, format version, and
+/// every size, count and link in it.
 pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
+    load_manifest_and_sum(gen_dir).map(|(m, _, _)| m)
+}
+
+/// `load_manifest`, the manifest's CRC32 (which a child generation records) and its
+/// size in bytes.
+pub fn load_manifest_and_sum(gen_dir: &Path) -> Result<(Manifest, u32, u64), CheckpointError> {
     check_owner(gen_dir)?;
     let mpath = gen_dir.join(MANIFEST);
     let spath = gen_dir.join(MANIFEST_SUM);
-    let (f, len) = open_regular(&mpath, MAX_MANIFEST_BYTES, false)?;
-    let bytes = read_bounded(f, len, &mpath)?;
+    let (f, manifest_len) = open_regular(&mpath, MAX_MANIFEST_BYTES, false)?;
+    let bytes = read_bounded(f, manifest_len, &mpath)?;
     let (f, len) = open_regular(&spath, MAX_SUM_BYTES, false)?;
     let sum = String::from_utf8_lossy(&read_bounded(f, len, &spath)?).into_owned();
     let want = sum
@@ -154,13 +161,13 @@ pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
         })?;
     if version > FORMAT_VERSION as u64 {
         return Err(CheckpointError::Refused(format!(
-            "{}: written by a newer vmctl (checkpoint format {version}; this vmctl reads format {FORMAT_VERSION}); restore it with that vmctl or newer",
+            "{}: written by a newer vmctl (checkpoint format {version}; this vmctl reads formats {OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}); restore it with that vmctl or newer",
             mpath.display()
         )));
     }
     if version < OLDEST_READABLE_FORMAT as u64 {
         return Err(CheckpointError::Refused(format!(
-            "{}: checkpoint format {version} comes from vmctl 0.1, which ran one process per job; this vmctl reads format {FORMAT_VERSION}; resume the job with the vmctl that wrote it, or start it afresh",
+            "{}: checkpoint format {version} comes from vmctl 0.1, which ran one process per job; this vmctl reads formats {OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}; resume the job with the vmctl that wrote it, or start it afresh",
             mpath.display()
         )));
     }
@@ -175,12 +182,156 @@ pub fn load_manifest(gen_dir: &Path) -> Result<Manifest, CheckpointError> {
             manifest.owner_uid
         )));
     }
-    check_image_shape(&manifest.memory)
+    check_shape(&manifest)
+        .and_then(|()| check_image_shape(&manifest.memory))
         .and_then(|()| {
             crate::kernel::persist::check_state(&manifest.kernel, manifest.memory.ram_bytes)
         })
         .map_err(|e| CheckpointError::Corrupt(mpath, e))?;
-    Ok(manifest)
+    Ok((manifest, got, bytes.len() as u64))
+}
+
+/// Checks a generation's kind and parent link: a full one names no parent, an
+/// incremental one an older generation, so following parents always ends.
+fn check_shape(m: &Manifest) -> Result<(), String> {
+    match (m.kind.as_str(), m.parent) {
+        (KIND_FULL, None) => Ok(()),
+        (KIND_INCREMENTAL, Some(p)) if p < m.generation => Ok(()),
+        (KIND_INCREMENTAL, Some(p)) => Err(format!(
+            "generation {} names parent {p}, which is not older",
+            m.generation
+        )),
+        (kind, parent) => Err(format!("kind {kind:?} with parent {parent:?}")),
+    }
+}
+
+/// One generation of a chain: its number, directory and manifest.
+pub struct Link {
+    pub generation: u64,
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub manifest_crc32: u32,
+}
+
+/// Longest chain a reader follows; writers start a full generation well before this.
+pub const MAX_CHAIN_LINKS: usize = 256;
+/// Most manifest bytes a chain may hold in all. Writers' chains hold at most 16
+/// manifests of a few hundred KiB; without this bound a crafted chain of large
+/// manifests would make the reader keep gigabytes of them at once.
+pub const MAX_CHAIN_MANIFEST_BYTES: u64 = 4 * MAX_MANIFEST_BYTES;
+
+/// Loads the manifest of generation `generation` of a chain, which must say it is
+/// that generation: links are followed by number, and only a number that goes down at
+/// every step makes sure that following them ends.
+fn load_link(dir: &Path, generation: u64) -> Result<(Link, u64), CheckpointError> {
+    let gen_dir = dir.join(generation_dir_name(generation));
+    let (manifest, crc, bytes) = load_manifest_and_sum(&gen_dir)?;
+    if manifest.generation != generation {
+        return Err(CheckpointError::Corrupt(
+            gen_dir.join(MANIFEST),
+            format!(
+                "says it is generation {}, but its directory is generation {generation}",
+                manifest.generation
+            ),
+        ));
+    }
+    let link = Link {
+        generation,
+        dir: gen_dir,
+        manifest,
+        manifest_crc32: crc,
+    };
+    Ok((link, bytes))
+}
+
+/// Generation `generation` and every generation it builds on, the full one first.
+/// Each link's manifest is checked, and each parent must be the very generation its
+/// child was written against (same manifest CRC32, same RAM size). A chain is
+/// refused when it has more than `MAX_CHAIN_LINKS` links or more than
+/// `MAX_CHAIN_MANIFEST_BYTES` of manifests.
+pub fn load_chain(dir: &Path, generation: u64) -> Result<Vec<Link>, CheckpointError> {
+    let (first, mut manifest_bytes) = load_link(dir, generation)?;
+    let mut links = vec![first];
+    loop {
+        let child = links.last().expect("non-empty");
+        // check_shape made sure a parent is older than its child.
+        let Some(parent) = child.manifest.parent else {
+            break;
+        };
+        if links.len() >= MAX_CHAIN_LINKS {
+            return Err(CheckpointError::Corrupt(
+                links[0].dir.join(MANIFEST),
+                format!(
+                    "its chain has more than {MAX_CHAIN_LINKS} generations (writers start a full one after 16)"
+                ),
+            ));
+        }
+        let chain_err = |e: CheckpointError| CheckpointError::Chain(parent, Box::new(e));
+        let (link, bytes) = load_link(dir, parent).map_err(chain_err)?;
+        manifest_bytes = manifest_bytes.saturating_add(bytes);
+        if manifest_bytes > MAX_CHAIN_MANIFEST_BYTES {
+            return Err(CheckpointError::Corrupt(
+                links[0].dir.join(MANIFEST),
+                format!(
+                    "its chain's manifests add up to more than {MAX_CHAIN_MANIFEST_BYTES} bytes"
+                ),
+            ));
+        }
+        if child.manifest.parent_manifest_crc32 != Some(link.manifest_crc32) {
+            return Err(chain_err(CheckpointError::Corrupt(
+                link.dir.join(MANIFEST),
+                format!(
+                    "not the generation {} that generation {} was written against (manifest CRC32 {:08x}, expected {})",
+                    parent,
+                    child.generation,
+                    link.manifest_crc32,
+                    child
+                        .manifest
+                        .parent_manifest_crc32
+                        .map_or("none".into(), |c| format!("{c:08x}"))
+                ),
+            )));
+        }
+        if link.manifest.memory.ram_bytes != child.manifest.memory.ram_bytes {
+            return Err(chain_err(CheckpointError::Corrupt(
+                link.dir.join(MANIFEST),
+                "a different RAM size than its child".into(),
+            )));
+        }
+        links.push(link);
+    }
+    links.reverse();
+    Ok(links)
+}
+
+/// Loads a whole chain into guest RAM, oldest first, checking every chunk.
+pub fn load_chain_memory(links: &[Link], mem: &GuestMemory) -> Result<(), CheckpointError> {
+    let newest = links.last().map_or(0, |l| l.generation);
+    for l in links {
+        load_memory(&l.dir, &l.manifest, mem).map_err(|e| {
+            if l.generation == newest {
+                e
+            } else {
+                CheckpointError::Chain(l.generation, Box::new(e))
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks every chunk of every image of a chain against its CRC without loading it.
+pub fn verify_chain(links: &[Link]) -> Result<(), CheckpointError> {
+    let newest = links.last().map_or(0, |l| l.generation);
+    for l in links {
+        verify_memory(&l.dir, &l.manifest).map_err(|e| {
+            if l.generation == newest {
+                e
+            } else {
+                CheckpointError::Chain(l.generation, Box::new(e))
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Checks every size, count and address of the memory image's description before
@@ -210,8 +361,27 @@ pub fn check_image_shape(m: &MemoryImage) -> Result<(), String> {
             SYSTEM_SIZE + MAX_RAM
         ));
     }
+    let run_end = |r: &Run| {
+        r.pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| r.gpa.checked_add(len))
+            .filter(|&end| r.pages > 0 && r.gpa.is_multiple_of(PAGE_SIZE) && end <= m.ram_bytes)
+    };
     let mut offset = 0u64;
+    // The pages of the current round, to refuse two chunks of one round writing the
+    // same page: a round's chunks are loaded in parallel.
+    let mut round_pages: Vec<(u64, u64)> = Vec::new();
     for (i, c) in m.chunks.iter().enumerate() {
+        if i > 0 && c.round != m.chunks[i - 1].round {
+            if c.round < m.chunks[i - 1].round {
+                return Err(format!(
+                    "chunk {i} is of pre-copy round {}, after a chunk of round {}: rounds must go up",
+                    c.round,
+                    m.chunks[i - 1].round
+                ));
+            }
+            check_no_overlap(&mut round_pages, m.chunks[i - 1].round)?;
+        }
         if c.offset != offset {
             return Err(format!(
                 "chunk {i} starts at offset {}, right after the previous chunk is {offset}",
@@ -223,21 +393,14 @@ pub fn check_image_shape(m: &MemoryImage) -> Result<(), String> {
         }
         let mut bytes = 0u64;
         for r in &c.runs {
-            let len = r.pages.checked_mul(PAGE_SIZE);
-            let end = len.and_then(|l| r.gpa.checked_add(l));
-            match (len, end) {
-                (Some(len), Some(end))
-                    if r.pages > 0 && r.gpa.is_multiple_of(PAGE_SIZE) && end <= m.ram_bytes =>
-                {
-                    bytes += len;
-                }
-                _ => {
-                    return Err(format!(
-                        "chunk {i} names {} pages at {:#x}, outside the VM's {} bytes of RAM",
-                        r.pages, r.gpa, m.ram_bytes
-                    ))
-                }
-            }
+            let Some(end) = run_end(r) else {
+                return Err(format!(
+                    "chunk {i} names {} pages at {:#x}, outside the VM's {} bytes of RAM",
+                    r.pages, r.gpa, m.ram_bytes
+                ));
+            };
+            bytes += end - r.gpa;
+            round_pages.push((r.gpa, end));
             if bytes > CHUNK_BYTES {
                 return Err(format!(
                     "chunk {i} holds more than {CHUNK_BYTES} bytes, the most a chunk has"
@@ -246,12 +409,37 @@ pub fn check_image_shape(m: &MemoryImage) -> Result<(), String> {
         }
         offset += bytes;
     }
+    if let Some(last) = m.chunks.last() {
+        check_no_overlap(&mut round_pages, last.round)?;
+    }
     if offset != m.data_bytes {
         return Err(format!(
             "the chunks hold {offset} bytes, the manifest says {}",
             m.data_bytes
         ));
     }
+    for (i, r) in m.zero_runs.iter().enumerate() {
+        if run_end(r).is_none() {
+            return Err(format!(
+                "zero run {i} names {} pages at {:#x}, outside the VM's {} bytes of RAM",
+                r.pages, r.gpa, m.ram_bytes
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a pre-copy round whose chunks name a page twice; `ranges` (the round's
+/// `[start, end)` guest-physical ranges) is emptied for the next round.
+fn check_no_overlap(ranges: &mut Vec<(u64, u64)>, round: u32) -> Result<(), String> {
+    ranges.sort_unstable();
+    if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+        return Err(format!(
+            "pre-copy round {round} holds the page at {:#x} twice",
+            w[1].0
+        ));
+    }
+    ranges.clear();
     Ok(())
 }
 
@@ -315,46 +503,153 @@ pub fn verify_memory(gen_dir: &Path, m: &Manifest) -> Result<(), CheckpointError
     Ok(())
 }
 
-/// Loads the memory image into guest RAM, checking each chunk's CRC as it lands.
+/// Loads the memory image into guest RAM, several chunks at a time, checking each
+/// chunk's CRC as it lands; then zeroes the image's zero runs.
 pub fn load_memory(gen_dir: &Path, m: &Manifest, mem: &GuestMemory) -> Result<(), CheckpointError> {
     let (f, path) = open_image(gen_dir, m, true)?;
-    let mut progress = crate::events::Progress::new("restore", m.memory.data_bytes);
+    let beyond = |what: String| {
+        CheckpointError::Corrupt(
+            path.clone(),
+            format!("{what} names memory beyond the VM's RAM"),
+        )
+    };
+    // Every range is checked before anything is loaded.
+    let mut plan: Vec<Vec<libc::iovec>> = Vec::with_capacity(m.memory.chunks.len());
     for (i, c) in m.memory.chunks.iter().enumerate() {
-        progress.update(c.offset);
         let mut iov = Vec::with_capacity(c.runs.len());
         for r in &c.runs {
             let bytes = r.pages.saturating_mul(PAGE_SIZE);
-            let p = mem.host_ptr(r.gpa, bytes).ok_or_else(|| {
-                CheckpointError::Corrupt(
-                    path.clone(),
-                    format!("chunk {i} names memory beyond the VM's RAM"),
-                )
-            })?;
+            let p = mem
+                .host_ptr(r.gpa, bytes)
+                .ok_or_else(|| beyond(format!("chunk {i}")))?;
             iov.push(libc::iovec {
                 iov_base: p as *mut _,
                 iov_len: bytes as usize,
             });
         }
-        let done =
-            crate::iov::transfer_all(f.as_raw_fd(), &iov, c.offset, crate::iov::Direction::Read)
-                .map_err(|e| CheckpointError::Io(path.clone(), e))?;
-        if (done as u64) < c.bytes() {
-            return Err(CheckpointError::Corrupt(
-                path.clone(),
-                format!("ends inside chunk {i} (truncated)"),
-            ));
-        }
-        let mut h = crc32fast::Hasher::new();
-        for v in &iov {
-            // SAFETY: the same in-bounds guest RAM ranges just filled.
-            h.update(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
-        }
-        if h.finalize() != c.crc32 {
-            return Err(CheckpointError::Corrupt(
-                path,
-                format!("chunk {i} at offset {} fails its CRC32", c.offset),
-            ));
+        plan.push(iov);
+    }
+    for r in &m.memory.zero_runs {
+        if mem
+            .host_ptr(r.gpa, r.pages.saturating_mul(PAGE_SIZE))
+            .is_none()
+        {
+            return Err(beyond("a zero run".into()));
         }
     }
+    let plan = Plan(plan);
+    let failure: std::sync::Mutex<Option<(usize, CheckpointError)>> = std::sync::Mutex::new(None);
+    // The progress line, and the bytes loaded so far.
+    let progress = std::sync::Mutex::new((
+        crate::events::Progress::new("restore", m.memory.data_bytes),
+        0u64,
+    ));
+    // Rounds in order (a later round's copy of a page wins), each round's chunks in
+    // parallel.
+    let mut first = 0;
+    while first < m.memory.chunks.len() {
+        let round = m.memory.chunks[first].round;
+        let end = first
+            + m.memory.chunks[first..]
+                .iter()
+                .take_while(|c| c.round == round)
+                .count();
+        load_chunks(&f, &path, m, &plan, first..end, &failure, &progress);
+        if failure.lock().expect("poisoned").is_some() {
+            break;
+        }
+        first = end;
+    }
+    if let Some((_, e)) = failure.into_inner().expect("poisoned") {
+        return Err(e);
+    }
+    for r in &m.memory.zero_runs {
+        mem.zero(r.gpa, r.pages * PAGE_SIZE);
+    }
     Ok(())
+}
+
+/// The guest RAM ranges each chunk of an image lands in.
+struct Plan(Vec<Vec<libc::iovec>>);
+// SAFETY: the iovecs point into guest RAM, which outlives every use; chunks of one
+// round never overlap, so each loading thread fills its own pages.
+unsafe impl Sync for Plan {}
+impl Plan {
+    fn chunk(&self, i: usize) -> Option<&[libc::iovec]> {
+        self.0.get(i).map(|v| v.as_slice())
+    }
+}
+
+/// Loads chunks `range` of `m`'s image with several threads, checking each CRC.
+fn load_chunks(
+    f: &File,
+    path: &Path,
+    m: &Manifest,
+    plan: &Plan,
+    range: std::ops::Range<usize>,
+    failure: &std::sync::Mutex<Option<(usize, CheckpointError)>>,
+    progress: &std::sync::Mutex<(crate::events::Progress, u64)>,
+) {
+    let path = path.to_path_buf();
+    let next = std::sync::atomic::AtomicUsize::new(range.start);
+    let threads = super::write::io_threads().min(range.len());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= range.end {
+                    break;
+                }
+                let (Some(c), Some(iov)) = (m.memory.chunks.get(i), plan.chunk(i)) else {
+                    break;
+                };
+                if failure.lock().expect("poisoned").is_some() {
+                    break;
+                }
+                let fail = |e: CheckpointError| {
+                    let mut f = failure.lock().expect("poisoned");
+                    if f.as_ref().is_none_or(|(j, _)| i < *j) {
+                        *f = Some((i, e));
+                    }
+                };
+                let done = match crate::iov::transfer_all(
+                    f.as_raw_fd(),
+                    iov,
+                    c.offset,
+                    crate::iov::Direction::Read,
+                ) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        fail(CheckpointError::Io(path.clone(), e));
+                        break;
+                    }
+                };
+                if (done as u64) < c.bytes() {
+                    fail(CheckpointError::Corrupt(
+                        path.clone(),
+                        format!("ends inside chunk {i} (truncated)"),
+                    ));
+                    break;
+                }
+                let mut h = crc32fast::Hasher::new();
+                for v in iov {
+                    // SAFETY: the same in-bounds guest RAM ranges just filled.
+                    h.update(unsafe {
+                        std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                    });
+                }
+                if h.finalize() != c.crc32 {
+                    fail(CheckpointError::Corrupt(
+                        path.clone(),
+                        format!("chunk {i} at offset {} fails its CRC32", c.offset),
+                    ));
+                    break;
+                }
+                let mut p = progress.lock().expect("poisoned");
+                p.1 += c.bytes();
+                let done = p.1;
+                p.0.update(done);
+            });
+        }
+    });
 }

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 pub struct Written {
     pub generation: u64,
+    /// CRC32 of its manifest.json, which a child generation records.
+    pub manifest_crc32: u32,
     pub path: PathBuf,
     /// Bytes of guest memory stored (non-zero pages).
     pub memory_bytes: u64,
@@ -38,7 +40,7 @@ pub fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
         .map_err(|e| io(dir, e))
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub fn is_zero(page: &[u8]) -> bool {
     // SAFETY: reinterpreting initialized bytes as u64 words is always valid; align_to
     // hands back any unaligned head and tail as bytes.
     let (head, words, tail) = unsafe { page.align_to::<u64>() };
@@ -49,7 +51,7 @@ fn is_zero(page: &[u8]) -> bool {
 /// page-aligned already, and bypassing the page cache spares the host from
 /// allocating (on this platform: faulting in from its own hypervisor) a page-cache
 /// page for every guest page written.
-fn create_image(path: &Path) -> Result<File, CheckpointError> {
+pub fn create_image(path: &Path) -> Result<File, CheckpointError> {
     match OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -63,69 +65,183 @@ fn create_image(path: &Path) -> Result<File, CheckpointError> {
     }
 }
 
-/// Writes every non-zero page of guest RAM below `limit` to `path`.
+/// Which guest pages a memory image stores.
+#[derive(Clone, Copy)]
+pub enum Pages<'a> {
+    /// Every non-zero page below a limit (a full generation).
+    All { limit: u64 },
+    /// The pages set in a bitmap (an incremental generation): the non-zero ones as
+    /// data, the zero ones as `zero_runs`.
+    Dirty(&'a [u64]),
+}
+
+/// Threads writing (and reading back) an image: enough to keep several direct I/Os in
+/// flight, which is what a disk or a parallel filesystem needs to reach its speed.
+pub fn io_threads() -> usize {
+    std::env::var("VMCTL_IO_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| (1..=64).contains(&n))
+        .unwrap_or(4)
+}
+
+/// The chunks (runs only) and zero runs found in pages `[first, end)`.
+struct Scanned {
+    chunks: Vec<Vec<Run>>,
+    zero_runs: Vec<Run>,
+}
+
+fn push_page(runs: &mut Vec<Run>, gpa: u64) {
+    match runs.last_mut() {
+        Some(r) if r.gpa + r.pages * PAGE_SIZE == gpa => r.pages += 1,
+        _ => runs.push(Run { gpa, pages: 1 }),
+    }
+}
+
+fn scan(mem: &GuestMemory, pages: Pages, first: u64, end: u64) -> Scanned {
+    let mut out = Scanned {
+        chunks: Vec::new(),
+        zero_runs: Vec::new(),
+    };
+    let mut current: Vec<Run> = Vec::new();
+    let mut current_bytes = 0u64;
+    let mut visit = |page: u64, out: &mut Scanned| {
+        let gpa = page * PAGE_SIZE;
+        let data = mem.slice(gpa, PAGE_SIZE).expect("page inside RAM");
+        if is_zero(data) {
+            if let Pages::Dirty(_) = pages {
+                push_page(&mut out.zero_runs, gpa);
+            }
+            return;
+        }
+        push_page(&mut current, gpa);
+        current_bytes += PAGE_SIZE;
+        if current_bytes >= CHUNK_BYTES {
+            out.chunks.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+    };
+    match pages {
+        Pages::All { .. } => (first..end).for_each(|p| visit(p, &mut out)),
+        Pages::Dirty(bits) => {
+            let mut word = first / 64;
+            while word * 64 < end {
+                let mut w = bits.get(word as usize).copied().unwrap_or(0);
+                while w != 0 {
+                    let page = word * 64 + w.trailing_zeros() as u64;
+                    w &= w - 1;
+                    if page >= first && page < end {
+                        visit(page, &mut out);
+                    }
+                }
+                word += 1;
+            }
+        }
+    }
+    if !current.is_empty() {
+        out.chunks.push(current);
+    }
+    out
+}
+
+/// Writes the selected pages of guest RAM to `path`, several chunks at a time.
+/// The guest must not run meanwhile (each chunk's CRC is of the bytes written).
 pub fn write_memory(
     mem: &GuestMemory,
-    limit: u64,
+    pages: Pages,
     path: &Path,
 ) -> Result<MemoryImage, CheckpointError> {
     let file = create_image(path)?;
+    let total_pages = match pages {
+        Pages::All { limit } => limit.min(mem.size()) / PAGE_SIZE,
+        Pages::Dirty(_) => mem.size() / PAGE_SIZE,
+    };
+    let threads = io_threads();
+    // Slices of whole bitmap words, one per thread, scanned in parallel.
+    let per = (total_pages.div_ceil(threads as u64))
+        .next_multiple_of(64)
+        .max(64);
+    let scanned: Vec<Scanned> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads as u64)
+            .map(|i| (i * per, ((i + 1) * per).min(total_pages)))
+            .filter(|(a, b)| a < b)
+            .map(|(a, b)| s.spawn(move || scan(mem, pages, a, b)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("scan thread panicked"))
+            .collect()
+    });
     let mut chunks = Vec::new();
+    let mut zero_runs: Vec<Run> = Vec::new();
     let mut offset = 0u64;
-    let mut current: Vec<Run> = Vec::new();
-    let mut current_bytes = 0u64;
-    let limit = limit.min(mem.size());
-
-    let mut flush =
-        |runs: &mut Vec<Run>, bytes: &mut u64, offset: &mut u64| -> Result<(), CheckpointError> {
-            if runs.is_empty() {
-                return Ok(());
-            }
-            let mut hasher = crc32fast::Hasher::new();
-            let iov: Vec<libc::iovec> = runs
-                .iter()
-                .map(|r| {
-                    let data = mem
-                        .slice(r.gpa, r.pages * PAGE_SIZE)
-                        .expect("run inside RAM");
-                    hasher.update(data);
-                    libc::iovec {
-                        iov_base: data.as_ptr() as *mut _,
-                        iov_len: data.len(),
-                    }
-                })
-                .collect();
-            write_all_iov(&file, &iov, *offset).map_err(|e| io(path, e))?;
-            chunks.push(Chunk {
-                offset: *offset,
-                runs: std::mem::take(runs),
-                crc32: hasher.finalize(),
-            });
-            *offset += *bytes;
-            *bytes = 0;
-            Ok(())
-        };
-
-    let mut progress = crate::events::Progress::new("checkpoint", limit);
-    let mut gpa = 0u64;
-    while gpa < limit {
-        if gpa.is_multiple_of(CHUNK_BYTES) {
-            progress.update(gpa);
+    for sc in scanned {
+        for runs in sc.chunks {
+            let c = Chunk {
+                offset,
+                runs,
+                crc32: 0,
+                round: 0,
+            };
+            offset += c.bytes();
+            chunks.push(c);
         }
-        let page = mem.slice(gpa, PAGE_SIZE).expect("page inside RAM");
-        if !is_zero(page) {
-            match current.last_mut() {
-                Some(r) if r.gpa + r.pages * PAGE_SIZE == gpa => r.pages += 1,
-                _ => current.push(Run { gpa, pages: 1 }),
-            }
-            current_bytes += PAGE_SIZE;
-            if current_bytes >= CHUNK_BYTES {
-                flush(&mut current, &mut current_bytes, &mut offset)?;
+        for r in sc.zero_runs {
+            match zero_runs.last_mut() {
+                Some(l) if l.gpa + l.pages * PAGE_SIZE == r.gpa => l.pages += r.pages,
+                _ => zero_runs.push(r),
             }
         }
-        gpa += PAGE_SIZE;
     }
-    flush(&mut current, &mut current_bytes, &mut offset)?;
+    // The progress line, and the bytes written so far.
+    let progress =
+        std::sync::Mutex::new((crate::events::Progress::new("checkpoint", offset), 0u64));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let crcs: Vec<std::sync::atomic::AtomicU32> = (0..chunks.len())
+        .map(|_| std::sync::atomic::AtomicU32::new(0))
+        .collect();
+    let failure: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(chunks.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(c) = chunks.get(i) else { break };
+                if failure.lock().expect("poisoned").is_some() {
+                    break;
+                }
+                let mut hasher = crc32fast::Hasher::new();
+                let iov: Vec<libc::iovec> = c
+                    .runs
+                    .iter()
+                    .map(|r| {
+                        let data = mem
+                            .slice(r.gpa, r.pages * PAGE_SIZE)
+                            .expect("run inside RAM");
+                        hasher.update(data);
+                        libc::iovec {
+                            iov_base: data.as_ptr() as *mut _,
+                            iov_len: data.len(),
+                        }
+                    })
+                    .collect();
+                if let Err(e) = write_all_iov(&file, &iov, c.offset) {
+                    failure.lock().expect("poisoned").get_or_insert(e);
+                    break;
+                }
+                crcs[i].store(hasher.finalize(), std::sync::atomic::Ordering::Relaxed);
+                let mut p = progress.lock().expect("poisoned");
+                p.1 += c.bytes();
+                let done = p.1;
+                p.0.update(done);
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().expect("poisoned") {
+        return Err(io(path, e));
+    }
+    for (c, crc) in chunks.iter_mut().zip(crcs) {
+        c.crc32 = crc.into_inner();
+    }
     file.sync_data().map_err(|e| io(path, e))?;
     Ok(MemoryImage {
         file: MEMORY.to_string(),
@@ -133,10 +249,11 @@ pub fn write_memory(
         ram_bytes: mem.size(),
         data_bytes: offset,
         chunks,
+        zero_runs,
     })
 }
 
-fn write_all_iov(file: &File, iov: &[libc::iovec], offset: u64) -> std::io::Result<()> {
+pub fn write_all_iov(file: &File, iov: &[libc::iovec], offset: u64) -> std::io::Result<()> {
     crate::iov::transfer_all(file.as_raw_fd(), iov, offset, crate::iov::Direction::Write)
         .map(|_| ())
 }
@@ -148,17 +265,8 @@ pub fn next_generation(dir: &Path) -> Result<u64, CheckpointError> {
         .map_or(1, |g| g + 1))
 }
 
-/// Writes `manifest`, the memory of `mem` and the `extra` files (name, contents) as a
-/// new generation of `dir`.
-pub fn write_generation(
-    dir: &Path,
-    mem: &GuestMemory,
-    memory_limit: u64,
-    manifest: &mut Manifest,
-    extra: &[(&str, &[u8])],
-) -> Result<Written, CheckpointError> {
-    let generation = manifest.generation;
-    let final_dir = dir.join(generation_dir_name(generation));
+/// Creates the temporary directory generation `generation` is written into.
+pub fn begin_generation(dir: &Path, generation: u64) -> Result<PathBuf, CheckpointError> {
     let tmp = dir.join(format!(
         "{}.tmp-{}",
         generation_dir_name(generation),
@@ -169,8 +277,21 @@ pub fn write_generation(
         .mode(0o700)
         .create(&tmp)
         .map_err(|e| io(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// Writes the `extra` files (name, contents), the manifest and its sum into `tmp`
+/// (whose image is complete and synced), then renames it into place and points
+/// `latest` at it. On failure `tmp` is removed.
+pub fn seal_generation(
+    dir: &Path,
+    tmp: &Path,
+    manifest: &Manifest,
+    extra: &[(&str, &[u8])],
+) -> Result<Written, CheckpointError> {
+    let generation = manifest.generation;
+    let final_dir = dir.join(generation_dir_name(generation));
     let result = (|| {
-        manifest.memory = write_memory(mem, memory_limit, &tmp.join(MEMORY))?;
         let mut extra_bytes = 0;
         for (name, contents) in extra {
             let path = tmp.join(name);
@@ -190,24 +311,78 @@ pub fn write_generation(
         writeln!(s, "crc32 {:08x} {}", crc32fast::hash(&json), MANIFEST)
             .map_err(|e| io(&spath, e))?;
         s.sync_all().map_err(|e| io(&spath, e))?;
-        fsync_dir(&tmp)?;
-        fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+        fsync_dir(tmp)?;
+        fs::rename(tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
         fsync_dir(dir)?;
         update_latest(dir, generation)?;
-        Ok(manifest.memory.data_bytes + json.len() as u64 + extra_bytes)
+        Ok((
+            manifest.memory.data_bytes + json.len() as u64 + extra_bytes,
+            crc32fast::hash(&json),
+        ))
     })();
     match result {
-        Ok(total) => Ok(Written {
+        Ok((total, manifest_crc32)) => Ok(Written {
             generation,
+            manifest_crc32,
             path: final_dir,
             memory_bytes: manifest.memory.data_bytes,
             total_bytes: total,
         }),
         Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
+            let _ = fs::remove_dir_all(tmp);
             Err(e)
         }
     }
+}
+
+/// Writes `manifest` and the memory of `mem` as a new generation of `dir`.
+pub fn write_generation(
+    dir: &Path,
+    mem: &GuestMemory,
+    pages: Pages,
+    manifest: &mut Manifest,
+    extra: &[(&str, &[u8])],
+) -> Result<Written, CheckpointError> {
+    let tmp = begin_generation(dir, manifest.generation)?;
+    match write_memory(mem, pages, &tmp.join(MEMORY)) {
+        Ok(image) => manifest.memory = image,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    }
+    seal_generation(dir, &tmp, manifest, extra)
+}
+
+/// The newest `keep` of `gens` and every generation they build on; None when that
+/// cannot be told (a kept manifest could not be read for a reason other than its
+/// content, such as too many open files), and nothing may go.
+pub fn needed_generations(
+    dir: &Path,
+    gens: &[u64],
+    keep: usize,
+) -> Option<std::collections::BTreeSet<u64>> {
+    let mut needed: std::collections::BTreeSet<u64> = gens.iter().take(keep).copied().collect();
+    let mut todo: Vec<u64> = needed.iter().copied().collect();
+    while let Some(g) = todo.pop() {
+        match super::read::load_manifest(&dir.join(generation_dir_name(g))) {
+            Ok(m) => {
+                // load_manifest made sure a parent is older, so this ends.
+                if let Some(p) = m.parent {
+                    if needed.insert(p) {
+                        todo.push(p);
+                    }
+                }
+            }
+            Err(CheckpointError::Io(_, e)) if e.kind() != std::io::ErrorKind::NotFound => {
+                return None
+            }
+            // A damaged or foreign manifest names no parent; what it built on goes
+            // unless another kept generation needs it (it is unusable either way).
+            Err(_) => {}
+        }
+    }
+    Some(needed)
 }
 
 fn update_latest(dir: &Path, generation: u64) -> Result<(), CheckpointError> {
@@ -230,10 +405,16 @@ pub fn remove_generation(dir: &Path, generation: u64) {
     }
 }
 
-/// Removes generations beyond the newest `keep`, and leftovers of interrupted writes.
+/// Removes generations beyond the newest `keep`, except those a kept generation builds
+/// on, and leftovers of interrupted writes. The newest go first, so a crash midway
+/// never leaves a generation whose parent is gone while it stays.
 pub fn prune(dir: &Path, keep: usize) {
     if let Ok(gens) = super::read::list_generations(dir) {
-        for g in gens.iter().skip(keep.max(1)) {
+        let needed = needed_generations(dir, &gens, keep.max(1));
+        for g in gens
+            .iter()
+            .filter(|g| needed.as_ref().is_some_and(|n| !n.contains(g)))
+        {
             remove_generation(dir, *g);
         }
     }

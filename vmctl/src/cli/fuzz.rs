@@ -76,15 +76,30 @@ pub fn fuzz_reader(args: FuzzReaderArgs) -> i32 {
             return super::EXIT_VMCTL_FAILED;
         }
     };
-    let seed_gen = args.dir.join(generation_dir_name(gens[0]));
-    let Ok(manifest) = fs::read(seed_gen.join(MANIFEST)) else {
-        eprintln!("vmctl: {}: no manifest", seed_gen.display());
-        return super::EXIT_VMCTL_FAILED;
+    // The newest generation's chain (just it when it is full): each case copies it
+    // and damages one of its generations, so incremental links are damaged too.
+    let chain: Vec<u64> = match read::load_chain(&args.dir, gens[0]) {
+        Ok(links) => links.iter().map(|l| l.generation).collect(),
+        Err(_) => vec![gens[0]],
     };
-    let Ok(json) = serde_json::from_slice::<Value>(&manifest) else {
-        eprintln!("vmctl: {}: manifest is not JSON", seed_gen.display());
-        return super::EXIT_VMCTL_FAILED;
-    };
+    let mut seeds = Vec::new();
+    for &g in &chain {
+        let dir = args.dir.join(generation_dir_name(g));
+        let Ok(manifest) = fs::read(dir.join(MANIFEST)) else {
+            eprintln!("vmctl: {}: no manifest", dir.display());
+            return super::EXIT_VMCTL_FAILED;
+        };
+        let Ok(json) = serde_json::from_slice::<Value>(&manifest) else {
+            eprintln!("vmctl: {}: manifest is not JSON", dir.display());
+            return super::EXIT_VMCTL_FAILED;
+        };
+        seeds.push(SeedGeneration {
+            generation: g,
+            dir,
+            manifest,
+            json,
+        });
+    }
     let limit = libc::rlimit {
         rlim_cur: ADDRESS_SPACE_LIMIT,
         rlim_max: ADDRESS_SPACE_LIMIT,
@@ -103,7 +118,7 @@ pub fn fuzz_reader(args: FuzzReaderArgs) -> i32 {
             return super::EXIT_VMCTL_FAILED;
         }
         let work = args.scratch.join("ck");
-        if let Err(e) = build_case(&seed_gen, gens[0], &manifest, &json, &work, seed) {
+        if let Err(e) = build_case(&seeds, &work, seed) {
             eprintln!("vmctl: case {seed}: cannot build it: {e}");
             return super::EXIT_VMCTL_FAILED;
         }
@@ -124,74 +139,187 @@ pub fn fuzz_reader(args: FuzzReaderArgs) -> i32 {
     }
 }
 
-/// What inspect --verify and restore read before a VM exists. Returns how many
-/// generations passed every check.
+/// What inspect --verify, restore and prune read before a VM exists. Returns how
+/// many generations passed every check.
 fn read_like_restore(dir: &Path) -> u64 {
     let _ = read::latest(dir);
     let Ok(gens) = read::candidates(dir) else {
         return 0;
     };
+    let _ = crate::checkpoint::write::needed_generations(dir, &gens, 1);
     let mut ok = 0;
-    for g in gens {
-        let gen_dir = dir.join(generation_dir_name(g));
-        let Ok(m) = read::load_manifest(&gen_dir) else {
+    // Restore tries them all; the newest few are the ones a case crafts, and trying
+    // every one of a forged chain's hundreds of generations would only take time.
+    for g in gens.into_iter().take(4) {
+        let Ok(links) = read::load_chain(dir, g) else {
             continue;
         };
-        let _ = super::restore::check_memory_cap(&m, 1 << 30);
-        if read::verify_memory(&gen_dir, &m).is_ok() && read::check_cpu(&m, u64::MAX).is_ok() {
+        let newest = &links.last().expect("a chain holds its generation").manifest;
+        let _ = super::restore::check_memory_cap(newest, 1 << 30);
+        if read::verify_chain(&links).is_ok() && read::check_cpu(newest, u64::MAX).is_ok() {
             ok += 1;
         }
     }
     ok
 }
 
-fn build_case(
-    seed_gen: &Path,
+/// One generation of the intact chain every case starts from.
+struct SeedGeneration {
     generation: u64,
-    manifest: &[u8],
-    json: &Value,
-    work: &Path,
-    seed: u64,
-) -> std::io::Result<()> {
+    dir: PathBuf,
+    manifest: Vec<u8>,
+    json: Value,
+}
+
+fn sum_line(manifest: &[u8]) -> String {
+    format!("crc32 {:08x} {MANIFEST}\n", crc32fast::hash(manifest))
+}
+
+/// Copies the seed chain into `work` and damages one of its generations (and, in some
+/// cases, the links between generations).
+fn build_case(seeds: &[SeedGeneration], work: &Path, seed: u64) -> std::io::Result<()> {
     let mut rng = Rng(seed);
-    let gen = work.join(generation_dir_name(generation));
-    fs::create_dir_all(&gen)?;
-    symlink(generation_dir_name(generation), work.join(LATEST))?;
+    let newest = seeds.last().expect("a chain holds a generation");
+    fs::create_dir_all(work)?;
+    symlink(generation_dir_name(newest.generation), work.join(LATEST))?;
+    let victim = rng.below(seeds.len() as u64) as usize;
+    for (i, s) in seeds.iter().enumerate() {
+        let gen = work.join(generation_dir_name(s.generation));
+        fs::create_dir_all(&gen)?;
+        if i == victim {
+            damage_generation(s, &gen, &mut rng)?;
+        } else {
+            fs::write(gen.join(MANIFEST), &s.manifest)?;
+            fs::write(gen.join(MANIFEST_SUM), sum_line(&s.manifest))?;
+            fs::hard_link(s.dir.join(MEMORY), gen.join(MEMORY))?;
+        }
+    }
+    if rng.chance(10) {
+        forge_links(seeds, work, &mut rng)?;
+    }
+    if rng.chance(20) {
+        let gen = work.join(generation_dir_name(seeds[victim].generation));
+        mutate_shape(work, &gen, &mut rng)?;
+    }
+    Ok(())
+}
+
+fn damage_generation(s: &SeedGeneration, gen: &Path, rng: &mut Rng) -> std::io::Result<()> {
     let image = gen.join(MEMORY);
-    let mut manifest = manifest.to_vec();
+    let mut manifest = s.manifest.clone();
     let mut resum = true;
     match rng.below(100) {
         0..=54 => {
-            let mut v = json.clone();
+            let mut v = s.json.clone();
             for _ in 0..1 + rng.below(3) {
-                mutate_value(&mut v, &mut rng);
+                mutate_value(&mut v, rng);
             }
             manifest = serde_json::to_vec(&v).unwrap_or_default();
         }
-        55..=69 => mutate_bytes(&mut manifest, &mut rng),
+        55..=69 => mutate_bytes(&mut manifest, rng),
         70..=74 => {
-            mutate_bytes(&mut manifest, &mut rng);
+            mutate_bytes(&mut manifest, rng);
             resum = false;
         }
         _ => {}
     }
     fs::write(gen.join(MANIFEST), &manifest)?;
     let sum = if resum {
-        format!("crc32 {:08x} {MANIFEST}\n", crc32fast::hash(&manifest))
+        sum_line(&manifest)
     } else {
-        fs::read_to_string(seed_gen.join(MANIFEST_SUM))?
+        sum_line(&s.manifest)
     };
     fs::write(gen.join(MANIFEST_SUM), sum)?;
     // The image is linked, not copied, unless this case damages it.
     if rng.chance(12) {
-        let mut bytes = fs::read(seed_gen.join(MEMORY))?;
-        mutate_bytes(&mut bytes, &mut rng);
+        let mut bytes = fs::read(s.dir.join(MEMORY))?;
+        mutate_bytes(&mut bytes, rng);
         fs::write(&image, bytes)?;
     } else {
-        fs::hard_link(seed_gen.join(MEMORY), &image)?;
+        fs::hard_link(s.dir.join(MEMORY), &image)?;
     }
-    if rng.chance(20) {
-        mutate_shape(work, &gen, &mut rng)?;
+    Ok(())
+}
+
+/// Writes a crafted generation `generation` into `work`: the newest seed manifest
+/// with its number, kind and parent link replaced and no memory, signed as an
+/// attacker would. Returns its manifest's CRC32.
+fn write_forged(
+    seeds: &[SeedGeneration],
+    work: &Path,
+    generation: u64,
+    parent: Option<u64>,
+    parent_crc32: Option<u32>,
+) -> std::io::Result<u32> {
+    let mut v = seeds
+        .last()
+        .expect("a chain holds a generation")
+        .json
+        .clone();
+    v["generation"] = generation.into();
+    v["kind"] = if parent.is_some() {
+        KIND_INCREMENTAL
+    } else {
+        KIND_FULL
+    }
+    .into();
+    v["parent"] = parent.map_or(Value::Null, Value::from);
+    v["parent_manifest_crc32"] = parent_crc32.map_or(Value::Null, Value::from);
+    v["memory"]["chunks"] = Value::Array(Vec::new());
+    v["memory"]["zero_runs"] = Value::Array(Vec::new());
+    v["memory"]["data_bytes"] = 0.into();
+    let manifest = serde_json::to_vec(&v).unwrap_or_default();
+    let gen = work.join(generation_dir_name(generation));
+    let _ = fs::remove_dir_all(&gen);
+    fs::create_dir_all(&gen)?;
+    fs::write(gen.join(MANIFEST), &manifest)?;
+    fs::write(gen.join(MANIFEST_SUM), sum_line(&manifest))?;
+    fs::write(gen.join(MEMORY), b"")?;
+    Ok(crc32fast::hash(&manifest))
+}
+
+/// Crafted parent links, each signed as an attacker would: a generation naming
+/// itself, a newer one or one not there as its parent, a manifest naming another
+/// generation than its directory's (a loop through the name), a parent CRC32 that
+/// does not match, and a chain longer than a reader follows.
+fn forge_links(seeds: &[SeedGeneration], work: &Path, rng: &mut Rng) -> std::io::Result<()> {
+    let top = seeds.last().expect("a chain holds a generation").generation;
+    let (a, b) = (top + 1, top + 2);
+    // The long chain writes hundreds of generations: rarely.
+    match rng.below(20) {
+        0..=4 => {
+            write_forged(seeds, work, a, Some(a), Some(rng.next() as u32))?;
+        }
+        5..=8 => {
+            write_forged(seeds, work, a, Some(b), None)?;
+        }
+        9..=13 => {
+            // Directory a holds a manifest saying it is generation b, built on a.
+            let crc = write_forged(seeds, work, a, None, None)?;
+            let mut v = seeds
+                .last()
+                .expect("a chain holds a generation")
+                .json
+                .clone();
+            v["generation"] = b.into();
+            v["kind"] = KIND_INCREMENTAL.into();
+            v["parent"] = a.into();
+            v["parent_manifest_crc32"] = crc.into();
+            let manifest = serde_json::to_vec(&v).unwrap_or_default();
+            let gen = work.join(generation_dir_name(a));
+            fs::write(gen.join(MANIFEST), &manifest)?;
+            fs::write(gen.join(MANIFEST_SUM), sum_line(&manifest))?;
+        }
+        14..=18 => {
+            write_forged(seeds, work, a, Some(top), Some(rng.next() as u32))?;
+        }
+        _ => {
+            // A well-formed chain, every link signed, longer than a reader follows.
+            let mut crc = write_forged(seeds, work, a, None, None)?;
+            for g in a + 1..=a + read::MAX_CHAIN_LINKS as u64 + 1 {
+                crc = write_forged(seeds, work, g, Some(g - 1), Some(crc))?;
+            }
+        }
     }
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! `vmctl inspect DIR`: what generations a checkpoint directory holds, and whether
 //! they are intact.
 
-use crate::checkpoint::format::generation_dir_name;
 use crate::checkpoint::read;
 use clap::Args;
 use std::path::PathBuf;
@@ -76,16 +75,24 @@ pub fn inspect(args: InspectArgs) -> i32 {
     let mut rows = Vec::new();
     let mut usable = 0;
     for g in gens {
-        let gen_dir = args.dir.join(generation_dir_name(g));
-        let result = read::load_manifest(&gen_dir).and_then(|m| {
+        // A generation is usable only with its whole chain.
+        let result = read::load_chain(&args.dir, g).and_then(|mut links| {
             if args.verify {
-                read::verify_memory(&gen_dir, &m)?;
-                read::check_cpu(&m, host_xcr0)?;
+                read::verify_chain(&links)?;
             }
-            Ok(m)
+            let newest = links.pop().expect("a chain holds its generation");
+            if args.verify {
+                read::check_cpu(&newest.manifest, host_xcr0)?;
+            }
+            let chain_bytes = links
+                .iter()
+                .map(|l| l.manifest.memory.data_bytes)
+                .sum::<u64>()
+                + newest.manifest.memory.data_bytes;
+            Ok((newest.manifest, chain_bytes))
         });
         let row = match result {
-            Ok(m) => {
+            Ok((m, chain_bytes)) => {
                 usable += 1;
                 // What a restore of this generation would do to the job's files now.
                 let files =
@@ -105,7 +112,9 @@ pub fn inspect(args: InspectArgs) -> i32 {
                     "program": m.program,
                     "argv": m.argv,
                     "kind": m.kind,
+                    "parent": m.parent,
                     "memory_bytes": m.memory.data_bytes,
+                    "chain_memory_bytes": chain_bytes,
                     "format_version": m.format_version,
                     "vmctl_version": m.vmctl_version,
                 })
@@ -144,11 +153,16 @@ pub fn inspect(args: InspectArgs) -> i32 {
                     r["error"].as_str().unwrap_or("")
                 );
             } else {
+                let kind = match r["parent"].as_u64() {
+                    Some(p) => format!("incremental on {p}"),
+                    None => "full".into(),
+                };
                 println!(
-                    "generation {g}{mark}: {} {}, {:.1} MiB, host {}, program {}",
+                    "generation {g}{mark}: {} {}, {kind}, {:.1} MiB ({:.1} MiB with its chain), host {}, program {}",
                     r["status"].as_str().unwrap_or(""),
                     r["created"].as_str().unwrap_or(""),
                     r["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                    r["chain_memory_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
                     r["host"].as_str().unwrap_or(""),
                     r["program"].as_str().unwrap_or("")
                 );

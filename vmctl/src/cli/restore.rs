@@ -2,7 +2,8 @@
 
 use super::options::{CheckpointArgs, KvmArgs};
 use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
-use crate::checkpoint::format::{generation_dir_name, Manifest};
+use crate::checkpoint::format::Manifest;
+use crate::checkpoint::incremental::Restored;
 use crate::checkpoint::read;
 use crate::events::{self, Event};
 use crate::kernel::task::Task;
@@ -88,7 +89,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
         let result = try_generation(&kvm, &dir, g, cap, files);
         let seconds = (crate::clock::monotonic_ns() - started) as f64 / 1e9;
         match result {
-            Ok((kernel, tasks, meta, bytes)) => {
+            Ok((kernel, tasks, meta, chain, bytes)) => {
                 let kind = if g == newest { "restore" } else { "fallback" };
                 events::emit(&dir, &Event::new(kind, g, bytes, seconds));
                 if g != newest {
@@ -102,7 +103,12 @@ pub fn restore(args: RestoreArgs) -> i32 {
                     meta,
                     waited,
                 ) {
-                    Ok(r) => r.run(),
+                    Ok(mut r) => {
+                        if let Some(c) = &chain {
+                            r.continue_chain(c);
+                        }
+                        r.run()
+                    }
                     Err(e) => {
                         eprintln!("vmctl: {e}");
                         EXIT_VMCTL_FAILED
@@ -122,25 +128,34 @@ pub fn restore(args: RestoreArgs) -> i32 {
     EXIT_VMCTL_FAILED
 }
 
-/// Restores generation `g` of `dir`; with `files`, first brings the job's files back
-/// to it (see crate::filejournal), or refuses it if they cannot be.
+/// A restored job: its kernel, tasks, description, the chain it came from and the
+/// bytes of memory image read (the whole chain's).
+type RestoredJob = (Arc<Kernel>, Vec<Task>, JobMeta, Option<Restored>, u64);
+
+/// Restores generation `g` (with every generation it builds on), capped by `cap`;
+/// with `files`, first brings the job's files back to it (see crate::filejournal), or
+/// refuses it if they cannot be.
 fn try_generation(
     kvm: &kvm_ioctls::Kvm,
     dir: &std::path::Path,
     g: u64,
     cap: u64,
     files: bool,
-) -> Result<(Arc<Kernel>, Vec<Task>, JobMeta, u64), String> {
-    let gen_dir = dir.join(generation_dir_name(g));
-    let mut manifest = read::load_manifest(&gen_dir).map_err(|e| e.to_string())?;
-    check_memory_cap(&manifest, cap)?;
-    manifest.kernel.commit_limit = manifest.kernel.commit_limit.min(cap);
-    let ram = manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
+) -> Result<RestoredJob, String> {
+    let mut links = read::load_chain(dir, g).map_err(|e| e.to_string())?;
+    let newest = links.last().expect("a chain holds its generation");
+    // Every link has the newest one's RAM size (load_chain checks it), and only the
+    // newest one's kernel state is restored: its sizes are the ones to cap.
+    check_memory_cap(&newest.manifest, cap)?;
+    let ram = newest.manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
-    read::check_cpu(&manifest, vm.xcr0()).map_err(|e| e.to_string())?;
-    read::load_memory(&gen_dir, &manifest, vm.memory()).map_err(|e| e.to_string())?;
+    read::check_cpu(&newest.manifest, vm.xcr0()).map_err(|e| e.to_string())?;
+    read::load_chain_memory(&links, vm.memory()).map_err(|e| e.to_string())?;
+    // RAM now equals the generation; later host writes (the kernel's restore included)
+    // are tracked from here on.
+    vm.memory().clear_host_dirty();
     // Everything is checked before any file is touched.
-    let plan = match (&manifest.files, files) {
+    let plan = match (&newest.manifest.files, files) {
         (Some(_), true) => Some(crate::filejournal::undo::plan(dir, g)?),
         _ => None,
     };
@@ -148,16 +163,24 @@ fn try_generation(
         plan.apply()?;
         plan.abandon_newer(dir);
     }
+    let chain = Restored::of(&links);
+    let bytes = links.iter().map(|l| l.manifest.memory.data_bytes).sum();
+    let newest = links.pop().expect("a chain holds its generation").manifest;
     let meta = JobMeta {
-        program: manifest.program.clone(),
-        argv: manifest.argv.clone(),
+        program: newest.program,
+        argv: newest.argv,
     };
-    let bytes = manifest.memory.data_bytes;
-    let (kernel, tasks) = Kernel::restore(vm, manifest.kernel).map_err(|e| e.to_string())?;
+    let mut state = newest.kernel;
+    state.commit_limit = state.commit_limit.min(cap);
+    let (kernel, tasks) = Kernel::restore(vm, state).map_err(|e| e.to_string())?;
     if let Some(plan) = &plan {
-        crate::filejournal::track::resume(&gen_dir, g, &plan.entries)?;
+        crate::filejournal::track::resume(
+            &dir.join(crate::checkpoint::format::generation_dir_name(g)),
+            g,
+            &plan.entries,
+        )?;
     }
-    Ok((kernel, tasks, meta, bytes))
+    Ok((kernel, tasks, meta, chain, bytes))
 }
 
 /// The manifest is the user's to edit: the memory policy of a restore is --mem's

@@ -686,13 +686,24 @@ impl Task {
             pids.tasks.remove(&self.tid());
             let mut st = tg.lock();
             st.threads.retain(|t| t.tid != self.h.tid);
-            st.threads.is_empty()
+            let last = st.threads.is_empty();
+            if last {
+                // A zombie from now on, in the same step as its last thread goes: a
+                // checkpoint taken while the rest of the exit runs records a process
+                // its parent can collect, never one with no thread left to end it.
+                let s = match st.life {
+                    Life::Exiting(s) => s,
+                    _ => status,
+                };
+                st.life = Life::Zombie(s);
+            }
+            last
         };
         self.h.set_thread(None);
         self.h.set_resources(None);
         if last {
             let status = match tg.lock().life {
-                Life::Exiting(s) => s,
+                Life::Exiting(s) | Life::Zombie(s) => s,
                 _ => status,
             };
             super::exit::process_exit(&mut self, status);

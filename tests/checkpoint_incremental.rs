@@ -1,0 +1,884 @@
+//! Incremental checkpoint generations end to end: after a full generation, each
+//! checkpoint stores only the pages written since the previous one (by the guest,
+//! from KVM's dirty log, and by vmctl itself on the guest's behalf); a restore
+//! assembles the chain and must give exactly what an uninterrupted native run
+//! gives; a damaged or foreign link is named and an intact generation restored
+//! instead; a writer killed mid-way leaves every earlier generation restorable.
+//!
+//! The workloads block reading stdin at known points (tests/fixtures/hotset.c,
+//! readhold.c), so each checkpoint lands exactly where the test wants it.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmwrap_tests::{diff, require_kvm, run_command, vmctl_path, Invocation, Rng};
+use vmwrap_tests::{Job, RunOutput, TempDir};
+
+/// tests/fixtures/hotset.c: `hotset OUTFILE MIB HOT_KIB ROUNDS`, 1 stdin byte a round.
+const HOTSET: &str = env!("VMWRAP_FIXTURE_HOTSET");
+/// tests/fixtures/readhold.c: `readhold FILE CHUNK PIECES`, 2 stdin bytes a piece.
+const READHOLD: &str = env!("VMWRAP_FIXTURE_READHOLD");
+
+const EXIT_VMCTL_FAILED: i32 = 125;
+/// How long any one step may take before the test fails (a limit, never waited out).
+const STEP: Duration = Duration::from_secs(120);
+
+macro_rules! need_kvm {
+    () => {
+        if !require_kvm() {
+            return;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Helpers (as in tests/checkpoint.rs)
+
+fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn vmctl_in(cwd: &Path, args: &[&dyn AsRef<OsStr>], stdin: &[u8]) -> RunOutput {
+    let mut cmd = Command::new(vmctl_path());
+    cmd.args(args.iter().map(|a| a.as_ref())).current_dir(cwd);
+    run_command(cmd, stdin, STEP)
+}
+
+fn vmctl(args: &[&dyn AsRef<OsStr>]) -> RunOutput {
+    vmctl_in(Path::new("/"), args, b"")
+}
+
+fn gen_dir(ckpt: &Path, generation: u64) -> PathBuf {
+    ckpt.join(format!("gen-{generation:06}"))
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `vmctl checkpoint DIR --json`: must succeed; returns its JSON answer.
+fn checkpoint(ckpt: &Path) -> Value {
+    let out = vmctl(&[&"checkpoint", &ckpt, &"--json"]);
+    assert_eq!(out.code, 0, "vmctl checkpoint --json:\n{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("vmctl checkpoint --json printed no JSON ({e}):\n{out:?}"));
+    assert_eq!(v["ok"], true, "{v}");
+    v
+}
+
+fn inspect_json(ckpt: &Path, verify: bool) -> (i32, Value) {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"inspect", &ckpt, &"--json"];
+    if verify {
+        args.push(&"--verify");
+    }
+    let out = vmctl(&args);
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("vmctl inspect --json printed no JSON ({e}):\n{out:?}"));
+    (out.code, v)
+}
+
+/// The `inspect --json` row of `generation`.
+fn row(v: &Value, generation: u64) -> Value {
+    v["generations"]
+        .as_array()
+        .expect("generations")
+        .iter()
+        .find(|r| r["generation"] == generation)
+        .unwrap_or_else(|| panic!("no generation {generation} in {v}"))
+        .clone()
+}
+
+fn statuses(v: &Value) -> Vec<(u64, String)> {
+    v["generations"]
+        .as_array()
+        .expect("generations")
+        .iter()
+        .map(|r| {
+            (
+                r["generation"].as_u64().unwrap(),
+                r["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn manifest(gen: &Path) -> Value {
+    serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The saved offset of the job's descriptor open on `file`.
+fn fd_offset(gen: &Path, file: &Path) -> u64 {
+    manifest(gen)["kernel"]["files"]
+        .as_array()
+        .expect("open files")
+        .iter()
+        .filter_map(|f| f.get("Path"))
+        .find(|p| p["path"].as_str() == file.to_str())
+        .and_then(|p| p["offset"].as_u64())
+        .unwrap_or_else(|| panic!("{}: no descriptor on {}", gen.display(), file.display()))
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Edits a manifest and writes a matching manifest.sum.
+fn rewrite_manifest(gen: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut v = manifest(gen);
+    edit(&mut v);
+    let new = serde_json::to_vec(&v).unwrap();
+    fs::write(gen.join("manifest.json"), &new).unwrap();
+    fs::write(
+        gen.join("manifest.sum"),
+        format!("crc32 {:08x} manifest.json\n", crc32(&new)),
+    )
+    .unwrap();
+}
+
+fn flip_bit(path: &Path, offset: u64, bit: u8) {
+    let mut data = fs::read(path).unwrap();
+    data[offset as usize] ^= 1 << bit;
+    fs::write(path, data).unwrap();
+}
+
+fn set_len(path: &Path, len: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Copies generations into a new checkpoint directory (hard links when `link`,
+/// for copies only read; a restore that finishes removes its own copies).
+fn copy_generations(from: &Path, gens: &[u64], to: &Path, link: bool) {
+    fs::DirBuilder::new().mode(0o700).create(to).unwrap();
+    for &g in gens {
+        let (src, dst) = (gen_dir(from, g), gen_dir(to, g));
+        fs::DirBuilder::new().mode(0o700).create(&dst).unwrap();
+        for name in entries(&src) {
+            let (s, d) = (src.join(&name), dst.join(&name));
+            if link {
+                fs::hard_link(&s, &d).unwrap();
+            } else {
+                fs::copy(&s, &d).unwrap();
+            }
+        }
+    }
+    let newest = gens.iter().max().expect("some generation");
+    std::os::unix::fs::symlink(format!("gen-{newest:06}"), to.join("latest")).unwrap();
+}
+
+fn assert_bytes_eq(what: &str, expected: &[u8], actual: &[u8]) {
+    if expected != actual {
+        panic!("{what}: {}", diff("output", expected, actual));
+    }
+}
+
+fn assert_file_eq(what: &str, expected: &Path, actual: &Path) {
+    let (e, a) = (fs::read(expected).unwrap(), fs::read(actual).unwrap());
+    assert!(
+        e == a,
+        "{what}: {} ({} bytes) differs from {} ({} bytes)",
+        actual.display(),
+        a.len(),
+        expected.display(),
+        e.len()
+    );
+}
+
+fn tail_from<'a>(text: &'a str, prefix: &str) -> &'a str {
+    let at = if text.starts_with(prefix) {
+        0
+    } else {
+        text.find(&format!("\n{prefix}"))
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"))
+            + 1
+    };
+    &text[at..]
+}
+
+fn assert_contains(what: &str, haystack: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(
+            haystack.contains(n),
+            "{what} does not mention {n:?}:\n{haystack}"
+        );
+    }
+}
+
+fn restore(cwd: &Path, ckpt: &Path, opts: &[&str], stdin: &[u8]) -> RunOutput {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"restore", &ckpt];
+    for o in opts {
+        args.push(o);
+    }
+    vmctl_in(cwd, &args, stdin)
+}
+
+fn native_hotset(tmp: &TempDir, out: &Path, mib: u64, hot_kib: u64, rounds: usize) -> RunOutput {
+    let run = Invocation::new(HOTSET)
+        .args([
+            out.as_os_str(),
+            mib.to_string().as_ref(),
+            hot_kib.to_string().as_ref(),
+            rounds.to_string().as_ref(),
+        ])
+        .stdin(vec![b'g'; rounds])
+        .cwd(tmp.path())
+        .run_native();
+    assert_eq!(run.code, 0, "native hotset:\n{run:?}");
+    run
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn incremental_generations_hold_the_hot_set_and_each_restores_like_native() {
+    need_kvm!();
+    const MIB: u64 = 128;
+    const HOT_KIB: u64 = 2048;
+    const ROUNDS: usize = 4;
+    let tmp = TempDir::new("incr-hotset");
+    let native_out = tmp.join("native.txt");
+    let native = native_hotset(&tmp, &native_out, MIB, HOT_KIB, ROUNDS);
+    let native_stdout = native.stdout_str();
+    let out = tmp.join("vm.txt");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "512M", "--incremental=on", "--keep", "2"],
+        HOTSET,
+        &[
+            &out,
+            &MIB.to_string(),
+            &HOT_KIB.to_string(),
+            &ROUNDS.to_string(),
+        ],
+    );
+    job.wait_for("filled ");
+    let first = checkpoint(&ck);
+    assert_eq!(first["generation"], 1, "{first}");
+    assert_eq!(first["kind"], "full", "{first}");
+    assert!(
+        first["memory_bytes"].as_u64().unwrap() >= MIB << 20,
+        "{first}"
+    );
+    for round in 1..ROUNDS as u64 {
+        job.send(b"g");
+        job.wait_for(&format!("round {round} "));
+        let v = checkpoint(&ck);
+        assert_eq!(v["generation"], round + 1, "{v}");
+        assert_eq!(v["kind"], "incremental", "{v}");
+        // The hot set, plus the few pages the program's stack, stdio buffer and
+        // vmctl's bookkeeping touched: nowhere near the 128 MiB of the array.
+        let bytes = v["memory_bytes"].as_u64().unwrap();
+        assert!(
+            (HOT_KIB << 10..(HOT_KIB << 10) + (1 << 20)).contains(&bytes),
+            "generation {}: {bytes} bytes for a {HOT_KIB} KiB hot set",
+            round + 1
+        );
+    }
+    // --keep 2 keeps generations 3 and 4, and the ones they build on.
+    assert_eq!(
+        entries(&ck)
+            .into_iter()
+            .filter(|n| n.starts_with("gen-"))
+            .count(),
+        4
+    );
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    for g in 1..=4u64 {
+        let r = row(&v, g);
+        assert_eq!(r["status"], "verified", "{v}");
+        if g == 1 {
+            assert_eq!(
+                (r["kind"].clone(), r["parent"].clone()),
+                ("full".into(), Value::Null)
+            );
+        } else {
+            assert_eq!(r["kind"], "incremental", "{v}");
+            assert_eq!(r["parent"], g - 1, "{v}");
+        }
+    }
+    let offsets: Vec<u64> = (1..=4).map(|g| fd_offset(&gen_dir(&ck, g), &out)).collect();
+    for g in 1..=4u64 {
+        copy_generations(
+            &ck,
+            &(1..=g).collect::<Vec<_>>(),
+            &tmp.join(format!("at{g}")),
+            true,
+        );
+    }
+    let damaged = tmp.join("damaged");
+    copy_generations(&ck, &[1, 2, 3, 4], &damaged, false);
+    let foreign = tmp.join("foreign");
+    copy_generations(&ck, &[1, 2, 3, 4], &foreign, false);
+    let v1 = tmp.join("v1");
+    copy_generations(&ck, &[1], &v1, false);
+
+    // The job itself finishes like the native run.
+    job.send(b"g");
+    let run = job.finish();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_bytes_eq(
+        "stdout with incremental checkpoints",
+        &native.stdout,
+        &run.stdout,
+    );
+    assert_file_eq("file with incremental checkpoints", &native_out, &out);
+
+    // Every generation restores, in a fresh process, to the native run's rest.
+    for g in 1..=4u64 {
+        set_len(&out, offsets[g as usize - 1]);
+        let r = restore(
+            tmp.path(),
+            &tmp.join(format!("at{g}")),
+            &[],
+            &vec![b'g'; ROUNDS + 1 - g as usize],
+        );
+        assert_eq!(r.code, 0, "restore of generation {g}:\n{r:?}");
+        assert_bytes_eq(
+            &format!("restored generation {g}"),
+            tail_from(&native_stdout, &format!("round {g} ")).as_bytes(),
+            &r.stdout,
+        );
+        assert_file_eq(
+            &format!("file after restoring generation {g}"),
+            &native_out,
+            &out,
+        );
+    }
+
+    // A damaged link in the middle of the chain: generations 4, 3 and 2 are
+    // unusable (the message names generation 2's image), generation 1 restores.
+    let img = gen_dir(&damaged, 2).join("memory.img");
+    flip_bit(&img, fs::metadata(&img).unwrap().len() / 2, 5);
+    let (code, v) = inspect_json(&damaged, true);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        statuses(&v),
+        [
+            (4, "unusable".to_string()),
+            (3, "unusable".to_string()),
+            (2, "unusable".to_string()),
+            (1, "verified".to_string())
+        ],
+        "{v}"
+    );
+    assert_contains(
+        "inspect of generation 4",
+        row(&v, 4)["error"].as_str().unwrap(),
+        &["needs generation 2", &img.display().to_string(), "CRC32"],
+    );
+    let r = restore(tmp.path(), &damaged, &["--generation", "4"], &[b'g'; 1]);
+    assert_eq!(
+        r.code, EXIT_VMCTL_FAILED,
+        "restore --generation 4 with a damaged link:\n{r:?}"
+    );
+    assert!(
+        r.stdout.is_empty(),
+        "a generation with a damaged link ran:\n{r:?}"
+    );
+    set_len(&out, offsets[0]);
+    let r = restore(tmp.path(), &damaged, &[], &[b'g'; ROUNDS]);
+    assert_eq!(r.code, 0, "restore with a damaged link:\n{r:?}");
+    assert_contains(
+        "restore with a damaged link",
+        &r.stderr_str(),
+        &[
+            "generation 4 is unusable",
+            "needs generation 2",
+            &img.display().to_string(),
+            "CRC32",
+            "restored generation 1",
+        ],
+    );
+    assert_bytes_eq(
+        "restored past a damaged link",
+        tail_from(&native_stdout, "round 1 ").as_bytes(),
+        &r.stdout,
+    );
+    assert_file_eq("file restored past a damaged link", &native_out, &out);
+
+    // A parent that is not the one its child was written against (here: its
+    // manifest rewritten with a valid checksum) breaks the chain at that child.
+    rewrite_manifest(&gen_dir(&foreign, 3), |m| m["host"] = "elsewhere".into());
+    set_len(&out, offsets[2]);
+    let r = restore(tmp.path(), &foreign, &[], &[b'g'; 2]);
+    assert_eq!(r.code, 0, "restore with a foreign parent:\n{r:?}");
+    assert_contains(
+        "restore with a foreign parent",
+        &r.stderr_str(),
+        &[
+            "generation 4 is unusable",
+            "needs generation 3",
+            "written against",
+            "restored generation 3",
+        ],
+    );
+    assert_bytes_eq(
+        "restored generation 3",
+        tail_from(&native_stdout, "round 3 ").as_bytes(),
+        &r.stdout,
+    );
+
+    // A generation in the version 2 format (before incremental generations) restores.
+    rewrite_manifest(&gen_dir(&v1, 1), |m| {
+        m["format_version"] = 2.into();
+        let o = m.as_object_mut().unwrap();
+        o.remove("parent_manifest_crc32");
+        m["memory"].as_object_mut().unwrap().remove("zero_runs");
+    });
+    set_len(&out, offsets[0]);
+    let r = restore(tmp.path(), &v1, &[], &[b'g'; ROUNDS]);
+    assert_eq!(r.code, 0, "restore of a format 2 generation:\n{r:?}");
+    assert_bytes_eq(
+        "restored format 2 generation",
+        tail_from(&native_stdout, "round 1 ").as_bytes(),
+        &r.stdout,
+    );
+}
+
+/// Crafted parent links and sizes in an incremental chain get a clear refusal of the
+/// generation that depends on them (never a panic, an allocation taken on trust or a
+/// loop), and the intact generations below them still verify.
+#[test]
+fn crafted_chains_are_refused_clearly() {
+    need_kvm!();
+    let tmp = TempDir::new("incr-crafted");
+    let out = tmp.join("vm.txt");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "256M", "--incremental=on"],
+        HOTSET,
+        &[&out, &"8", &"256", &"2"],
+    );
+    job.wait_for("filled ");
+    assert_eq!(checkpoint(&ck)["kind"], "full");
+    job.send(b"g");
+    job.wait_for("round 1 ");
+    assert_eq!(checkpoint(&ck)["kind"], "incremental");
+    job.signal(libc::SIGKILL);
+    job.finish();
+
+    // Each case edits one manifest (re-signed, as its owner can) of a copy of the
+    // chain; generation 1, the full one, must still verify.
+    type Edit = fn(&mut Value);
+    let cases: [(&str, u64, Edit, &str); 6] = [
+        ("its own parent", 2, |m| m["parent"] = 2.into(), "not older"),
+        ("a newer parent", 2, |m| m["parent"] = 7.into(), "not older"),
+        (
+            "another generation's number",
+            2,
+            |m| m["generation"] = 9.into(),
+            "says it is generation 9",
+        ),
+        (
+            "a huge zero run",
+            2,
+            |m| m["memory"]["zero_runs"] = serde_json::json!([{"gpa": 0, "pages": 1u64 << 60}]),
+            "zero run 0 names 1152921504606846976 pages",
+        ),
+        (
+            "a huge chunk",
+            2,
+            |m| m["memory"]["chunks"][0]["runs"][0]["pages"] = (1u64 << 48).into(),
+            "chunk 0 names 281474976710656 pages",
+        ),
+        (
+            "a page twice in one round",
+            2,
+            |m| {
+                let chunks = m["memory"]["chunks"].as_array_mut().unwrap();
+                let mut again = chunks[0].clone();
+                again["offset"] = m["memory"]["data_bytes"].clone();
+                let bytes = 4096
+                    * again["runs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r["pages"].as_u64().unwrap())
+                        .sum::<u64>();
+                m["memory"]["chunks"].as_array_mut().unwrap().push(again);
+                m["memory"]["data_bytes"] =
+                    (m["memory"]["data_bytes"].as_u64().unwrap() + bytes).into();
+            },
+            "holds the page at",
+        ),
+    ];
+    for (i, (what, g, edit, expected)) in cases.iter().enumerate() {
+        let copy = tmp.join(format!("case{i}"));
+        copy_generations(&ck, &[1, 2], &copy, false);
+        rewrite_manifest(&gen_dir(&copy, *g), *edit);
+        let (code, v) = inspect_json(&copy, true);
+        assert_eq!(code, 0, "{what}: {v}");
+        assert_eq!(row(&v, 1)["status"], "verified", "{what}: {v}");
+        assert_eq!(row(&v, 2)["status"], "unusable", "{what}: {v}");
+        assert_contains(what, row(&v, 2)["error"].as_str().unwrap(), &[expected]);
+    }
+
+    // A chain longer than a reader follows, every link signed: generations 3 to 259
+    // each build on the one before, and the newest is refused before anything is
+    // loaded (restore stops at its chain, not after following it without end).
+    let long = tmp.join("long");
+    copy_generations(&ck, &[1, 2], &long, true);
+    let mut parent_crc = crc32(&fs::read(gen_dir(&long, 2).join("manifest.json")).unwrap());
+    let template = manifest(&gen_dir(&ck, 2));
+    let top = 259u64;
+    for g in 3..=top {
+        let mut m = template.clone();
+        m["generation"] = g.into();
+        m["parent"] = (g - 1).into();
+        m["parent_manifest_crc32"] = parent_crc.into();
+        m["memory"]["chunks"] = Value::Array(vec![]);
+        m["memory"]["zero_runs"] = Value::Array(vec![]);
+        m["memory"]["data_bytes"] = 0.into();
+        let dir = gen_dir(&long, g);
+        fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        let bytes = serde_json::to_vec(&m).unwrap();
+        parent_crc = crc32(&bytes);
+        fs::write(dir.join("manifest.json"), &bytes).unwrap();
+        fs::write(
+            dir.join("manifest.sum"),
+            format!("crc32 {parent_crc:08x} manifest.json\n"),
+        )
+        .unwrap();
+        fs::write(dir.join("memory.img"), b"").unwrap();
+    }
+    let r = restore(tmp.path(), &long, &["--generation", &top.to_string()], &[]);
+    assert_eq!(r.code, EXIT_VMCTL_FAILED, "{r:?}");
+    assert_contains(
+        "restore of a 259-generation chain",
+        &r.stderr_str(),
+        &["generation 259 is unusable", "more than 256 generations"],
+    );
+    assert!(r.stdout.is_empty(), "{r:?}");
+}
+
+/// A job restored from a chain continues it: its next checkpoint is an increment on
+/// the restored generation, which also holds the pages the restoring vmctl wrote
+/// itself (the kernel's restore, the vDSO and its clock page), and restoring that
+/// increment in yet another process gives the native run's rest.
+#[test]
+fn a_restored_job_continues_its_chain() {
+    need_kvm!();
+    const MIB: u64 = 16;
+    const HOT_KIB: u64 = 256;
+    const ROUNDS: usize = 3;
+    let tmp = TempDir::new("incr-continue");
+    let native_out = tmp.join("native.txt");
+    let native = native_hotset(&tmp, &native_out, MIB, HOT_KIB, ROUNDS);
+    let out = tmp.join("vm.txt");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "256M", "--incremental=on"],
+        HOTSET,
+        &[
+            &out,
+            &MIB.to_string(),
+            &HOT_KIB.to_string(),
+            &ROUNDS.to_string(),
+        ],
+    );
+    job.wait_for("filled ");
+    assert_eq!(checkpoint(&ck)["kind"], "full");
+    job.signal(libc::SIGKILL);
+    job.finish();
+
+    set_len(&out, fd_offset(&gen_dir(&ck, 1), &out));
+    let mut job = Job::restore(tmp.path(), &ck, &["--incremental=on"]);
+    job.send(b"g");
+    job.wait_for("round 1 ");
+    let v = checkpoint(&ck);
+    assert_eq!(
+        (v["generation"].clone(), v["kind"].clone()),
+        (2.into(), "incremental".into()),
+        "{v}"
+    );
+    job.signal(libc::SIGKILL);
+    job.finish();
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(row(&v, 2)["parent"], 1, "{v}");
+    assert_eq!(row(&v, 2)["status"], "verified", "{v}");
+
+    set_len(&out, fd_offset(&gen_dir(&ck, 2), &out));
+    let r = restore(tmp.path(), &ck, &[], &[b'g'; ROUNDS - 1]);
+    assert_eq!(r.code, 0, "restore of the continued chain:\n{r:?}");
+    assert_bytes_eq(
+        "restored continued chain",
+        tail_from(&native.stdout_str(), "round 2 ").as_bytes(),
+        &r.stdout,
+    );
+    assert_file_eq("file after the continued chain", &native_out, &out);
+}
+
+#[test]
+fn pages_only_vmctl_wrote_are_in_the_next_incremental_generation() {
+    need_kvm!();
+    const CHUNK: usize = 3 << 20;
+    let tmp = TempDir::new("incr-hostwrites");
+    let mut data = vec![0u8; 2 * CHUNK];
+    Rng::new(10).fill(&mut data);
+    let input = tmp.write_file("input.bin", &data, 0o644);
+    let args: [&dyn AsRef<OsStr>; 3] = [&input, &CHUNK.to_string(), &"2"];
+    let native = Invocation::new(READHOLD)
+        .args(args.iter().map(|a| a.as_ref()))
+        .stdin(b"gggg".to_vec())
+        .cwd(tmp.path())
+        .run_native();
+    assert_eq!(native.code, 0, "{native:?}");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "256M", "--incremental=on"],
+        READHOLD,
+        &args,
+    );
+    job.wait_for("ready");
+    job.send(b"g");
+    job.wait_for("read 1");
+    assert_eq!(checkpoint(&ck)["kind"], "full");
+    // The second read() refills the buffer: only vmctl writes those pages, never
+    // the guest CPU, so they are in no KVM dirty log.
+    job.send(b"gg");
+    job.wait_for("read 2");
+    let v = checkpoint(&ck);
+    assert_eq!(v["kind"], "incremental", "{v}");
+    assert!(v["memory_bytes"].as_u64().unwrap() >= CHUNK as u64, "{v}");
+    job.signal(libc::SIGKILL);
+    job.finish();
+
+    let r = restore(tmp.path(), &ck, &[], b"g");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_bytes_eq(
+        "restored after vmctl refilled the buffer",
+        tail_from(&native.stdout_str(), "piece 2 ").as_bytes(),
+        &r.stdout,
+    );
+}
+
+#[test]
+fn sigkill_during_an_incremental_write_leaves_earlier_generations_restorable() {
+    need_kvm!();
+    const MIB: u64 = 384;
+    // Half the array each round: an increment big enough to catch mid-write.
+    const HOT_KIB: u64 = 192 << 10;
+    let tmp = TempDir::new("incr-sigkill");
+    let native_out = tmp.join("native.txt");
+    let native = native_hotset(&tmp, &native_out, MIB, HOT_KIB, 3);
+    let out = tmp.join("vm.txt");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "1G", "--incremental=on"],
+        HOTSET,
+        &[&out, &MIB.to_string(), &HOT_KIB.to_string(), &"3"],
+    );
+    job.wait_for("filled ");
+    assert_eq!(checkpoint(&ck)["kind"], "full");
+    job.send(b"g");
+    job.wait_for("round 1 ");
+    let v = checkpoint(&ck);
+    assert_eq!(
+        (v["generation"].as_u64(), v["kind"].as_str()),
+        (Some(2), Some("incremental")),
+        "{v}"
+    );
+    let offset2 = fd_offset(&gen_dir(&ck, 2), &out);
+    let manifests: Vec<Vec<u8>> = (1..=2)
+        .map(|g| fs::read(gen_dir(&ck, g).join("manifest.json")).unwrap())
+        .collect();
+
+    job.send(b"g");
+    job.wait_for("round 2 ");
+    let client = {
+        let ck = ck.clone();
+        std::thread::spawn(move || vmctl(&[&"checkpoint", &ck]))
+    };
+    let tmp_gen = poll_until("a gen-000003.tmp-* directory", STEP, || {
+        entries(&ck)
+            .into_iter()
+            .find(|n| n.starts_with("gen-000003.tmp-"))
+    });
+    job.signal(libc::SIGKILL);
+    let killed = job.finish();
+    assert_eq!(killed.code, 128 + libc::SIGKILL, "{killed:?}");
+    assert_ne!(client.join().unwrap().code, 0);
+    assert!(
+        !gen_dir(&ck, 3).exists(),
+        "generation 3 completed before the kill ({tmp_gen} was seen); the test tested nothing"
+    );
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        statuses(&v),
+        [(2, "verified".to_string()), (1, "verified".to_string())],
+        "{v}"
+    );
+    for g in 1..=2u64 {
+        assert_eq!(
+            fs::read(gen_dir(&ck, g).join("manifest.json")).unwrap(),
+            manifests[g as usize - 1]
+        );
+    }
+    set_len(&out, offset2);
+    let r = restore(tmp.path(), &ck, &[], b"gg");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_bytes_eq(
+        "restore after a killed incremental write",
+        tail_from(&native.stdout_str(), "round 2 ").as_bytes(),
+        &r.stdout,
+    );
+    assert_file_eq("file after the restore", &native_out, &out);
+}
+
+#[test]
+fn periodic_checkpoints_are_incremental_after_the_first() {
+    need_kvm!();
+    let tmp = TempDir::new("incr-interval");
+    let ck = tmp.join("ckpt");
+    let out = tmp.join("vm.txt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &["--mem", "256M", "--checkpoint-interval", "1", "--keep", "3"],
+        HOTSET,
+        &[&out, &"32", &"256", &"1"],
+    );
+    job.wait_for("filled ");
+    let v = poll_until("an incremental periodic generation", STEP, || {
+        let (_, v) = inspect_json(&ck, false);
+        v["generations"]
+            .as_array()?
+            .iter()
+            .any(|r| r["kind"] == "incremental")
+            .then_some(v)
+    });
+    let incr = v["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "incremental")
+        .unwrap()
+        .clone();
+    // The job is blocked in read(): nothing but a few pages changes.
+    assert!(incr["memory_bytes"].as_u64().unwrap() < 1 << 20, "{v}");
+    job.send(b"g");
+    let run = job.finish();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        !entries(&ck).iter().any(|n| n.starts_with("gen-")),
+        "a finished job keeps no generations"
+    );
+}
+
+/// tests/fixtures/fill.c: `fill OUTFILE [PASSES [MIB]]`, 2 stdin bytes a pass.
+const FILL: &str = env!("VMWRAP_FIXTURE_FILL");
+
+#[test]
+fn precopy_while_the_job_rewrites_all_its_memory_restores_like_native() {
+    need_kvm!();
+    const PASSES: usize = 4;
+    const MIB: usize = 128;
+    let tmp = TempDir::new("incr-precopy");
+    let native_out = tmp.join("native.bin");
+    let native = Invocation::new(FILL)
+        .args([
+            native_out.as_os_str(),
+            PASSES.to_string().as_ref(),
+            MIB.to_string().as_ref(),
+        ])
+        .stdin(vec![b'g'; 2 * PASSES])
+        .cwd(tmp.path())
+        .run_native();
+    assert_eq!(native.code, 0, "{native:?}");
+    let final_line = tail_from(&native.stdout_str(), "final ").to_owned();
+    let out = tmp.join("vm.bin");
+    let ck = tmp.join("ckpt");
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &[
+            "--mem",
+            "1G",
+            "--precopy=on",
+            "--incremental=on",
+            "--keep",
+            "5",
+        ],
+        FILL,
+        &[&out, &PASSES.to_string(), &MIB.to_string()],
+    );
+    job.wait_for("filled ");
+    // From here on the job rewrites its whole array without waiting, while the
+    // checkpoints copy it.
+    job.send(&[b'g'; 2 * PASSES]);
+    job.wait_for("pass 1 start");
+    let first = checkpoint(&ck);
+    assert_eq!(first["kind"], "full", "{first}");
+    assert!(
+        !first["precopy_round_bytes"].as_array().unwrap().is_empty(),
+        "{first}"
+    );
+    job.wait_for("pass 2 start");
+    let second = checkpoint(&ck);
+    assert_eq!(second["kind"], "incremental", "{second}");
+    job.signal(libc::SIGKILL);
+    job.finish();
+    let offsets: Vec<u64> = (1..=2).map(|g| fd_offset(&gen_dir(&ck, g), &out)).collect();
+    copy_generations(&ck, &[1], &tmp.join("at1"), true);
+    for (g, dir) in [(1u64, tmp.join("at1")), (2, ck.clone())] {
+        set_len(&out, offsets[g as usize - 1]);
+        let r = restore(tmp.path(), &dir, &[], &[b'g'; 2 * PASSES]);
+        assert_eq!(r.code, 0, "restore of generation {g}:\n{r:?}");
+        assert!(
+            r.stdout_str().ends_with(&final_line),
+            "generation {g}: restored run ends differently from the native one ({final_line:?}):\n{r:?}"
+        );
+        assert_file_eq(
+            &format!("file after restoring pre-copied generation {g}"),
+            &native_out,
+            &out,
+        );
+    }
+}
