@@ -2036,6 +2036,54 @@ fn trajectory_with_a_rewritten_header_is_restored_byte_for_byte_after_running_on
 }
 
 #[test]
+fn file_journal_holds_with_precopy_and_incremental_generations() {
+    need_kvm!();
+    // The journal is recorded with the job frozen for the last pre-copy round, and a
+    // fallback to an incremental generation undoes the journals of every newer one.
+    let steps = 9;
+    let tmp = TempDir::new("files-inplace-chain");
+    let ckpt = tmp.join("ckpt");
+    let data = tmp.join("counters.dat");
+    let native = native_records(&tmp, "native.dat", steps, "inplace");
+    let opts = [
+        "--files",
+        "journal",
+        "--precopy",
+        "on",
+        "--incremental",
+        "on",
+    ];
+    let gens = records_killed(&tmp, &ckpt, &opts, &data, (steps, "inplace"), &[1, 3, 5], 7);
+    assert_eq!(gens, [1, 2, 3]);
+    let (code, v) = inspect_json(&ckpt, false);
+    assert_eq!(code, 0, "{v}");
+    let kinds: Vec<String> = v["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}:{}", r["generation"], r["kind"].as_str().unwrap_or("?")))
+        .collect();
+    assert!(
+        kinds.contains(&"2:incremental".to_string())
+            && kinds.contains(&"3:incremental".to_string()),
+        "{kinds:?}"
+    );
+    flip_bit(&gen_dir(&ckpt, 3).join("memory.img"), 100, 0);
+    let out = restore(tmp.path(), &ckpt, &opts, &vec![b'x'; steps - 4]);
+    assert_eq!(out.code, 0, "vmctl restore:\n{out:?}");
+    assert_contains(
+        "vmctl restore",
+        &out.stderr_str(),
+        &["generation 3 is unusable"],
+    );
+    assert_bytes_eq(
+        "the counters file after incremental pre-copied checkpoints, run on, SIGKILL, restore of generation 2 (vs native)",
+        &native,
+        &fs::read(&data).unwrap(),
+    );
+}
+
+#[test]
 fn file_updated_in_place_is_restored_exactly_or_refused_under_each_policy() {
     need_kvm!();
     let steps = 8;
