@@ -942,67 +942,6 @@ fn generation_number(name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name:?} is not a generation directory"))
 }
 
-/// With periodic checkpoints there is an older generation to fall back to:
-/// a damaged newest one is skipped, the job's stderr says why, and the step
-/// resumes from the older one, repeating a little work but never running
-/// from bad data.
-#[test]
-#[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
-fn corrupted_newest_generation_falls_back_to_the_previous_one() {
-    need_slurm!();
-    // 20 s of counting: the first periodic checkpoint comes after 10 s.
-    const LONG: u64 = 80;
-    let mut cleanup = Cleanup::default();
-    let dir = user_dir("corrupt-newest");
-    let output = dir.join("job.out");
-    let job = submit_counter_ticks(
-        &mut cleanup,
-        "corrupt-newest",
-        dir.path(),
-        &output,
-        &[],
-        LONG,
-        "--vm-wrap=interval=10,script=native",
-    );
-    wait_running(&job);
-    let step_dir = Path::new(CHECKPOINT_ROOT).join(USER).join(&job).join("0");
-    let periodic = poll(
-        "the first periodic checkpoint",
-        Duration::from_secs(30),
-        || latest_generation(&step_dir),
-        || fs::read_to_string(&output).unwrap_or_default(),
-    );
-    // Count on past the periodic checkpoint, so that resuming from it is
-    // visibly different from resuming from the requeue's.
-    let done = parse_runs(&fs::read_to_string(&output).unwrap_or_default())[0]
-        .numbers
-        .len();
-    wait_progress(&job, &output, done + 6);
-    let requeued_at = requeue(&job);
-    wait_pending(&job);
-    let newest = poll(
-        "the requeue's checkpoint",
-        JOB_TIMEOUT,
-        || latest_generation(&step_dir).filter(|g| *g != periodic),
-        || format!("latest is still {periodic}"),
-    );
-    corrupt(&step_dir.join(&newest).join("memory.img"));
-    release(&job, requeued_at);
-
-    let state = wait_for_job(&job);
-    let text = fs::read_to_string(&output).unwrap_or_default();
-    assert_eq!(state, "COMPLETED", "job output:\n{text}");
-    check_two_runs_ticks(&text, Restart::Earlier, LONG);
-    let (bad, good) = (generation_number(&newest), generation_number(&periodic));
-    assert!(
-        text.contains(&format!("vmctl: generation {bad} is unusable:"))
-            && text.contains(&format!(
-                "vmctl: restored generation {good}, the newest usable one"
-            )),
-        "the job's stderr does not say why generation {bad} was skipped:\n{text}"
-    );
-}
-
 /// Flips 64 bytes in the middle of a checkpoint's memory image.
 fn corrupt(image: &Path) {
     use std::io::{Read, Seek, SeekFrom, Write};
@@ -1908,14 +1847,16 @@ fn trajectory(ticks: u64) -> String {
     t
 }
 
-/// A wrapped step with periodic checkpoints runs on past its periodic
-/// generation, writing a file in place and appending to it; it is requeued,
-/// and its requeue generation is damaged, so it resumes from the older
-/// periodic one. The file it writes still ends up exactly as an uninterrupted
-/// run leaves it: the restore undid what the step wrote after that generation.
+/// With periodic checkpoints there is an older generation to fall back to. A
+/// wrapped step runs on past its periodic generation, writing a file in place
+/// and appending to it; it is requeued, and its requeue generation is damaged:
+/// the newest one is skipped, the job's stderr says why, and the step resumes
+/// from the older one, repeating a little work but never running from bad
+/// data. The file it writes still ends up exactly as an uninterrupted run
+/// leaves it: the restore undid what the step wrote after that generation.
 #[test]
 #[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
-fn files_written_past_the_restored_generation_equal_an_uninterrupted_run() {
+fn corrupted_newest_generation_falls_back_and_the_files_follow() {
     need_slurm!();
     const LONG: u64 = 80;
     let mut cleanup = Cleanup::default();
@@ -1969,6 +1910,14 @@ fn files_written_past_the_restored_generation_equal_an_uninterrupted_run() {
     let text = fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(state, "COMPLETED", "job output:\n{text}");
     check_two_runs_ticks(&text, Restart::Earlier, LONG);
+    let (bad, good) = (generation_number(&newest), generation_number(&periodic));
+    assert!(
+        text.contains(&format!("vmctl: generation {bad} is unusable:"))
+            && text.contains(&format!(
+                "vmctl: restored generation {good}, the newest usable one"
+            )),
+        "the job's stderr does not say why generation {bad} was skipped:\n{text}"
+    );
     let traj = fs::read_to_string(dir.join("traj")).unwrap_or_default();
     assert!(
         traj == trajectory(LONG),

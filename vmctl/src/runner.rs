@@ -524,6 +524,33 @@ pub fn mark_finished(dir: &Path, status: i32) -> std::io::Result<()> {
 pub const DEFAULT_KEEP: usize = 2;
 pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The file journal of the generation being written (see crate::filejournal): recorded
+/// from the files the frozen job holds, written into the generation, and active from
+/// the moment the generation is complete.
+struct FileJournal(Option<crate::filejournal::track::Prepared>);
+
+impl FileJournal {
+    fn prepare(held: &crate::kernel::persist::HeldFiles, manifest: &mut Manifest) -> Self {
+        let prepared =
+            crate::filejournal::track::prepare(manifest.generation, held.list.iter().copied());
+        manifest.files = prepared.as_ref().map(|j| j.info.clone());
+        FileJournal(prepared)
+    }
+
+    fn extra(&self) -> Vec<(&str, &[u8])> {
+        self.0
+            .iter()
+            .map(|j| (crate::filejournal::JOURNAL, j.bytes.as_slice()))
+            .collect()
+    }
+
+    fn activate(self, gen_dir: &std::path::Path) {
+        if let Some(j) = self.0 {
+            crate::filejournal::track::activate(j, gen_dir);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,32 +601,5 @@ mod tests {
         mark_finished(&dir, 5).unwrap();
         assert_eq!(read_status(&dir), 5);
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-/// The file journal of the generation being written (see crate::filejournal): recorded
-/// from the files the frozen job holds, written into the generation, and active from
-/// the moment the generation is complete.
-struct FileJournal(Option<crate::filejournal::track::Prepared>);
-
-impl FileJournal {
-    fn prepare(held: &crate::kernel::persist::HeldFiles, manifest: &mut Manifest) -> Self {
-        let prepared =
-            crate::filejournal::track::prepare(manifest.generation, held.list.iter().copied());
-        manifest.files = prepared.as_ref().map(|j| j.info.clone());
-        FileJournal(prepared)
-    }
-
-    fn extra(&self) -> Vec<(&str, &[u8])> {
-        self.0
-            .iter()
-            .map(|j| (crate::filejournal::JOURNAL, j.bytes.as_slice()))
-            .collect()
-    }
-
-    fn activate(self, gen_dir: &std::path::Path) {
-        if let Some(j) = self.0 {
-            crate::filejournal::track::activate(j, gen_dir);
-        }
     }
 }
