@@ -186,7 +186,7 @@ pub fn pin_class(args: PinClassArgs) -> i32 {
     let comment = format!(
         "vmwrap: held: its checkpoint needs a node of CPU class {class} ({why}); add Features={class} to such nodes and release the job, or release it to start afresh"
     );
-    let _ = run_with_timeout("scontrol", &["hold", &job], SCONTROL_TIMEOUT);
+    // The reason goes first, so that whoever sees the job held also sees why.
     let _ = run_with_timeout(
         "scontrol",
         &[
@@ -196,6 +196,7 @@ pub fn pin_class(args: PinClassArgs) -> i32 {
         ],
         SCONTROL_TIMEOUT,
     );
+    let _ = run_with_timeout("scontrol", &["hold", &job], SCONTROL_TIMEOUT);
     report(&format!("job {job}: {comment}"));
     1
 }
