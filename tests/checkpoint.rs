@@ -12,100 +12,30 @@
 //! Tests needing KVM skip locally without it but fail under CI=true (see
 //! `require_kvm`). Each test works in its own temp dir.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
-use vmwrap_tests::{diff, require_kvm, run_command, vmctl_path, Invocation, Job, Rng, STEP};
-use vmwrap_tests::{RunOutput, TempDir};
+use vmwrap_tests::checkpoint_dir::{
+    checkpoint_json, copy_generations, entries, fd_offset, flip_bit, gen_dir, gen_name,
+    generation_dirs, inspect_json, manifest, restore, rewrite_manifest, set_len, statuses, vmctl,
+    vmctl_in,
+};
+use vmwrap_tests::{assert_bytes_eq, assert_contains, assert_file_eq, poll_until, tail_from};
+use vmwrap_tests::{need_kvm, run_command, vmctl_path, Invocation, Job, Rng, STEP};
+use vmwrap_tests::{RunOutput, TempDir, EXIT_CHECKPOINTED, EXIT_VMCTL_FAILED, PYTHON};
 
 /// tests/fixtures/fill.c: `fill OUTFILE [PASSES [MIB]]`, 2 stdin bytes a pass.
 const FILL: &str = env!("VMWRAP_FIXTURE_FILL");
 /// tests/fixtures/readfile.c: `readfile FILE CHUNK`, 1 stdin byte a chunk.
 const READFILE: &str = env!("VMWRAP_FIXTURE_READFILE");
-/// Debian's interpreter; `python3` on PATH may be a pyenv shim.
-const PYTHON: &str = "/usr/bin/python3";
-
-/// `vmctl run`/`restore` after `--on-signal SIG=checkpoint-exit`.
-const EXIT_CHECKPOINTED: i32 = 75;
-/// vmctl itself failed (refused checkpoint, no running vmctl, ...).
-const EXIT_VMCTL_FAILED: i32 = 125;
-
-/// Skips (locally) or fails (CI) the calling test when KVM is unusable.
-macro_rules! need_kvm {
-    () => {
-        if !require_kvm() {
-            return;
-        }
-    };
-}
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-/// Calls `f` until it returns Some, failing the test after `timeout`.
-fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn args_of<'a>(args: &[&'a dyn AsRef<OsStr>]) -> Vec<&'a OsStr> {
-    args.iter().map(|a| AsRef::<OsStr>::as_ref(*a)).collect()
-}
-
-/// Runs `vmctl ARGS...` to completion with the given stdin, in `cwd`.
-fn vmctl_in(cwd: &Path, args: &[&dyn AsRef<OsStr>], stdin: &[u8]) -> RunOutput {
-    let mut cmd = Command::new(vmctl_path());
-    cmd.args(args_of(args)).current_dir(cwd);
-    run_command(cmd, stdin, STEP)
-}
-
-fn vmctl(args: &[&dyn AsRef<OsStr>]) -> RunOutput {
-    vmctl_in(Path::new("/"), args, b"")
-}
-
-fn gen_name(generation: u64) -> String {
-    format!("gen-{generation:06}")
-}
-
-fn gen_dir(ckpt: &Path, generation: u64) -> PathBuf {
-    ckpt.join(gen_name(generation))
-}
-
-/// Names in `dir`, sorted.
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Complete generation directories (gen-NNNNNN, no suffix) in `dir`.
-fn generation_dirs(dir: &Path) -> Vec<String> {
-    entries(dir)
-        .into_iter()
-        .filter(|n| {
-            n.strip_prefix("gen-")
-                .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .collect()
-}
 
 /// `vmctl checkpoint DIR`: must succeed; returns the generation it reports
 /// ("generation N: X MiB in S s (path)").
@@ -133,12 +63,8 @@ fn checkpoint(ckpt: &Path) -> u64 {
 }
 
 /// `vmctl checkpoint DIR --json`: must succeed; returns the generation.
-fn checkpoint_json(ckpt: &Path) -> u64 {
-    let out = vmctl(&[&"checkpoint", &ckpt, &"--json"]);
-    assert_eq!(out.code, 0, "vmctl checkpoint --json:\n{out:?}");
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("vmctl checkpoint --json printed no JSON ({e}):\n{out:?}"));
-    assert_eq!(v["ok"], true, "{v}");
+fn checkpoint_json_generation(ckpt: &Path) -> u64 {
+    let v = checkpoint_json(ckpt);
     let generation = v["generation"].as_u64().expect("generation");
     assert_eq!(
         v["path"].as_str(),
@@ -149,33 +75,6 @@ fn checkpoint_json(ckpt: &Path) -> u64 {
     generation
 }
 
-/// `vmctl inspect DIR --json [--verify]`: exit status and the JSON.
-fn inspect_json(ckpt: &Path, verify: bool) -> (i32, Value) {
-    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"inspect", &ckpt, &"--json"];
-    if verify {
-        args.push(&"--verify");
-    }
-    let out = vmctl(&args);
-    let v = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("vmctl inspect --json printed no JSON ({e}):\n{out:?}"));
-    (out.code, v)
-}
-
-/// (generation, status) of each row of `inspect --json`.
-fn statuses(v: &Value) -> Vec<(u64, String)> {
-    v["generations"]
-        .as_array()
-        .expect("generations array")
-        .iter()
-        .map(|r| {
-            (
-                r["generation"].as_u64().unwrap(),
-                r["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// The line of human `vmctl inspect` output about `generation`.
 fn inspect_line(out: &RunOutput, generation: u64) -> String {
     let prefix = format!("generation {generation}");
@@ -184,143 +83,6 @@ fn inspect_line(out: &RunOutput, generation: u64) -> String {
         .find(|l| l.starts_with(&format!("{prefix}:")) || l.starts_with(&format!("{prefix} ")))
         .unwrap_or_else(|| panic!("no line about {prefix} in vmctl inspect output:\n{out:?}"))
         .to_owned()
-}
-
-fn manifest(gen: &Path) -> Value {
-    let p = gen.join("manifest.json");
-    serde_json::from_slice(&fs::read(&p).unwrap())
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// The saved offset of the job's descriptor open on `file`.
-fn fd_offset(gen: &Path, file: &Path) -> u64 {
-    let m = manifest(gen);
-    let files = m["kernel"]["files"].as_array().expect("open files");
-    files
-        .iter()
-        .filter_map(|f| f.get("Path"))
-        .find(|p| p["path"].as_str() == file.to_str())
-        .and_then(|p| p["offset"].as_u64())
-        .unwrap_or_else(|| {
-            panic!(
-                "{}: no descriptor open on {} in {}",
-                gen.display(),
-                file.display(),
-                serde_json::to_string_pretty(files).unwrap()
-            )
-        })
-}
-
-/// CRC-32 (IEEE), as in manifest.sum.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// Edits a generation's manifest.json and writes a matching manifest.sum, so
-/// only the edit itself can make vmctl refuse it.
-fn rewrite_manifest(gen: &Path, edit: impl FnOnce(&mut Value)) {
-    let mpath = gen.join("manifest.json");
-    let spath = gen.join("manifest.sum");
-    let bytes = fs::read(&mpath).unwrap();
-    // Our CRC must agree with vmctl's, or the rewritten sum proves nothing.
-    assert_eq!(
-        fs::read_to_string(&spath).unwrap(),
-        format!("crc32 {:08x} manifest.json\n", crc32(&bytes)),
-        "{} does not hold the CRC-32 of manifest.json",
-        spath.display()
-    );
-    let mut v: Value = serde_json::from_slice(&bytes).unwrap();
-    edit(&mut v);
-    let new = serde_json::to_vec(&v).unwrap();
-    fs::write(&mpath, &new).unwrap();
-    fs::write(&spath, format!("crc32 {:08x} manifest.json\n", crc32(&new))).unwrap();
-}
-
-fn flip_bit(path: &Path, offset: u64, bit: u8) {
-    let mut data = fs::read(path).unwrap();
-    data[offset as usize] ^= 1 << bit;
-    fs::write(path, data).unwrap();
-}
-
-fn set_len(path: &Path, len: u64) {
-    fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(len))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-}
-
-/// Copies generations of checkpoint directory `from` into a new one at `to`
-/// (with `latest` pointing at the newest): hard links when `link` (cheap, for
-/// copies that are only read), independent files otherwise (for copies the
-/// test damages or chowns). Each copy can then be consumed by its own restore,
-/// which removes its generations when the job finishes.
-fn copy_generations(from: &Path, gens: &[u64], to: &Path, link: bool) {
-    fs::DirBuilder::new().mode(0o700).create(to).unwrap();
-    for &g in gens {
-        let (src, dst) = (gen_dir(from, g), gen_dir(to, g));
-        fs::DirBuilder::new().mode(0o700).create(&dst).unwrap();
-        for name in entries(&src) {
-            let (s, d) = (src.join(&name), dst.join(&name));
-            if link {
-                fs::hard_link(&s, &d).unwrap();
-            } else {
-                fs::copy(&s, &d).unwrap();
-            }
-        }
-    }
-    let newest = gens.iter().max().expect("some generation");
-    std::os::unix::fs::symlink(gen_name(*newest), to.join("latest")).unwrap();
-}
-
-fn assert_bytes_eq(what: &str, expected: &[u8], actual: &[u8]) {
-    if expected != actual {
-        panic!("{what}: {}", diff("output", expected, actual));
-    }
-}
-
-fn assert_file_eq(what: &str, expected: &Path, actual: &Path) {
-    let (e, a) = (fs::read(expected).unwrap(), fs::read(actual).unwrap());
-    assert!(
-        e == a,
-        "{what}: {} ({} bytes) differs from {} ({} bytes)",
-        actual.display(),
-        a.len(),
-        expected.display(),
-        e.len()
-    );
-}
-
-/// The part of `text` from its first line starting with `prefix`.
-fn tail_from<'a>(text: &'a str, prefix: &str) -> &'a str {
-    let at = if text.starts_with(prefix) {
-        0
-    } else {
-        text.find(&format!("\n{prefix}"))
-            .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"))
-            + 1
-    };
-    &text[at..]
-}
-
-fn assert_contains(what: &str, haystack: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(
-            haystack.contains(n),
-            "{what} does not mention {n:?}:\n{haystack}"
-        );
-    }
 }
 
 /// The uninterrupted native run of `fill OUT PASSES MIB` in `dir`.
@@ -336,15 +98,6 @@ fn native_fill(dir: &TempDir, out: &Path, passes: usize, mib: usize) -> RunOutpu
         .run_native();
     assert_eq!(run.code, 0, "native fill:\n{run:?}");
     run
-}
-
-/// `vmctl restore CKPT OPTS...` in `cwd` with `stdin`, to completion.
-fn restore(cwd: &Path, ckpt: &Path, opts: &[&str], stdin: &[u8]) -> RunOutput {
-    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"restore", &ckpt];
-    for o in opts {
-        args.push(o);
-    }
-    vmctl_in(cwd, &args, stdin)
 }
 
 /// A job of `fill OUT PASSES MIB` under `vmctl run --checkpoint-dir CKPT`
@@ -413,7 +166,7 @@ fn fill_checkpointed_at_known_points_restores_like_an_uninterrupted_run() {
     job.wait_for("pass 1 checksum ");
     job.send(b"g");
     job.wait_for("pass 2 start");
-    let busy = checkpoint_json(&ck);
+    let busy = checkpoint_json_generation(&ck);
     // Stopped by SIGTERM in the middle of pass 3 (3 to go).
     job.wait_for("pass 2 half ");
     job.send(b"g");

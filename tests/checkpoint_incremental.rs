@@ -11,91 +11,26 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use serde_json::Value;
-use vmwrap_tests::{diff, require_kvm, run_command, vmctl_path, Invocation, Rng};
-use vmwrap_tests::{Job, RunOutput, TempDir};
+// `checkpoint` here is `vmctl checkpoint --json`: these tests read its answer.
+use vmwrap_tests::checkpoint_dir::checkpoint_json as checkpoint;
+use vmwrap_tests::checkpoint_dir::{
+    copy_generations, crc32, entries, fd_offset, flip_bit, gen_dir, inspect_json, manifest,
+    restore, rewrite_manifest, set_len, statuses, vmctl,
+};
+use vmwrap_tests::{assert_bytes_eq, assert_contains, assert_file_eq, poll_until, tail_from};
+use vmwrap_tests::{need_kvm, Invocation, Job, Rng, RunOutput, TempDir};
+use vmwrap_tests::{EXIT_VMCTL_FAILED, STEP};
 
 /// tests/fixtures/hotset.c: `hotset OUTFILE MIB HOT_KIB ROUNDS`, 1 stdin byte a round.
 const HOTSET: &str = env!("VMWRAP_FIXTURE_HOTSET");
 /// tests/fixtures/readhold.c: `readhold FILE CHUNK PIECES`, 2 stdin bytes a piece.
 const READHOLD: &str = env!("VMWRAP_FIXTURE_READHOLD");
 
-const EXIT_VMCTL_FAILED: i32 = 125;
-/// How long any one step may take before the test fails (a limit, never waited out).
-const STEP: Duration = Duration::from_secs(120);
-
-macro_rules! need_kvm {
-    () => {
-        if !require_kvm() {
-            return;
-        }
-    };
-}
-
 // ---------------------------------------------------------------------------
-// Helpers (as in tests/checkpoint.rs)
-
-fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn vmctl_in(cwd: &Path, args: &[&dyn AsRef<OsStr>], stdin: &[u8]) -> RunOutput {
-    let mut cmd = Command::new(vmctl_path());
-    cmd.args(args.iter().map(|a| a.as_ref())).current_dir(cwd);
-    run_command(cmd, stdin, STEP)
-}
-
-fn vmctl(args: &[&dyn AsRef<OsStr>]) -> RunOutput {
-    vmctl_in(Path::new("/"), args, b"")
-}
-
-fn gen_dir(ckpt: &Path, generation: u64) -> PathBuf {
-    ckpt.join(format!("gen-{generation:06}"))
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// `vmctl checkpoint DIR --json`: must succeed; returns its JSON answer.
-fn checkpoint(ckpt: &Path) -> Value {
-    let out = vmctl(&[&"checkpoint", &ckpt, &"--json"]);
-    assert_eq!(out.code, 0, "vmctl checkpoint --json:\n{out:?}");
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("vmctl checkpoint --json printed no JSON ({e}):\n{out:?}"));
-    assert_eq!(v["ok"], true, "{v}");
-    v
-}
-
-fn inspect_json(ckpt: &Path, verify: bool) -> (i32, Value) {
-    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"inspect", &ckpt, &"--json"];
-    if verify {
-        args.push(&"--verify");
-    }
-    let out = vmctl(&args);
-    let v = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("vmctl inspect --json printed no JSON ({e}):\n{out:?}"));
-    (out.code, v)
-}
+// Helpers
 
 /// The `inspect --json` row of `generation`.
 fn row(v: &Value, generation: u64) -> Value {
@@ -106,144 +41,6 @@ fn row(v: &Value, generation: u64) -> Value {
         .find(|r| r["generation"] == generation)
         .unwrap_or_else(|| panic!("no generation {generation} in {v}"))
         .clone()
-}
-
-fn statuses(v: &Value) -> Vec<(u64, String)> {
-    v["generations"]
-        .as_array()
-        .expect("generations")
-        .iter()
-        .map(|r| {
-            (
-                r["generation"].as_u64().unwrap(),
-                r["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-fn manifest(gen: &Path) -> Value {
-    serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap()
-}
-
-/// The saved offset of the job's descriptor open on `file`.
-fn fd_offset(gen: &Path, file: &Path) -> u64 {
-    manifest(gen)["kernel"]["files"]
-        .as_array()
-        .expect("open files")
-        .iter()
-        .filter_map(|f| f.get("Path"))
-        .find(|p| p["path"].as_str() == file.to_str())
-        .and_then(|p| p["offset"].as_u64())
-        .unwrap_or_else(|| panic!("{}: no descriptor on {}", gen.display(), file.display()))
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// Edits a manifest and writes a matching manifest.sum.
-fn rewrite_manifest(gen: &Path, edit: impl FnOnce(&mut Value)) {
-    let mut v = manifest(gen);
-    edit(&mut v);
-    let new = serde_json::to_vec(&v).unwrap();
-    fs::write(gen.join("manifest.json"), &new).unwrap();
-    fs::write(
-        gen.join("manifest.sum"),
-        format!("crc32 {:08x} manifest.json\n", crc32(&new)),
-    )
-    .unwrap();
-}
-
-fn flip_bit(path: &Path, offset: u64, bit: u8) {
-    let mut data = fs::read(path).unwrap();
-    data[offset as usize] ^= 1 << bit;
-    fs::write(path, data).unwrap();
-}
-
-fn set_len(path: &Path, len: u64) {
-    fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(len))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-}
-
-/// Copies generations into a new checkpoint directory (hard links when `link`,
-/// for copies only read; a restore that finishes removes its own copies).
-fn copy_generations(from: &Path, gens: &[u64], to: &Path, link: bool) {
-    fs::DirBuilder::new().mode(0o700).create(to).unwrap();
-    for &g in gens {
-        let (src, dst) = (gen_dir(from, g), gen_dir(to, g));
-        fs::DirBuilder::new().mode(0o700).create(&dst).unwrap();
-        for name in entries(&src) {
-            let (s, d) = (src.join(&name), dst.join(&name));
-            if link {
-                fs::hard_link(&s, &d).unwrap();
-            } else {
-                fs::copy(&s, &d).unwrap();
-            }
-        }
-    }
-    let newest = gens.iter().max().expect("some generation");
-    std::os::unix::fs::symlink(format!("gen-{newest:06}"), to.join("latest")).unwrap();
-}
-
-fn assert_bytes_eq(what: &str, expected: &[u8], actual: &[u8]) {
-    if expected != actual {
-        panic!("{what}: {}", diff("output", expected, actual));
-    }
-}
-
-fn assert_file_eq(what: &str, expected: &Path, actual: &Path) {
-    let (e, a) = (fs::read(expected).unwrap(), fs::read(actual).unwrap());
-    assert!(
-        e == a,
-        "{what}: {} ({} bytes) differs from {} ({} bytes)",
-        actual.display(),
-        a.len(),
-        expected.display(),
-        e.len()
-    );
-}
-
-fn tail_from<'a>(text: &'a str, prefix: &str) -> &'a str {
-    let at = if text.starts_with(prefix) {
-        0
-    } else {
-        text.find(&format!("\n{prefix}"))
-            .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"))
-            + 1
-    };
-    &text[at..]
-}
-
-fn assert_contains(what: &str, haystack: &str, needles: &[&str]) {
-    for n in needles {
-        assert!(
-            haystack.contains(n),
-            "{what} does not mention {n:?}:\n{haystack}"
-        );
-    }
-}
-
-fn restore(cwd: &Path, ckpt: &Path, opts: &[&str], stdin: &[u8]) -> RunOutput {
-    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"restore", &ckpt];
-    for o in opts {
-        args.push(o);
-    }
-    vmctl_in(cwd, &args, stdin)
 }
 
 fn native_hotset(tmp: &TempDir, out: &Path, mib: u64, hot_kib: u64, rounds: usize) -> RunOutput {

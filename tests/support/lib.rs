@@ -1,14 +1,15 @@
 //! Shared helpers for the integration tests.
 //!
 //! This crate is the package's library, so it cannot use the package's
-//! dev-dependencies; it sticks to std.
+//! dev-dependencies: what it needs (libc, serde_json) is a dependency.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
+use std::os::fd::RawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +17,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+pub mod checkpoint_dir;
 
 /// Paths of the C test programs built by build.rs.
 pub mod fixtures {
@@ -31,6 +34,14 @@ pub mod fixtures {
     pub const CPULOOP: &str = env!("VMWRAP_FIXTURE_CPULOOP");
     pub const GETPPID_LOOP: &str = env!("VMWRAP_FIXTURE_GETPPID_LOOP");
 }
+
+/// Debian's interpreter; `python3` on PATH may be a pyenv shim.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// Exit status of `vmctl run`/`restore` after `--on-signal SIG=checkpoint-exit`.
+pub const EXIT_CHECKPOINTED: i32 = 75;
+/// Exit status when vmctl itself failed (refused checkpoint, no running vmctl, ...).
+pub const EXIT_VMCTL_FAILED: i32 = 125;
 
 /// Root of the workspace (where Cargo.toml and target/ live).
 pub fn workspace_root() -> PathBuf {
@@ -107,6 +118,17 @@ pub fn require_kvm() -> bool {
             false
         }
     }
+}
+
+/// Skips (locally) or fails (CI) the calling test when KVM is unusable: see
+/// [`require_kvm`].
+#[macro_export]
+macro_rules! need_kvm {
+    () => {
+        if !$crate::require_kvm() {
+            return;
+        }
+    };
 }
 
 /// Finds a program on $PATH like a shell would.
@@ -507,6 +529,110 @@ impl Rng {
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
     }
+}
+
+/// Calls `f` until it returns Some, failing the test after `timeout`.
+pub fn poll_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub fn assert_bytes_eq(what: &str, expected: &[u8], actual: &[u8]) {
+    if expected != actual {
+        panic!("{what}: {}", diff("output", expected, actual));
+    }
+}
+
+pub fn assert_file_eq(what: &str, expected: &Path, actual: &Path) {
+    let (e, a) = (fs::read(expected).unwrap(), fs::read(actual).unwrap());
+    assert!(
+        e == a,
+        "{what}: {} ({} bytes) differs from {} ({} bytes)",
+        actual.display(),
+        a.len(),
+        expected.display(),
+        e.len()
+    );
+}
+
+pub fn assert_contains(what: &str, haystack: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(
+            haystack.contains(n),
+            "{what} does not mention {n:?}:\n{haystack}"
+        );
+    }
+}
+
+/// The part of `text` from its first line starting with `prefix`.
+pub fn tail_from<'a>(text: &'a str, prefix: &str) -> &'a str {
+    let at = if text.starts_with(prefix) {
+        0
+    } else {
+        text.find(&format!("\n{prefix}"))
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"))
+            + 1
+    };
+    &text[at..]
+}
+
+/// The `vmctl: exits {..}` report vmctl prints on stderr with VMCTL_COUNT_EXITS=1.
+pub fn exit_report(stderr: &str) -> serde_json::Value {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmctl: exits "))
+        .unwrap_or_else(|| panic!("no exit report in: {stderr}"));
+    serde_json::from_str(line).expect("exit report is JSON")
+}
+
+/// How many times the guest exited for syscall `name` in an [`exit_report`]
+/// (0 when it is absent).
+pub fn syscall_exits(report: &serde_json::Value, name: &str) -> u64 {
+    report["syscalls"][name].as_u64().unwrap_or(0)
+}
+
+/// The lowest descriptor number from `from` on that this process has not open.
+pub fn unused_fd(from: RawFd) -> RawFd {
+    (from..)
+        .find(|fd| !Path::new(&format!("/proc/self/fd/{fd}")).exists())
+        .unwrap()
+}
+
+/// /dev/kvm opened read-write, as a privileged launcher (the Slurm plugin)
+/// opens it for vmctl.
+pub fn open_dev_kvm() -> fs::File {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .unwrap()
+}
+
+/// Makes `fd` open in the process `cmd` starts, at a descriptor number this
+/// process has free, as a privileged launcher hands vmctl its /dev/kvm; returns
+/// that number (for `--kvm-fd`).
+pub fn hand_over_fd(cmd: &mut Command, fd: RawFd) -> RawFd {
+    let target = unused_fd(200);
+    // SAFETY: dup2 is async-signal-safe, as pre_exec requires; the new fd is
+    // not close-on-exec, so it survives into the program.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    target
 }
 
 /// Whether a program a test needs is installed; says so when it is not, so the

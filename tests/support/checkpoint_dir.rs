@@ -1,0 +1,211 @@
+//! Checkpoint directories and the vmctl commands on them (`checkpoint`,
+//! `inspect`, `restore`), and the edits tests make to generations to check
+//! that damaged or foreign ones are refused.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::{run_command, vmctl_path, RunOutput, STEP};
+
+/// Runs `vmctl ARGS...` to completion with the given stdin, in `cwd`.
+pub fn vmctl_in(cwd: &Path, args: &[&dyn AsRef<OsStr>], stdin: &[u8]) -> RunOutput {
+    let mut cmd = Command::new(vmctl_path());
+    cmd.args(args.iter().map(|a| a.as_ref())).current_dir(cwd);
+    run_command(cmd, stdin, STEP)
+}
+
+/// Runs `vmctl ARGS...` to completion in `/` with no input.
+pub fn vmctl(args: &[&dyn AsRef<OsStr>]) -> RunOutput {
+    vmctl_in(Path::new("/"), args, b"")
+}
+
+/// `vmctl restore CKPT OPTS...` in `cwd` with `stdin`, to completion.
+pub fn restore(cwd: &Path, ckpt: &Path, opts: &[&str], stdin: &[u8]) -> RunOutput {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"restore", &ckpt];
+    for o in opts {
+        args.push(o);
+    }
+    vmctl_in(cwd, &args, stdin)
+}
+
+/// `vmctl checkpoint DIR --json`: must succeed; returns its JSON answer.
+pub fn checkpoint_json(ckpt: &Path) -> Value {
+    let out = vmctl(&[&"checkpoint", &ckpt, &"--json"]);
+    assert_eq!(out.code, 0, "vmctl checkpoint --json:\n{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("vmctl checkpoint --json printed no JSON ({e}):\n{out:?}"));
+    assert_eq!(v["ok"], true, "{v}");
+    v
+}
+
+/// `vmctl inspect DIR --json [--verify]`: exit status and the JSON.
+pub fn inspect_json(ckpt: &Path, verify: bool) -> (i32, Value) {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"inspect", &ckpt, &"--json"];
+    if verify {
+        args.push(&"--verify");
+    }
+    let out = vmctl(&args);
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("vmctl inspect --json printed no JSON ({e}):\n{out:?}"));
+    (out.code, v)
+}
+
+/// (generation, status) of each row of `inspect --json`.
+pub fn statuses(v: &Value) -> Vec<(u64, String)> {
+    v["generations"]
+        .as_array()
+        .expect("generations array")
+        .iter()
+        .map(|r| {
+            (
+                r["generation"].as_u64().unwrap(),
+                r["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The directory name of `generation`: gen-NNNNNN.
+pub fn gen_name(generation: u64) -> String {
+    format!("gen-{generation:06}")
+}
+
+pub fn gen_dir(ckpt: &Path, generation: u64) -> PathBuf {
+    ckpt.join(gen_name(generation))
+}
+
+/// Names in `dir`, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Complete generation directories (gen-NNNNNN, no suffix) in `dir`.
+pub fn generation_dirs(dir: &Path) -> Vec<String> {
+    entries(dir)
+        .into_iter()
+        .filter(|n| {
+            n.strip_prefix("gen-")
+                .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect()
+}
+
+/// A generation's manifest.json.
+pub fn manifest(gen: &Path) -> Value {
+    let p = gen.join("manifest.json");
+    serde_json::from_slice(&fs::read(&p).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The saved offset of the job's descriptor open on `file`.
+pub fn fd_offset(gen: &Path, file: &Path) -> u64 {
+    let m = manifest(gen);
+    let files = m["kernel"]["files"].as_array().expect("open files");
+    files
+        .iter()
+        .filter_map(|f| f.get("Path"))
+        .find(|p| p["path"].as_str() == file.to_str())
+        .and_then(|p| p["offset"].as_u64())
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: no descriptor open on {} in {}",
+                gen.display(),
+                file.display(),
+                serde_json::to_string_pretty(files).unwrap()
+            )
+        })
+}
+
+/// CRC-32 (IEEE), as in manifest.sum.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The manifest.sum line that vouches for manifest.json holding `bytes`.
+pub fn manifest_sum(bytes: &[u8]) -> String {
+    format!("crc32 {:08x} manifest.json\n", crc32(bytes))
+}
+
+/// Replaces a generation's manifest.json with `manifest` and writes a matching
+/// manifest.sum, so only the content itself can make vmctl refuse it.
+pub fn write_manifest(gen: &Path, manifest: &Value) {
+    let bytes = serde_json::to_vec(manifest).unwrap();
+    fs::write(gen.join("manifest.json"), &bytes).unwrap();
+    fs::write(gen.join("manifest.sum"), manifest_sum(&bytes)).unwrap();
+}
+
+/// Edits a generation's manifest.json and writes a matching manifest.sum, so
+/// only the edit itself can make vmctl refuse it.
+pub fn rewrite_manifest(gen: &Path, edit: impl FnOnce(&mut Value)) {
+    let mpath = gen.join("manifest.json");
+    let spath = gen.join("manifest.sum");
+    let bytes = fs::read(&mpath).unwrap();
+    // Our CRC must agree with vmctl's, or the rewritten sum proves nothing.
+    assert_eq!(
+        fs::read_to_string(&spath).unwrap(),
+        manifest_sum(&bytes),
+        "{} does not hold the CRC-32 of manifest.json",
+        spath.display()
+    );
+    let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+    edit(&mut v);
+    write_manifest(gen, &v);
+}
+
+pub fn flip_bit(path: &Path, offset: u64, bit: u8) {
+    let mut data = fs::read(path).unwrap();
+    data[offset as usize] ^= 1 << bit;
+    fs::write(path, data).unwrap();
+}
+
+pub fn set_len(path: &Path, len: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Copies generations of checkpoint directory `from` into a new one at `to`
+/// (with `latest` pointing at the newest): hard links when `link` (cheap, for
+/// copies that are only read), independent files otherwise (for copies the
+/// test damages or chowns). Each copy can then be consumed by its own restore,
+/// which removes its generations when the job finishes.
+pub fn copy_generations(from: &Path, gens: &[u64], to: &Path, link: bool) {
+    fs::DirBuilder::new().mode(0o700).create(to).unwrap();
+    for &g in gens {
+        let (src, dst) = (gen_dir(from, g), gen_dir(to, g));
+        fs::DirBuilder::new().mode(0o700).create(&dst).unwrap();
+        for name in entries(&src) {
+            let (s, d) = (src.join(&name), dst.join(&name));
+            if link {
+                fs::hard_link(&s, &d).unwrap();
+            } else {
+                fs::copy(&s, &d).unwrap();
+            }
+        }
+    }
+    let newest = gens.iter().max().expect("some generation");
+    std::os::unix::fs::symlink(gen_name(*newest), to.join("latest")).unwrap();
+}
