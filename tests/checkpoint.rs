@@ -100,18 +100,32 @@ fn native_fill(dir: &TempDir, out: &Path, passes: usize, mib: usize) -> RunOutpu
     run
 }
 
-/// A job of `fill OUT PASSES MIB` under `vmctl run --checkpoint-dir CKPT`
-/// that SIGTERM checkpoints and stops, waiting until the array is filled.
-fn start_fill(tmp: &TempDir, ckpt: &Path, mem: &str, out: &Path, passes: usize, mib: usize) -> Job {
+/// A job of `fill OUT PASSES MIB` under `vmctl run --checkpoint-dir CKPT
+/// OPTS...`, once it has filled its array.
+fn fill_job(
+    tmp: &TempDir,
+    ckpt: &Path,
+    opts: &[&str],
+    out: &Path,
+    passes: usize,
+    mib: usize,
+) -> Job {
     let mut job = Job::run(
         tmp.path(),
         ckpt,
-        &["--mem", mem, "--on-signal", "TERM=checkpoint-exit"],
+        opts,
         FILL,
         &[&out, &passes.to_string(), &mib.to_string()],
     );
     job.wait_for("filled ");
     job
+}
+
+/// A job of `fill OUT PASSES MIB` under `vmctl run --checkpoint-dir CKPT`
+/// that SIGTERM checkpoints and stops, waiting until the array is filled.
+fn start_fill(tmp: &TempDir, ckpt: &Path, mem: &str, out: &Path, passes: usize, mib: usize) -> Job {
+    let opts = ["--mem", mem, "--on-signal", "TERM=checkpoint-exit"];
+    fill_job(tmp, ckpt, &opts, out, passes, mib)
 }
 
 /// SIGTERMs a job run with TERM=checkpoint-exit, which must exit 75.
@@ -1039,14 +1053,14 @@ fn checkpoint_interval_writes_generations_while_running_and_none_remain() {
     let native = native_fill(&tmp, &native_out, 1, 16);
     let out = tmp.join("vm.bin");
     let ck = tmp.join("ckpt");
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = fill_job(
+        &tmp,
         &ck,
         &["--mem", "256M", "--checkpoint-interval", "1"],
-        FILL,
-        &[&out, &"1", &"16"],
+        &out,
+        1,
+        16,
     );
-    job.wait_for("filled ");
     // The job is blocked reading stdin; the timer must still get through.
     let usable = |v: &Value| -> Vec<u64> {
         statuses(v)
@@ -1108,14 +1122,14 @@ fn signal_checkpoint_takes_a_generation_and_the_job_goes_on() {
     let native = native_fill(&tmp, &native_out, 1, 16);
     let out = tmp.join("vm.bin");
     let ck = tmp.join("ckpt");
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = fill_job(
+        &tmp,
         &ck,
         &["--mem", "256M", "--on-signal", "USR1=checkpoint"],
-        FILL,
-        &[&out, &"1", &"16"],
+        &out,
+        1,
+        16,
     );
-    job.wait_for("filled ");
     job.signal(libc::SIGUSR1);
     poll_until("generation 1 after SIGUSR1", STEP, || {
         let (code, v) = inspect_json(&ck, true);
@@ -1142,14 +1156,7 @@ fn signal_checkpoint_takes_a_generation_and_the_job_goes_on() {
     assert_file_eq("file of a job checkpointed on SIGUSR1", &native_out, &out);
 
     // Without --on-signal, SIGTERM goes to the program, which dies of it.
-    let mut job = Job::run(
-        tmp.path(),
-        &tmp.join("ckpt2"),
-        &["--mem", "256M"],
-        FILL,
-        &[&out, &"1", &"16"],
-    );
-    job.wait_for("filled ");
+    let job = fill_job(&tmp, &tmp.join("ckpt2"), &["--mem", "256M"], &out, 1, 16);
     job.signal(libc::SIGTERM);
     let run = job.finish();
     assert_eq!(run.code, 128 + libc::SIGTERM, "{run:?}");
@@ -1238,20 +1245,14 @@ fn checkpoint_reader_survives_mutated_generations() {
     // the links between them.
     let ck = tmp.join("ckpt");
     let out = tmp.join("vm.bin");
-    let mut job = Job::run(
-        tmp.path(),
-        &ck,
-        &[
-            "--mem",
-            "64M",
-            "--incremental=on",
-            "--on-signal",
-            "TERM=checkpoint-exit",
-        ],
-        FILL,
-        &[&out, &"1", &"1"],
-    );
-    job.wait_for("filled ");
+    let opts = [
+        "--mem",
+        "64M",
+        "--incremental=on",
+        "--on-signal",
+        "TERM=checkpoint-exit",
+    ];
+    let job = fill_job(&tmp, &ck, &opts, &out, 1, 1);
     assert_eq!(checkpoint(&ck), 1);
     term_checkpoint(job);
     let (code, v) = inspect_json(&ck, true);
