@@ -8,19 +8,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use vmwrap_tests::{require_kvm, run_command, vmctl_path, RunOutput, TempDir};
+use vmwrap_tests::checkpoint_dir::rewrite_manifest;
+use vmwrap_tests::{need_kvm, run_command, vmctl_path, RunOutput, TempDir, STEP};
 
-const STEP: Duration = Duration::from_secs(120);
 /// What tests/fixtures/upgrade.c prints once restored: the sum of its table.
 const FIXTURE_OUTPUT: &str = "resumed sum=004f16cb1cb27800\n";
-
-macro_rules! need_kvm {
-    () => {
-        if !require_kvm() {
-            return;
-        }
-    };
-}
 
 fn vmctl(args: &[&str]) -> RunOutput {
     let mut cmd = Command::new(vmctl_path());
@@ -81,21 +73,6 @@ fn fixture_copy(tmp: &TempDir) -> std::path::PathBuf {
     dir
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// The committed checkpoint of format 1 (vmctl 0.1) either restores or is
 /// refused with a message naming its format and this vmctl's, and is left
 /// intact either way. Today's vmctl (formats 2 and 3, process trees) refuses it.
@@ -135,16 +112,7 @@ fn checkpoint_of_a_newer_format_is_refused_naming_both_versions() {
     let tmp = TempDir::new("newer");
     let dir = fixture_copy(&tmp);
     let gen = dir.join("gen-000001");
-    let mut manifest: Value =
-        serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap();
-    manifest["format_version"] = 999.into();
-    let json = serde_json::to_vec(&manifest).unwrap();
-    fs::write(gen.join("manifest.json"), &json).unwrap();
-    fs::write(
-        gen.join("manifest.sum"),
-        format!("crc32 {:08x} manifest.json\n", crc32(&json)),
-    )
-    .unwrap();
+    rewrite_manifest(&gen, |m| m["format_version"] = 999.into());
     let out = vmctl(&["restore", dir.to_str().unwrap()]);
     assert_eq!(out.code, 125, "{out:?}");
     let err = out.stderr_str();
