@@ -3,20 +3,14 @@
 //! same user cannot take vmctl's descriptors, and the guest's mistakes end the guest
 //! the way Linux would, never vmctl (docs/THREAT-MODEL.md).
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use vmwrap_tests::{require_kvm, run_command, vmctl_path, Invocation, TempDir};
-
-macro_rules! need_kvm {
-    () => {
-        if !require_kvm() {
-            return;
-        }
-    };
-}
+use vmwrap_tests::{hand_over_fd, need_kvm, open_dev_kvm, run_command, vmctl_path};
+use vmwrap_tests::{Invocation, TempDir};
 
 const ESCAPE: &str = env!("VMWRAP_FIXTURE_ESCAPE");
 const MISTAKES: &str = env!("VMWRAP_FIXTURE_MISTAKES");
@@ -47,12 +41,6 @@ fn guest_cannot_reach_vmctl() {
     assert!(!out.stderr_str().contains("unsupported"), "{out:?}");
 }
 
-fn unused_fd(from: i32) -> i32 {
-    (from..)
-        .find(|fd| !Path::new(&format!("/proc/self/fd/{fd}")).exists())
-        .unwrap()
-}
-
 /// A vmctl running as an ordinary user with a root-granted /dev/kvm descriptor:
 /// another process of that same user can neither pidfd_getfd the descriptor nor
 /// ptrace vmctl nor open its /proc entries.
@@ -71,15 +59,9 @@ fn same_user_cannot_take_vmctls_descriptors() {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .unwrap();
-    use std::os::fd::AsRawFd;
-    let src = kvm.as_raw_fd();
-    let target = unused_fd(200);
+    let kvm = open_dev_kvm();
     let mut cmd = Command::new(vmctl_path());
+    let target = hand_over_fd(&mut cmd, kvm.as_raw_fd());
     cmd.args([
         "run",
         "--kvm-fd",
@@ -91,15 +73,6 @@ fn same_user_cannot_take_vmctls_descriptors() {
     .current_dir(dir.path())
     .uid(NOBODY)
     .gid(NOBODY);
-    // SAFETY: dup2 is async-signal-safe, as pre_exec requires.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(src, target) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let mut vmctl = cmd.spawn().expect("start vmctl");
     // Wait until vmctl runs the guest (its VM exists) before trying.
     let pid = vmctl.id();

@@ -8,21 +8,12 @@
 
 use std::fs;
 use std::io::{BufWriter, Write};
-use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
-use vmwrap_tests::{fixtures, require_kvm, run_command, vmctl_path, Invocation, Rng, TempDir};
-
-/// Skips (locally) or fails (CI) the calling test when KVM is unusable.
-macro_rules! need_kvm {
-    () => {
-        if !require_kvm() {
-            return;
-        }
-    };
-}
+use vmwrap_tests::{fixtures, need_kvm, run_command, vmctl_path, Invocation, Rng, TempDir, PYTHON};
+use vmwrap_tests::{hand_over_fd, open_dev_kvm, unused_fd};
 
 fn compare_in(dir: &TempDir, program: &str, args: &[&str]) -> vmwrap_tests::RunOutput {
     Invocation::new(program)
@@ -176,10 +167,6 @@ fn sort_million_lines() {
     );
     assert!(out.stdout.starts_with(b"0000"));
 }
-
-// `python3` on PATH may be a pyenv shim (a bash script that forks), so the
-// distribution interpreter is named explicitly.
-const PYTHON: &str = "/usr/bin/python3";
 
 #[test]
 fn python_computation() {
@@ -544,12 +531,6 @@ fn unknown_option_is_125() {
 
 /// Lowest fd number >= `from` that this process does not have open, so the
 /// child cannot inherit it either.
-fn unused_fd(from: i32) -> i32 {
-    (from..)
-        .find(|fd| !Path::new(&format!("/proc/self/fd/{fd}")).exists())
-        .unwrap()
-}
-
 #[test]
 fn kvm_fd_not_open_is_125() {
     let fd = unused_fd(99).to_string();
@@ -559,35 +540,18 @@ fn kvm_fd_not_open_is_125() {
 /// Runs `vmctl run --kvm-fd FD -- PROGRAM` with `file` open at FD in vmctl,
 /// as a privileged launcher (the Slurm plugin) would hand it over.
 fn run_with_fd(file: &fs::File, program: &str) -> vmwrap_tests::RunOutput {
-    use std::os::fd::AsRawFd;
-    let src = file.as_raw_fd();
-    let target = unused_fd(200);
     let dir = TempDir::new("kvm-fd");
     let mut cmd = Command::new(vmctl_path());
+    let target = hand_over_fd(&mut cmd, file.as_raw_fd());
     cmd.args(["run", "--kvm-fd", &target.to_string(), "--", program])
         .current_dir(dir.path());
-    // SAFETY: dup2 is async-signal-safe, as pre_exec requires; the new fd is
-    // not close-on-exec, so it survives into vmctl.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(src, target) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     run_command(cmd, b"", Duration::from_secs(300))
 }
 
 #[test]
 fn kvm_fd_passes_an_open_dev_kvm() {
     need_kvm!();
-    let kvm = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .unwrap();
-    let out = run_with_fd(&kvm, fixtures::COMPUTE_STATIC);
+    let out = run_with_fd(&open_dev_kvm(), fixtures::COMPUTE_STATIC);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout_str().contains("primes below 1e6: 78498"));
 }
@@ -632,15 +596,9 @@ fn dev_kvm_not_permitted_is_125_and_kvm_fd_grants_it() {
     );
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 
-    let kvm = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .unwrap();
-    use std::os::fd::AsRawFd;
-    let src = kvm.as_raw_fd();
-    let target = unused_fd(200);
+    let kvm = open_dev_kvm();
     let mut cmd = Command::new(vmctl_path());
+    let target = hand_over_fd(&mut cmd, kvm.as_raw_fd());
     cmd.args([
         "run",
         "--kvm-fd",
@@ -651,15 +609,6 @@ fn dev_kvm_not_permitted_is_125_and_kvm_fd_grants_it() {
     .current_dir(dir.path())
     .uid(65534)
     .gid(65534);
-    // SAFETY: dup2 is async-signal-safe, as pre_exec requires.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(src, target) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let out = run_command(cmd, b"", Duration::from_secs(300));
     assert_eq!(out.code, 0, "{out:?}");
     assert!(

@@ -35,7 +35,8 @@ pub mod fixtures {
     pub const GETPPID_LOOP: &str = env!("VMWRAP_FIXTURE_GETPPID_LOOP");
 }
 
-/// Debian's interpreter; `python3` on PATH may be a pyenv shim.
+/// Debian's interpreter: `python3` on PATH may be a pyenv shim (a bash script
+/// that forks).
 pub const PYTHON: &str = "/usr/bin/python3";
 
 /// Exit status of `vmctl run`/`restore` after `--on-signal SIG=checkpoint-exit`.
