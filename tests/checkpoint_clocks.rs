@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use vmwrap_tests::{require_kvm, vmctl_path, TempDir};
+use vmwrap_tests::{exit_report, need_kvm, syscall_exits, vmctl_path, TempDir};
 
 const CLOCKS: &str = env!("VMWRAP_FIXTURE_CLOCKS");
 
@@ -109,21 +109,14 @@ fn checkpoint_and_restore(name: &str, args: &[&str], restore_env: &[(&str, &str)
     }
 }
 
-/// The `vmctl: exits {..}` report's count of one syscall (0 when absent).
-fn syscall_exits(stderr: &str, name: &str) -> u64 {
-    let line = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("vmctl: exits "))
-        .unwrap_or_else(|| panic!("no exit report in: {stderr}"));
-    let report: serde_json::Value = serde_json::from_str(line).expect("exit report is JSON");
-    report["syscalls"][name].as_u64().unwrap_or(0)
+/// How many times the restored guest exited for syscall `name`.
+fn restored_syscall_exits(reads: &Reads, name: &str) -> u64 {
+    syscall_exits(&exit_report(&reads.restore_stderr), name)
 }
 
 #[test]
 fn tsc_and_monotonic_continue_across_restore_onto_a_host_that_is_behind() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let reads = checkpoint_and_restore(
         "clocks-behind",
         &[],
@@ -149,19 +142,21 @@ fn the_tsc_is_trapped_and_clocks_fall_back_to_the_syscall(reads: &Reads) {
     assert!(reads.before.iter().all(|l| l.contains("tsc_jump=0")));
     // With rdtsc trapped the vDSO cannot read the TSC: it makes the syscall, which
     // the same clock model serves (three clocks per read, three reads).
-    assert_eq!(syscall_exits(&reads.restore_stderr, "clock_gettime"), 9);
+    assert_eq!(restored_syscall_exits(reads, "clock_gettime"), 9);
 }
 
 #[test]
 fn monotonic_clocks_continue_across_restore_without_exits() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let reads = checkpoint_and_restore("clocks-vdso", &[], &[]);
-    // This host's TSC is not behind: the restored guest reads its clocks in the
-    // vDSO, at CPL3, and never exits for them.
+    the_clocks_are_read_in_the_vdso_without_exits(&reads);
+}
+
+/// What a restore onto a host whose TSC is not behind must show: the restored
+/// guest reads its clocks in the vDSO, at CPL3, and never exits for them.
+fn the_clocks_are_read_in_the_vdso_without_exits(reads: &Reads) {
     assert_eq!(
-        syscall_exits(&reads.restore_stderr, "clock_gettime"),
+        restored_syscall_exits(reads, "clock_gettime"),
         0,
         "{}",
         reads.restore_stderr
@@ -174,17 +169,9 @@ fn monotonic_clocks_continue_across_restore_without_exits() {
 /// exits.
 #[test]
 fn a_forked_child_reads_clocks_without_exits_after_a_restore() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let reads = checkpoint_and_restore("clocks-fork-vdso", &["fork"], &[]);
-    assert_eq!(
-        syscall_exits(&reads.restore_stderr, "clock_gettime"),
-        0,
-        "{}",
-        reads.restore_stderr
-    );
-    assert!(reads.after.iter().all(|l| !l.contains("tsc_jump=1")));
+    the_clocks_are_read_in_the_vdso_without_exits(&reads);
 }
 
 /// Onto a host whose TSC is behind, rdtsc is trapped on the vCPU of every task of a
@@ -192,9 +179,7 @@ fn a_forked_child_reads_clocks_without_exits_after_a_restore() {
 /// and its vDSO falls back to the syscall.
 #[test]
 fn a_forked_childs_tsc_is_trapped_after_a_restore_onto_a_host_that_is_behind() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let reads = checkpoint_and_restore(
         "clocks-fork-behind",
         &["fork"],
@@ -208,9 +193,7 @@ fn a_forked_childs_tsc_is_trapped_after_a_restore_onto_a_host_that_is_behind() {
 /// next tick would wait forever.
 #[test]
 fn interval_timers_survive_checkpoint_and_restore() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let tmp = TempDir::new("itimer");
     let dir = tmp.path().join("ck");
     let script = tmp.path().join("ticks.py");

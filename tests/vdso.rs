@@ -4,7 +4,7 @@
 //! the syscall); /proc/self/maps shows [vdso] and [vvar]; forked children, exec'd
 //! programs and threads have the vDSO too.
 
-use vmwrap_tests::{require_kvm, Invocation, RunOutput};
+use vmwrap_tests::{exit_report, need_kvm, syscall_exits, Invocation, RunOutput};
 
 const DYNAMIC: &str = env!("VMWRAP_FIXTURE_VDSO_CLOCKS");
 const STATIC: &str = env!("VMWRAP_FIXTURE_VDSO_CLOCKS_STATIC");
@@ -12,32 +12,25 @@ const STATIC: &str = env!("VMWRAP_FIXTURE_VDSO_CLOCKS_STATIC");
 /// The bound docs/ARCHITECTURE.md states for |guest clock - host clock|.
 const BOUND_NS: i64 = 50_000;
 
-/// The `vmctl: exits {..}` report vmctl prints with VMCTL_COUNT_EXITS=1.
-fn exit_report(out: &RunOutput) -> serde_json::Value {
-    let stderr = out.stderr_str();
-    let line = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("vmctl: exits "))
-        .unwrap_or_else(|| panic!("no exit report: {out:?}"));
-    serde_json::from_str(line).expect("exit report is JSON")
-}
-
-fn syscall_exits(report: &serde_json::Value, name: &str) -> u64 {
-    report["syscalls"][name].as_u64().unwrap_or(0)
-}
-
 fn counted_vm_run(inv: &Invocation) -> (RunOutput, serde_json::Value) {
     let vm = inv.clone().env("VMCTL_COUNT_EXITS", "1").run_vm();
     assert_eq!(vm.code, 0, "{vm:?}");
-    let report = exit_report(&vm);
+    let report = exit_report(&vm.stderr_str());
     (vm, report)
+}
+
+/// Runs `inv` natively and counted in the VM: the same standard output, and
+/// the VM's exit report.
+fn compare_counted(inv: &Invocation) -> (RunOutput, serde_json::Value) {
+    let native = inv.run_native();
+    let (vm, report) = counted_vm_run(inv);
+    assert_eq!(vm.stdout_str(), native.stdout_str(), "{vm:?}");
+    (native, report)
 }
 
 fn clock_reads_make_no_exits(program: &str) {
     let inv = Invocation::new(program).args(["loop", "20000"]);
-    let native = inv.run_native();
-    let (vm, report) = counted_vm_run(&inv);
-    assert_eq!(vm.stdout_str(), native.stdout_str(), "{vm:?}");
+    let (native, report) = compare_counted(&inv);
     assert_eq!(
         native.stdout_str().trim(),
         "calls=20000 backwards=0 getcpu_ok=1 vdso_mapped=1 vvar_mapped=1 auxv_ehdr=1"
@@ -54,17 +47,13 @@ fn clock_reads_make_no_exits(program: &str) {
 
 #[test]
 fn clock_reads_make_no_exits_through_ld_so() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     clock_reads_make_no_exits(DYNAMIC);
 }
 
 #[test]
 fn clock_reads_make_no_exits_in_a_static_program() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     clock_reads_make_no_exits(STATIC);
 }
 
@@ -72,9 +61,7 @@ fn clock_reads_make_no_exits_in_a_static_program() {
 /// syscall, and it still works.
 #[test]
 fn cpu_time_clocks_fall_back_to_the_syscall() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let inv = Invocation::new(DYNAMIC).args(["cputime", "100"]);
     let (vm, report) = counted_vm_run(&inv);
     assert_eq!(vm.stdout_str().trim(), "cputime calls=100 backwards=0");
@@ -87,13 +74,9 @@ fn cpu_time_clocks_fall_back_to_the_syscall() {
 /// its gap to the host, at the refreshes where it is largest, is within it too.
 #[test]
 fn guest_clocks_stay_within_the_bound_of_the_hosts() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let inv = Invocation::new(STATIC).args(["bound", "300"]);
-    let native = inv.run_native();
-    let (vm, report) = counted_vm_run(&inv);
-    assert_eq!(vm.stdout_str(), native.stdout_str(), "{vm:?}");
+    let (_, report) = compare_counted(&inv);
     assert!(
         report["clock_max_error_ns"].as_i64().unwrap() <= BOUND_NS,
         "{report}"
@@ -128,9 +111,7 @@ fn clock_exits(report: &serde_json::Value) -> u64 {
 /// [vvar] is the one live page vmctl keeps up to date, not a copy made at the fork.
 fn forked_and_execd_children_read_clocks_without_exits(program: &str) {
     let inv = Invocation::new(program).args(["fork", "2000"]);
-    let native = inv.run_native();
-    let (vm, report) = counted_vm_run(&inv);
-    assert_eq!(vm.stdout_str(), native.stdout_str(), "{vm:?}");
+    let (native, report) = compare_counted(&inv);
     let stdout = native.stdout_str();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 4, "{native:?}");
@@ -146,17 +127,13 @@ fn forked_and_execd_children_read_clocks_without_exits(program: &str) {
 
 #[test]
 fn forked_and_execd_children_read_clocks_without_exits_through_ld_so() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     forked_and_execd_children_read_clocks_without_exits(DYNAMIC);
 }
 
 #[test]
 fn forked_and_execd_children_read_clocks_without_exits_in_a_static_program() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     forked_and_execd_children_read_clocks_without_exits(STATIC);
 }
 
@@ -164,13 +141,9 @@ fn forked_and_execd_children_read_clocks_without_exits_in_a_static_program() {
 /// once without exits.
 #[test]
 fn threads_read_clocks_without_exits() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let inv = Invocation::new(DYNAMIC).args(["threads", "5000"]);
-    let native = inv.run_native();
-    let (vm, report) = counted_vm_run(&inv);
-    assert_eq!(vm.stdout_str(), native.stdout_str(), "{vm:?}");
+    let (native, report) = compare_counted(&inv);
     assert_eq!(
         native.stdout_str().trim(),
         "threads=4 calls=5000 backwards=0"
