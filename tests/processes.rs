@@ -7,23 +7,14 @@
 
 use std::process::Command;
 
-use vmwrap_tests::{have, require_kvm, vmctl_path, Invocation, Job, RunOutput, TempDir};
+use vmwrap_tests::{have, need_kvm, vmctl_path, Invocation, Job, RunOutput, TempDir};
+use vmwrap_tests::{EXIT_CHECKPOINTED, PYTHON};
 
 /// tests/fixtures/procs.c: fork, exec, wait, shared memory, threads, dup.
 const PROCS: &str = env!("VMWRAP_FIXTURE_PROCS");
 /// tests/fixtures/omp_reduce.c: an OpenMP reduction.
 const OMP: &str = env!("VMWRAP_FIXTURE_OMP_REDUCE");
-const PYTHON: &str = "/usr/bin/python3";
 const BASH: &str = "/bin/bash";
-const EXIT_CHECKPOINTED: i32 = 75;
-
-macro_rules! need_kvm {
-    () => {
-        if !require_kvm() {
-            return;
-        }
-    };
-}
 
 fn script(dir: &TempDir, interpreter: &str, text: &str) -> Invocation {
     let path = dir.write_file("script", text, 0o755);

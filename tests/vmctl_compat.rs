@@ -8,17 +8,8 @@ use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 
-use vmwrap_tests::{have, require_kvm, vmctl_path, Invocation, RunOutput, TempDir};
+use vmwrap_tests::{have, need_kvm, vmctl_path, Invocation, RunOutput, TempDir, PYTHON};
 
-macro_rules! need_kvm {
-    () => {
-        if !require_kvm() {
-            return;
-        }
-    };
-}
-
-const PYTHON: &str = "/usr/bin/python3";
 const PERL: &str = "/usr/bin/perl";
 
 fn compare_script(dir: &TempDir, interpreter: &str, script: &str) -> RunOutput {
