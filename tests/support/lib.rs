@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests.
 //!
 //! This crate is the package's library, so it cannot use the package's
-//! dev-dependencies: what it needs (libc, serde_json) is a dependency.
+//! dev-dependencies: what it needs (libc, serde_json, crc32fast) is a dependency.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
