@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use vmwrap_tests::{hand_over_fd, need_kvm, open_dev_kvm, run_command, vmctl_path};
+use vmwrap_tests::{need_kvm, open_dev_kvm, run_command, vmctl_run_with_kvm_fd};
 use vmwrap_tests::{Invocation, TempDir};
 
 const ESCAPE: &str = env!("VMWRAP_FIXTURE_ESCAPE");
@@ -60,19 +60,11 @@ fn same_user_cannot_take_vmctls_descriptors() {
     )
     .unwrap();
     let kvm = open_dev_kvm();
-    let mut cmd = Command::new(vmctl_path());
-    let target = hand_over_fd(&mut cmd, kvm.as_raw_fd());
-    cmd.args([
-        "run",
-        "--kvm-fd",
-        &target.to_string(),
-        "--",
-        "/bin/sleep",
-        "60",
-    ])
-    .current_dir(dir.path())
-    .uid(NOBODY)
-    .gid(NOBODY);
+    let (mut cmd, target) = vmctl_run_with_kvm_fd(kvm.as_raw_fd());
+    cmd.args(["--", "/bin/sleep", "60"])
+        .current_dir(dir.path())
+        .uid(NOBODY)
+        .gid(NOBODY);
     let mut vmctl = cmd.spawn().expect("start vmctl");
     // Wait until vmctl runs the guest (its VM exists) before trying.
     let pid = vmctl.id();

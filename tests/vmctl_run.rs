@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use vmwrap_tests::{fixtures, need_kvm, run_command, vmctl_path, Invocation, Rng, TempDir, PYTHON};
-use vmwrap_tests::{hand_over_fd, open_dev_kvm, unused_fd};
+use vmwrap_tests::{open_dev_kvm, unused_fd, vmctl_run_with_kvm_fd};
 
 fn compare_in(dir: &TempDir, program: &str, args: &[&str]) -> vmwrap_tests::RunOutput {
     Invocation::new(program)
@@ -541,10 +541,8 @@ fn kvm_fd_not_open_is_125() {
 /// as a privileged launcher (the Slurm plugin) would hand it over.
 fn run_with_fd(file: &fs::File, program: &str) -> vmwrap_tests::RunOutput {
     let dir = TempDir::new("kvm-fd");
-    let mut cmd = Command::new(vmctl_path());
-    let target = hand_over_fd(&mut cmd, file.as_raw_fd());
-    cmd.args(["run", "--kvm-fd", &target.to_string(), "--", program])
-        .current_dir(dir.path());
+    let (mut cmd, _) = vmctl_run_with_kvm_fd(file.as_raw_fd());
+    cmd.args(["--", program]).current_dir(dir.path());
     run_command(cmd, b"", Duration::from_secs(300))
 }
 
@@ -597,18 +595,11 @@ fn dev_kvm_not_permitted_is_125_and_kvm_fd_grants_it() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 
     let kvm = open_dev_kvm();
-    let mut cmd = Command::new(vmctl_path());
-    let target = hand_over_fd(&mut cmd, kvm.as_raw_fd());
-    cmd.args([
-        "run",
-        "--kvm-fd",
-        &target.to_string(),
-        "--",
-        fixtures::COMPUTE_STATIC,
-    ])
-    .current_dir(dir.path())
-    .uid(65534)
-    .gid(65534);
+    let (mut cmd, _) = vmctl_run_with_kvm_fd(kvm.as_raw_fd());
+    cmd.args(["--", fixtures::COMPUTE_STATIC])
+        .current_dir(dir.path())
+        .uid(65534)
+        .gid(65534);
     let out = run_command(cmd, b"", Duration::from_secs(300));
     assert_eq!(out.code, 0, "{out:?}");
     assert!(

@@ -618,6 +618,16 @@ pub fn open_dev_kvm() -> fs::File {
         .unwrap()
 }
 
+/// `vmctl run --kvm-fd N` with `kvm` open at N in vmctl, as a privileged
+/// launcher (the Slurm plugin) hands it over; returns the command, to which the
+/// caller adds `-- PROGRAM ARGS...`, and N.
+pub fn vmctl_run_with_kvm_fd(kvm: RawFd) -> (Command, RawFd) {
+    let mut cmd = Command::new(vmctl_path());
+    let target = hand_over_fd(&mut cmd, kvm);
+    cmd.args(["run", "--kvm-fd", &target.to_string()]);
+    (cmd, target)
+}
+
 /// Makes `fd` open in the process `cmd` starts, at a descriptor number this
 /// process has free, as a privileged launcher hands vmctl its /dev/kvm; returns
 /// that number (for `--kvm-fd`).
