@@ -344,7 +344,7 @@ impl Runner {
             }
             let mut manifest = self.manifest(session.generation(), tasks);
             let held = self.kernel.held_files();
-            let journal = FileJournal::prepare(&held, &mut manifest);
+            let journal = FileJournal::prepare(&self.kernel, &held, &mut manifest);
             // The last round copies and digests the vvar page too (see write_frozen).
             let vvar_still = self.kernel.clocks.hold();
             let (written, summary) = session.finish(
@@ -354,7 +354,7 @@ impl Runner {
                 &journal.extra(),
             )?;
             drop(vvar_still);
-            journal.activate(&written.path);
+            journal.activate(&self.kernel, &written.path);
             write::prune(&opts.dir, opts.keep);
             Ok(Taken {
                 generation: written.generation,
@@ -385,7 +385,7 @@ impl Runner {
         let generation = write::next_generation(&opts.dir).map_err(|e| e.to_string())?;
         let mut manifest = self.manifest(generation, tasks);
         let held = self.kernel.held_files();
-        let journal = FileJournal::prepare(&held, &mut manifest);
+        let journal = FileJournal::prepare(&self.kernel, &held, &mut manifest);
         // Every task is parked, but the clock thread would still rewrite the vvar
         // page, which is guest RAM: the pages are digested, then checksummed as they
         // are written, and must not change in between.
@@ -407,7 +407,7 @@ impl Runner {
         )
         .map_err(|e| e.to_string())?;
         drop(vvar_still);
-        journal.activate(&written.path);
+        journal.activate(&self.kernel, &written.path);
         self.tracker.written(&plan, &written);
         write::prune(&opts.dir, opts.keep);
         Ok(Taken {
@@ -530,9 +530,14 @@ pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 struct FileJournal(Option<crate::filejournal::track::Prepared>);
 
 impl FileJournal {
-    fn prepare(held: &crate::kernel::persist::HeldFiles, manifest: &mut Manifest) -> Self {
-        let prepared =
-            crate::filejournal::track::prepare(manifest.generation, held.list.iter().copied());
+    fn prepare(
+        kernel: &Kernel,
+        held: &crate::kernel::persist::HeldFiles,
+        manifest: &mut Manifest,
+    ) -> Self {
+        let prepared = kernel
+            .files_journal
+            .prepare(manifest.generation, held.list.iter().copied());
         manifest.files = prepared.as_ref().map(|j| j.info.clone());
         FileJournal(prepared)
     }
@@ -544,9 +549,9 @@ impl FileJournal {
             .collect()
     }
 
-    fn activate(self, gen_dir: &std::path::Path) {
+    fn activate(self, kernel: &Kernel, gen_dir: &std::path::Path) {
         if let Some(j) = self.0 {
-            crate::filejournal::track::activate(j, gen_dir);
+            kernel.files_journal.activate(j, gen_dir);
         }
     }
 }

@@ -81,8 +81,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
         return EXIT_VMCTL_FAILED;
     };
     let waited = crate::runner::setup_signals(&args.checkpoint.on_signal);
-    crate::filejournal::track::set_policy(args.checkpoint.files);
-    let files = args.checkpoint.files.mode != crate::filejournal::Mode::None;
+    let files = args.checkpoint.files;
     let newest = candidates[0];
     for g in candidates {
         let started = crate::clock::monotonic_ns();
@@ -140,7 +139,7 @@ fn try_generation(
     dir: &std::path::Path,
     g: u64,
     cap: u64,
-    files: bool,
+    files: crate::filejournal::Policy,
 ) -> Result<RestoredJob, String> {
     let mut links = read::load_chain(dir, g).map_err(|e| e.to_string())?;
     let newest = links.last().expect("a chain holds its generation");
@@ -155,7 +154,8 @@ fn try_generation(
     // are tracked from here on.
     vm.memory().clear_host_dirty();
     // Everything is checked before any file is touched.
-    let plan = match (&newest.manifest.files, files) {
+    let undo_files = files.mode != crate::filejournal::Mode::None;
+    let plan = match (&newest.manifest.files, undo_files) {
         (Some(_), true) => Some(crate::filejournal::undo::plan(dir, g)?),
         _ => None,
     };
@@ -173,8 +173,9 @@ fn try_generation(
     let mut state = newest.kernel;
     state.commit_limit = state.commit_limit.min(cap);
     let (kernel, tasks) = Kernel::restore(vm, state).map_err(|e| e.to_string())?;
+    kernel.files_journal.set_policy(files);
     if let Some(plan) = &plan {
-        crate::filejournal::track::resume(
+        kernel.files_journal.resume(
             &dir.join(crate::checkpoint::format::generation_dir_name(g)),
             g,
             &plan.entries,

@@ -55,7 +55,6 @@ pub fn run(args: RunArgs) -> i32 {
         );
         return EXIT_VMCTL_FAILED;
     }
-    crate::filejournal::track::set_policy(args.checkpoint.files);
     let ckpt = match args.checkpoint.options(args.checkpoint_dir.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -136,6 +135,7 @@ pub fn run(args: RunArgs) -> i32 {
             return EXIT_VMCTL_FAILED;
         }
     };
+    kernel.files_journal.set_policy(args.checkpoint.files);
     match Runner::new(
         kernel,
         vec![task],

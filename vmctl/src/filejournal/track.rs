@@ -1,8 +1,8 @@
 //! The running side: the newest generation's journal, and the hooks the write-family
 //! syscalls call before they change a file.
 //!
-//! One vmctl runs one job, and every task of it writes through the same journal, so
-//! the journal is process-wide state behind a mutex rather than a field of any task.
+//! Every task of the job writes through the same journal, so it belongs to the job's
+//! kernel (`Kernel::files_journal`), behind a mutex, rather than to any task.
 
 use super::{append, encode, tail_crc, Entry, FilesInfo, Mode, Policy, Record, BLOCK, JOURNAL};
 use crate::kernel::files::OpenFile;
@@ -38,26 +38,43 @@ struct Active {
     saved_bytes: u64,
 }
 
-static POLICY: Mutex<Option<Policy>> = Mutex::new(None);
-static ACTIVE: Mutex<Option<Active>> = Mutex::new(None);
+/// The job's file journal: the policy for the generations it takes, and the newest
+/// generation's journal being kept.
+pub struct FileJournal {
+    policy: Mutex<Policy>,
+    active: Mutex<Option<Active>>,
+    file_order: [Mutex<()>; 64],
+}
+
+impl Default for FileJournal {
+    fn default() -> Self {
+        FileJournal {
+            policy: Mutex::new(Policy::default()),
+            active: Mutex::new(None),
+            file_order: [const { Mutex::new(()) }; 64],
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Sets the policy for the generations this vmctl takes.
-pub fn set_policy(policy: Policy) {
-    *lock(&POLICY) = Some(policy);
-}
+impl FileJournal {
+    /// Sets the policy for the generations the job takes.
+    pub fn set_policy(&self, policy: Policy) {
+        *lock(&self.policy) = policy;
+    }
 
-pub fn policy() -> Policy {
-    lock(&POLICY).unwrap_or_default()
-}
+    pub fn policy(&self) -> Policy {
+        *lock(&self.policy)
+    }
 
-/// Whether writes are being journaled (some generation exists and the policy keeps
-/// anything); the hooks do nothing otherwise.
-pub fn is_active() -> bool {
-    lock(&ACTIVE).is_some()
+    /// Whether writes are being journaled (some generation exists and the policy keeps
+    /// anything); the hooks do nothing otherwise.
+    pub fn is_active(&self) -> bool {
+        lock(&self.active).is_some()
+    }
 }
 
 fn fstat(fd: RawFd) -> Option<libc::stat> {
@@ -354,19 +371,20 @@ fn read_upto(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
 /// place, or one save the blocks the other is about to overwrite too late. Files
 /// share these locks by their inode; Linux itself takes a lock per inode for each
 /// write, so little concurrency is lost.
-static FILE_ORDER: [Mutex<()>; 64] = [const { Mutex::new(()) }; 64];
-
-fn file_order(key: Key) -> std::sync::MutexGuard<'static, ()> {
-    let slot = (key.0.wrapping_mul(31).wrapping_add(key.1) % FILE_ORDER.len() as u64) as usize;
-    lock(&FILE_ORDER[slot])
+impl FileJournal {
+    fn file_order(&self, key: Key) -> std::sync::MutexGuard<'_, ()> {
+        let slot =
+            (key.0.wrapping_mul(31).wrapping_add(key.1) % self.file_order.len() as u64) as usize;
+        lock(&self.file_order[slot])
+    }
 }
 
 /// A change to a file the journal has recorded and the caller is about to make.
 /// Until it is dropped, other changes to the same file wait: drop it (or pass it
 /// to `written`) once the change is made.
 #[must_use = "hold it while the change is made"]
-pub struct Pending {
-    _order: std::sync::MutexGuard<'static, ()>,
+pub struct Pending<'a> {
+    _order: std::sync::MutexGuard<'a, ()>,
     stream: Option<StreamWrite>,
 }
 
@@ -380,148 +398,162 @@ struct StreamWrite {
     append: bool,
 }
 
-/// Records what undoing the change `change` works out (from the file open as `fd`)
-/// will need, and returns with the file's other changes held back until the caller
-/// has made it. None if the journal is not kept or `fd` is not a regular file.
-fn begin(
-    fd: RawFd,
-    stdio: bool,
-    change: impl FnOnce(RawFd) -> Option<(Change, Option<StreamWrite>)>,
-) -> Option<Pending> {
-    if !is_active() {
-        return None;
+impl FileJournal {
+    /// Records what undoing the change `change` works out (from the file open as `fd`)
+    /// will need, and returns with the file's other changes held back until the caller
+    /// has made it. None if the journal is not kept or `fd` is not a regular file.
+    fn begin(
+        &self,
+        fd: RawFd,
+        stdio: bool,
+        change: impl FnOnce(RawFd) -> Option<(Change, Option<StreamWrite>)>,
+    ) -> Option<Pending<'_>> {
+        if !self.is_active() {
+            return None;
+        }
+        let st = fstat(fd).filter(is_journaled)?;
+        let key = (st.st_dev, st.st_ino);
+        let order = self.file_order(key);
+        let mut guard = lock(&self.active);
+        let active = guard.as_mut()?;
+        // Worked out only now: no other write of the job moves the file's end or the
+        // shared offset until this one is made.
+        let (change, stream) = change(fd)?;
+        let stdio = stdio || own_streams().contains(&key);
+        match active.before(fd, &st, stdio, change) {
+            Ok(recorded) => Some(Pending {
+                _order: order,
+                stream: recorded.and_then(|id| stream.map(|s| StreamWrite { id, ..s })),
+            }),
+            Err(e) => {
+                if let Some(a) = guard.take() {
+                    a.fail(e);
+                }
+                None
+            }
+        }
     }
-    let st = fstat(fd).filter(is_journaled)?;
-    let key = (st.st_dev, st.st_ino);
-    let order = file_order(key);
-    let mut guard = lock(&ACTIVE);
-    let active = guard.as_mut()?;
-    // Worked out only now: no other write of the job moves the file's end or the
-    // shared offset until this one is made.
-    let (change, stream) = change(fd)?;
-    let stdio = stdio || own_streams().contains(&key);
-    match active.before(fd, &st, stdio, change) {
-        Ok(recorded) => Some(Pending {
-            _order: order,
-            stream: recorded.and_then(|id| stream.map(|s| StreamWrite { id, ..s })),
-        }),
-        Err(e) => {
+
+    /// Before the job writes `len` bytes to `file` at `offset` (None: at its current
+    /// position, or at the end for O_APPEND). Make the write, then call `written`.
+    pub fn before_write(
+        &self,
+        file: &OpenFile,
+        offset: Option<u64>,
+        len: u64,
+    ) -> Option<Pending<'_>> {
+        self.begin(file.raw(), file.stdio.is_some(), |fd| {
+            // SAFETY: queries on a descriptor the caller holds.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            let append = flags >= 0 && flags & libc::O_APPEND != 0;
+            // Linux writes at the end of an O_APPEND file even with an offset.
+            let at = if append {
+                fstat(fd)?.st_size as u64
+            } else {
+                match offset {
+                    Some(o) => o,
+                    // SAFETY: as above.
+                    None => u64::try_from(unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) }).ok()?,
+                }
+            };
+            let stream = StreamWrite {
+                fd,
+                // Set once recorded.
+                id: 0,
+                offset: at,
+                len,
+                positional: offset.is_some(),
+                append,
+            };
+            Some((Change::Write { offset: at, len }, Some(stream)))
+        })
+    }
+
+    /// After the write `before_write` recorded was made, with the bytes it wrote (None
+    /// if it failed). The place of a write to a standard stream was foretold: if the
+    /// write landed elsewhere (something outside the job appended to the file meanwhile)
+    /// or wrote less, the record is corrected.
+    pub fn written(&self, pending: Option<Pending<'_>>, result: &crate::kernel::SysResult) {
+        let Some(Pending {
+            _order,
+            stream: Some(s),
+        }) = pending
+        else {
+            return;
+        };
+        let wrote = result.map_or(0, |n| n.max(0) as u64).min(s.len);
+        let landed = if wrote == 0 {
+            None
+        } else if s.append && s.positional {
+            // pwrite on O_APPEND moves no offset: the file's end is the write's end.
+            fstat(s.fd).map(|st| (st.st_size as u64).saturating_sub(wrote))
+        } else if s.positional {
+            Some(s.offset)
+        } else {
+            // SAFETY: a query on a descriptor the caller holds.
+            u64::try_from(unsafe { libc::lseek(s.fd, 0, libc::SEEK_CUR) })
+                .ok()
+                .map(|end| end.saturating_sub(wrote))
+        };
+        if landed == Some(s.offset) && wrote == s.len {
+            return;
+        }
+        let mut guard = lock(&self.active);
+        let Some(active) = guard.as_mut() else { return };
+        let mut result = active.record_stream(&Record::NotWritten {
+            id: s.id,
+            offset: s.offset,
+            len: s.len,
+        });
+        if let (Ok(()), Some(offset)) = (&result, landed) {
+            result = active.record_stream(&Record::Wrote {
+                id: s.id,
+                offset,
+                len: wrote,
+            });
+        }
+        if let Err(e) = result {
             if let Some(a) = guard.take() {
                 a.fail(e);
             }
-            None
         }
     }
-}
 
-/// Before the job writes `len` bytes to `file` at `offset` (None: at its current
-/// position, or at the end for O_APPEND). Make the write, then call `written`.
-pub fn before_write(file: &OpenFile, offset: Option<u64>, len: u64) -> Option<Pending> {
-    begin(file.raw(), file.stdio.is_some(), |fd| {
-        // SAFETY: queries on a descriptor the caller holds.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        let append = flags >= 0 && flags & libc::O_APPEND != 0;
-        // Linux writes at the end of an O_APPEND file even with an offset.
-        let at = if append {
-            fstat(fd)?.st_size as u64
-        } else {
-            match offset {
-                Some(o) => o,
-                // SAFETY: as above.
-                None => u64::try_from(unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) }).ok()?,
-            }
-        };
-        let stream = StreamWrite {
-            fd,
-            // Set once recorded.
-            id: 0,
-            offset: at,
-            len,
-            positional: offset.is_some(),
-            append,
-        };
-        Some((Change::Write { offset: at, len }, Some(stream)))
-    })
-}
-
-/// After the write `before_write` recorded was made, with the bytes it wrote (None
-/// if it failed). The place of a write to a standard stream was foretold: if the
-/// write landed elsewhere (something outside the job appended to the file meanwhile)
-/// or wrote less, the record is corrected.
-pub fn written(pending: Option<Pending>, result: &crate::kernel::SysResult) {
-    let Some(Pending {
-        _order,
-        stream: Some(s),
-    }) = pending
-    else {
-        return;
-    };
-    let wrote = result.map_or(0, |n| n.max(0) as u64).min(s.len);
-    let landed = if wrote == 0 {
-        None
-    } else if s.append && s.positional {
-        // pwrite on O_APPEND moves no offset: the file's end is the write's end.
-        fstat(s.fd).map(|st| (st.st_size as u64).saturating_sub(wrote))
-    } else if s.positional {
-        Some(s.offset)
-    } else {
-        // SAFETY: a query on a descriptor the caller holds.
-        u64::try_from(unsafe { libc::lseek(s.fd, 0, libc::SEEK_CUR) })
-            .ok()
-            .map(|end| end.saturating_sub(wrote))
-    };
-    if landed == Some(s.offset) && wrote == s.len {
-        return;
+    /// Before the job truncates `file` to `len` bytes; make it while this is held.
+    pub fn before_truncate(&self, file: &OpenFile, len: u64) -> Option<Pending<'_>> {
+        self.before_truncate_fd(file.raw(), file.stdio.is_some(), len)
     }
-    let mut guard = lock(&ACTIVE);
-    let Some(active) = guard.as_mut() else { return };
-    let mut result = active.record_stream(&Record::NotWritten {
-        id: s.id,
-        offset: s.offset,
-        len: s.len,
-    });
-    if let (Ok(()), Some(offset)) = (&result, landed) {
-        result = active.record_stream(&Record::Wrote {
-            id: s.id,
-            offset,
-            len: wrote,
-        });
+
+    /// Before a truncation of the file open (by vmctl) as `fd`.
+    pub fn before_truncate_fd(&self, fd: RawFd, stdio: bool, len: u64) -> Option<Pending<'_>> {
+        self.begin(fd, stdio, |_| Some((Change::From { offset: len }, None)))
     }
-    if let Err(e) = result {
-        if let Some(a) = guard.take() {
-            a.fail(e);
-        }
+
+    /// Before `fallocate(file, mode, offset, len)`; make it while this is held.
+    pub fn before_fallocate(
+        &self,
+        file: &OpenFile,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> Option<Pending<'_>> {
+        self.begin(file.raw(), file.stdio.is_some(), |_| {
+            let change =
+                if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+                    Change::From { offset }
+                } else if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+                    Change::Write { offset, len }
+                } else {
+                    Change::Grow
+                };
+            Some((change, None))
+        })
     }
-}
 
-/// Before the job truncates `file` to `len` bytes; make it while this is held.
-pub fn before_truncate(file: &OpenFile, len: u64) -> Option<Pending> {
-    before_truncate_fd(file.raw(), file.stdio.is_some(), len)
-}
-
-/// Before a truncation of the file open (by vmctl) as `fd`.
-pub fn before_truncate_fd(fd: RawFd, stdio: bool, len: u64) -> Option<Pending> {
-    begin(fd, stdio, |_| Some((Change::From { offset: len }, None)))
-}
-
-/// Before `fallocate(file, mode, offset, len)`; make it while this is held.
-pub fn before_fallocate(file: &OpenFile, mode: i32, offset: u64, len: u64) -> Option<Pending> {
-    begin(file.raw(), file.stdio.is_some(), |_| {
-        let change = if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0
-        {
-            Change::From { offset }
-        } else if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
-            Change::Write { offset, len }
-        } else {
-            Change::Grow
-        };
-        Some((change, None))
-    })
-}
-
-/// Before the job maps the file open as `fd` shared and writable.
-pub fn before_shared_writable_map(fd: RawFd) {
-    drop(begin(fd, false, |_| Some((Change::MappedWritable, None))));
+    /// Before the job maps the file open as `fd` shared and writable.
+    pub fn before_shared_writable_map(&self, fd: RawFd) {
+        drop(self.begin(fd, false, |_| Some((Change::MappedWritable, None))));
+    }
 }
 
 /// A generation's journal, made while the guest is frozen for a checkpoint, written
@@ -550,106 +582,116 @@ pub enum Held {
 /// refused instead.
 pub const MAPPED_COPY_MAX: u64 = 64 << 20;
 
-/// Records the regular files among `held` (host descriptor, how the job holds it) that
-/// the job can write. None under the `none` policy.
-pub fn prepare(generation: u64, held: impl IntoIterator<Item = (RawFd, Held)>) -> Option<Prepared> {
-    let policy = policy();
-    if policy.mode == Mode::None {
-        return None;
-    }
-    let follows = lock(&ACTIVE).as_ref().map(|a| a.generation);
-    let mut bytes = encode(
-        &Record::Header {
-            generation,
-            follows,
-            policy: policy.to_string(),
-        },
-        &[],
-    );
-    let mut files: HashMap<Key, Tracked> = HashMap::new();
-    // Mapped files first: their record carries the copy.
-    let mut held: Vec<(RawFd, Held)> = held.into_iter().collect();
-    held.sort_by_key(|&(_, h)| h != Held::SharedWritable);
-    for (fd, how) in held {
-        // SAFETY: queries on a descriptor the job's table holds.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 || (flags & libc::O_ACCMODE == libc::O_RDONLY && how != Held::SharedWritable) {
-            continue;
+impl FileJournal {
+    /// Records the regular files among `held` (host descriptor, how the job holds it) that
+    /// the job can write. None under the `none` policy.
+    pub fn prepare(
+        &self,
+        generation: u64,
+        held: impl IntoIterator<Item = (RawFd, Held)>,
+    ) -> Option<Prepared> {
+        let policy = self.policy();
+        if policy.mode == Mode::None {
+            return None;
         }
-        let Some(st) = fstat(fd) else { continue };
-        let key = (st.st_dev, st.st_ino);
-        if !is_journaled(&st) || files.contains_key(&key) {
-            continue;
-        }
-        let stdio = how == Held::Stdio || own_streams().contains(&key);
-        let size = st.st_size as u64;
-        let tail = if stdio {
-            Ok(0)
-        } else {
-            reader(fd).and_then(|r| tail_crc(&r, size))
-        };
-        let id = files.len() as u32;
-        bytes.extend(encode(
-            &Record::File {
-                id,
-                path: fd_path(fd),
-                dev: st.st_dev,
-                ino: st.st_ino,
-                size,
-                tail_crc32: *tail.as_ref().unwrap_or(&0),
-                stdio,
+        let follows = lock(&self.active).as_ref().map(|a| a.generation);
+        let mut bytes = encode(
+            &Record::Header {
+                generation,
+                follows,
+                policy: policy.to_string(),
             },
             &[],
-        ));
-        // Unreadable to vmctl (a write-only mode): nothing could be saved, so a restore
-        // refuses this generation rather than guess.
-        let mut saved = BTreeSet::new();
-        let changed = if let Err(e) = &tail {
-            let what = format!("cannot be read by vmctl ({e}), so its changes cannot be undone");
-            bytes.extend(encode(&Record::Changed { id, what }, &[]));
-            true
-        } else if how == Held::SharedWritable {
-            match copy_whole(fd, id, size) {
-                Ok(Some(copy)) => {
-                    bytes.extend(copy);
-                    saved.extend(0..size.div_ceil(BLOCK));
-                    false
-                }
-                Ok(None) => {
-                    let what = format!("mapped shared and writable, and larger than the {MAPPED_COPY_MAX} bytes a generation copies of such a file");
-                    bytes.extend(encode(&Record::Changed { id, what }, &[]));
-                    true
-                }
-                Err(e) => {
-                    let what = format!("mapped shared and writable, and cannot be copied ({e})");
-                    bytes.extend(encode(&Record::Changed { id, what }, &[]));
-                    true
-                }
-            }
-        } else {
-            false
-        };
-        files.insert(
-            key,
-            Tracked {
-                id,
-                size,
-                saved,
-                changed,
-                stdio,
-            },
         );
+        let mut files: HashMap<Key, Tracked> = HashMap::new();
+        // Mapped files first: their record carries the copy.
+        let mut held: Vec<(RawFd, Held)> = held.into_iter().collect();
+        held.sort_by_key(|&(_, h)| h != Held::SharedWritable);
+        for (fd, how) in held {
+            // SAFETY: queries on a descriptor the job's table holds.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            if flags < 0
+                || (flags & libc::O_ACCMODE == libc::O_RDONLY && how != Held::SharedWritable)
+            {
+                continue;
+            }
+            let Some(st) = fstat(fd) else { continue };
+            let key = (st.st_dev, st.st_ino);
+            if !is_journaled(&st) || files.contains_key(&key) {
+                continue;
+            }
+            let stdio = how == Held::Stdio || own_streams().contains(&key);
+            let size = st.st_size as u64;
+            let tail = if stdio {
+                Ok(0)
+            } else {
+                reader(fd).and_then(|r| tail_crc(&r, size))
+            };
+            let id = files.len() as u32;
+            bytes.extend(encode(
+                &Record::File {
+                    id,
+                    path: fd_path(fd),
+                    dev: st.st_dev,
+                    ino: st.st_ino,
+                    size,
+                    tail_crc32: *tail.as_ref().unwrap_or(&0),
+                    stdio,
+                },
+                &[],
+            ));
+            // Unreadable to vmctl (a write-only mode): nothing could be saved, so a restore
+            // refuses this generation rather than guess.
+            let mut saved = BTreeSet::new();
+            let changed = if let Err(e) = &tail {
+                let what =
+                    format!("cannot be read by vmctl ({e}), so its changes cannot be undone");
+                bytes.extend(encode(&Record::Changed { id, what }, &[]));
+                true
+            } else if how == Held::SharedWritable {
+                match copy_whole(fd, id, size) {
+                    Ok(Some(copy)) => {
+                        bytes.extend(copy);
+                        saved.extend(0..size.div_ceil(BLOCK));
+                        false
+                    }
+                    Ok(None) => {
+                        let what = format!("mapped shared and writable, and larger than the {MAPPED_COPY_MAX} bytes a generation copies of such a file");
+                        bytes.extend(encode(&Record::Changed { id, what }, &[]));
+                        true
+                    }
+                    Err(e) => {
+                        let what =
+                            format!("mapped shared and writable, and cannot be copied ({e})");
+                        bytes.extend(encode(&Record::Changed { id, what }, &[]));
+                        true
+                    }
+                }
+            } else {
+                false
+            };
+            files.insert(
+                key,
+                Tracked {
+                    id,
+                    size,
+                    saved,
+                    changed,
+                    stdio,
+                },
+            );
+        }
+        Some(Prepared {
+            info: FilesInfo {
+                policy: policy.to_string(),
+                journal: JOURNAL.into(),
+            },
+            bytes,
+            generation,
+            policy,
+            files,
+        })
     }
-    Some(Prepared {
-        info: FilesInfo {
-            policy: policy.to_string(),
-            journal: JOURNAL.into(),
-        },
-        bytes,
-        generation,
-        policy,
-        files,
-    })
 }
 
 /// Saved records holding the whole file, or None if it is too large to copy.
@@ -674,117 +716,123 @@ fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().append(true).open(path)
 }
 
-/// The generation written from `prepared` is complete in `gen_dir`: the job's changes
-/// from now on are recorded in its journal.
-pub fn activate(prepared: Prepared, gen_dir: &Path) {
-    let path = gen_dir.join(JOURNAL);
-    let mut guard = lock(&ACTIVE);
-    match open_append(&path) {
-        Ok(file) => {
-            *guard = Some(Active {
-                policy: prepared.policy,
-                generation: prepared.generation,
-                path,
-                next_id: prepared.files.len() as u32,
-                files: prepared.files,
-                file,
-                saved_bytes: 0,
-            });
-        }
-        Err(e) => {
-            *guard = None;
-            eprintln!(
+impl FileJournal {
+    /// The generation written from `prepared` is complete in `gen_dir`: the job's changes
+    /// from now on are recorded in its journal.
+    pub fn activate(&self, prepared: Prepared, gen_dir: &Path) {
+        let path = gen_dir.join(JOURNAL);
+        let mut guard = lock(&self.active);
+        match open_append(&path) {
+            Ok(file) => {
+                *guard = Some(Active {
+                    policy: prepared.policy,
+                    generation: prepared.generation,
+                    path,
+                    next_id: prepared.files.len() as u32,
+                    files: prepared.files,
+                    file,
+                    saved_bytes: 0,
+                });
+            }
+            Err(e) => {
+                *guard = None;
+                eprintln!(
                 "vmctl: warning: {}: {e}; the job's file changes after generation {} are not recorded, so it cannot be restored",
                 path.display(),
                 prepared.generation
             );
+            }
         }
     }
 }
 
-/// After a restore of `generation` (whose journal's records are `entries`) brought the
-/// files back: the job goes on from it, so its journal is kept again.
-pub fn resume(gen_dir: &Path, generation: u64, entries: &[Entry]) -> Result<(), String> {
-    let policy = policy();
-    if policy.mode == Mode::None {
-        return Ok(());
-    }
-    let path = gen_dir.join(JOURNAL);
-    let mut file = open_append(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut by_id: HashMap<u32, Key> = HashMap::new();
-    let mut files: HashMap<Key, Tracked> = HashMap::new();
-    let mut next_id = 0;
-    for e in entries {
-        match &e.record {
-            Record::File {
-                id,
-                path,
-                ino,
-                size,
-                stdio,
-                ..
-            } => {
-                next_id = next_id.max(id + 1);
-                // The restore checked the inode; the device number is this host's.
-                let key = if *stdio {
-                    own_streams().iter().copied().find(|k| k.1 == *ino)
-                } else {
-                    std::fs::metadata(path).ok().map(|m| {
-                        use std::os::unix::fs::MetadataExt;
-                        (m.dev(), m.ino())
-                    })
-                };
-                let Some(key) = key.filter(|k| k.1 == *ino) else {
-                    continue;
-                };
-                by_id.insert(*id, key);
-                files.entry(key).or_insert(Tracked {
-                    id: *id,
-                    size: *size,
-                    saved: BTreeSet::new(),
-                    changed: false,
-                    stdio: *stdio,
-                });
-            }
-            Record::Saved { id, offset, len } => {
-                if let Some(t) = by_id.get(id).and_then(|k| files.get_mut(k)) {
-                    t.saved.extend(
-                        offset / BLOCK..(offset + len).div_ceil(BLOCK).max(offset / BLOCK + 1),
-                    );
-                }
-            }
-            Record::Changed { id, .. } => {
-                if let Some(t) = by_id.get(id).and_then(|k| files.get_mut(k)) {
-                    t.changed = true;
-                }
-            }
-            _ => {}
+impl FileJournal {
+    /// After a restore of `generation` (whose journal's records are `entries`) brought the
+    /// files back: the job goes on from it, so its journal is kept again.
+    pub fn resume(&self, gen_dir: &Path, generation: u64, entries: &[Entry]) -> Result<(), String> {
+        let policy = self.policy();
+        if policy.mode == Mode::None {
+            return Ok(());
         }
+        let path = gen_dir.join(JOURNAL);
+        let mut file = open_append(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut by_id: HashMap<u32, Key> = HashMap::new();
+        let mut files: HashMap<Key, Tracked> = HashMap::new();
+        let mut next_id = 0;
+        for e in entries {
+            match &e.record {
+                Record::File {
+                    id,
+                    path,
+                    ino,
+                    size,
+                    stdio,
+                    ..
+                } => {
+                    next_id = next_id.max(id + 1);
+                    // The restore checked the inode; the device number is this host's.
+                    let key = if *stdio {
+                        own_streams().iter().copied().find(|k| k.1 == *ino)
+                    } else {
+                        std::fs::metadata(path).ok().map(|m| {
+                            use std::os::unix::fs::MetadataExt;
+                            (m.dev(), m.ino())
+                        })
+                    };
+                    let Some(key) = key.filter(|k| k.1 == *ino) else {
+                        continue;
+                    };
+                    by_id.insert(*id, key);
+                    files.entry(key).or_insert(Tracked {
+                        id: *id,
+                        size: *size,
+                        saved: BTreeSet::new(),
+                        changed: false,
+                        stdio: *stdio,
+                    });
+                }
+                Record::Saved { id, offset, len } => {
+                    if let Some(t) = by_id.get(id).and_then(|k| files.get_mut(k)) {
+                        t.saved.extend(
+                            offset / BLOCK..(offset + len).div_ceil(BLOCK).max(offset / BLOCK + 1),
+                        );
+                    }
+                }
+                Record::Changed { id, .. } => {
+                    if let Some(t) = by_id.get(id).and_then(|k| files.get_mut(k)) {
+                        t.changed = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let bytes = encode(&Record::Resumed, &[]);
+        append(&mut file, &bytes)
+            .and_then(|_| file.sync_data())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        *lock(&self.active) = Some(Active {
+            policy,
+            generation,
+            path,
+            file,
+            files,
+            next_id,
+            saved_bytes: 0,
+        });
+        Ok(())
     }
-    let bytes = encode(&Record::Resumed, &[]);
-    append(&mut file, &bytes)
-        .and_then(|_| file.sync_data())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    *lock(&ACTIVE) = Some(Active {
-        policy,
-        generation,
-        path,
-        file,
-        files,
-        next_id,
-        saved_bytes: 0,
-    });
-    Ok(())
 }
 
-/// The descriptor behind a guest's `truncate(path)`, opened only to learn and save
-/// what the truncation will cut. None if nothing is being journaled.
-pub fn open_for_truncate(path: &std::ffi::CStr) -> Option<File> {
-    if !is_active() {
-        return None;
+impl FileJournal {
+    /// The descriptor behind a guest's `truncate(path)`, opened only to learn and save
+    /// what the truncation will cut. None if nothing is being journaled.
+    pub fn open_for_truncate(&self, path: &std::ffi::CStr) -> Option<File> {
+        if !self.is_active() {
+            return None;
+        }
+        // SAFETY: open with a valid C string; the result is owned below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
     }
-    // SAFETY: open with a valid C string; the result is owned below.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    // SAFETY: `fd` was just opened and nothing else owns it.
-    (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
 }

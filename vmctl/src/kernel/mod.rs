@@ -111,6 +111,8 @@ pub struct Kernel {
     pub pids: Mutex<PidTable>,
     pub futexes: FutexTable,
     pub freezer: Freezer,
+    /// What a restore needs to bring the job's files back to its newest generation.
+    pub files_journal: crate::filejournal::track::FileJournal,
     pub timers: Timers,
     pub host: HostInfo,
     /// Added to the host's monotonic clocks, so a restored guest's CLOCK_MONOTONIC
@@ -162,6 +164,7 @@ impl Kernel {
             pids: Mutex::new(pids),
             futexes: FutexTable::default(),
             freezer: Freezer::default(),
+            files_journal: Default::default(),
             timers: Timers::default(),
             host,
             clock_offset_ns,

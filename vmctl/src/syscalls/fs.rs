@@ -4,7 +4,6 @@
 
 use super::guest_path;
 use super::procfs;
-use crate::filejournal::track as journal;
 use crate::kernel::files::{FdEntry, OpenFile};
 use crate::kernel::mm::Access;
 use crate::kernel::task::Task;
@@ -94,10 +93,16 @@ pub(super) fn install(t: &mut Task, host: RawFd, cloexec: bool) -> SysResult {
 }
 
 /// Lets the file journal record what undoing a write to `fd` needs, before it is made
-/// (see crate::filejournal). Make the write, then pass this to `journal::written`.
-fn journal_write(t: &Task, fd: u64, offset: Option<u64>, len: u64) -> Option<journal::Pending> {
+/// (see crate::filejournal). Make the write, then pass this to `FileJournal::written`.
+fn journal_write<'k>(
+    k: &'k crate::kernel::Kernel,
+    t: &Task,
+    fd: u64,
+    offset: Option<u64>,
+    len: u64,
+) -> Option<crate::filejournal::track::Pending<'k>> {
     let file = t.files().get(fd as i32).map(|e| e.file.clone()).ok()?;
-    journal::before_write(&file, offset, len)
+    k.files_journal.before_write(&file, offset, len)
 }
 
 fn iov_len(iov: &[libc::iovec]) -> u64 {
@@ -130,9 +135,10 @@ pub fn write(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
-    let pending = journal_write(t, a[0], None, iov_len(&iov[..n as usize]));
+    let k = t.k.clone();
+    let pending = journal_write(&k, t, a[0], None, iov_len(&iov[..n as usize]));
     let r = sys!(libc::SYS_writev, fd, iov.as_ptr(), n);
-    journal::written(pending, &r);
+    k.files_journal.written(pending, &r);
     epipe_sigpipe(t, r)
 }
 
@@ -147,9 +153,10 @@ pub fn pwrite(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = t.user_iovecs(a[1], a[2], Access::Read)?;
     let n = iov.len().min(1024) as i32;
-    let pending = journal_write(t, a[0], Some(a[3]), iov_len(&iov[..n as usize]));
+    let k = t.k.clone();
+    let pending = journal_write(&k, t, a[0], Some(a[3]), iov_len(&iov[..n as usize]));
     let r = sys!(libc::SYS_pwritev, fd, iov.as_ptr(), n, a[3], 0);
-    journal::written(pending, &r);
+    k.files_journal.written(pending, &r);
     epipe_sigpipe(t, r)
 }
 
@@ -181,8 +188,9 @@ fn guest_iovecs(
 pub fn readv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let iov = guest_iovecs(t, a[1], a[2], !is_write)?;
+    let k = t.k.clone();
     let pending = is_write
-        .then(|| journal_write(t, a[0], None, iov_len(&iov)))
+        .then(|| journal_write(&k, t, a[0], None, iov_len(&iov)))
         .flatten();
     let nr = if is_write {
         libc::SYS_writev
@@ -190,7 +198,7 @@ pub fn readv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
         libc::SYS_readv
     };
     let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32);
-    journal::written(pending, &r);
+    k.files_journal.written(pending, &r);
     epipe_sigpipe(t, r)
 }
 
@@ -199,8 +207,9 @@ pub fn preadv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
     let iov = guest_iovecs(t, a[1], a[2], !is_write)?;
     // pwritev2 writes at the current position when the offset is -1.
     let at = (a[3] as i64 != -1).then_some(a[3]);
+    let k = t.k.clone();
     let pending = is_write
-        .then(|| journal_write(t, a[0], at, iov_len(&iov)))
+        .then(|| journal_write(&k, t, a[0], at, iov_len(&iov)))
         .flatten();
     let nr = if is_write {
         libc::SYS_pwritev
@@ -208,7 +217,7 @@ pub fn preadv(t: &mut Task, a: [u64; 6], is_write: bool) -> SysResult {
         libc::SYS_preadv
     };
     let r = sys!(nr, fd, iov.as_ptr(), iov.len() as i32, a[3], a[4]);
-    journal::written(pending, &r);
+    k.files_journal.written(pending, &r);
     epipe_sigpipe(t, r)
 }
 
@@ -231,7 +240,7 @@ pub fn openat(t: &mut Task, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysR
     // the truncation cuts, then it is done.
     let truncate = flags & libc::O_TRUNC != 0
         && flags & libc::O_ACCMODE != libc::O_RDONLY
-        && journal::is_active();
+        && t.k.files_journal.is_active();
     let open_flags = if truncate {
         flags & !libc::O_TRUNC
     } else {
@@ -246,7 +255,7 @@ pub fn openat(t: &mut Task, dfd: u64, pathp: u64, flags: u64, mode: u64) -> SysR
     )?;
     let fd = guest_path::check_opened(fd as RawFd)?;
     if truncate {
-        let _pending = journal::before_truncate_fd(fd, false, 0);
+        let _pending = t.k.files_journal.before_truncate_fd(fd, false, 0);
         // SAFETY: fstat into a local struct, then ftruncate, on the descriptor just
         // opened; only a regular file is truncated (O_TRUNC ignores the others).
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -648,17 +657,18 @@ pub fn fchown(t: &mut Task, a: [u64; 6]) -> SysResult {
 
 pub fn truncate(t: &mut Task, a: [u64; 6]) -> SysResult {
     let p = cwd_path(t, a[0])?;
-    let file = journal::open_for_truncate(&p);
+    let file = t.k.files_journal.open_for_truncate(&p);
     let _pending = file.as_ref().and_then(|f| {
         use std::os::fd::AsRawFd;
-        journal::before_truncate_fd(f.as_raw_fd(), false, a[1])
+        t.k.files_journal
+            .before_truncate_fd(f.as_raw_fd(), false, a[1])
     });
     sys!(libc::SYS_truncate, p.as_ptr(), a[1] as i64)
 }
 
 pub fn ftruncate(t: &mut Task, a: [u64; 6]) -> SysResult {
     let file = t.files().get(a[0] as i32)?.file.clone();
-    let _pending = journal::before_truncate(&file, a[1]);
+    let _pending = t.k.files_journal.before_truncate(&file, a[1]);
     sys!(libc::SYS_ftruncate, file.raw(), a[1] as i64)
 }
 
@@ -674,7 +684,9 @@ pub fn sync() -> SysResult {
 pub fn fallocate(t: &mut Task, a: [u64; 6]) -> SysResult {
     let fd = host_fd(t, a[0])?;
     let file = t.files().get(a[0] as i32)?.file.clone();
-    let _pending = journal::before_fallocate(&file, a[1] as i32, a[2], a[3]);
+    let _pending =
+        t.k.files_journal
+            .before_fallocate(&file, a[1] as i32, a[2], a[3]);
     sys!(
         libc::SYS_fallocate,
         fd,
@@ -955,10 +967,11 @@ pub fn select(t: &mut Task, a: [u64; 6], is_pselect: bool) -> SysResult {
 
 pub fn sendfile(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (out, inp) = (host_fd(t, a[0])?, host_fd(t, a[1])?);
-    let pending = journal_write(t, a[0], None, a[3]);
+    let k = t.k.clone();
+    let pending = journal_write(&k, t, a[0], None, a[3]);
     let r = with_offsets(t, [a[2]], |[off]| {
         let r = sys!(libc::SYS_sendfile, out, inp, off, a[3]);
-        journal::written(pending, &r);
+        k.files_journal.written(pending, &r);
         r
     });
     epipe_sigpipe(t, r)
@@ -994,7 +1007,8 @@ fn with_offsets<const N: usize>(
 pub fn copy_file_range(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[2])?);
     let at = offset_arg(t, a[3]);
-    let pending = journal_write(t, a[2], at, a[4]);
+    let k = t.k.clone();
+    let pending = journal_write(&k, t, a[2], at, a[4]);
     with_offsets(t, [a[1], a[3]], |[oin, oout]| {
         let r = sys!(
             libc::SYS_copy_file_range,
@@ -1005,7 +1019,7 @@ pub fn copy_file_range(t: &mut Task, a: [u64; 6]) -> SysResult {
             a[4],
             a[5] as u32
         );
-        journal::written(pending, &r);
+        k.files_journal.written(pending, &r);
         r
     })
 }
@@ -1045,10 +1059,11 @@ pub fn mknodat(t: &mut Task, nr: i64, a: [u64; 6]) -> SysResult {
 pub fn splice(t: &mut Task, a: [u64; 6]) -> SysResult {
     let (inp, out) = (host_fd(t, a[0])?, host_fd(t, a[2])?);
     let at = offset_arg(t, a[3]);
-    let pending = journal_write(t, a[2], at, a[4]);
+    let k = t.k.clone();
+    let pending = journal_write(&k, t, a[2], at, a[4]);
     let r = with_offsets(t, [a[1], a[3]], |[oin, oout]| {
         let r = sys!(libc::SYS_splice, inp, oin, out, oout, a[4], a[5] as u32);
-        journal::written(pending, &r);
+        k.files_journal.written(pending, &r);
         r
     });
     epipe_sigpipe(t, r)

@@ -63,7 +63,7 @@ fn file_backing(
     let region = if shared {
         let writable = mode == libc::O_RDWR;
         if writable {
-            crate::filejournal::track::before_shared_writable_map(host);
+            t.k.files_journal.before_shared_writable_map(host);
         }
         let r =
             t.k.shared
