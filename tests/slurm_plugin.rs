@@ -10,7 +10,7 @@
 //! because a wrapped step must work for users who cannot open /dev/kvm.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -792,9 +792,92 @@ fn preempted_job_resumes_from_its_checkpoint() {
     check_two_runs(&text, Restart::Resumed);
 }
 
-/// contrib/vmwrap-drain moves both wrapped jobs off a node: it drains the
-/// node, requeues and releases them, reports where each one resumed, and
-/// both finish correctly on the other node.
+/// A batch script that does its work in the shell itself (a loop with its
+/// running sum in a shell variable), for `sbatch --vm-wrap` with the script
+/// wrapped: a restart that re-ran it from the top would print from 1 again.
+fn shell_counter_script(ticks: u64) -> String {
+    format!(
+        "#!/bin/bash\ni=0; s=0\nwhile [ $i -lt {ticks} ]; do s=$((s + i)); i=$((i + 1)); echo \"$i\"; sleep {TICK}; done\necho \"sum=$s\"\n"
+    )
+}
+
+/// What `shell_counter_script(ticks)` prints when nothing interrupts it.
+fn shell_counter_output(ticks: u64) -> String {
+    let mut text: String = (1..=ticks).map(|i| format!("{i}\n")).collect();
+    text.push_str(&format!("sum={}\n", ticks * (ticks - 1) / 2));
+    text
+}
+
+/// `vmctl inspect --json DIR`'s newest usable generation, run by the job's
+/// user as vmctl accepts only its own checkpoints:
+/// (generation, kind, memory_bytes, chain_memory_bytes).
+fn newest_generation(dir: &Path) -> (u64, String, u64, u64) {
+    let out = run_as_user(
+        &[
+            vmwrap_tests::vmctl_path().to_str().unwrap(),
+            "inspect",
+            "--json",
+            dir.to_str().unwrap(),
+        ],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "vmctl inspect {}: {out:?}", dir.display());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let g = v["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["status"] == "ok")
+        .max_by_key(|g| g["generation"].as_u64())
+        .unwrap_or_else(|| panic!("no usable generation in {}: {v}", dir.display()));
+    (
+        g["generation"].as_u64().unwrap(),
+        g["kind"].as_str().unwrap().to_string(),
+        g["memory_bytes"].as_u64().unwrap(),
+        g["chain_memory_bytes"].as_u64().unwrap(),
+    )
+}
+
+/// Asks a running wrapped task for a checkpoint, as its user would.
+fn checkpoint_as_user(dir: &Path) {
+    let out = run_as_user(
+        &[
+            vmwrap_tests::vmctl_path().to_str().unwrap(),
+            "checkpoint",
+            dir.to_str().unwrap(),
+        ],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "vmctl checkpoint {}: {out:?}", dir.display());
+}
+
+/// The checkpoint rows `vmctl status --json` shows for `job`, by directory.
+fn status_rows(
+    status: &serde_json::Value,
+    job: &str,
+) -> std::collections::HashMap<String, serde_json::Value> {
+    let entry = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["job"].to_string() == job)
+        .unwrap_or_else(|| panic!("job {job} missing from vmctl status: {status}"));
+    assert_eq!(entry["wrapped"], true, "{entry}");
+    entry["checkpoints"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no checkpoints for job {job}: {entry}"))
+        .iter()
+        .map(|c| (c["dir"].as_str().unwrap().to_string(), c.clone()))
+        .collect()
+}
+
+/// contrib/vmwrap-drain moves wrapped jobs off a node, a whole wrapped batch
+/// script among them: it drains the node, requeues and releases them, reports
+/// where each one resumed, and all finish correctly on the other node, the
+/// wrapped script with exactly the output of an uninterrupted run. Before the
+/// drain, `vmctl status --node` shows each job's newest generation as `vmctl
+/// inspect` sees it, reading the directories as the job's user (a directory
+/// only root could read shows nothing).
 #[test]
 #[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
 fn drain_helper_moves_wrapped_jobs_off_a_node() {
@@ -803,18 +886,151 @@ fn drain_helper_moves_wrapped_jobs_off_a_node() {
     let nodes = nodes();
     let (busy, spare) = (&nodes[0], &nodes[1]);
     let dir = user_dir("drain");
-    // Both jobs must start on `busy`: keep `spare` drained until they run.
+    // The jobs must start on `busy`: keep `spare` drained until they run.
     drain(&mut cleanup, spare);
     let outputs = [dir.join("a.out"), dir.join("b.out")];
-    let jobs: Vec<String> = outputs
+    let mut jobs: Vec<String> = outputs
         .iter()
         .map(|o| submit_counter(&mut cleanup, "drain", dir.path(), o, &[]))
         .collect();
+    const SCRIPT_TICKS: u64 = 60;
+    let script = dir.join("count.sh");
+    fs::write(&script, shell_counter_script(SCRIPT_TICKS)).unwrap();
+    let (script_out, script_err) = (dir.join("script.out"), dir.join("script.err"));
+    let name = job_name("drain-script");
+    let out = run_as_user(
+        &[
+            "sbatch",
+            "--parsable",
+            "--requeue",
+            "--open-mode=append",
+            "--vm-wrap",
+            "-J",
+            &name,
+            "-o",
+            script_out.to_str().unwrap(),
+            "-e",
+            script_err.to_str().unwrap(),
+            script.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let script_job = out.stdout_str().trim().to_string();
+    cleanup.jobs.push(script_job.clone());
     for (job, output) in jobs.iter().zip(&outputs) {
         assert_eq!(&wait_running(job), busy);
         wait_progress(job, output, 4);
     }
+    assert_eq!(&wait_running(&script_job), busy);
+    poll(
+        "the wrapped script to count to 4",
+        JOB_TIMEOUT,
+        || (fs::read_to_string(&script_out).ok()?.lines().count() >= 4).then_some(()),
+        || fs::read_to_string(&script_err).unwrap_or_default(),
+    );
+    jobs.push(script_job.clone());
     resume_node(&mut cleanup, spare);
+
+    // What a drain would cost: one checkpoint of the wrapped script and one of
+    // the first job's step exist; the second job's step has none yet.
+    let job_dir = |job: &str| Path::new(CHECKPOINT_ROOT).join(USER).join(job);
+    let batch_dir = job_dir(&script_job).join("batch");
+    let step_dir = job_dir(&jobs[0]).join("0");
+    let before = unix_now();
+    checkpoint_as_user(&batch_dir);
+    checkpoint_as_user(&step_dir);
+    let after = unix_now();
+    // A step directory of the job holding a generation that only root can
+    // read: vmctl status reads as the job's user, so it must find the
+    // generation unusable, not show it.
+    let planted = job_dir(&script_job).join("9");
+    fs::create_dir(&planted).unwrap();
+    let (uid, gid) = user_ids();
+    std::os::unix::fs::chown(&planted, Some(uid), Some(gid)).unwrap();
+    let newest = fs::read_link(batch_dir.join("latest")).unwrap();
+    let copy = run(
+        "cp",
+        &[
+            "-r",
+            batch_dir.join(&newest).to_str().unwrap(),
+            planted.to_str().unwrap(),
+        ],
+        Path::new("/"),
+    );
+    assert_eq!(copy.code, 0, "{copy:?}");
+    fs::set_permissions(planted.join(&newest), fs::Permissions::from_mode(0o700)).unwrap();
+
+    let vmctl = vmwrap_tests::vmctl_path();
+    let out = run(
+        vmctl.to_str().unwrap(),
+        &["status", "--json", "--node", busy],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut shown: Vec<String> = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job"].to_string())
+        .collect();
+    shown.sort();
+    let mut expected_jobs = jobs.clone();
+    expected_jobs.sort();
+    assert_eq!(shown, expected_jobs, "{status}");
+    for (job, name, dir) in [
+        (&script_job, "batch", &batch_dir),
+        (&jobs[0], "0", &step_dir),
+    ] {
+        let rows = status_rows(&status, job);
+        let row = &rows[name];
+        let (generation, kind, bytes, chain_bytes) = newest_generation(dir);
+        assert_eq!(row["generation"].as_u64(), Some(generation), "{row}");
+        assert_eq!(row["kind"].as_str(), Some(kind.as_str()), "{row}");
+        assert_eq!(row["bytes"].as_u64(), Some(bytes), "{row}");
+        assert_eq!(row["chain_bytes"].as_u64(), Some(chain_bytes), "{row}");
+        assert_eq!(row["drain_bytes"].as_u64(), Some(chain_bytes), "{row}");
+        let created = row["created_unix"].as_u64().unwrap();
+        assert!(
+            (before..=after).contains(&created),
+            "{row}: not taken in {before}..={after}"
+        );
+    }
+    let script_rows = status_rows(&status, &script_job);
+    let hidden_row = script_rows
+        .get("9")
+        .unwrap_or_else(|| panic!("no row for the planted directory: {status}"));
+    assert!(
+        hidden_row["generation"].is_null() && hidden_row["unusable"] == 1,
+        "read as root? {hidden_row}"
+    );
+    let second_rows = status_rows(&status, &jobs[1]);
+    let second_step = second_rows
+        .get("0")
+        .unwrap_or_else(|| panic!("no step 0 row for job {}: {status}", jobs[1]));
+    assert!(second_step["generation"].is_null(), "{second_step}");
+    let table = run(
+        vmctl.to_str().unwrap(),
+        &["status", "--node", busy],
+        Path::new("/"),
+    );
+    assert_eq!(table.code, 0, "{table:?}");
+    let text = table.stdout_str();
+    for job in &jobs {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{job} "))),
+            "{job}:\n{text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .last()
+            .unwrap_or("")
+            .starts_with("a drain writes up to "),
+        "{text}"
+    );
+    fs::remove_dir_all(&planted).unwrap();
 
     cleanup.drained.push(busy.clone());
     let helper = drain_helper();
@@ -846,6 +1062,21 @@ fn drain_helper_moves_wrapped_jobs_off_a_node() {
         let (first, second) = check_two_runs(&text, Restart::Resumed);
         assert_eq!((&first.node, &second.node), (busy, spare), "{text}");
     }
+    let state = wait_for_job(&script_job);
+    let text = fs::read_to_string(&script_out).unwrap_or_default();
+    let err_text = fs::read_to_string(&script_err).unwrap_or_default();
+    assert_eq!(state, "COMPLETED", "stdout:\n{text}\nstderr:\n{err_text}");
+    assert_eq!(
+        text,
+        shell_counter_output(SCRIPT_TICKS),
+        "the drained script's output differs from an uninterrupted run; stderr:\n{err_text}"
+    );
+    assert!(
+        err_text.contains(&format!(
+            "vmwrap: job {script_job} batch script: restart 1: resuming from its checkpoint"
+        )),
+        "{err_text}"
+    );
 }
 
 /// A checkpoint damaged between the requeue and the restart is never run:

@@ -14,7 +14,7 @@ pub const EXIT_FAILED: i32 = 1;
 /// Exit status when nothing failed but something deserves a look.
 pub const EXIT_WARNINGS: i32 = 2;
 
-const DEFAULT_PLUGSTACK: &str = "/etc/slurm/plugstack.conf";
+pub const DEFAULT_PLUGSTACK: &str = "/etc/slurm/plugstack.conf";
 const DEFAULT_CHECKPOINT_ROOT: &str = "/var/lib/vmwrap/checkpoints";
 /// Below this, a checkpoint of a modest job may not fit.
 const LOW_SPACE_BYTES: u64 = 10 << 30;
@@ -77,6 +77,15 @@ fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -
         detail: detail.into(),
         fix: Some(fix.into()),
     }
+}
+
+/// The plugin's checkpoint_root= in `plugstack` (and the files it includes), else
+/// the default.
+pub fn configured_checkpoint_root(plugstack: &Path) -> PathBuf {
+    find_plugin(plugstack)
+        .ok()
+        .and_then(|p| p.arg("checkpoint_root").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CHECKPOINT_ROOT))
 }
 
 pub fn check(args: CheckArgs) -> i32 {
@@ -643,12 +652,23 @@ pub fn run_with_timeout(program: &str, args: &[&str], timeout: Duration) -> Resu
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
+    // Read while the program runs: output larger than a pipe's buffer (squeue on a
+    // big cluster) would otherwise stop it until the timeout.
+    let read_all = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("piped")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("piped")));
     let deadline = std::time::Instant::now() + timeout;
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) => break,
+            Ok(Some(status)) => break status,
             Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(50))
+                std::thread::sleep(Duration::from_millis(20))
             }
             _ => {
                 let _ = child.kill();
@@ -656,24 +676,22 @@ pub fn run_with_timeout(program: &str, args: &[&str], timeout: Duration) -> Resu
                 return Err(format!("{program} {} timed out", args.join(" ")));
             }
         }
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        let err = String::from_utf8_lossy(&stderr);
         let last = err
             .lines()
             .rev()
             .find(|l| !l.trim().is_empty())
             .unwrap_or("");
         return Err(format!(
-            "{program} {} failed ({}): {last}",
+            "{program} {} failed ({status}): {last}",
             args.join(" "),
-            out.status
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod pin_class;
 mod restore;
 mod run;
 pub mod size;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -57,6 +58,15 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Remove checkpoint directories (ROOT/<user>/<jobid>) of jobs Slurm no longer knows
     Gc(gc::GcArgs),
+    /// Show each wrapped Slurm job's newest checkpoint, its size and age, and what a drain would write
+    #[command(
+        after_help = "Run it as root (or as a job's owner for their own jobs) on a host that \
+                            sees the checkpoint root and can reach slurmctld. Each job's directory \
+                            is read as the job's user. Exit status: 0 every job shown; 1 some \
+                            job's checkpoints could not be read; 125 vmctl failed (squeue or \
+                            scontrol failed, an unknown JOBID)."
+    )]
+    Status(status::StatusArgs),
     /// Check whether this node can run, checkpoint and restore wrapped jobs
     #[command(
         after_help = "Exit status: 0 all items ok; 1 some item failed (the node cannot \
@@ -125,6 +135,7 @@ pub fn main() -> i32 {
         Command::Checkpoint(args) => checkpoint::checkpoint(args),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Gc(args) => gc::gc(args),
+        Command::Status(args) => status::status(args),
         Command::Check(args) => check::check(args),
         Command::CpuClass(args) => cpu_class::cpu_class(args),
         Command::PinClass(args) => pin_class::pin_class(args),
