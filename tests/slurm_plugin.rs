@@ -1010,11 +1010,12 @@ fn drain_helper_moves_wrapped_jobs_off_a_node() {
         .get("0")
         .unwrap_or_else(|| panic!("no step 0 row for job {}: {status}", jobs[1]));
     assert!(second_step["generation"].is_null(), "{second_step}");
-    let table = run(
-        vmctl.to_str().unwrap(),
-        &["status", "--node", busy],
-        Path::new("/"),
-    );
+    // The drain's --dry-run shows the same as a table and changes nothing.
+    let mut dry_run = Command::new(drain_helper());
+    dry_run
+        .args([busy.as_str(), "--dry-run"])
+        .env("VMWRAP_VMCTL", &vmctl);
+    let table = run_command(dry_run, b"", JOB_TIMEOUT);
     assert_eq!(table.code, 0, "{table:?}");
     let text = table.stdout_str();
     for job in &jobs {
@@ -1029,6 +1030,12 @@ fn drain_helper_moves_wrapped_jobs_off_a_node() {
             .unwrap_or("")
             .starts_with("a drain writes up to "),
         "{text}"
+    );
+    assert!(
+        !run("scontrol", &["show", "node", busy], Path::new("/"))
+            .stdout_str()
+            .contains("DRAIN"),
+        "--dry-run drained {busy}"
     );
     fs::remove_dir_all(&planted).unwrap();
 
