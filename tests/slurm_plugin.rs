@@ -860,7 +860,7 @@ fn status_rows(
         .as_array()
         .unwrap()
         .iter()
-        .find(|j| j["job"].to_string() == job)
+        .find(|j| j["job"].as_u64().map(|n| n.to_string()).as_deref() == Some(job))
         .unwrap_or_else(|| panic!("job {job} missing from vmctl status: {status}"));
     assert_eq!(entry["wrapped"], true, "{entry}");
     entry["checkpoints"]

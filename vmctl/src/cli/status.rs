@@ -163,6 +163,8 @@ fn slurm_jobs(args: &StatusArgs) -> Result<Vec<SlurmJob>, String> {
     }
     let argv: Vec<&str> = squeue.iter().map(String::as_str).collect();
     let out = super::check::run_with_timeout("squeue", &argv, SLURM_TIMEOUT)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
     let mut jobs = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let mut job =
@@ -177,6 +179,10 @@ fn slurm_jobs(args: &StatusArgs) -> Result<Vec<SlurmJob>, String> {
             SLURM_TIMEOUT,
         )?;
         job.wrapped = carries_wrap_mark(&record, job.uid);
+        // A user sees their own jobs; only root reads other users' directories.
+        if args.jobs.is_empty() && euid != 0 && euid != job.uid {
+            continue;
+        }
         if job.wrapped || !args.jobs.is_empty() {
             jobs.push(job);
         }
