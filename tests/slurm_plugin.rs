@@ -1152,14 +1152,7 @@ fn corrupted_checkpoint_starts_afresh() {
         "the job's output does not say where its checkpoints went:\n{text}"
     );
     let why = format!("job {job} step 0 task 0: restart 1: starting afresh: vmctl inspect --verify found no valid checkpoint");
-    let logs: String = fs::read_dir("/var/log/slurm")
-        .unwrap()
-        .filter_map(|e| {
-            let path = e.ok()?.path();
-            let name = path.file_name()?.to_str()?.to_string();
-            (name.starts_with("slurmd-")).then(|| fs::read_to_string(&path).unwrap_or_default())
-        })
-        .collect();
+    let logs = slurmd_logs();
     let line = logs.lines().find(|l| l.contains(&why));
     assert!(line.is_some(), "no slurmd log line containing {why:?}");
     assert!(
@@ -1914,7 +1907,9 @@ fn slurmd_logs() -> String {
         .filter_map(|e| {
             let path = e.ok()?.path();
             let name = path.file_name()?.to_str()?.to_string();
-            name.starts_with("slurmd-")
+            // Only this cluster's logs: `vmwrap-cluster up` renames the previous
+            // cluster's to *.log.1, whose job ids the new jobs reuse.
+            (name.starts_with("slurmd-") && name.ends_with(".log"))
                 .then(|| fs::read_to_string(&path).unwrap_or_default())
         })
         .collect()
