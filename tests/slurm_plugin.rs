@@ -1437,9 +1437,10 @@ fn failed_checkpoint_exit_keeps_the_older_generations() {
     check_two_runs_ticks(&text, Restart::Earlier, LONG);
 }
 
-/// User A makes ROOT/A/<B's job id>; the drain must still leave B's
-/// unwrapped job running (it only trusts the plugin's mark in Slurm's
-/// AdminComment) while it moves A's wrapped job.
+/// User A makes ROOT/A/<B's job id>, and B names its unwrapped job after the
+/// plugin's mark; the drain must still leave B's job running (it only trusts
+/// the plugin's mark in Slurm's AdminComment field) while it moves A's
+/// wrapped job.
 #[test]
 #[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
 fn drain_trusts_slurm_not_directories_users_make() {
@@ -1451,13 +1452,19 @@ fn drain_trusts_slurm_not_directories_users_make() {
     let dir = user_dir("drain-trust");
     let victim_dir = TempDir::new("drain-trust-victim");
     let victim_out = victim_dir.join("victim.out");
-    {
+    let other_uid = {
         let meta = fs::metadata(format!("/home/{OTHER_USER}")).unwrap_or_else(|e| {
             panic!("{OTHER_USER} has no home directory ({e}); run contrib/vmwrap-cluster up")
         });
         std::os::unix::fs::chown(victim_dir.path(), Some(meta.uid()), Some(meta.gid())).unwrap();
-    }
-    let name = job_name("drain-victim");
+        meta.uid()
+    };
+    // Its name, which its owner chooses, also spells the plugin's mark: only
+    // Slurm's own AdminComment field may count.
+    let name = format!(
+        "{} AdminComment=vmwrap-uid={other_uid}",
+        job_name("drain-victim")
+    );
     let out = run_as(
         OTHER_USER,
         &[

@@ -217,10 +217,16 @@ fn parse_squeue_line(line: &str) -> Option<SlurmJob> {
 }
 
 /// Whether Slurm's record of the job holds the plugin's mark for its owner,
-/// `AdminComment=vmwrap-uid=UID`, as contrib/vmwrap-drain decides it.
+/// `AdminComment=vmwrap-uid=UID`, as contrib/vmwrap-drain decides it. The user's
+/// own fields (job name, comment, paths) may hold spaces and look like another
+/// field: a record with more than one `AdminComment=` word is ambiguous and not
+/// taken as marked.
 fn carries_wrap_mark(record: &str, uid: u32) -> bool {
     let mark = format!("AdminComment=vmwrap-uid={uid}");
-    record.split_whitespace().any(|w| w == mark)
+    let mut fields = record
+        .split_whitespace()
+        .filter(|w| w.starts_with("AdminComment="));
+    fields.next() == Some(mark.as_str()) && fields.next().is_none()
 }
 
 /// A user name usable as one path component.
@@ -619,6 +625,11 @@ mod tests {
         assert!(!carries_wrap_mark(rec, 1002));
         assert!(!carries_wrap_mark(
             "JobId=5 AdminComment=vmwrap-uid=10011",
+            1001
+        ));
+        // A job name with spaces that spells the mark, on an unwrapped job.
+        assert!(!carries_wrap_mark(
+            "JobId=5 JobName=a AdminComment=vmwrap-uid=1001 UserId=alice(1001) AdminComment=(null)",
             1001
         ));
     }
