@@ -3,6 +3,7 @@
 pub mod cpu;
 pub mod format;
 pub mod incremental;
+pub mod lazy;
 pub mod precopy;
 pub mod read;
 pub mod write;

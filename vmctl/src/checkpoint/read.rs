@@ -443,7 +443,7 @@ fn check_no_overlap(ranges: &mut Vec<(u64, u64)>, round: u32) -> Result<(), Stri
     Ok(())
 }
 
-fn open_image(
+pub(super) fn open_image(
     gen_dir: &Path,
     m: &Manifest,
     direct: bool,

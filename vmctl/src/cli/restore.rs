@@ -4,6 +4,7 @@ use super::options::{CheckpointArgs, KvmArgs};
 use super::{open_kvm_or_report, EXIT_VMCTL_FAILED};
 use crate::checkpoint::format::Manifest;
 use crate::checkpoint::incremental::Restored;
+use crate::checkpoint::lazy::{self, Userfaultfd};
 use crate::checkpoint::read;
 use crate::events::{self, Event};
 use crate::kernel::task::Task;
@@ -28,6 +29,19 @@ pub struct RestoreArgs {
     /// and the next older one tried. Default: the same as run's default
     #[arg(long, value_name = "SIZE", value_parser = super::size::parse_size)]
     pub mem: Option<u64>,
+
+    /// Whether the job runs again before its memory is loaded: on (memory loads in
+    /// the background, pages the job touches first; a damaged chunk found then stops
+    /// the job with exit status 125), off (everything is loaded and verified first, and
+    /// a damaged generation falls back to an older one), auto (on when the memory
+    /// images add up to 256 MiB or more and a userfaultfd can be had)
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub lazy: String,
+
+    /// Use this inherited descriptor, open on /dev/userfaultfd (root's), for --lazy:
+    /// ordinary users cannot open it themselves
+    #[arg(long, value_name = "N")]
+    pub uffd_fd: Option<i32>,
 
     #[command(flatten)]
     pub kvm: KvmArgs,
@@ -77,6 +91,17 @@ pub fn restore(args: RestoreArgs) -> i32 {
             return EXIT_VMCTL_FAILED;
         }
     };
+    let lazy = match args.lazy.as_str() {
+        "on" => Lazy::On,
+        "off" => Lazy::Off,
+        _ => Lazy::Auto,
+    };
+    if lazy == Lazy::On {
+        if let Err(e) = Userfaultfd::open(args.uffd_fd) {
+            eprintln!("vmctl: --lazy=on: {e}; or use --lazy=auto");
+            return EXIT_VMCTL_FAILED;
+        }
+    }
     let Some(kvm) = open_kvm_or_report(&args.kvm) else {
         return EXIT_VMCTL_FAILED;
     };
@@ -85,7 +110,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
     let newest = candidates[0];
     for g in candidates {
         let started = crate::clock::monotonic_ns();
-        let result = try_generation(&kvm, &dir, g, cap, files);
+        let result = try_generation(&kvm, &dir, g, cap, files, lazy, args.uffd_fd);
         let seconds = (crate::clock::monotonic_ns() - started) as f64 / 1e9;
         match result {
             Ok((kernel, tasks, meta, chain, bytes)) => {
@@ -131,6 +156,17 @@ pub fn restore(args: RestoreArgs) -> i32 {
 /// bytes of memory image read (the whole chain's).
 type RestoredJob = (Arc<Kernel>, Vec<Task>, JobMeta, Option<Restored>, u64);
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lazy {
+    On,
+    Off,
+    Auto,
+}
+
+/// With --lazy=auto, the smallest chain restored lazily: below it an eager restore
+/// takes a fraction of a second and keeps the fallback to an older generation.
+const LAZY_AUTO_MIN_BYTES: u64 = 256 << 20;
+
 /// Restores generation `g` (with every generation it builds on), capped by `cap`;
 /// with `files`, first brings the job's files back to it (see crate::filejournal), or
 /// refuses it if they cannot be.
@@ -140,6 +176,8 @@ fn try_generation(
     g: u64,
     cap: u64,
     files: crate::filejournal::Policy,
+    lazy: Lazy,
+    uffd_fd: Option<i32>,
 ) -> Result<RestoredJob, String> {
     let mut links = read::load_chain(dir, g).map_err(|e| e.to_string())?;
     let newest = links.last().expect("a chain holds its generation");
@@ -149,22 +187,57 @@ fn try_generation(
     let ram = newest.manifest.memory.ram_bytes.saturating_sub(SYSTEM_SIZE);
     let vm = Vm::new(kvm, ram).map_err(|e| e.to_string())?;
     read::check_cpu(&newest.manifest, vm.xcr0()).map_err(|e| e.to_string())?;
-    read::load_chain_memory(&links, vm.memory()).map_err(|e| e.to_string())?;
-    // RAM now equals the generation; later host writes (the kernel's restore included)
-    // are tracked from here on.
-    vm.memory().clear_host_dirty();
-    // Everything is checked before any file is touched.
-    let undo_files = files.mode != crate::filejournal::Mode::None;
-    let plan = match (&newest.manifest.files, undo_files) {
-        (Some(_), true) => Some(crate::filejournal::undo::plan(dir, g)?),
-        _ => None,
+    let bytes = links.iter().map(|l| l.manifest.memory.data_bytes).sum();
+    let uffd = match lazy {
+        Lazy::Off => None,
+        Lazy::On => Some(Userfaultfd::open(uffd_fd).map_err(|e| format!("--lazy=on: {e}"))?),
+        Lazy::Auto if bytes < LAZY_AUTO_MIN_BYTES => None,
+        Lazy::Auto => Userfaultfd::open(uffd_fd).ok(),
     };
+    let journal = files.mode != crate::filejournal::Mode::None
+        && links.last().is_some_and(|l| l.manifest.files.is_some());
+    let plan_files = || crate::filejournal::undo::plan(dir, g);
+    let mut plan = None;
+    let mut loading = None;
+    if let Some(uffd) = uffd {
+        // The files are checked before the job's memory starts loading, as an eager
+        // restore checks them once it is loaded: a refusal must come before the loader
+        // can end the process.
+        plan = journal.then(plan_files).transpose()?;
+        let report_dir = dir.to_path_buf();
+        loading = lazy::start(&links, vm.memory(), uffd, move |failure| {
+            let why = lazy::describe(&failure, &report_dir);
+            events::emit(
+                &report_dir,
+                &Event::new("restore", failure.generation, 0, 0.0).failed(&why),
+            );
+            eprintln!("vmctl: {why}");
+            std::process::exit(EXIT_VMCTL_FAILED);
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    if loading.is_none() {
+        read::load_chain_memory(&links, vm.memory()).map_err(|e| e.to_string())?;
+        // Everything is checked before any file is touched.
+        plan = journal.then(plan_files).transpose()?;
+    }
+    // RAM now equals the generation (or will, as the lazy load goes on); later host
+    // writes (the kernel's restore included) are tracked from here on.
+    vm.memory().clear_host_dirty();
+    // A chunk found damaged once the job runs ends it as a crash after the restore
+    // would: the journals still lead back to an older generation.
     if let Some(plan) = &plan {
         plan.apply()?;
         plan.abandon_newer(dir);
     }
-    let chain = Restored::of(&links);
-    let bytes = links.iter().map(|l| l.manifest.memory.data_bytes).sum();
+    // Continuing the chain needs a digest of every page as the generation holds it,
+    // which a lazy restore does not have before the load ends: after a lazy restore
+    // the next checkpoint starts a new chain with a full generation.
+    let chain = if loading.is_some() {
+        None
+    } else {
+        Restored::of(&links)
+    };
     let newest = links.pop().expect("a chain holds its generation").manifest;
     let meta = JobMeta {
         program: newest.program,
