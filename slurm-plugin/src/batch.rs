@@ -158,7 +158,7 @@ pub struct Watch {
 /// Forks the time-limit watcher. Runs in the batch task (as the job user)
 /// before it execs vmctl; the watcher is the task's child, so vmctl stays
 /// the task itself and Slurm sees its exit status.
-pub fn start_watcher(watch: Watch, kvm_fd: RawFd) -> Result<(), String> {
+pub fn start_watcher(watch: Watch, kvm_fd: RawFd, uffd_fd: RawFd) -> Result<(), String> {
     // SAFETY: the task process is single-threaded here (slurmstepd forked
     // it from its main thread), so the child may run ordinary Rust code.
     match unsafe { libc::fork() } {
@@ -171,6 +171,9 @@ pub fn start_watcher(watch: Watch, kvm_fd: RawFd) -> Result<(), String> {
             // child's own copy of the step's /dev/kvm, which it must not keep.
             unsafe {
                 libc::close(kvm_fd);
+                if uffd_fd >= 0 {
+                    libc::close(uffd_fd);
+                }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             }
             watch_time_limit(&watch);

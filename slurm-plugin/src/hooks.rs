@@ -60,6 +60,10 @@ struct State {
 /// before build_exec puts it in vmctl's environment (-1: none).
 static EVENTS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
+/// /dev/userfaultfd, opened by prepare_step (as root) when plugstack.conf has
+/// lazy_restore=yes and handed to `vmctl restore --uffd-fd` only (-1: none).
+static UFFD_DEV_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
 static STATE: Mutex<State> = Mutex::new(State {
     config: None,
     wrap: None,
@@ -273,6 +277,15 @@ fn prepare_step(spank: Spank) -> Result<(), String> {
         "job {job_id} step {step_id}: wrapping in a VM; checkpoints in {}, /dev/kvm is fd {kvm_fd}; {opts}",
         dir.display()
     ));
+    if st.config().lazy_restore {
+        // Without it a restore is eager: slower, never wrong.
+        match open_userfaultfd() {
+            Ok(fd) => UFFD_DEV_FD.store(fd, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => spank::error(&format!(
+                "job {job_id} step {step_id}: lazy_restore=yes but /dev/userfaultfd cannot be opened ({e}); restores load all memory first"
+            )),
+        }
+    }
     let (events, relay) = start_event_relay(job_id, step_id);
     st.prepared = Some(Prepared {
         path,
@@ -398,6 +411,15 @@ fn open_kvm() -> std::io::Result<RawFd> {
     Ok(fd)
 }
 
+fn open_userfaultfd() -> std::io::Result<RawFd> {
+    // SAFETY: a constant path; the result is checked.
+    let fd = unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 /// Lets `fd` survive the next execve. Only called in the task process, which
 /// is about to become vmctl: slurmstepd's own copy keeps FD_CLOEXEC.
 fn inherit_on_exec(fd: RawFd) -> std::io::Result<()> {
@@ -481,7 +503,7 @@ pub extern "C" fn slurm_spank_task_init(
                 margin: opts.margin,
                 continuations: opts.continuations,
             };
-            if let Err(e) = batch::start_watcher(watch, kvm_fd) {
+            if let Err(e) = batch::start_watcher(watch, kvm_fd, UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed)) {
                 // The job itself can run; only the continuation is lost.
                 spank::error(&e);
                 let _ = writeln!(std::io::stderr(), "vmwrap: error: {e}");
@@ -525,6 +547,12 @@ fn exec_vmctl(
             let env_p = null_terminated(&env_c);
             if let Err(e) = inherit_on_exec(kvm_fd) {
                 return format!("cannot pass /dev/kvm (fd {kvm_fd}) to vmctl: {e}");
+            }
+            let uffd = UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed);
+            if uffd >= 0 && argv.iter().any(|a| a == "--uffd-fd") {
+                if let Err(e) = inherit_on_exec(uffd) {
+                    return format!("cannot pass /dev/userfaultfd (fd {uffd}) to vmctl: {e}");
+                }
             }
             let events_fd = EVENTS_FD.load(std::sync::atomic::Ordering::Relaxed);
             if events_fd >= 0 {
@@ -681,7 +709,12 @@ fn build_exec(
     }
 
     program[0] = launch::resolve_program(&program[0], &env, &cwd);
-    let vm_argv = launch::vmctl_argv(mode, vmctl, kvm_fd, &dir, opts, &program);
+    let mut vm_argv = launch::vmctl_argv(mode, vmctl, kvm_fd, &dir, opts, &program);
+    let uffd = UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if mode == launch::Mode::Restore && uffd >= 0 {
+        vm_argv.push("--uffd-fd".into());
+        vm_argv.push(uffd.to_string().into());
+    }
     spank::verbose(&format!(
         "{where_}: exec {}",
         vm_argv
@@ -933,6 +966,11 @@ pub extern "C" fn slurm_spank_exit(
             // SAFETY: the descriptor was opened by prepare_step and is not
             // used after this point; the tasks hold their own copies.
             unsafe { libc::close(p.kvm_fd) };
+            let uffd = UFFD_DEV_FD.swap(-1, std::sync::atomic::Ordering::Relaxed);
+            if uffd >= 0 {
+                // SAFETY: opened by prepare_step, not used after this point.
+                unsafe { libc::close(uffd) };
+            }
             // The tasks have exited: closing the last write end lets the relay
             // log what is left and stop. A process the job left behind may
             // still hold a copy, so do not wait for it long.

@@ -173,6 +173,9 @@ pub struct Config {
     /// Most time-limit continuations (requeues of the job, counted by
     /// Slurm's Restarts) a job may have; 0 turns `timelimit=continue` off.
     pub max_continuations: u32,
+    /// Hand restores a /dev/userfaultfd descriptor, so that vmctl resumes a job before
+    /// its memory is loaded (vmctl restore --lazy).
+    pub lazy_restore: bool,
 }
 
 impl Default for Config {
@@ -187,6 +190,7 @@ impl Default for Config {
             allow_user_override: true,
             steer_cpu_class: true,
             max_continuations: DEFAULT_MAX_CONTINUATIONS,
+            lazy_restore: false,
         }
     }
 }
@@ -236,11 +240,22 @@ impl Config {
                     }
                     _ => Err(format!("'{value}' is not yes or no")),
                 },
+                "lazy_restore" => match value {
+                    "yes" => {
+                        config.lazy_restore = true;
+                        Ok(())
+                    }
+                    "no" => {
+                        config.lazy_restore = false;
+                        Ok(())
+                    }
+                    _ => Err(format!("'{value}' is not yes or no")),
+                },
                 _ => {
                     errors.push(format!(
                         "unknown plugstack.conf argument '{arg}' (known: vmctl, checkpoint_root, \
                          default_interval, default_keep, default_files, max_mem, \
-                         allow_user_override, steer_cpu_class, max_continuations)"
+                         allow_user_override, steer_cpu_class, max_continuations, lazy_restore)"
                     ));
                     continue;
                 }
