@@ -158,7 +158,10 @@ fn a_damaged_chunk_found_by_the_background_load_stops_the_job_naming_it() {
     // The last chunk of the full generation: the restored job waits for stdin and
     // touches none of it, so only the background load reads it.
     let gen1 = ck.join("gen-000001");
-    let chunks = manifest(&gen1)["memory"]["chunks"].as_array().unwrap().clone();
+    let chunks = manifest(&gen1)["memory"]["chunks"]
+        .as_array()
+        .unwrap()
+        .clone();
     let last = chunks.len() - 1;
     let offset = chunks[last]["offset"].as_u64().unwrap() + 100;
     let image = gen1.join("memory.img");
@@ -169,7 +172,10 @@ fn a_damaged_chunk_found_by_the_background_load_stops_the_job_naming_it() {
     let job = lazy_restore(tmp.path(), &ck);
     let r = job.finish();
     let stderr = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.code, EXIT_VMCTL_FAILED, "lazy restore of a damaged chain:\n{r:?}");
+    assert_eq!(
+        r.code, EXIT_VMCTL_FAILED,
+        "lazy restore of a damaged chain:\n{r:?}"
+    );
     let line = stderr
         .lines()
         .find(|l| l.contains("proved damaged"))

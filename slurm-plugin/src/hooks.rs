@@ -503,7 +503,11 @@ pub extern "C" fn slurm_spank_task_init(
                 margin: opts.margin,
                 continuations: opts.continuations,
             };
-            if let Err(e) = batch::start_watcher(watch, kvm_fd, UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed)) {
+            if let Err(e) = batch::start_watcher(
+                watch,
+                kvm_fd,
+                UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed),
+            ) {
                 // The job itself can run; only the continuation is lost.
                 spank::error(&e);
                 let _ = writeln!(std::io::stderr(), "vmwrap: error: {e}");

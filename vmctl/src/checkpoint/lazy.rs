@@ -97,6 +97,11 @@ const CACHE_BYTES: u64 = 256 << 20;
 /// Most (region, chunk or zero run) pairs a chain may need: a crafted manifest of huge
 /// zero runs must not make the index enormous. Such a chain is restored eagerly.
 const MAX_OPS: usize = 1 << 24;
+/// Chunk bytes read ahead at once, by several threads, for the regions the loader
+/// streams next: a fault on one of them then finds its chunks verified in memory.
+const PREFETCH_BYTES: u64 = 32 << 20;
+/// Regions looked ahead for chunks to prefetch.
+const PREFETCH_REGIONS: usize = 64;
 
 /// A userfaultfd for this process, able to resolve faults the kernel takes (KVM's,
 /// and vmctl's own system calls on guest RAM), not only user-mode ones.
@@ -303,11 +308,43 @@ impl Drop for Staging {
     }
 }
 
+/// Reads chunk `chunk` of `link`'s image into `buf` and checks its CRC32.
+fn read_verified(
+    link: &LinkImage,
+    (file, path): &(File, PathBuf),
+    chunk: usize,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, LateFailure> {
+    let c: &Chunk = &link.memory.chunks[chunk];
+    let fail = |error| LateFailure {
+        generation: link.generation,
+        error,
+    };
+    buf.resize(c.bytes() as usize, 0);
+    file.read_exact_at(&mut buf, c.offset).map_err(|e| {
+        fail(if e.kind() == io::ErrorKind::UnexpectedEof {
+            CheckpointError::Corrupt(path.clone(), format!("ends inside chunk {chunk} (truncated)"))
+        } else {
+            CheckpointError::Io(path.clone(), e)
+        })
+    })?;
+    if crc32fast::hash(&buf) != c.crc32 {
+        return Err(fail(CheckpointError::Corrupt(
+            path.clone(),
+            format!("chunk {chunk} at offset {} fails its CRC32", c.offset),
+        )));
+    }
+    Ok(buf)
+}
+
 /// A chunk failed: which generation, and why (the error names file and chunk).
 pub struct LateFailure {
     pub generation: u64,
     pub error: CheckpointError,
 }
+
+/// A chunk of the chain: its link's index, and its index in that link's image.
+type ChunkKey = (usize, usize);
 
 /// What the loader needs of a link: its number and memory image.
 struct LinkImage {
@@ -320,7 +357,7 @@ struct Loader {
     images: Vec<(File, PathBuf)>,
     index: Index,
     loaded: Vec<bool>,
-    cache: VecDeque<((usize, usize), Arc<Vec<u8>>)>,
+    cache: VecDeque<(ChunkKey, Arc<Vec<u8>>)>,
     cache_bytes: u64,
     /// Chunk buffers to reuse: a fresh one costs a host page fault per 4 KiB.
     spare: Vec<Vec<u8>>,
@@ -332,38 +369,17 @@ struct Loader {
 }
 
 impl Loader {
-    fn chunk_data(&mut self, link: usize, chunk: usize) -> Result<Arc<Vec<u8>>, LateFailure> {
-        if let Some(pos) = self.cache.iter().position(|(k, _)| *k == (link, chunk)) {
-            return Ok(self.cache[pos].1.clone());
-        }
-        let l = &self.links[link];
-        let c: &Chunk = &l.memory.chunks[chunk];
-        let (file, path) = &self.images[link];
-        let fail = |error| LateFailure {
-            generation: l.generation,
-            error,
-        };
-        let mut data = self.spare.pop().unwrap_or_default();
-        data.resize(c.bytes() as usize, 0);
-        file.read_exact_at(&mut data, c.offset).map_err(|e| {
-            fail(if e.kind() == io::ErrorKind::UnexpectedEof {
-                CheckpointError::Corrupt(
-                    path.clone(),
-                    format!("ends inside chunk {chunk} (truncated)"),
-                )
-            } else {
-                CheckpointError::Io(path.clone(), e)
-            })
-        })?;
-        if crc32fast::hash(&data) != c.crc32 {
-            return Err(fail(CheckpointError::Corrupt(
-                path.clone(),
-                format!("chunk {chunk} at offset {} fails its CRC32", c.offset),
-            )));
-        }
+    fn cached(&self, key: ChunkKey) -> Option<Arc<Vec<u8>>> {
+        self.cache
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, d)| d.clone())
+    }
+
+    fn insert(&mut self, key: ChunkKey, data: Vec<u8>) -> Arc<Vec<u8>> {
         let data = Arc::new(data);
         self.cache_bytes += data.len() as u64;
-        self.cache.push_back(((link, chunk), data.clone()));
+        self.cache.push_back((key, data.clone()));
         while self.cache_bytes > CACHE_BYTES {
             let Some((_, old)) = self.cache.pop_front() else {
                 break;
@@ -371,11 +387,92 @@ impl Loader {
             self.cache_bytes -= old.len() as u64;
             self.recycle(old);
         }
-        Ok(data)
+        data
+    }
+
+    fn chunk_data(&mut self, link: usize, chunk: usize) -> Result<Arc<Vec<u8>>, LateFailure> {
+        if let Some(d) = self.cached((link, chunk)) {
+            return Ok(d);
+        }
+        let buf = self.spare.pop().unwrap_or_default();
+        let data = read_verified(&self.links[link], &self.images[link], chunk, buf)?;
+        Ok(self.insert((link, chunk), data))
+    }
+
+    /// Reads and checks the chunks regions `from..` need, in parallel (a device
+    /// wants several requests in flight), up to PREFETCH_BYTES of them.
+    fn prefetch(&mut self, from: usize) -> Result<(), LateFailure> {
+        let needs_read = |ops: &[Op]| {
+            ops.iter().any(|op| match *op {
+                Op::Chunk { link, chunk } => self.cached((link, chunk)).is_none(),
+                Op::Zero { .. } => false,
+            })
+        };
+        if !needs_read(&self.index.regions[from]) {
+            return Ok(());
+        }
+        let mut keys: Vec<ChunkKey> = Vec::new();
+        let mut bytes = 0u64;
+        let window = (from + PREFETCH_REGIONS).min(self.index.regions.len());
+        'regions: for ops in self.index.regions[from..window].iter() {
+            for op in ops {
+                if let Op::Chunk { link, chunk } = *op {
+                    let key = (link, chunk);
+                    if keys.contains(&key) || self.cached(key).is_some() {
+                        continue;
+                    }
+                    bytes += self.links[link].memory.chunks[chunk].bytes();
+                    keys.push(key);
+                    if bytes >= PREFETCH_BYTES {
+                        break 'regions;
+                    }
+                }
+            }
+        }
+        if keys.len() < 2 {
+            return Ok(());
+        }
+        let mut slots: Vec<(ChunkKey, Vec<u8>)> = keys
+            .iter()
+            .map(|&k| (k, self.spare.pop().unwrap_or_default()))
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failure = std::sync::Mutex::new(None::<(usize, LateFailure)>);
+        let threads = super::write::io_threads().min(slots.len());
+        let (links, images) = (&self.links, &self.images);
+        let cells: Vec<std::sync::Mutex<&mut (ChunkKey, Vec<u8>)>> =
+            slots.iter_mut().map(std::sync::Mutex::new).collect();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(cell) = cells.get(i) else { break };
+                    let mut slot = cell.lock().expect("poisoned");
+                    let ((link, chunk), buf) = &mut **slot;
+                    match read_verified(&links[*link], &images[*link], *chunk, std::mem::take(buf)) {
+                        Ok(d) => *buf = d,
+                        Err(f) => {
+                            let mut first = failure.lock().expect("poisoned");
+                            if first.as_ref().is_none_or(|(j, _)| i < *j) {
+                                *first = Some((i, f));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        drop(cells);
+        if let Some((_, f)) = failure.into_inner().expect("poisoned") {
+            return Err(f);
+        }
+        for (key, data) in slots {
+            self.insert(key, data);
+        }
+        Ok(())
     }
 
     fn recycle(&mut self, buffer: Arc<Vec<u8>>) {
-        if self.spare.len() < 4 {
+        if self.spare.len() < (PREFETCH_BYTES / super::format::CHUNK_BYTES) as usize {
             if let Ok(b) = Arc::try_unwrap(buffer) {
                 self.spare.push(b);
             }
@@ -538,6 +635,9 @@ impl Loader {
                 break;
             }
             streamed += 1;
+            if let Err(f) = self.prefetch(next) {
+                return on_failure(f);
+            }
             match self.serve(next) {
                 Ok(true) => {}
                 Ok(false) => return,

@@ -96,6 +96,16 @@ pub fn restore(args: RestoreArgs) -> i32 {
         "off" => Lazy::Off,
         _ => Lazy::Auto,
     };
+    if let Some(fd) = args.uffd_fd {
+        // Root's descriptor is vmctl's alone: never passed on to anything it executes.
+        // SAFETY: F_SETFD on a number; an unopened one just fails.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            eprintln!(
+                "vmctl: --uffd-fd {fd}: not an open descriptor; give one open on /dev/userfaultfd"
+            );
+            return EXIT_VMCTL_FAILED;
+        }
+    }
     if lazy == Lazy::On {
         if let Err(e) = Userfaultfd::open(args.uffd_fd) {
             eprintln!("vmctl: --lazy=on: {e}; or use --lazy=auto");
