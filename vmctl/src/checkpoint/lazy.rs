@@ -244,15 +244,68 @@ impl Index {
     }
 }
 
-/// A 2 MiB aligned, THP-backed private buffer a region is assembled in.
+/// Staging buffers regions are assembled in: 2 MiB aligned, THP-backed, private. A
+/// buffer a region was moved out of needs fresh pages, and fresh memory costs 5 to 10 µs
+/// per 4 KiB here once the host has handed it back to the outer hypervisor
+/// (shared/PLATFORM.md, "Memory"), ~5 ms per region: a helper thread repopulates used
+/// buffers while the loader reads and assembles the next regions.
 struct Staging {
+    map: Arc<StagingMap>,
+    current: usize,
+    ready: std::sync::mpsc::Receiver<usize>,
+    refill: std::sync::mpsc::Sender<usize>,
+}
+
+/// Buffers held ready (populated) or being repopulated.
+const STAGING_BUFFERS: usize = 8;
+/// Threads repopulating them: faulting fresh memory in goes faster on several cores.
+const STAGING_HELPERS: usize = 2;
+
+struct StagingMap {
     raw: *mut libc::c_void,
-    ptr: *mut u8,
+    len: usize,
+    base: *mut u8,
+}
+
+// SAFETY: the mapping is only unmapped on drop; the loader and the helper thread use
+// disjoint buffers of it, handed over through channels.
+unsafe impl Send for StagingMap {}
+unsafe impl Sync for StagingMap {}
+
+impl StagingMap {
+    fn buffer(&self, i: usize) -> *mut u8 {
+        // SAFETY: i < STAGING_BUFFERS, so the buffer lies inside the mapping.
+        unsafe { self.base.add(i * HUGE_PAGE as usize) }
+    }
+
+    /// Replaces buffer `i`'s pages (what a move left, or nothing) with fresh zero ones.
+    fn populate(&self, i: usize) {
+        let (p, len) = (self.buffer(i), HUGE_PAGE as usize);
+        // SAFETY: buffer i of this mapping, which nothing else uses meanwhile.
+        let populated = unsafe {
+            libc::madvise(p as *mut _, len, libc::MADV_DONTNEED) == 0
+                && libc::madvise(p as *mut _, len, MADV_POPULATE_WRITE) == 0
+        };
+        if !populated {
+            // A move needs every source page present: write-fault them in.
+            for off in (0..len).step_by(PAGE_SIZE as usize) {
+                // SAFETY: in the same buffer.
+                unsafe { p.add(off).write_volatile(0) };
+            }
+        }
+    }
+}
+
+impl Drop for StagingMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in Staging::new.
+        unsafe { libc::munmap(self.raw, self.len) };
+    }
 }
 
 impl Staging {
     fn new() -> io::Result<Staging> {
-        let len = 2 * HUGE_PAGE as usize;
+        let len = (STAGING_BUFFERS + 1) * HUGE_PAGE as usize;
         // SAFETY: an anonymous private mapping aliasing no Rust object.
         let raw = unsafe {
             libc::mmap(
@@ -267,44 +320,64 @@ impl Staging {
         if raw == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = (raw as u64).next_multiple_of(HUGE_PAGE) as *mut u8;
-        // SAFETY: [ptr, ptr + HUGE_PAGE) lies inside the mapping.
-        unsafe { libc::madvise(ptr as *mut _, HUGE_PAGE as usize, libc::MADV_HUGEPAGE) };
-        Ok(Staging { raw, ptr })
+        let base = (raw as u64).next_multiple_of(HUGE_PAGE) as *mut u8;
+        let buffers = STAGING_BUFFERS * HUGE_PAGE as usize;
+        // SAFETY: the buffers lie inside the mapping.
+        unsafe { libc::madvise(base as *mut _, buffers, libc::MADV_HUGEPAGE) };
+        let map = Arc::new(StagingMap { raw, len, base });
+        let (refill, to_refill) = std::sync::mpsc::channel::<usize>();
+        let (filled, ready) = std::sync::mpsc::channel::<usize>();
+        let to_refill = Arc::new(std::sync::Mutex::new(to_refill));
+        for _ in 0..STAGING_HELPERS {
+            let (map, to_refill, filled) = (map.clone(), to_refill.clone(), filled.clone());
+            std::thread::Builder::new()
+                .name("lazy-staging".into())
+                .spawn(move || loop {
+                    let next = to_refill.lock().map(|r| r.recv());
+                    let Ok(Ok(i)) = next else { break };
+                    map.populate(i);
+                    if filled.send(i).is_err() {
+                        break;
+                    }
+                })?;
+        }
+        for i in 0..STAGING_BUFFERS {
+            let _ = refill.send(i);
+        }
+        let current = ready
+            .recv()
+            .map_err(|_| io::Error::other("staging helper ended"))?;
+        Ok(Staging {
+            map,
+            current,
+            ready,
+            refill,
+        })
     }
 
-    /// All zero and present. After a move the buffer's pages are gone (all of them,
-    /// or all but a few the move skipped): fresh zero pages replace them, a huge page
-    /// where the kernel has one.
+    /// Makes the current buffer all zero and present: after a move, the next
+    /// repopulated buffer; otherwise the same one, zeroed.
     fn reset(&mut self, moved_out: bool) -> io::Result<()> {
         if moved_out {
-            let (p, len) = (self.ptr as *mut libc::c_void, HUGE_PAGE as usize);
-            // SAFETY: the staging range, which holds nothing anyone points into.
-            if unsafe { libc::madvise(p, len, libc::MADV_DONTNEED) } != 0
-                // SAFETY: as above; populating only faults fresh zero pages in.
-                || unsafe { libc::madvise(p, len, MADV_POPULATE_WRITE) } != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
+            let _ = self.refill.send(self.current);
+            self.current = self
+                .ready
+                .recv()
+                .map_err(|_| io::Error::other("staging helper ended"))?;
         } else {
             self.bytes().fill(0);
         }
         Ok(())
     }
 
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the staging range, owned by self and used by one thread.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, HUGE_PAGE as usize) }
+    fn ptr(&self) -> *mut u8 {
+        self.map.buffer(self.current)
     }
-}
 
-// SAFETY: the staging mapping is owned by the one Loader that uses it.
-unsafe impl Send for Staging {}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in new().
-        unsafe { libc::munmap(self.raw, 2 * HUGE_PAGE as usize) };
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the current buffer, which only this thread uses until it is handed
+        // back to the helper.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(), HUGE_PAGE as usize) }
     }
 }
 
@@ -323,7 +396,10 @@ fn read_verified(
     buf.resize(c.bytes() as usize, 0);
     file.read_exact_at(&mut buf, c.offset).map_err(|e| {
         fail(if e.kind() == io::ErrorKind::UnexpectedEof {
-            CheckpointError::Corrupt(path.clone(), format!("ends inside chunk {chunk} (truncated)"))
+            CheckpointError::Corrupt(
+                path.clone(),
+                format!("ends inside chunk {chunk} (truncated)"),
+            )
         } else {
             CheckpointError::Io(path.clone(), e)
         })
@@ -366,6 +442,8 @@ struct Loader {
     /// Host address of guest-physical 0.
     base: u64,
     moved_out: bool,
+    /// Nanoseconds spent reading, assembling and installing (VMCTL_LAZY_STATS).
+    spent: [u64; 4],
 }
 
 impl Loader {
@@ -449,7 +527,8 @@ impl Loader {
                     let Some(cell) = cells.get(i) else { break };
                     let mut slot = cell.lock().expect("poisoned");
                     let ((link, chunk), buf) = &mut **slot;
-                    match read_verified(&links[*link], &images[*link], *chunk, std::mem::take(buf)) {
+                    match read_verified(&links[*link], &images[*link], *chunk, std::mem::take(buf))
+                    {
                         Ok(d) => *buf = d,
                         Err(f) => {
                             let mut first = failure.lock().expect("poisoned");
@@ -495,6 +574,7 @@ impl Loader {
     fn assemble(&mut self, region: usize) -> Result<(), LateFailure> {
         let start = region as u64 * HUGE_PAGE;
         let end = start + HUGE_PAGE;
+        let t0 = crate::clock::monotonic_ns();
         self.staging
             .reset(self.moved_out)
             .map_err(|e| LateFailure {
@@ -502,6 +582,7 @@ impl Loader {
                 error: CheckpointError::Io("staging buffer".into(), e),
             })?;
         self.moved_out = false;
+        self.spent[3] += (crate::clock::monotonic_ns() - t0) as u64;
         let ops = std::mem::take(&mut self.index.regions[region]);
         for &op in &ops {
             match op {
@@ -547,7 +628,7 @@ impl Loader {
         while done < HUGE_PAGE {
             let mut t = abi::Transfer {
                 dst: dst + done,
-                src: self.staging.ptr as u64 + done,
+                src: self.staging.ptr() as u64 + done,
                 len: HUGE_PAGE - done,
                 mode: 0,
                 done: 0,
@@ -590,8 +671,13 @@ impl Loader {
             self.wake(region);
             return Ok(true);
         }
+        let t0 = crate::clock::monotonic_ns();
         self.assemble(region)?;
-        Ok(self.install(region).is_ok())
+        let t1 = crate::clock::monotonic_ns();
+        let installed = self.install(region).is_ok();
+        self.spent[1] += (t1 - t0) as u64;
+        self.spent[2] += (crate::clock::monotonic_ns() - t1) as u64;
+        Ok(installed)
     }
 
     /// Regions some thread waits for, from the fault messages queued now.
@@ -635,9 +721,11 @@ impl Loader {
                 break;
             }
             streamed += 1;
+            let t0 = crate::clock::monotonic_ns();
             if let Err(f) = self.prefetch(next) {
                 return on_failure(f);
             }
+            self.spent[0] += (crate::clock::monotonic_ns() - t0) as u64;
             match self.serve(next) {
                 Ok(true) => {}
                 Ok(false) => return,
@@ -654,8 +742,12 @@ impl Loader {
         let _ = ioctl(self.uffd.fd.as_raw_fd(), abi::UFFDIO_UNREGISTER, &mut range);
         if std::env::var_os("VMCTL_LAZY_STATS").is_some() {
             eprintln!(
-                "vmctl: lazy restore: loaded in {:.3} s; {faulted} regions on demand, {streamed} in the background; {}",
+                "vmctl: lazy restore: loaded in {:.3} s ({:.3} s reading ahead, {:.3} s assembling, of which {:.3} s for fresh staging pages, {:.3} s installing); {faulted} regions on demand, {streamed} in the background; {}",
                 (crate::clock::monotonic_ns() - started) as f64 / 1e9,
+                self.spent[0] as f64 / 1e9,
+                self.spent[1] as f64 / 1e9,
+                self.spent[3] as f64 / 1e9,
+                self.spent[2] as f64 / 1e9,
                 if self.uffd.can_move { "moved" } else { "copied" }
             );
         }
@@ -712,6 +804,7 @@ pub fn start(
         uffd,
         base: mem.host_base(),
         moved_out: false,
+        spent: [0; 4],
     };
     // The system region is vmctl's (Vm::new wrote it already): loaded now, eagerly,
     // exactly as an eager restore would.

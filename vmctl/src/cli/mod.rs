@@ -49,7 +49,9 @@ pub enum Command {
     /// Resume a job from its newest usable checkpoint in DIR
     #[command(
         after_help = "Environment: VMCTL_COUNT_EXITS=1 prints, when the job ends, its \
-                            exits to vmctl, as for run."
+                            exits to vmctl, as for run. VMCTL_LAZY_STATS=1 prints, when a \
+                            lazy restore's background load ends, how long it took and how \
+                            many 2 MiB regions the job asked for first."
     )]
     Restore(restore::RestoreArgs),
     /// Ask the job running with --checkpoint-dir DIR for a checkpoint
