@@ -701,6 +701,9 @@ impl Loader {
 
     fn run(mut self, on_failure: impl FnOnce(LateFailure)) {
         let mut next = 0usize;
+        // Where the job last asked for memory: jobs mostly go on through memory in
+        // order, so the regions after it are loaded next, before the cursor's.
+        let mut after_fault: Option<usize> = None;
         let regions = self.loaded.len();
         let has_data: Vec<bool> = self.index.regions.iter().map(|o| !o.is_empty()).collect();
         let started = crate::clock::monotonic_ns();
@@ -708,8 +711,13 @@ impl Loader {
         loop {
             for region in self.faults() {
                 faulted += 1;
+                if !self.loaded[region] {
+                    if let Err(f) = self.prefetch(region) {
+                        return on_failure(f);
+                    }
+                }
                 match self.serve(region) {
-                    Ok(true) => {}
+                    Ok(true) => after_fault = Some(region + 1),
                     Ok(false) => return,
                     Err(f) => return on_failure(f),
                 }
@@ -720,14 +728,21 @@ impl Loader {
             if next == regions {
                 break;
             }
+            let region = match after_fault {
+                Some(r) if r < regions && !self.loaded[r] && has_data[r] => r,
+                _ => {
+                    after_fault = None;
+                    next
+                }
+            };
             streamed += 1;
             let t0 = crate::clock::monotonic_ns();
-            if let Err(f) = self.prefetch(next) {
+            if let Err(f) = self.prefetch(region) {
                 return on_failure(f);
             }
             self.spent[0] += (crate::clock::monotonic_ns() - t0) as u64;
-            match self.serve(next) {
-                Ok(true) => {}
+            match self.serve(region) {
+                Ok(true) => after_fault = after_fault.map(|r| r + 1),
                 Ok(false) => return,
                 Err(f) => return on_failure(f),
             }
