@@ -621,10 +621,12 @@ impl Loader {
     }
 
     /// Installs the staging buffer as region `region` of guest RAM and wakes whoever
-    /// waits for it. Err: guest RAM is gone (the job ended meanwhile).
+    /// waits for it.
     fn install(&mut self, region: usize) -> io::Result<()> {
         let dst = self.base + region as u64 * HUGE_PAGE;
         let mut done = 0u64;
+        let mut use_move = self.uffd.can_move;
+        let mut retries = 0;
         while done < HUGE_PAGE {
             let mut t = abi::Transfer {
                 dst: dst + done,
@@ -633,7 +635,7 @@ impl Loader {
                 mode: 0,
                 done: 0,
             };
-            let request = if self.uffd.can_move {
+            let request = if use_move {
                 abi::UFFDIO_MOVE
             } else {
                 abi::UFFDIO_COPY
@@ -643,7 +645,14 @@ impl Loader {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && t.done > 0 => {
                     done += t.done as u64
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY)) => {
+                    // The kernel could not take the pages as they are (a page being
+                    // migrated, say): after a few tries, copy them instead.
+                    retries += 1;
+                    if retries > 16 {
+                        use_move = false;
+                    }
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                     // A page already there was installed by this loader: nothing else
                     // can fill a registered, missing page. Skip it.
@@ -652,6 +661,7 @@ impl Loader {
                 Err(e) => return Err(e),
             }
         }
+        // Whatever a move left in the buffer is dropped when it is repopulated.
         self.moved_out = self.uffd.can_move;
         self.loaded[region] = true;
         Ok(())
@@ -674,10 +684,21 @@ impl Loader {
         let t0 = crate::clock::monotonic_ns();
         self.assemble(region)?;
         let t1 = crate::clock::monotonic_ns();
-        let installed = self.install(region).is_ok();
+        let installed = self.install(region);
         self.spent[1] += (t1 - t0) as u64;
         self.spent[2] += (crate::clock::monotonic_ns() - t1) as u64;
-        Ok(installed)
+        match installed {
+            Ok(()) => Ok(true),
+            // Guest RAM or the whole address space is gone: vmctl is ending.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)) => {
+                Ok(false)
+            }
+            // Anything else leaves a vCPU waiting for ever: the job cannot go on.
+            Err(e) => Err(LateFailure {
+                generation: self.links.last().map_or(0, |l| l.generation),
+                error: CheckpointError::Io(format!("guest RAM region {region}").into(), e),
+            }),
+        }
     }
 
     /// Regions some thread waits for, from the fault messages queued now.
@@ -849,8 +870,12 @@ pub fn start(
 
 /// The one-line report of a late failure.
 pub fn describe(f: &LateFailure, dir: &Path) -> String {
+    let what = match f.error {
+        CheckpointError::Corrupt(..) => "proved damaged",
+        _ => "could not be loaded",
+    };
     format!(
-        "generation {} proved damaged after the job resumed (lazy restore): {}; the job stops; no generation was removed, and `vmctl restore --lazy=off {}` restores the newest intact one",
+        "generation {} {what} after the job resumed (lazy restore): {}; the job stops; no generation was removed, and `vmctl restore --lazy=off {}` restores the newest intact one",
         f.generation,
         f.error,
         dir.display()
