@@ -585,8 +585,11 @@ mod tests {
             "default_keep=2",
             "max_mem=16G",
             "allow_user_override=no",
+            "lazy_restore=yes",
         ])
         .unwrap();
+        assert!(c.lazy_restore && !Config::default().lazy_restore);
+        assert!(Config::parse(["lazy_restore=maybe"]).is_err());
         assert_eq!(c.vmctl, PathBuf::from("/opt/vmwrap/vmctl"));
         assert_eq!(c.checkpoint_root, PathBuf::from("/scratch/ckpt"));
         assert_eq!(c.default_interval, Some(300));
