@@ -34,6 +34,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The kernel's userfaultfd ABI (linux/userfaultfd.h); libc has none of it.
@@ -442,6 +443,8 @@ struct Loader {
     /// Host address of guest-physical 0.
     base: u64,
     moved_out: bool,
+    /// Set when the restore gave this generation up before the job ran.
+    cancelled: Arc<AtomicBool>,
     /// Nanoseconds spent reading, assembling and installing (VMCTL_LAZY_STATS).
     spent: [u64; 4],
 }
@@ -729,7 +732,16 @@ impl Loader {
         let has_data: Vec<bool> = self.index.regions.iter().map(|o| !o.is_empty()).collect();
         let started = crate::clock::monotonic_ns();
         let (mut faulted, mut streamed) = (0u64, 0u64);
+        let cancelled = self.cancelled.clone();
+        let on_failure = |f: LateFailure| {
+            if !cancelled.load(Ordering::Acquire) {
+                on_failure(f)
+            }
+        };
         loop {
+            if self.cancelled.load(Ordering::Acquire) {
+                break;
+            }
             for region in self.faults() {
                 faulted += 1;
                 if !self.loaded[region] {
@@ -799,7 +811,7 @@ pub fn start(
     mem: &GuestMemory,
     uffd: Userfaultfd,
     on_failure: impl FnOnce(LateFailure) + Send + 'static,
-) -> Result<Option<()>, CheckpointError> {
+) -> Result<Option<LazyLoad>, CheckpointError> {
     let Some(newest) = links.last() else {
         return Ok(None);
     };
@@ -840,6 +852,7 @@ pub fn start(
         uffd,
         base: mem.host_base(),
         moved_out: false,
+        cancelled: Arc::new(AtomicBool::new(false)),
         spent: [0; 4],
     };
     // The system region is vmctl's (Vm::new wrote it already): loaded now, eagerly,
@@ -860,12 +873,32 @@ pub fn start(
             CheckpointError::Refused(format!("cannot register guest RAM with userfaultfd: {e}"))
         })?;
     }
+    let cancelled = loader.cancelled.clone();
     // Detached: it ends once everything is loaded, and with the process otherwise.
     std::thread::Builder::new()
         .name("lazy-restore".into())
         .spawn(move || loader.run(on_failure))
         .map_err(|e| CheckpointError::Io("loader thread".into(), e))?;
-    Ok(Some(()))
+    Ok(Some(LazyLoad { cancelled }))
+}
+
+/// A lazy load under way. Dropped, it stops the loader (quietly, without ending the
+/// process): the restore gave the generation up before the job ran.
+pub struct LazyLoad {
+    cancelled: Arc<AtomicBool>,
+}
+
+impl LazyLoad {
+    /// The job runs on this load: let it go on to the end.
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for LazyLoad {
+    fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
 }
 
 /// The one-line report of a late failure.

@@ -210,10 +210,15 @@ fn try_generation(
     let mut plan = None;
     let mut loading = None;
     if let Some(uffd) = uffd {
-        // The files are checked before the job's memory starts loading, as an eager
-        // restore checks them once it is loaded: a refusal must come before the loader
-        // can end the process.
+        // The files are brought back before the memory starts loading, so that a
+        // damaged chunk found meanwhile (which ends the process) never interrupts that.
+        // It then ends the job as a crash right after the restore would: undoing the
+        // journals again, down to an older generation, still leads back to it.
         plan = journal.then(plan_files).transpose()?;
+        if let Some(plan) = &plan {
+            plan.apply()?;
+            plan.abandon_newer(dir);
+        }
         let report_dir = dir.to_path_buf();
         loading = lazy::start(&links, vm.memory(), uffd, move |failure| {
             let why = lazy::describe(&failure, &report_dir);
@@ -230,16 +235,14 @@ fn try_generation(
         read::load_chain_memory(&links, vm.memory()).map_err(|e| e.to_string())?;
         // Everything is checked before any file is touched.
         plan = journal.then(plan_files).transpose()?;
+        if let Some(plan) = &plan {
+            plan.apply()?;
+            plan.abandon_newer(dir);
+        }
     }
     // RAM now equals the generation (or will, as the lazy load goes on); later host
     // writes (the kernel's restore included) are tracked from here on.
     vm.memory().clear_host_dirty();
-    // A chunk found damaged once the job runs ends it as a crash after the restore
-    // would: the journals still lead back to an older generation.
-    if let Some(plan) = &plan {
-        plan.apply()?;
-        plan.abandon_newer(dir);
-    }
     // Continuing the chain needs a digest of every page as the generation holds it,
     // which a lazy restore does not have before the load ends: after a lazy restore
     // the next checkpoint starts a new chain with a full generation.
@@ -263,6 +266,9 @@ fn try_generation(
             g,
             &plan.entries,
         )?;
+    }
+    if let Some(load) = loading {
+        load.keep();
     }
     Ok((kernel, tasks, meta, chain, bytes))
 }
