@@ -11,21 +11,19 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
 
 use serde_json::Value;
 // `checkpoint` here is `vmctl checkpoint --json`: these tests read its answer.
 use vmwrap_tests::checkpoint_dir::checkpoint_json as checkpoint;
 use vmwrap_tests::checkpoint_dir::{
     copy_generations, crc32, entries, fd_offset, flip_bit, gen_dir, inspect_json, manifest,
-    restore, rewrite_manifest, set_len, statuses, vmctl,
+    native_hotset, restore, rewrite_manifest, set_len, statuses, vmctl,
 };
 use vmwrap_tests::{assert_bytes_eq, assert_contains, assert_file_eq, poll_until, tail_from};
-use vmwrap_tests::{need_kvm, Invocation, Job, Rng, RunOutput, TempDir};
+use vmwrap_tests::{need_kvm, Invocation, Job, Rng, TempDir};
 use vmwrap_tests::{EXIT_VMCTL_FAILED, STEP};
 
-/// tests/fixtures/hotset.c: `hotset OUTFILE MIB HOT_KIB ROUNDS`, 1 stdin byte a round.
-const HOTSET: &str = env!("VMWRAP_FIXTURE_HOTSET");
+use vmwrap_tests::fixtures::HOTSET;
 /// tests/fixtures/readhold.c: `readhold FILE CHUNK PIECES`, 2 stdin bytes a piece.
 const READHOLD: &str = env!("VMWRAP_FIXTURE_READHOLD");
 
@@ -41,21 +39,6 @@ fn row(v: &Value, generation: u64) -> Value {
         .find(|r| r["generation"] == generation)
         .unwrap_or_else(|| panic!("no generation {generation} in {v}"))
         .clone()
-}
-
-fn native_hotset(tmp: &TempDir, out: &Path, mib: u64, hot_kib: u64, rounds: usize) -> RunOutput {
-    let run = Invocation::new(HOTSET)
-        .args([
-            out.as_os_str(),
-            mib.to_string().as_ref(),
-            hot_kib.to_string().as_ref(),
-            rounds.to_string().as_ref(),
-        ])
-        .stdin(vec![b'g'; rounds])
-        .cwd(tmp.path())
-        .run_native();
-    assert_eq!(run.code, 0, "native hotset:\n{run:?}");
-    run
 }
 
 // ---------------------------------------------------------------------------

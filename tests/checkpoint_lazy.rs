@@ -12,42 +12,15 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::Value;
-use vmwrap_tests::{diff, require_kvm, vmctl_path, Invocation, Job, RunOutput, TempDir};
+// `checkpoint` here is `vmctl checkpoint --json`: these tests read its answer.
+use vmwrap_tests::checkpoint_dir::checkpoint_json as checkpoint;
+use vmwrap_tests::checkpoint_dir::{fd_offset, manifest, native_hotset};
+use vmwrap_tests::fixtures::HOTSET;
+use vmwrap_tests::{diff, need_kvm, tail_from, vmctl_path, Job, TempDir, EXIT_VMCTL_FAILED};
 
-/// tests/fixtures/hotset.c: `hotset OUTFILE MIB HOT_KIB ROUNDS`, 1 stdin byte a round.
-const HOTSET: &str = env!("VMWRAP_FIXTURE_HOTSET");
-const EXIT_VMCTL_FAILED: i32 = 125;
 const MIB: u64 = 64;
 const HOT_KIB: u64 = 512;
 const ROUNDS: usize = 3;
-
-fn manifest(gen: &Path) -> Value {
-    serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap()
-}
-
-/// The saved offset of the job's descriptor open on `file`.
-fn fd_offset(gen: &Path, file: &Path) -> u64 {
-    manifest(gen)["kernel"]["files"]
-        .as_array()
-        .expect("open files")
-        .iter()
-        .filter_map(|f| f.get("Path"))
-        .find(|p| p["path"].as_str() == file.to_str())
-        .and_then(|p| p["offset"].as_u64())
-        .unwrap_or_else(|| panic!("{}: no descriptor on {}", gen.display(), file.display()))
-}
-
-fn checkpoint(ckpt: &Path) -> Value {
-    let out = Command::new(vmctl_path())
-        .arg("checkpoint")
-        .arg(ckpt)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "vmctl checkpoint: {out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// `vmctl restore --lazy=on CKPT`, reporting its loader's figures on stderr.
 fn lazy_restore(cwd: &Path, ckpt: &Path) -> Job {
@@ -58,21 +31,6 @@ fn lazy_restore(cwd: &Path, ckpt: &Path) -> Job {
         .env("VMCTL_LAZY_STATS", "1")
         .current_dir(cwd);
     Job::spawn(cmd)
-}
-
-fn native_hotset(tmp: &TempDir, out: &Path) -> RunOutput {
-    let run = Invocation::new(HOTSET)
-        .args([
-            out.as_os_str(),
-            MIB.to_string().as_ref(),
-            HOT_KIB.to_string().as_ref(),
-            ROUNDS.to_string().as_ref(),
-        ])
-        .stdin(vec![b'g'; ROUNDS])
-        .cwd(tmp.path())
-        .run_native();
-    assert_eq!(run.code, 0, "native hotset:\n{run:?}");
-    run
 }
 
 /// Runs hotset in a VM with incremental checkpoints: generation 1 (full) after the
@@ -99,21 +57,12 @@ fn checkpointed_hotset(tmp: &TempDir, out: &Path, ck: &Path) {
     job.finish();
 }
 
-fn tail_from<'a>(text: &'a str, prefix: &str) -> &'a str {
-    let at = text
-        .find(&format!("\n{prefix}"))
-        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"));
-    &text[at + 1..]
-}
-
 #[test]
 fn a_lazily_restored_chain_gives_the_native_output() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let tmp = TempDir::new("lazy-native");
     let native_out = tmp.join("native.txt");
-    let native = native_hotset(&tmp, &native_out);
+    let native = native_hotset(&tmp, &native_out, MIB, HOT_KIB, ROUNDS);
     let out = tmp.join("vm.txt");
     let ck = tmp.join("ckpt");
     checkpointed_hotset(&tmp, &out, &ck);
@@ -147,9 +96,7 @@ fn a_lazily_restored_chain_gives_the_native_output() {
 
 #[test]
 fn a_damaged_chunk_found_by_the_background_load_stops_the_job_naming_it() {
-    if !require_kvm() {
-        return;
-    }
+    need_kvm!();
     let tmp = TempDir::new("lazy-bad-chunk");
     let out = tmp.join("vm.txt");
     let ck = tmp.join("ckpt");

@@ -198,3 +198,26 @@ pub fn copy_generations(from: &Path, gens: &[u64], to: &Path, link: bool) {
     let newest = gens.iter().max().expect("some generation");
     std::os::unix::fs::symlink(gen_name(*newest), to.join("latest")).unwrap();
 }
+
+/// tests/fixtures/hotset.c run natively to the end: `rounds` rounds of `hot_kib`
+/// rewritten over `mib` filled, its results in `out`.
+pub fn native_hotset(
+    tmp: &crate::TempDir,
+    out: &Path,
+    mib: u64,
+    hot_kib: u64,
+    rounds: usize,
+) -> RunOutput {
+    let run = crate::Invocation::new(crate::fixtures::HOTSET)
+        .args([
+            out.as_os_str(),
+            mib.to_string().as_ref(),
+            hot_kib.to_string().as_ref(),
+            rounds.to_string().as_ref(),
+        ])
+        .stdin(vec![b'g'; rounds])
+        .cwd(tmp.path())
+        .run_native();
+    assert_eq!(run.code, 0, "native hotset:\n{run:?}");
+    run
+}

@@ -33,6 +33,9 @@ pub mod fixtures {
     pub const SYSCALLS_STATIC: &str = env!("VMWRAP_FIXTURE_SYSCALLS_STATIC");
     pub const CPULOOP: &str = env!("VMWRAP_FIXTURE_CPULOOP");
     pub const GETPPID_LOOP: &str = env!("VMWRAP_FIXTURE_GETPPID_LOOP");
+    /// `hotset OUTFILE MIB HOT_KIB ROUNDS`: fills MIB, then rewrites a hot set of
+    /// HOT_KIB each round, one stdin byte a round (tests/fixtures/hotset.c).
+    pub const HOTSET: &str = env!("VMWRAP_FIXTURE_HOTSET");
 }
 
 /// Debian's interpreter: `python3` on PATH may be a pyenv shim (a bash script
