@@ -45,6 +45,11 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Print only the ids of the jobs shown, one per line, without reading their
+    /// checkpoints (contrib/vmwrap-drain uses this to choose the jobs it requeues)
+    #[arg(long, conflicts_with = "json")]
+    pub ids: bool,
+
     /// The plugin's checkpoint root (default: checkpoint_root= from plugstack.conf,
     /// else /var/lib/vmwrap/checkpoints)
     #[arg(long, value_name = "DIR")]
@@ -114,6 +119,12 @@ pub fn status(args: StatusArgs) -> i32 {
             return EXIT_VMCTL_FAILED;
         }
     };
+    if args.ids {
+        for job in jobs.iter().filter(|j| j.wrapped) {
+            println!("{}", job.id);
+        }
+        return 0;
+    }
     let now = unix_now();
     let mut failed = false;
     let mut rows = Vec::new();
@@ -165,6 +176,7 @@ fn slurm_jobs(args: &StatusArgs) -> Result<Vec<SlurmJob>, String> {
     let out = super::check::run_with_timeout("squeue", &argv, SLURM_TIMEOUT)?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
+    let marks = wrap_marks()?;
     let mut jobs = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let mut job =
@@ -173,12 +185,9 @@ fn slurm_jobs(args: &StatusArgs) -> Result<Vec<SlurmJob>, String> {
         if jobs.iter().any(|j: &SlurmJob| j.id == job.id) {
             continue;
         }
-        let record = super::check::run_with_timeout(
-            "scontrol",
-            &["show", "job", "--oneliner", &job.id.to_string()],
-            SLURM_TIMEOUT,
-        )?;
-        job.wrapped = carries_wrap_mark(&record, job.uid);
+        job.wrapped = marks
+            .get(&job.id)
+            .is_some_and(|comment| is_wrap_mark(comment, job.uid));
         // A user sees their own jobs; only root reads other users' directories.
         if args.jobs.is_empty() && euid != 0 && euid != job.uid {
             continue;
@@ -216,17 +225,38 @@ fn parse_squeue_line(line: &str) -> Option<SlurmJob> {
     })
 }
 
-/// Whether Slurm's record of the job holds the plugin's mark for its owner,
-/// `AdminComment=vmwrap-uid=UID`, as contrib/vmwrap-drain decides it. The user's
-/// own fields (job name, comment, paths) may hold spaces and look like another
-/// field: a record with more than one `AdminComment=` word is ambiguous and not
-/// taken as marked.
-fn carries_wrap_mark(record: &str, uid: u32) -> bool {
-    let mark = format!("AdminComment=vmwrap-uid={uid}");
-    let mut fields = record
-        .split_whitespace()
-        .filter(|w| w.starts_with("AdminComment="));
-    fields.next() == Some(mark.as_str()) && fields.next().is_none()
+/// Every job's AdminComment, by job id, from `squeue --json`. The one-line
+/// `scontrol show job` cannot be read safely: the user's own fields (job name,
+/// working directory, comment) may hold spaces and spell `AdminComment=...`, and
+/// the real field is left out when it is empty.
+fn wrap_marks() -> Result<std::collections::HashMap<u64, String>, String> {
+    let out = super::check::run_with_timeout("squeue", &["--json"], SLURM_TIMEOUT)?;
+    admin_comments(&out).ok_or_else(|| {
+        "cannot read `squeue --json` (Slurm 21.08 or later is needed to tell wrapped jobs)"
+            .to_string()
+    })
+}
+
+fn admin_comments(json: &str) -> Option<std::collections::HashMap<u64, String>> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v.get("jobs")?
+        .as_array()?
+        .iter()
+        .map(|j| {
+            let id = j.get("job_id")?.as_u64()?;
+            let comment = j
+                .get("admin_comment")
+                .and_then(|c| c.as_str())
+                .unwrap_or("");
+            Some((id, comment.to_string()))
+        })
+        .collect()
+}
+
+/// Whether a job's AdminComment is the plugin's mark for its owner `uid`, as
+/// contrib/vmwrap-drain decides it (through `vmctl status --ids`).
+fn is_wrap_mark(admin_comment: &str, uid: u32) -> bool {
+    admin_comment == format!("vmwrap-uid={uid}")
 }
 
 /// A user name usable as one path component.
@@ -620,18 +650,18 @@ mod tests {
 
     #[test]
     fn the_mark_must_name_the_owner() {
-        let rec = "JobId=5 JobName=x UserId=alice(1001) AdminComment=vmwrap-uid=1001 Comment=y";
-        assert!(carries_wrap_mark(rec, 1001));
-        assert!(!carries_wrap_mark(rec, 1002));
-        assert!(!carries_wrap_mark(
-            "JobId=5 AdminComment=vmwrap-uid=10011",
-            1001
-        ));
-        // A job name with spaces that spells the mark, on an unwrapped job.
-        assert!(!carries_wrap_mark(
-            "JobId=5 JobName=a AdminComment=vmwrap-uid=1001 UserId=alice(1001) AdminComment=(null)",
-            1001
-        ));
+        let json = r#"{"jobs": [
+            {"job_id": 5, "name": "x AdminComment=vmwrap-uid=1001", "admin_comment": ""},
+            {"job_id": 6, "admin_comment": "vmwrap-uid=1001"},
+            {"job_id": 7}
+        ]}"#;
+        let marks = admin_comments(json).unwrap();
+        assert!(!is_wrap_mark(&marks[&5], 1001));
+        assert!(is_wrap_mark(&marks[&6], 1001));
+        assert!(!is_wrap_mark(&marks[&6], 1002));
+        assert!(!is_wrap_mark(&marks[&7], 1001));
+        assert!(!is_wrap_mark("vmwrap-uid=10011", 1001));
+        assert!(admin_comments("JobId=5 AdminComment=vmwrap-uid=1001").is_none());
     }
 
     #[test]
