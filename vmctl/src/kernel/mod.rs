@@ -393,12 +393,13 @@ impl Kernel {
             return Err(Errno(libc::EAGAIN));
         }
         let index = pool.next_index;
-        let v = self.vm.create_vcpu(index, cr3).map_err(|e| {
+        // KVM keeps a vCPU id once created, even if its start-up then fails: the
+        // index is used up either way.
+        pool.next_index += 1;
+        self.vm.create_vcpu(index, cr3).map_err(|e| {
             eprintln!("vmctl: cannot create a vCPU for a new guest thread: {e}");
             Errno(libc::EAGAIN)
-        })?;
-        pool.next_index += 1;
-        Ok(v)
+        })
     }
 
     pub fn put_vcpu(&self, v: Vcpu) {

@@ -147,14 +147,27 @@ impl Vcpu {
             ..Default::default()
         };
         self.fd.set_regs(&regs).map_err(|e| k("KVM_SET_REGS", e))?;
-        match self.fd.run() {
-            Ok(VcpuExit::IoOut(port, _)) if port == PORT_FIRST_RUN as u16 => {}
-            other => {
-                return Err(MachineError::VcpuFailed(format!(
-                    "first run of vCPU {} ended with {:?} instead of its start-up report",
-                    self.index,
-                    other.map(|e| format!("{e:?}"))
-                )))
+        // A signal for this host thread (another task's kick, a host signal being
+        // forwarded) can end the run early with EINTR; the guest simply continues
+        // where it was on the next run. Bounded, so a signal storm still ends.
+        let mut interrupted = 0;
+        loop {
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) if port == PORT_FIRST_RUN as u16 => break,
+                Err(e)
+                    if (e.errno() == libc::EINTR || e.errno() == libc::EAGAIN)
+                        && interrupted < 1000 =>
+                {
+                    interrupted += 1;
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                other => {
+                    return Err(MachineError::VcpuFailed(format!(
+                        "first run of vCPU {} ended with {:?} instead of its start-up report",
+                        self.index,
+                        other.map(|e| format!("{e:?}"))
+                    )))
+                }
             }
         }
         let msrs = Msrs::from_entries(&[
