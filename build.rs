@@ -147,6 +147,13 @@ const FIXTURES: &[Fixture] = &[
         source: "hotset.c",
         flags: PIE,
     },
+    // Kinds of memory for checkpoint compression (tests/checkpoint_incremental.rs,
+    // tests/bench/checkpoint-compression).
+    Fixture {
+        name: "memkinds",
+        source: "memkinds.c",
+        flags: PIE,
+    },
     Fixture {
         name: "readhold",
         source: "readhold.c",

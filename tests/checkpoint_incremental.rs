@@ -26,6 +26,8 @@ use vmwrap_tests::{EXIT_VMCTL_FAILED, STEP};
 use vmwrap_tests::fixtures::HOTSET;
 /// tests/fixtures/readhold.c: `readhold FILE CHUNK PIECES`, 2 stdin bytes a piece.
 const READHOLD: &str = env!("VMWRAP_FIXTURE_READHOLD");
+/// tests/fixtures/memkinds.c: `memkinds OUTFILE KIND MIB ROUNDS`, 1 stdin byte a round.
+const MEMKINDS: &str = env!("VMWRAP_FIXTURE_MEMKINDS");
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -660,5 +662,181 @@ fn precopy_while_the_job_rewrites_all_its_memory_restores_like_native() {
             &native_out,
             &out,
         );
+    }
+}
+
+/// The chunks of a generation's manifest that are stored compressed with `codec`.
+fn compressed_chunks(gen: &Path, codec: &str) -> Vec<Value> {
+    manifest(gen)["memory"]["chunks"]
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .filter(|c| c["compressed"]["codec"] == codec)
+        .cloned()
+        .collect()
+}
+
+/// Generations compressed with zstd and lz4 (with and without pre-copy) and a plain
+/// one, in one chain, each restore in a fresh process like the native run; a
+/// damaged compressed chunk is named and the restore falls back to an intact
+/// generation; crafted compression fields are refused clearly.
+#[test]
+fn compressed_and_plain_generations_chain_and_restore_like_native() {
+    need_kvm!();
+    const MIB: u64 = 32;
+    const ROUNDS: usize = 4;
+    let tmp = TempDir::new("incr-compress");
+    let native_out = tmp.join("native.txt");
+    let args = |out: &Path| -> Vec<String> {
+        vec![
+            out.display().to_string(),
+            "mixed".into(),
+            MIB.to_string(),
+            ROUNDS.to_string(),
+        ]
+    };
+    let native = Invocation::new(MEMKINDS)
+        .args(args(&native_out))
+        .stdin(vec![b'g'; ROUNDS])
+        .cwd(tmp.path())
+        .run_native();
+    assert_eq!(native.code, 0, "native memkinds:\n{native:?}");
+    let native_stdout = native.stdout_str();
+    let out = tmp.join("vm.txt");
+    let ck = tmp.join("ckpt");
+    let keep = ["--incremental=on", "--keep", "10"];
+    // Generations 1 (full) and 2 with zstd.
+    let vm_args = args(&out);
+    let vm_args: Vec<&dyn AsRef<OsStr>> = vm_args.iter().map(|a| a as _).collect();
+    let mut job = Job::run(
+        tmp.path(),
+        &ck,
+        &[&keep[..], &["--mem", "256M", "--compress", "zstd"]].concat(),
+        MEMKINDS,
+        &vm_args,
+    );
+    job.wait_for("filled ");
+    let v = checkpoint(&ck);
+    assert_eq!(v["kind"], "full", "{v}");
+    // A third of the memory is random: the rest must make up for it.
+    let (stored, pages) = (v["memory_bytes"].as_u64(), v["page_bytes"].as_u64());
+    assert!(
+        stored.unwrap() < pages.unwrap() * 3 / 4 && pages.unwrap() >= MIB << 20,
+        "{v}"
+    );
+    job.send(b"g");
+    job.wait_for("round 1 ");
+    assert_eq!(checkpoint(&ck)["kind"], "incremental");
+    job.signal(libc::SIGKILL);
+    job.finish();
+    // Generation 3 plain, by a restore that continues the chain.
+    let step = |from: u64, opts: &[&str]| {
+        set_len(&out, fd_offset(&gen_dir(&ck, from), &out));
+        let mut job = Job::restore(tmp.path(), &ck, &[&keep[..], opts].concat());
+        job.send(b"g");
+        job.wait_for(&format!("round {} ", from));
+        let v = checkpoint(&ck);
+        assert_eq!(
+            (v["generation"].clone(), v["kind"].clone()),
+            ((from + 1).into(), "incremental".into()),
+            "{v}"
+        );
+        job.signal(libc::SIGKILL);
+        job.finish();
+    };
+    step(2, &["--compress", "off"]);
+    // Generation 4 with lz4, written by pre-copy rounds.
+    step(3, &["--compress", "lz4", "--precopy=on"]);
+    for (g, version, codec) in [(1, 4, "zstd"), (2, 4, "zstd"), (3, 3, ""), (4, 4, "lz4")] {
+        let m = manifest(&gen_dir(&ck, g));
+        assert_eq!(m["format_version"], version, "generation {g}");
+        let chunks = m["memory"]["chunks"].as_array().unwrap();
+        let compressed = compressed_chunks(&gen_dir(&ck, g), codec).len();
+        if codec.is_empty() {
+            assert!(chunks.iter().all(|c| c.get("compressed").is_none()));
+        } else {
+            assert!(compressed > 0, "generation {g}: no {codec} chunk in {m}");
+        }
+    }
+    let (code, v) = inspect_json(&ck, true);
+    assert_eq!(code, 0, "{v}");
+    for g in 1..=4 {
+        assert_eq!(row(&v, g)["status"], "verified", "{v}");
+    }
+    let damaged = tmp.join("damaged");
+    copy_generations(&ck, &[1, 2, 3, 4], &damaged, false);
+    let crafted = tmp.join("crafted");
+    copy_generations(&ck, &[1], &crafted, false);
+
+    // The whole mixed chain restores like the native run.
+    set_len(&out, fd_offset(&gen_dir(&ck, 4), &out));
+    let r = restore(tmp.path(), &ck, &[], b"g");
+    assert_eq!(r.code, 0, "restore of the mixed chain:\n{r:?}");
+    assert_bytes_eq(
+        "restored mixed chain",
+        tail_from(&native_stdout, &format!("round {ROUNDS} ")).as_bytes(),
+        &r.stdout,
+    );
+    assert_file_eq("file after the mixed chain", &native_out, &out);
+
+    // A bit flipped inside a compressed chunk of generation 2: generations 4, 3
+    // and 2 are unusable, naming generation 2's image; generation 1 restores.
+    let img = gen_dir(&damaged, 2).join("memory.img");
+    let chunk = &compressed_chunks(&gen_dir(&damaged, 2), "zstd")[0];
+    let at = chunk["offset"].as_u64().unwrap() + chunk["compressed"]["bytes"].as_u64().unwrap() / 2;
+    flip_bit(&img, at, 3);
+    set_len(&out, fd_offset(&gen_dir(&damaged, 1), &out));
+    let r = restore(tmp.path(), &damaged, &[], &[b'g'; ROUNDS]);
+    assert_eq!(r.code, 0, "restore with a damaged compressed chunk:\n{r:?}");
+    assert_contains(
+        "restore with a damaged compressed chunk",
+        &r.stderr_str(),
+        &[
+            "generation 4 is unusable",
+            "needs generation 2",
+            &img.display().to_string(),
+            "fails its CRC32 (compressed data)",
+            "restored generation 1",
+        ],
+    );
+    assert_bytes_eq(
+        "restored past a damaged compressed chunk",
+        tail_from(&native_stdout, "round 1 ").as_bytes(),
+        &r.stdout,
+    );
+    assert_file_eq("file restored past a damaged chunk", &native_out, &out);
+
+    // Crafted compression fields, re-checksummed as an attacker would: each is
+    // refused with what is wrong, before anything is allocated for it.
+    let first = |m: &mut Value| -> usize {
+        let chunks = m["memory"]["chunks"].as_array().unwrap();
+        chunks
+            .iter()
+            .position(|c| c.get("compressed").is_some())
+            .unwrap()
+    };
+    type Edit<'a> = &'a dyn Fn(&mut Value);
+    let cases: [(&str, Edit); 3] = [
+        ("compressed data must be smaller", &|m: &mut Value| {
+            let i = first(m);
+            m["memory"]["chunks"][i]["compressed"]["bytes"] = (1u64 << 40).into();
+        }),
+        ("unknown variant", &|m: &mut Value| {
+            let i = first(m);
+            m["memory"]["chunks"][i]["compressed"]["codec"] = "gzip".into();
+        }),
+        ("fails its CRC32", &|m: &mut Value| {
+            // The stored bytes' CRC matches, but the pages' does not.
+            let i = first(m);
+            m["memory"]["chunks"][i]["crc32"] = 12345.into();
+        }),
+    ];
+    for (i, (want, edit)) in cases.into_iter().enumerate() {
+        let dir = tmp.join(format!("crafted-{i}"));
+        copy_generations(&crafted, &[1], &dir, false);
+        rewrite_manifest(&gen_dir(&dir, 1), edit);
+        let (code, v) = inspect_json(&dir, true);
+        assert_ne!(code, 0, "{want}: {v}");
+        assert_contains(want, row(&v, 1)["error"].as_str().unwrap(), &[want]);
     }
 }

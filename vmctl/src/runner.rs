@@ -25,6 +25,8 @@ pub struct CheckpointOptions {
     pub incremental: bool,
     /// Copy memory while the job runs when at least this much guest RAM is in use.
     pub precopy_from: Option<u64>,
+    /// How memory image chunks are compressed.
+    pub compress: checkpoint::compress::Compression,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +88,8 @@ pub struct Taken {
     pub precopy_seconds: f64,
     pub path: PathBuf,
     pub memory_bytes: u64,
+    /// Bytes of guest memory in the image before compression.
+    pub page_bytes: u64,
     pub total_bytes: u64,
     pub frozen_seconds: f64,
 }
@@ -100,6 +104,7 @@ impl Taken {
             "precopy_seconds": self.precopy_seconds,
             "path": self.path,
             "memory_bytes": self.memory_bytes,
+            "page_bytes": self.page_bytes,
             "bytes": self.total_bytes,
             "seconds": self.frozen_seconds,
         })
@@ -310,6 +315,7 @@ impl Runner {
             self.kernel.mem.clone(),
             &mut self.tracker,
             limit,
+            opts.compress,
             move || {
                 let _ = tx.send(());
             },
@@ -363,6 +369,7 @@ impl Runner {
                 precopy_seconds: summary.running_seconds,
                 path: written.path,
                 memory_bytes: written.memory_bytes,
+                page_bytes: written.page_bytes,
                 total_bytes: written.total_bytes,
                 frozen_seconds: (crate::clock::monotonic_ns() - t0) as f64 / 1e9,
             })
@@ -402,6 +409,7 @@ impl Runner {
             &opts.dir,
             &self.kernel.mem,
             pages,
+            opts.compress,
             &mut manifest,
             &journal.extra(),
         )
@@ -417,6 +425,7 @@ impl Runner {
             precopy_seconds: 0.0,
             path: written.path,
             memory_bytes: written.memory_bytes,
+            page_bytes: written.page_bytes,
             total_bytes: written.total_bytes,
             frozen_seconds: (crate::clock::monotonic_ns() - t0) as f64 / 1e9,
         })

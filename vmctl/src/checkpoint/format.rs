@@ -15,7 +15,11 @@ use serde::{Deserialize, Serialize};
 /// Bumped on any change a reader of the previous version could misread.
 /// 2: a process tree per job. 3: incremental generations (`kind`, `parent`,
 /// `parent_manifest_crc32`, `zero_runs`) and pre-copy rounds (`round`).
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: compressed chunks (`compressed`). A generation without any is written as
+/// version 3, so that a vmctl reading formats 2 to 3 still restores it.
+pub const FORMAT_VERSION: u32 = 4;
+/// The version of a generation none of whose chunks is compressed.
+pub const FORMAT_VERSION_UNCOMPRESSED: u32 = 3;
 /// Older formats this vmctl still reads (a version 2 generation is a full one).
 pub const OLDEST_READABLE_FORMAT: u32 = 2;
 pub const KIND_FULL: &str = "full";
@@ -55,14 +59,54 @@ pub struct Chunk {
     /// round's copy of a page replaces an earlier one's.
     #[serde(default)]
     pub round: u32,
+    /// Present when the chunk is stored compressed (format 4); `crc32` is then of the
+    /// pages after decompression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<Compressed>,
+}
+
+/// How a chunk is compressed: its data in the image is `bytes` bytes of `codec`
+/// output whose CRC32 is `crc32`, padded with zeros to a whole page.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Compressed {
+    pub codec: Codec,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// A zstd frame.
+    Zstd,
+    /// An LZ4 block (no frame header).
+    Lz4,
+}
+
+impl Codec {
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zstd",
+            Codec::Lz4 => "lz4",
+        }
+    }
 }
 
 impl Chunk {
+    /// Bytes of guest memory the chunk holds.
     pub fn bytes(&self) -> u64 {
         self.runs
             .iter()
             .map(|r| r.pages.saturating_mul(PAGE_SIZE))
             .fold(0, u64::saturating_add)
+    }
+
+    /// Bytes the chunk takes in the image file.
+    pub fn stored_bytes(&self) -> u64 {
+        match &self.compressed {
+            Some(c) => c.bytes.saturating_add(PAGE_SIZE - 1) / PAGE_SIZE * PAGE_SIZE,
+            None => self.bytes(),
+        }
     }
 }
 
@@ -72,7 +116,7 @@ pub struct MemoryImage {
     pub page_size: u64,
     /// Size of guest RAM (the memslot) the image belongs to.
     pub ram_bytes: u64,
-    /// Bytes of data in the file (non-zero pages only).
+    /// Bytes of data in the file (non-zero pages only, some of them compressed).
     pub data_bytes: u64,
     pub chunks: Vec<Chunk>,
     /// Pages that are all zero although the parent or an earlier pre-copy round of this

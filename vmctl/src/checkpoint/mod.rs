@@ -1,5 +1,6 @@
 //! Checkpoints: the format, writing a generation, reading and verifying one.
 
+pub mod compress;
 pub mod cpu;
 pub mod format;
 pub mod incremental;

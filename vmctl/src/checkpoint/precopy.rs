@@ -13,6 +13,7 @@
 //! vmctl's own writes into guest RAM are not in the dirty log, and their marks are set
 //! before the write lands, so they are only taken in the last round, frozen.
 
+use super::compress::{Compression, Encoder};
 use super::format::*;
 use super::incremental::{Tracker, PAGE_DIGEST_ZERO};
 use super::write::{self, Written};
@@ -50,6 +51,7 @@ struct Image {
     digests: Vec<u128>,
     round: u32,
     seed: u64,
+    compression: Compression,
     /// Bytes each round stored.
     rounds: Vec<u64>,
 }
@@ -123,6 +125,7 @@ impl Image {
         let words_per = set.len().div_ceil(threads).max(1);
         let round = self.round;
         let seed = self.seed;
+        let compression = self.compression;
         let (file, next_offset) = (&self.file, &self.next_offset);
         let mut digests_rest: &mut [u128] = &mut self.digests;
         let mut zero_rest: &mut [u64] = &mut self.zero;
@@ -148,6 +151,7 @@ impl Image {
                             next_offset,
                             round,
                             seed,
+                            compression,
                             first_page,
                             words,
                             digests,
@@ -179,12 +183,14 @@ fn copy_part(
     next_offset: &AtomicU64,
     round: u32,
     seed: u64,
+    compression: Compression,
     first_page: u64,
     words: &[u64],
     digests: &mut [u128],
     zero: &mut [u64],
 ) -> std::io::Result<(Vec<Chunk>, u64)> {
     let mut buf = Bounce::new();
+    let mut encoder = Encoder::new(compression);
     let mut chunks = Vec::new();
     let mut runs: Vec<Run> = Vec::new();
     let mut used = 0usize;
@@ -196,19 +202,25 @@ fn copy_part(
         }
         let len = *used * PAGE as usize;
         let data = buf.bytes(len);
-        let offset = next_offset.fetch_add(len as u64, Ordering::Relaxed);
+        let crc32 = crc32fast::hash(data);
+        let (stored, compressed) = match encoder.as_mut().and_then(|e| e.encode(data)) {
+            Some((stored, c)) => (stored, Some(c)),
+            None => (data, None),
+        };
+        let offset = next_offset.fetch_add(stored.len() as u64, Ordering::Relaxed);
         let iov = [libc::iovec {
-            iov_base: data.as_ptr() as *mut _,
-            iov_len: len,
+            iov_base: stored.as_ptr() as *mut _,
+            iov_len: stored.len(),
         }];
         write::write_all_iov(file, &iov, offset)?;
         chunks.push(Chunk {
             offset,
             runs: std::mem::take(runs),
-            crc32: crc32fast::hash(data),
+            crc32,
             round,
+            compressed,
         });
-        bytes += len as u64;
+        bytes += stored.len() as u64;
         *used = 0;
         Ok(())
     };
@@ -286,6 +298,7 @@ impl Session {
         mem: Arc<GuestMemory>,
         tracker: &mut Tracker,
         limit: u64,
+        compression: Compression,
         on_ready: impl FnOnce() + Send + 'static,
     ) -> Result<Session, String> {
         let generation = write::next_generation(dir).map_err(|e| e.to_string())?;
@@ -311,6 +324,7 @@ impl Session {
             digests: start.digests,
             round: 0,
             seed: start.seed,
+            compression,
             rounds: Vec::new(),
         };
         let stop = Arc::new(AtomicBool::new(false));

@@ -407,7 +407,10 @@ pub fn check_image_shape(m: &MemoryImage) -> Result<(), String> {
                 ));
             }
         }
-        offset += bytes;
+        if let Some(z) = &c.compressed {
+            check_compressed_shape(i, z, bytes)?;
+        }
+        offset += c.stored_bytes();
     }
     if let Some(last) = m.chunks.last() {
         check_no_overlap(&mut round_pages, last.round)?;
@@ -427,6 +430,60 @@ pub fn check_image_shape(m: &MemoryImage) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A compressed chunk must be stored in fewer bytes than it holds (writers store a
+/// chunk that does not shrink as it is), which also bounds what a reader reads for it.
+fn check_compressed_shape(i: usize, z: &Compressed, bytes: u64) -> Result<(), String> {
+    if z.bytes == 0 || z.bytes >= bytes {
+        return Err(format!(
+            "chunk {i} is stored as {} compressed bytes for {bytes} bytes of pages; compressed data must be smaller and not empty",
+            z.bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Reads compressed chunk `i` (`c`) into `stored`, checks the CRC32 of its stored
+/// bytes, and decompresses it into `out`, which has exactly the chunk's size. The
+/// caller checks the CRC32 of the pages.
+pub fn read_compressed_chunk(
+    f: &File,
+    path: &Path,
+    i: usize,
+    c: &Chunk,
+    stored: &mut [u8],
+    out: &mut [u8],
+) -> Result<(), CheckpointError> {
+    let z = c.compressed.as_ref().expect("a compressed chunk");
+    // check_image_shape bounded both by the chunk's size, at most CHUNK_BYTES.
+    let stored = &mut stored[..c.stored_bytes() as usize];
+    read_exact_at(f, stored, c.offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            CheckpointError::Corrupt(
+                path.to_path_buf(),
+                format!("ends inside chunk {i} (truncated)"),
+            )
+        } else {
+            CheckpointError::Io(path.to_path_buf(), e)
+        }
+    })?;
+    let data = &stored[..z.bytes as usize];
+    if crc32fast::hash(data) != z.crc32 {
+        return Err(CheckpointError::Corrupt(
+            path.to_path_buf(),
+            format!(
+                "chunk {i} at offset {} fails its CRC32 (compressed data)",
+                c.offset
+            ),
+        ));
+    }
+    super::compress::decode(z, data, out).map_err(|e| {
+        CheckpointError::Corrupt(
+            path.to_path_buf(),
+            format!("chunk {i} at offset {} {e}", c.offset),
+        )
+    })
 }
 
 /// Refuses a pre-copy round whose chunks name a page twice; `ranges` (the round's
@@ -490,9 +547,16 @@ pub fn check_dir(dir: &Path) -> Result<(), CheckpointError> {
 pub fn verify_memory(gen_dir: &Path, m: &Manifest) -> Result<(), CheckpointError> {
     let (f, path) = open_image(gen_dir, m, false)?;
     let mut buf = Vec::new();
+    let mut stored = Vec::new();
     for (i, c) in m.memory.chunks.iter().enumerate() {
         buf.resize(c.bytes() as usize, 0);
-        read_exact_at(&f, &mut buf, c.offset).map_err(|e| CheckpointError::Io(path.clone(), e))?;
+        if c.compressed.is_some() {
+            stored.resize(c.stored_bytes() as usize, 0);
+            read_compressed_chunk(&f, &path, i, c, &mut stored, &mut buf)?;
+        } else {
+            read_exact_at(&f, &mut buf, c.offset)
+                .map_err(|e| CheckpointError::Io(path.clone(), e))?;
+        }
         if crc32fast::hash(&buf) != c.crc32 {
             return Err(CheckpointError::Corrupt(
                 path,
@@ -593,63 +657,102 @@ fn load_chunks(
     let path = path.to_path_buf();
     let next = std::sync::atomic::AtomicUsize::new(range.start);
     let threads = super::write::io_threads().min(range.len());
+    let any_compressed = m.memory.chunks[range.clone()]
+        .iter()
+        .any(|c| c.compressed.is_some());
     std::thread::scope(|s| {
         for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= range.end {
-                    break;
-                }
-                let (Some(c), Some(iov)) = (m.memory.chunks.get(i), plan.chunk(i)) else {
-                    break;
-                };
-                if failure.lock().expect("poisoned").is_some() {
-                    break;
-                }
-                let fail = |e: CheckpointError| {
-                    let mut f = failure.lock().expect("poisoned");
-                    if f.as_ref().is_none_or(|(j, _)| i < *j) {
-                        *f = Some((i, e));
-                    }
-                };
-                let done = match crate::iov::transfer_all(
-                    f.as_raw_fd(),
-                    iov,
-                    c.offset,
-                    crate::iov::Direction::Read,
-                ) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        fail(CheckpointError::Io(path.clone(), e));
+            s.spawn(|| {
+                // Per thread: the stored bytes of a compressed chunk, and its pages.
+                let mut buffers = any_compressed.then(|| {
+                    (
+                        super::compress::ChunkBuf::new(),
+                        super::compress::ChunkBuf::new(),
+                    )
+                });
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= range.end {
                         break;
                     }
-                };
-                if (done as u64) < c.bytes() {
-                    fail(CheckpointError::Corrupt(
-                        path.clone(),
-                        format!("ends inside chunk {i} (truncated)"),
-                    ));
-                    break;
+                    let (Some(c), Some(iov)) = (m.memory.chunks.get(i), plan.chunk(i)) else {
+                        break;
+                    };
+                    if failure.lock().expect("poisoned").is_some() {
+                        break;
+                    }
+                    let fail = |e: CheckpointError| {
+                        let mut f = failure.lock().expect("poisoned");
+                        if f.as_ref().is_none_or(|(j, _)| i < *j) {
+                            *f = Some((i, e));
+                        }
+                    };
+                    let done = match (c.compressed.is_some(), buffers.as_mut()) {
+                        (true, Some((stored, pages))) => {
+                            let len = c.bytes() as usize;
+                            let pages = &mut pages.as_mut_slice()[..len];
+                            if let Err(e) =
+                                read_compressed_chunk(f, &path, i, c, stored.as_mut_slice(), pages)
+                            {
+                                fail(e);
+                                break;
+                            }
+                            scatter(pages, iov);
+                            len
+                        }
+                        _ => match crate::iov::transfer_all(
+                            f.as_raw_fd(),
+                            iov,
+                            c.offset,
+                            crate::iov::Direction::Read,
+                        ) {
+                            Ok(n) => n,
+                            Err(e) => {
+                                fail(CheckpointError::Io(path.clone(), e));
+                                break;
+                            }
+                        },
+                    };
+                    if (done as u64) < c.bytes() {
+                        fail(CheckpointError::Corrupt(
+                            path.clone(),
+                            format!("ends inside chunk {i} (truncated)"),
+                        ));
+                        break;
+                    }
+                    let mut h = crc32fast::Hasher::new();
+                    for v in iov {
+                        // SAFETY: the same in-bounds guest RAM ranges just filled.
+                        h.update(unsafe {
+                            std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                        });
+                    }
+                    if h.finalize() != c.crc32 {
+                        fail(CheckpointError::Corrupt(
+                            path.clone(),
+                            format!("chunk {i} at offset {} fails its CRC32", c.offset),
+                        ));
+                        break;
+                    }
+                    let mut p = progress.lock().expect("poisoned");
+                    p.1 += c.bytes();
+                    let done = p.1;
+                    p.0.update(done);
                 }
-                let mut h = crc32fast::Hasher::new();
-                for v in iov {
-                    // SAFETY: the same in-bounds guest RAM ranges just filled.
-                    h.update(unsafe {
-                        std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-                    });
-                }
-                if h.finalize() != c.crc32 {
-                    fail(CheckpointError::Corrupt(
-                        path.clone(),
-                        format!("chunk {i} at offset {} fails its CRC32", c.offset),
-                    ));
-                    break;
-                }
-                let mut p = progress.lock().expect("poisoned");
-                p.1 += c.bytes();
-                let done = p.1;
-                p.0.update(done);
             });
         }
     });
+}
+
+/// Copies a decompressed chunk's pages to the guest RAM ranges of its runs.
+fn scatter(pages: &[u8], iov: &[libc::iovec]) {
+    let mut at = 0;
+    for v in iov {
+        let src = &pages[at..at + v.iov_len];
+        // SAFETY: each iovec is an in-bounds guest RAM range that only this thread
+        // fills (load_memory checked them; a round's chunks never overlap), and `src`
+        // has its length.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), v.iov_base as *mut u8, v.iov_len) };
+        at += v.iov_len;
+    }
 }

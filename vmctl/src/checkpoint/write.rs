@@ -1,6 +1,7 @@
 //! Writing a generation: memory image, manifest, checksum, then an atomic rename.
 //! A crash at any point leaves either the complete new generation or none of it.
 
+use super::compress::{ChunkBuf, Compression, Encoder};
 use super::format::*;
 use super::CheckpointError;
 use crate::machine::GuestMemory;
@@ -15,8 +16,10 @@ pub struct Written {
     /// CRC32 of its manifest.json, which a child generation records.
     pub manifest_crc32: u32,
     pub path: PathBuf,
-    /// Bytes of guest memory stored (non-zero pages).
+    /// Bytes of the memory image (non-zero pages, some of them compressed).
     pub memory_bytes: u64,
+    /// Bytes of guest memory the image holds, before compression.
+    pub page_bytes: u64,
     /// All bytes written for the generation.
     pub total_bytes: u64,
 }
@@ -144,12 +147,14 @@ fn scan(mem: &GuestMemory, pages: Pages, first: u64, end: u64) -> Scanned {
     out
 }
 
-/// Writes the selected pages of guest RAM to `path`, several chunks at a time.
+/// Writes the selected pages of guest RAM to `path`, several chunks at a time,
+/// compressing each chunk as `compression` says.
 /// The guest must not run meanwhile (each chunk's CRC is of the bytes written).
 pub fn write_memory(
     mem: &GuestMemory,
     pages: Pages,
     path: &Path,
+    compression: Compression,
 ) -> Result<MemoryImage, CheckpointError> {
     let file = create_image(path)?;
     let total_pages = match pages {
@@ -174,16 +179,17 @@ pub fn write_memory(
     });
     let mut chunks = Vec::new();
     let mut zero_runs: Vec<Run> = Vec::new();
-    let mut offset = 0u64;
+    let mut page_bytes = 0u64;
     for sc in scanned {
         for runs in sc.chunks {
             let c = Chunk {
-                offset,
+                offset: 0,
                 runs,
                 crc32: 0,
                 round: 0,
+                compressed: None,
             };
-            offset += c.bytes();
+            page_bytes += c.bytes();
             chunks.push(c);
         }
         for r in sc.zero_runs {
@@ -193,64 +199,118 @@ pub fn write_memory(
             }
         }
     }
-    // The progress line, and the bytes written so far.
+    // The progress line (in bytes of pages), and the bytes written so far.
     let progress =
-        std::sync::Mutex::new((crate::events::Progress::new("checkpoint", offset), 0u64));
+        std::sync::Mutex::new((crate::events::Progress::new("checkpoint", page_bytes), 0u64));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let crcs: Vec<std::sync::atomic::AtomicU32> = (0..chunks.len())
-        .map(|_| std::sync::atomic::AtomicU32::new(0))
+    // Compressed chunks have sizes known only once compressed: each takes its place
+    // in the file as it is written, and the list is put in file order at the end.
+    let next_offset = std::sync::atomic::AtomicU64::new(0);
+    let written: Vec<std::sync::Mutex<(u64, u32, Option<Compressed>)>> = (0..chunks.len())
+        .map(|_| std::sync::Mutex::new((0, 0, None)))
         .collect();
     let failure: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..threads.min(chunks.len()) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(c) = chunks.get(i) else { break };
-                if failure.lock().expect("poisoned").is_some() {
-                    break;
-                }
-                let mut hasher = crc32fast::Hasher::new();
-                let iov: Vec<libc::iovec> = c
-                    .runs
-                    .iter()
-                    .map(|r| {
-                        let data = mem
-                            .slice(r.gpa, r.pages * PAGE_SIZE)
-                            .expect("run inside RAM");
-                        hasher.update(data);
-                        libc::iovec {
-                            iov_base: data.as_ptr() as *mut _,
-                            iov_len: data.len(),
+            s.spawn(|| {
+                let mut encoder = Encoder::new(compression);
+                let mut gather = encoder.as_ref().map(|_| ChunkBuf::new());
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(c) = chunks.get(i) else { break };
+                    if failure.lock().expect("poisoned").is_some() {
+                        break;
+                    }
+                    let result = write_chunk(
+                        &file,
+                        mem,
+                        c,
+                        &next_offset,
+                        encoder.as_mut().zip(gather.as_mut()),
+                    );
+                    match result {
+                        Ok(w) => *written[i].lock().expect("poisoned") = w,
+                        Err(e) => {
+                            failure.lock().expect("poisoned").get_or_insert(e);
+                            break;
                         }
-                    })
-                    .collect();
-                if let Err(e) = write_all_iov(&file, &iov, c.offset) {
-                    failure.lock().expect("poisoned").get_or_insert(e);
-                    break;
+                    }
+                    let mut p = progress.lock().expect("poisoned");
+                    p.1 += c.bytes();
+                    let done = p.1;
+                    p.0.update(done);
                 }
-                crcs[i].store(hasher.finalize(), std::sync::atomic::Ordering::Relaxed);
-                let mut p = progress.lock().expect("poisoned");
-                p.1 += c.bytes();
-                let done = p.1;
-                p.0.update(done);
             });
         }
     });
     if let Some(e) = failure.into_inner().expect("poisoned") {
         return Err(io(path, e));
     }
-    for (c, crc) in chunks.iter_mut().zip(crcs) {
-        c.crc32 = crc.into_inner();
+    for (c, w) in chunks.iter_mut().zip(written) {
+        (c.offset, c.crc32, c.compressed) = w.into_inner().expect("poisoned");
     }
+    chunks.sort_unstable_by_key(|c| c.offset);
     file.sync_data().map_err(|e| io(path, e))?;
     Ok(MemoryImage {
         file: MEMORY.to_string(),
         page_size: PAGE_SIZE,
         ram_bytes: mem.size(),
-        data_bytes: offset,
+        data_bytes: next_offset.into_inner(),
         chunks,
         zero_runs,
     })
+}
+
+/// Writes one chunk's pages at the next free offset of the image, compressed when
+/// `compress` is given and that makes it smaller; returns its offset, CRC32 (of the
+/// pages) and how it was compressed.
+fn write_chunk(
+    file: &File,
+    mem: &GuestMemory,
+    c: &Chunk,
+    next_offset: &std::sync::atomic::AtomicU64,
+    compress: Option<(&mut Encoder, &mut ChunkBuf)>,
+) -> std::io::Result<(u64, u32, Option<Compressed>)> {
+    let slices: Vec<&[u8]> = c
+        .runs
+        .iter()
+        .map(|r| {
+            mem.slice(r.gpa, r.pages * PAGE_SIZE)
+                .expect("run inside RAM")
+        })
+        .collect();
+    let mut hasher = crc32fast::Hasher::new();
+    slices.iter().for_each(|s| hasher.update(s));
+    let crc32 = hasher.finalize();
+    let take = |len: usize| next_offset.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+    if let Some((encoder, gather)) = compress {
+        let len = c.bytes() as usize;
+        let buf = gather.as_mut_slice();
+        let mut at = 0;
+        for s in &slices {
+            buf[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+        if let Some((stored, described)) = encoder.encode(&buf[..len]) {
+            let offset = take(stored.len());
+            let iov = [libc::iovec {
+                iov_base: stored.as_ptr() as *mut _,
+                iov_len: stored.len(),
+            }];
+            write_all_iov(file, &iov, offset)?;
+            return Ok((offset, crc32, Some(described)));
+        }
+    }
+    let iov: Vec<libc::iovec> = slices
+        .iter()
+        .map(|s| libc::iovec {
+            iov_base: s.as_ptr() as *mut _,
+            iov_len: s.len(),
+        })
+        .collect();
+    let offset = take(c.bytes() as usize);
+    write_all_iov(file, &iov, offset)?;
+    Ok((offset, crc32, None))
 }
 
 pub fn write_all_iov(file: &File, iov: &[libc::iovec], offset: u64) -> std::io::Result<()> {
@@ -286,11 +346,24 @@ pub fn begin_generation(dir: &Path, generation: u64) -> Result<PathBuf, Checkpoi
 pub fn seal_generation(
     dir: &Path,
     tmp: &Path,
-    manifest: &Manifest,
+    manifest: &mut Manifest,
     extra: &[(&str, &[u8])],
 ) -> Result<Written, CheckpointError> {
     let generation = manifest.generation;
     let final_dir = dir.join(generation_dir_name(generation));
+    // Only a generation that needs format 4 says so: the others stay readable by a
+    // vmctl that reads formats 2 to 3.
+    let compressed = manifest
+        .memory
+        .chunks
+        .iter()
+        .any(|c| c.compressed.is_some());
+    manifest.format_version = if compressed {
+        FORMAT_VERSION
+    } else {
+        FORMAT_VERSION_UNCOMPRESSED
+    };
+    let manifest = &*manifest;
     let result = (|| {
         let mut extra_bytes = 0;
         for (name, contents) in extra {
@@ -326,6 +399,7 @@ pub fn seal_generation(
             manifest_crc32,
             path: final_dir,
             memory_bytes: manifest.memory.data_bytes,
+            page_bytes: manifest.memory.chunks.iter().map(Chunk::bytes).sum(),
             total_bytes: total,
         }),
         Err(e) => {
@@ -340,11 +414,12 @@ pub fn write_generation(
     dir: &Path,
     mem: &GuestMemory,
     pages: Pages,
+    compression: Compression,
     manifest: &mut Manifest,
     extra: &[(&str, &[u8])],
 ) -> Result<Written, CheckpointError> {
     let tmp = begin_generation(dir, manifest.generation)?;
-    match write_memory(mem, pages, &tmp.join(MEMORY)) {
+    match write_memory(mem, pages, &tmp.join(MEMORY), compression) {
         Ok(image) => manifest.memory = image,
         Err(e) => {
             let _ = fs::remove_dir_all(&tmp);

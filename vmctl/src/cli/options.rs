@@ -1,5 +1,6 @@
 //! Options shared by `run` and `restore`.
 
+use crate::checkpoint::compress::Compression;
 use crate::control::signals::{parse_signal, SignalAction};
 use crate::runner::{CheckpointOptions, DEFAULT_KEEP};
 use clap::Args;
@@ -43,6 +44,13 @@ pub struct CheckpointArgs {
     /// state. auto: when the job uses 256 MiB or more.
     #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "on", "off"])]
     pub precopy: String,
+
+    /// How memory images are compressed, chunk by chunk: off, lz4, zstd or
+    /// zstd:LEVEL (1-19; zstd is zstd:1). Worth it when the checkpoint directory is
+    /// slower to write than compressing (a shared filesystem); docs/BENCHMARKS.md has
+    /// ratios and speeds. Restores read any mix of compressed and plain generations.
+    #[arg(long, value_name = "HOW", default_value = "off", value_parser = Compression::parse)]
+    pub compress: Compression,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -69,6 +77,7 @@ impl CheckpointArgs {
                     "off" => None,
                     _ => Some(PRECOPY_AUTO_BYTES),
                 },
+                compress: self.compress,
             })),
             None if self.checkpoint_interval.is_some() => {
                 Err("--checkpoint-interval needs --checkpoint-dir".into())
