@@ -1249,6 +1249,7 @@ fn checkpoint_reader_survives_mutated_generations() {
         "--mem",
         "64M",
         "--incremental=on",
+        "--compress=zstd",
         "--on-signal",
         "TERM=checkpoint-exit",
     ];
@@ -1257,6 +1258,23 @@ fn checkpoint_reader_survives_mutated_generations() {
     term_checkpoint(job);
     let (code, v) = inspect_json(&ck, true);
     assert_eq!(code, 0, "{v}");
+    // The job's random data is stored as it is, the rest compressed: the cases
+    // damage both kinds of chunk, and the decompressor's input.
+    let chunks: Vec<Value> = (1..=2)
+        .flat_map(|g| {
+            let m = fs::read(ck.join(format!("gen-{g:06}")).join("manifest.json")).unwrap();
+            let m: Value = serde_json::from_slice(&m).unwrap();
+            m["memory"]["chunks"].as_array().unwrap().clone()
+        })
+        .collect();
+    assert!(
+        chunks.iter().any(|c| c.get("compressed").is_some()),
+        "{chunks:?}"
+    );
+    assert!(
+        chunks.iter().any(|c| c.get("compressed").is_none()),
+        "{chunks:?}"
+    );
     let kinds: Vec<(u64, &str)> = v["generations"]
         .as_array()
         .expect("generations")

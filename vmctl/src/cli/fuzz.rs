@@ -208,6 +208,9 @@ fn damage_generation(s: &SeedGeneration, gen: &Path, rng: &mut Rng) -> std::io::
     let image = gen.join(MEMORY);
     let mut manifest = s.manifest.clone();
     let mut resum = true;
+    if rng.chance(8) && compressed_chunks(&s.json) > 0 {
+        return damage_compressed_chunk(s, gen, rng);
+    }
     match rng.below(100) {
         0..=54 => {
             let mut v = s.json.clone();
@@ -239,6 +242,53 @@ fn damage_generation(s: &SeedGeneration, gen: &Path, rng: &mut Rng) -> std::io::
         fs::hard_link(s.dir.join(MEMORY), &image)?;
     }
     Ok(())
+}
+
+fn compressed_chunks(manifest: &Value) -> usize {
+    manifest["memory"]["chunks"].as_array().map_or(0, |c| {
+        c.iter().filter(|c| c.get("compressed").is_some()).count()
+    })
+}
+
+/// Damages the stored bytes of a compressed chunk and signs them (the chunk's
+/// `compressed.crc32` and the manifest's sum) as an attacker would, so that the
+/// decompressor itself gets the crafted data; sometimes shortens the stored length.
+fn damage_compressed_chunk(s: &SeedGeneration, gen: &Path, rng: &mut Rng) -> std::io::Result<()> {
+    let mut v = s.json.clone();
+    let pick = rng.below(compressed_chunks(&v) as u64) as usize;
+    let chunk = v["memory"]["chunks"]
+        .as_array_mut()
+        .and_then(|c| {
+            c.iter_mut()
+                .filter(|c| c.get("compressed").is_some())
+                .nth(pick)
+        })
+        .expect("a compressed chunk");
+    let offset = chunk["offset"].as_u64().unwrap_or(0) as usize;
+    let mut len = chunk["compressed"]["bytes"].as_u64().unwrap_or(0) as usize;
+    let mut image = fs::read(s.dir.join(MEMORY))?;
+    let Some(stored) = image.get_mut(offset..offset + len) else {
+        return Ok(());
+    };
+    match rng.below(4) {
+        0 => {
+            let at = rng.below(stored.len() as u64) as usize;
+            stored[at] ^= 1 << rng.below(8);
+        }
+        1 => {
+            let at = rng.below(stored.len() as u64) as usize;
+            stored[at..].iter_mut().for_each(|b| *b = rng.next() as u8);
+        }
+        2 => stored.iter_mut().for_each(|b| *b = 0),
+        _ => len = 1 + rng.below(len as u64) as usize,
+    }
+    let crc = crc32fast::hash(&image[offset..offset + len]);
+    chunk["compressed"]["bytes"] = len.into();
+    chunk["compressed"]["crc32"] = crc.into();
+    let manifest = serde_json::to_vec(&v).unwrap_or_default();
+    fs::write(gen.join(MANIFEST), &manifest)?;
+    fs::write(gen.join(MANIFEST_SUM), sum_line(&manifest))?;
+    fs::write(gen.join(MEMORY), image)
 }
 
 /// Writes a crafted generation `generation` into `work`: the newest seed manifest
