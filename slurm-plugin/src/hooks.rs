@@ -118,7 +118,7 @@ fn option_table() -> &'static mut sys::spank_option {
     Box::leak(Box::new(sys::spank_option {
         name: c"vm-wrap".as_ptr().cast_mut(),
         arginfo: c"OPTS".as_ptr().cast_mut(),
-        usage: c"Run the batch script and each srun step of the job in a checkpointable VM (vmctl). OPTS is an optional comma list of interval=SECS (>=10), keep=N (1-10), mem=SIZE[KMGT], signal=NAME (default USR2: checkpoint and continue), script=native (only the srun steps), timelimit=continue (requeue and continue before the time limit), margin=SECS, continuations=N."
+        usage: c"Run the batch script and each srun step of the job in a checkpointable VM (vmctl). OPTS is an optional comma list of interval=SECS (>=10), keep=N (1-10), compress=off|lz4|zstd[:LEVEL], mem=SIZE[KMGT], signal=NAME (default USR2: checkpoint and continue), script=native (only the srun steps), timelimit=continue (requeue and continue before the time limit), margin=SECS, continuations=N."
             .as_ptr()
             .cast_mut(),
         // 2: the argument is optional (--vm-wrap or --vm-wrap=OPTS).

@@ -58,6 +58,11 @@ pub fn vmctl_argv(
         argv.push("--keep".into());
         argv.push(keep.to_string().into());
     }
+    // On restore too: a resumed job writes its next generations the same way.
+    if let Some(compress) = &opts.compress {
+        argv.push("--compress".into());
+        argv.push(compress.into());
+    }
     // The same cap on restore as on run: the checkpoint's own sizes come from
     // a file the user can edit.
     if let Some(mem) = opts.mem {
@@ -228,8 +233,11 @@ mod tests {
 
     #[test]
     fn run_argv() {
-        let opts =
-            WrapOptions::parse(Some("interval=600,keep=2,mem=8G"), &Config::default()).unwrap();
+        let opts = WrapOptions::parse(
+            Some("interval=600,keep=2,compress=zstd:3,mem=8G"),
+            &Config::default(),
+        )
+        .unwrap();
         let argv = vmctl_argv(
             Mode::Run,
             Path::new("/usr/bin/vmctl"),
@@ -255,6 +263,8 @@ mod tests {
                 "600",
                 "--keep",
                 "2",
+                "--compress",
+                "zstd:3",
                 "--mem",
                 "8G",
                 "--",

@@ -120,6 +120,25 @@ fn parse_keep(value: &str) -> Result<u32, String> {
     Ok(keep)
 }
 
+/// Checks a compression for vmctl's `--compress`: off, lz4, zstd or zstd:LEVEL
+/// (1 to 19), and returns it as vmctl takes it.
+fn parse_compress(value: &str) -> Result<String, String> {
+    let ok = match value {
+        "off" | "lz4" | "zstd" => true,
+        _ => value
+            .strip_prefix("zstd:")
+            .and_then(parse_decimal::<u32>)
+            .is_some_and(|level| (1..=19).contains(&level)),
+    };
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "'{value}' is not off, lz4, zstd or zstd:LEVEL (LEVEL 1 to 19)"
+        ))
+    }
+}
+
 /// Returns the canonical name (no SIG prefix, upper case) vmctl's
 /// `--on-signal` takes.
 fn parse_signal(value: &str) -> Result<String, String> {
@@ -166,6 +185,8 @@ pub struct Config {
     pub default_keep: Option<u32>,
     /// What restores do with the job's files (vmctl --files); vmctl's default if None.
     pub default_files: Option<String>,
+    /// `--compress` for every wrapped step unless it says otherwise.
+    pub default_compress: Option<String>,
     pub max_mem: Option<MemSize>,
     pub allow_user_override: bool,
     /// Pin a requeued wrapped job to the CPU class its checkpoint was taken on.
@@ -186,6 +207,7 @@ impl Default for Config {
             default_interval: None,
             default_keep: None,
             default_files: None,
+            default_compress: None,
             max_mem: None,
             allow_user_override: true,
             steer_cpu_class: true,
@@ -214,6 +236,9 @@ impl Config {
                 }
                 "default_keep" => parse_keep(value).map(|v| config.default_keep = Some(v)),
                 "default_files" => parse_files(value).map(|v| config.default_files = Some(v)),
+                "default_compress" => {
+                    parse_compress(value).map(|v| config.default_compress = Some(v))
+                }
                 "max_mem" => MemSize::parse(value).map(|v| config.max_mem = Some(v)),
                 "max_continuations" => parse_decimal(value)
                     .map(|v| config.max_continuations = v)
@@ -254,8 +279,9 @@ impl Config {
                 _ => {
                     errors.push(format!(
                         "unknown plugstack.conf argument '{arg}' (known: vmctl, checkpoint_root, \
-                         default_interval, default_keep, default_files, max_mem, \
-                         allow_user_override, steer_cpu_class, max_continuations, lazy_restore)"
+                         default_interval, default_keep, default_files, default_compress, \
+                         max_mem, allow_user_override, steer_cpu_class, max_continuations, \
+                         lazy_restore)"
                     ));
                     continue;
                 }
@@ -282,13 +308,16 @@ fn absolute_path(value: &str) -> Result<PathBuf, String> {
 }
 
 /// The keys `--vm-wrap=` accepts, for error messages.
-const KEYS: &str = "interval, keep, mem, signal, script, timelimit, margin, continuations, files";
+const KEYS: &str =
+    "interval, keep, compress, mem, signal, script, timelimit, margin, continuations, files";
 
 /// What one wrapped step asked for, after site defaults and limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WrapOptions {
     pub interval: Option<u32>,
     pub keep: Option<u32>,
+    /// vmctl's `--compress`; None: vmctl's default.
+    pub compress: Option<String>,
     pub mem: Option<MemSize>,
     pub signal: String,
     /// `timelimit=continue`: the batch job checkpoints and requeues itself
@@ -318,6 +347,9 @@ impl fmt::Display for WrapOptions {
             or_default(&self.mem),
             self.signal
         )?;
+        if let Some(compress) = &self.compress {
+            write!(f, " compress={compress}")?;
+        }
         if self.continue_at_limit {
             write!(
                 f,
@@ -341,6 +373,7 @@ impl WrapOptions {
         let mut opts = WrapOptions {
             interval: config.default_interval,
             keep: config.default_keep,
+            compress: config.default_compress.clone(),
             // The site's maximum is also the default: without it vmctl would
             // give the VM half the host.
             mem: config.max_mem,
@@ -364,7 +397,7 @@ impl WrapOptions {
                 return Err(format!("'{item}' is not key=value (keys: {KEYS})"));
             };
             let (key, value) = (key.trim(), value.trim());
-            let policy_key = matches!(key, "interval" | "keep" | "files");
+            let policy_key = matches!(key, "interval" | "keep" | "files" | "compress");
             if policy_key && !config.allow_user_override {
                 return Err(format!(
                     "{key}= is set by the site for all jobs and cannot be changed here"
@@ -376,6 +409,10 @@ impl WrapOptions {
                         Some(parse_interval(value).map_err(|e| format!("interval: {e}"))?)
                 }
                 "keep" => opts.keep = Some(parse_keep(value).map_err(|e| format!("keep: {e}"))?),
+                "compress" => {
+                    opts.compress =
+                        Some(parse_compress(value).map_err(|e| format!("compress: {e}"))?)
+                }
                 "mem" => {
                     let mem = MemSize::parse(value).map_err(|e| format!("mem: {e}"))?;
                     if let Some(max) = config.max_mem {
@@ -573,6 +610,49 @@ mod tests {
         assert_eq!(
             WrapOptions::parse(Some("mem=1G"), &c).unwrap().mem,
             Some(MemSize::parse("1G").unwrap())
+        );
+    }
+
+    #[test]
+    fn compression() {
+        let c = Config::parse(["default_compress=lz4"]).unwrap();
+        assert_eq!(c.default_compress.as_deref(), Some("lz4"));
+        assert_eq!(
+            WrapOptions::parse(None, &c).unwrap().compress.as_deref(),
+            Some("lz4")
+        );
+        let opts = WrapOptions::parse(Some("compress=zstd:3"), &c).unwrap();
+        assert_eq!(opts.compress.as_deref(), Some("zstd:3"));
+        assert!(opts.to_string().ends_with(" compress=zstd:3"), "{opts}");
+        assert_eq!(
+            WrapOptions::parse(Some("compress=off"), &c)
+                .unwrap()
+                .compress
+                .as_deref(),
+            Some("off")
+        );
+        for bad in ["gzip", "zstd:0", "zstd:20", "zstd:", "zstd:-1", ""] {
+            let e = WrapOptions::parse(Some(&format!("compress={bad}")), &c).unwrap_err();
+            assert!(
+                e.starts_with("compress: ") && e.contains("zstd:LEVEL"),
+                "{e}"
+            );
+        }
+        assert!(
+            Config::parse(["default_compress=zip"]).unwrap_err()[0].contains("default_compress")
+        );
+        let fixed = Config {
+            allow_user_override: false,
+            ..c
+        };
+        assert!(WrapOptions::parse(Some("compress=off"), &fixed)
+            .unwrap_err()
+            .contains("set by the site"));
+        assert_eq!(
+            WrapOptions::parse(None, &Config::default())
+                .unwrap()
+                .compress,
+            None
         );
     }
 
