@@ -761,7 +761,10 @@ fn compressed_and_plain_generations_chain_and_restore_like_native() {
     let (code, v) = inspect_json(&ck, true);
     assert_eq!(code, 0, "{v}");
     for g in 1..=4 {
-        assert_eq!(row(&v, g)["status"], "verified", "{v}");
+        let r = row(&v, g);
+        assert_eq!(r["status"], "verified", "{v}");
+        let (stored, pages) = (r["memory_bytes"].as_u64(), r["page_bytes"].as_u64());
+        assert_eq!(stored == pages, g == 3, "generation {g}: {r}");
     }
     let damaged = tmp.join("damaged");
     copy_generations(&ck, &[1, 2, 3, 4], &damaged, false);

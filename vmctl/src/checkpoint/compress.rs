@@ -245,3 +245,47 @@ mod tests {
         }
     }
 }
+
+/// Not a test: one thread's ratio and speed of each codec on a memory image
+/// (docs/BENCHMARKS.md), e.g.
+/// `PROBE=gen-000001/memory.img cargo test --release -p vmctl codec_speed -- --ignored --nocapture`
+/// on an uncompressed generation.
+#[cfg(test)]
+mod speed {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn codec_speed_probe() {
+        let data = std::fs::read(std::env::var("PROBE").unwrap()).unwrap();
+        for how in [Compression::Lz4, Compression::Zstd(1), Compression::Zstd(3)] {
+            let mut e = Encoder::new(how).unwrap();
+            let t = std::time::Instant::now();
+            let mut stored = 0;
+            let mut outs = Vec::new();
+            for c in data.chunks(CHUNK_BYTES as usize) {
+                match e.encode(c) {
+                    Some((s, d)) => {
+                        stored += s.len();
+                        outs.push((s[..d.bytes as usize].to_vec(), d, c.len()));
+                    }
+                    None => stored += c.len(),
+                }
+            }
+            let ct = t.elapsed().as_secs_f64();
+            let mut out = vec![0u8; CHUNK_BYTES as usize];
+            let t = std::time::Instant::now();
+            let mut n = 0;
+            for (s, d, len) in &outs {
+                decode(d, s, &mut out[..*len]).unwrap();
+                n += len;
+            }
+            let dt = t.elapsed().as_secs_f64();
+            eprintln!(
+                "{how}: ratio {:.3} compress {:.0} MB/s decompress {:.0} MB/s",
+                stored as f64 / data.len() as f64,
+                data.len() as f64 / ct / 1e6,
+                n as f64 / dt / 1e6
+            );
+        }
+    }
+}

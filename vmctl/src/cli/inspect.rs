@@ -114,6 +114,8 @@ pub fn inspect(args: InspectArgs) -> i32 {
                     "kind": m.kind,
                     "parent": m.parent,
                     "memory_bytes": m.memory.data_bytes,
+                    // Before compression (equal to memory_bytes without it).
+                    "page_bytes": m.memory.chunks.iter().map(|c| c.bytes()).sum::<u64>(),
                     "chain_memory_bytes": chain_bytes,
                     "format_version": m.format_version,
                     "vmctl_version": m.vmctl_version,
@@ -157,8 +159,17 @@ pub fn inspect(args: InspectArgs) -> i32 {
                     Some(p) => format!("incremental on {p}"),
                     None => "full".into(),
                 };
+                let (stored, pages) = (r["memory_bytes"].as_u64(), r["page_bytes"].as_u64());
+                let compressed = if stored != pages {
+                    format!(
+                        " (compressed from {:.1} MiB)",
+                        pages.unwrap_or(0) as f64 / (1 << 20) as f64
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "generation {g}{mark}: {} {}, {kind}, {:.1} MiB ({:.1} MiB with its chain), host {}, program {}",
+                    "generation {g}{mark}: {} {}, {kind}, {:.1} MiB{compressed} ({:.1} MiB with its chain), host {}, program {}",
                     r["status"].as_str().unwrap_or(""),
                     r["created"].as_str().unwrap_or(""),
                     r["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
