@@ -282,20 +282,29 @@ impl Runner {
         }
     }
 
-    /// Freezes every task at a clean point, writes a generation, prunes old ones,
-    /// and (unless the job is to stop) lets the tasks run again.
+    /// Freezes every task at a clean point, writes a generation, (unless the job is
+    /// to stop) lets the tasks run again, and prunes old generations.
     pub fn checkpoint(&mut self, then_exit: bool) -> Result<Taken, String> {
         let Some(opts) = self.ckpt.clone() else {
             return Err("no --checkpoint-dir was given".into());
         };
-        if let Some(session) = self.start_precopy(&opts) {
-            return self.finish_precopy(&opts, session, then_exit);
-        }
-        let t0 = crate::clock::monotonic_ns();
-        let tasks = self.kernel.freeze_all();
-        let result = self.write_frozen(&opts, tasks, t0);
-        if !(then_exit && result.is_ok()) {
-            self.kernel.thaw_all();
+        let result = match self.start_precopy(&opts) {
+            Some(session) => self.finish_precopy(session, then_exit),
+            None => {
+                let t0 = crate::clock::monotonic_ns();
+                let tasks = self.kernel.freeze_all();
+                let result = self.write_frozen(&opts, tasks, t0);
+                if !(then_exit && result.is_ok()) {
+                    self.kernel.thaw_all();
+                }
+                result
+            }
+        };
+        // Once the new generation is durable, the job need not wait while older ones
+        // go: reading their manifests to keep their chains, and unlinking gigabytes
+        // of images, took most of a pre-copy checkpoint's frozen time.
+        if result.is_ok() {
+            write::prune(&opts.dir, opts.keep);
         }
         result
     }
@@ -338,21 +347,23 @@ impl Runner {
     /// The last pre-copy round and the kernel state, with every task frozen.
     fn finish_precopy(
         &mut self,
-        opts: &CheckpointOptions,
         session: checkpoint::precopy::Session,
         then_exit: bool,
     ) -> Result<Taken, String> {
         let t0 = crate::clock::monotonic_ns();
         let tasks = self.kernel.freeze_all();
+        crate::checkpoint::precopy::trace("frozen", t0);
         let result = (|| {
             if self.kernel.job_status().is_some() {
                 return Err("the job ended before the checkpoint".to_string());
             }
             let mut manifest = self.manifest(session.generation(), tasks);
+            crate::checkpoint::precopy::trace("kernel state", t0);
             let held = self.kernel.held_files();
             let journal = FileJournal::prepare(&self.kernel, &held, &mut manifest);
             // The last round copies and digests the vvar page too (see write_frozen).
             let vvar_still = self.kernel.clocks.hold();
+            crate::checkpoint::precopy::trace("clock held", t0);
             let (written, summary) = session.finish(
                 &self.kernel.mem,
                 &mut self.tracker,
@@ -361,7 +372,6 @@ impl Runner {
             )?;
             drop(vvar_still);
             journal.activate(&self.kernel, &written.path);
-            write::prune(&opts.dir, opts.keep);
             Ok(Taken {
                 generation: written.generation,
                 kind: manifest.kind.clone(),
@@ -417,7 +427,6 @@ impl Runner {
         drop(vvar_still);
         journal.activate(&self.kernel, &written.path);
         self.tracker.written(&plan, &written);
-        write::prune(&opts.dir, opts.keep);
         Ok(Taken {
             generation: written.generation,
             kind: manifest.kind.clone(),

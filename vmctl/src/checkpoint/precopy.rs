@@ -400,19 +400,24 @@ impl Session {
             .expect("finished once")
             .join()
             .unwrap_or_else(|_| Err("the pre-copy thread panicked".into()));
+        let t0 = crate::clock::monotonic_ns();
+        trace("joined", t0);
         let result = joined.and_then(|(mut image, mut set)| {
             if std::env::var_os("VMCTL_MUTANT").is_none() {
                 mem.take_guest_dirty(&mut set)
                     .map_err(|e| format!("KVM's dirty log: {e}"))?;
             }
             mem.take_host_dirty(&mut set);
-            image
+            trace("dirty log", t0);
+            let last = image
                 .copy(mem, &set)
                 .map_err(|e| format!("{}: {e}", image.path.display()))?;
+            trace(&format!("last round {last} bytes"), t0);
             image
                 .file
                 .sync_data()
                 .map_err(|e| format!("{}: {e}", image.path.display()))?;
+            trace("image synced", t0);
             manifest.generation = self.generation;
             match self.basis {
                 Basis::Full => {
@@ -441,6 +446,7 @@ impl Session {
             };
             let written = write::seal_generation(&self.dir, &self.tmp, manifest, extra)
                 .map_err(|e| e.to_string())?;
+            trace("sealed", t0);
             let summary = Summary {
                 rounds: image.rounds.clone(),
                 running_seconds: (crate::clock::monotonic_ns() - self.started_ns) as f64 / 1e9,
@@ -469,6 +475,17 @@ impl Drop for Session {
             let _ = w.join();
             let _ = fs::remove_dir_all(&self.tmp);
         }
+    }
+}
+
+/// With VMCTL_TRACE_FREEZE set, prints how long since `t0` a phase of a frozen
+/// checkpoint ended.
+pub fn trace(what: &str, t0: i64) {
+    if std::env::var_os("VMCTL_TRACE_FREEZE").is_some() {
+        eprintln!(
+            "vmctl: freeze trace: {what} at {:.1} ms",
+            (crate::clock::monotonic_ns() - t0) as f64 / 1e6
+        );
     }
 }
 
