@@ -43,14 +43,16 @@ pub enum Command {
                             exits to vmctl (per syscall, faults, interruptions; summed over \
                             all its processes and threads) and the clocks' largest measured \
                             error. VMCTL_VDSO=0 leaves out the guest's vDSO, so that every \
-                            clock read is a syscall."
+                            clock read is a syscall. VMCTL_TRACE_FREEZE=1 prints when each \
+                            phase of a pre-copy checkpoint's frozen part ends."
     )]
     Run(run::RunArgs),
     /// Resume a job from its newest usable checkpoint in DIR
     #[command(
         after_help = "Environment: VMCTL_COUNT_EXITS=1 prints, when the job ends, its \
-                            exits to vmctl, as for run. VMCTL_LAZY_STATS=1 prints, when a \
-                            lazy restore's background load ends, how long it took and how \
+                            exits to vmctl, and VMCTL_TRACE_FREEZE=1 the frozen phases of \
+                            pre-copy checkpoints, as for run. VMCTL_LAZY_STATS=1 prints, when \
+                            a lazy restore's background load ends, how long it took and how \
                             many 2 MiB regions the job asked for first."
     )]
     Restore(restore::RestoreArgs),
