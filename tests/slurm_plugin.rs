@@ -1623,7 +1623,8 @@ fn crc32(data: &[u8]) -> u32 {
 }
 
 /// The admin's and the user's memory limit holds for a restore as for the
-/// first run: a checkpoint whose manifest the user grew (and re-summed) past
+/// first run (the job also asks for compress=zstd, which must reach vmctl): a
+/// checkpoint whose manifest the user grew (and re-summed) past
 /// the job's mem= is refused when the requeued job restarts, with the reason
 /// in the job's output, instead of restoring into a bigger VM.
 #[test]
@@ -1640,7 +1641,7 @@ fn restore_keeps_the_memory_limit_of_the_run() {
         &output,
         &[],
         TICKS,
-        "--vm-wrap=mem=64M,script=native",
+        "--vm-wrap=mem=64M,script=native,compress=zstd",
     );
     wait_running(&job);
     wait_progress(&job, &output, 4);
@@ -1656,6 +1657,16 @@ fn restore_keeps_the_memory_limit_of_the_run() {
     let gen = step_dir.join(generation);
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(gen.join("manifest.json")).unwrap()).unwrap();
+    // compress= reached vmctl: the image is compressed (format 4).
+    assert_eq!(
+        manifest["format_version"], 4,
+        "compress=zstd was not applied"
+    );
+    assert!(manifest["memory"]["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["compressed"]["codec"] == "zstd"));
     let ram = &mut manifest["memory"]["ram_bytes"];
     *ram = (ram.as_u64().unwrap() + (200 << 20)).into();
     let bytes = serde_json::to_vec(&manifest).unwrap();
