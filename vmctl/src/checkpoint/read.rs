@@ -657,91 +657,99 @@ fn load_chunks(
     let path = path.to_path_buf();
     let next = std::sync::atomic::AtomicUsize::new(range.start);
     let threads = super::write::io_threads().min(range.len());
-    let any_compressed = m.memory.chunks[range.clone()]
-        .iter()
-        .any(|c| c.compressed.is_some());
     std::thread::scope(|s| {
         for _ in 0..threads {
-            s.spawn(|| {
-                // Per thread: the stored bytes of a compressed chunk, and its pages.
-                let mut buffers = any_compressed.then(|| {
-                    (
-                        super::compress::ChunkBuf::new(),
-                        super::compress::ChunkBuf::new(),
-                    )
-                });
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= range.end {
-                        break;
-                    }
-                    let (Some(c), Some(iov)) = (m.memory.chunks.get(i), plan.chunk(i)) else {
-                        break;
-                    };
-                    if failure.lock().expect("poisoned").is_some() {
-                        break;
-                    }
-                    let fail = |e: CheckpointError| {
-                        let mut f = failure.lock().expect("poisoned");
-                        if f.as_ref().is_none_or(|(j, _)| i < *j) {
-                            *f = Some((i, e));
-                        }
-                    };
-                    let done = match (c.compressed.is_some(), buffers.as_mut()) {
-                        (true, Some((stored, pages))) => {
-                            let len = c.bytes() as usize;
-                            let pages = &mut pages.as_mut_slice()[..len];
-                            if let Err(e) =
-                                read_compressed_chunk(f, &path, i, c, stored.as_mut_slice(), pages)
-                            {
-                                fail(e);
-                                break;
-                            }
-                            scatter(pages, iov);
-                            len
-                        }
-                        _ => match crate::iov::transfer_all(
-                            f.as_raw_fd(),
-                            iov,
-                            c.offset,
-                            crate::iov::Direction::Read,
-                        ) {
-                            Ok(n) => n,
-                            Err(e) => {
-                                fail(CheckpointError::Io(path.clone(), e));
-                                break;
-                            }
-                        },
-                    };
-                    if (done as u64) < c.bytes() {
-                        fail(CheckpointError::Corrupt(
-                            path.clone(),
-                            format!("ends inside chunk {i} (truncated)"),
-                        ));
-                        break;
-                    }
-                    let mut h = crc32fast::Hasher::new();
-                    for v in iov {
-                        // SAFETY: the same in-bounds guest RAM ranges just filled.
-                        h.update(unsafe {
-                            std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-                        });
-                    }
-                    if h.finalize() != c.crc32 {
-                        fail(CheckpointError::Corrupt(
-                            path.clone(),
-                            format!("chunk {i} at offset {} fails its CRC32", c.offset),
-                        ));
-                        break;
-                    }
-                    let mut p = progress.lock().expect("poisoned");
-                    p.1 += c.bytes();
-                    let done = p.1;
-                    p.0.update(done);
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= range.end {
+                    break;
                 }
+                let (Some(c), Some(iov)) = (m.memory.chunks.get(i), plan.chunk(i)) else {
+                    break;
+                };
+                if failure.lock().expect("poisoned").is_some() {
+                    break;
+                }
+                let fail = |e: CheckpointError| {
+                    let mut f = failure.lock().expect("poisoned");
+                    if f.as_ref().is_none_or(|(j, _)| i < *j) {
+                        *f = Some((i, e));
+                    }
+                };
+                let done = match read_chunk(f, &path, i, c, iov) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        fail(e);
+                        break;
+                    }
+                };
+                if (done as u64) < c.bytes() {
+                    fail(CheckpointError::Corrupt(
+                        path.clone(),
+                        format!("ends inside chunk {i} (truncated)"),
+                    ));
+                    break;
+                }
+                let mut h = crc32fast::Hasher::new();
+                for v in iov {
+                    // SAFETY: the same in-bounds guest RAM ranges just filled.
+                    h.update(unsafe {
+                        std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                    });
+                }
+                if h.finalize() != c.crc32 {
+                    fail(CheckpointError::Corrupt(
+                        path.clone(),
+                        format!("chunk {i} at offset {} fails its CRC32", c.offset),
+                    ));
+                    break;
+                }
+                let mut p = progress.lock().expect("poisoned");
+                p.1 += c.bytes();
+                let done = p.1;
+                p.0.update(done);
             });
         }
     });
+}
+
+/// A compressed chunk's stored bytes and its pages.
+type DecodeBuffers = (super::compress::ChunkBuf, super::compress::ChunkBuf);
+
+thread_local! {
+    /// A loading thread's buffers, allocated on its first compressed chunk and freed
+    /// when the thread ends.
+    static DECODE_BUFFERS: std::cell::RefCell<Option<DecodeBuffers>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Reads chunk `i` (`c`) of an image into the guest RAM ranges `iov`: straight from
+/// the file, or, for a compressed chunk, through `read_compressed_chunk`. Returns the
+/// bytes that landed; the caller checks them against the chunk's CRC32.
+fn read_chunk(
+    f: &File,
+    path: &Path,
+    i: usize,
+    c: &Chunk,
+    iov: &[libc::iovec],
+) -> Result<usize, CheckpointError> {
+    if c.compressed.is_none() {
+        return crate::iov::transfer_all(f.as_raw_fd(), iov, c.offset, crate::iov::Direction::Read)
+            .map_err(|e| CheckpointError::Io(path.to_path_buf(), e));
+    }
+    DECODE_BUFFERS.with_borrow_mut(|buffers| {
+        let (stored, pages) = buffers.get_or_insert_with(|| {
+            (
+                super::compress::ChunkBuf::new(),
+                super::compress::ChunkBuf::new(),
+            )
+        });
+        // check_image_shape bounded the chunk's size by CHUNK_BYTES.
+        let pages = &mut pages.as_mut_slice()[..c.bytes() as usize];
+        read_compressed_chunk(f, path, i, c, stored.as_mut_slice(), pages)?;
+        scatter(pages, iov);
+        Ok(pages.len())
+    })
 }
 
 /// Copies a decompressed chunk's pages to the guest RAM ranges of its runs.
