@@ -11,6 +11,7 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
 
 use serde_json::Value;
 // `checkpoint` here is `vmctl checkpoint --json`: these tests read its answer.

@@ -33,13 +33,13 @@ fn lazy_restore(cwd: &Path, ckpt: &Path) -> Job {
     Job::spawn(cmd)
 }
 
-/// Runs hotset in a VM with incremental checkpoints: generation 1 (full) after the
-/// fill, generation 2 (incremental) after round 1; then kills it.
-fn checkpointed_hotset(tmp: &TempDir, out: &Path, ck: &Path) {
+/// Runs hotset in a VM (with `opts`) with incremental checkpoints: generation 1
+/// (full) after the fill, generation 2 (incremental) after round 1; then kills it.
+fn checkpointed_hotset(tmp: &TempDir, out: &Path, ck: &Path, opts: &[&str]) {
     let mut job = Job::run(
         tmp.path(),
         ck,
-        &["--mem", "256M", "--incremental=on"],
+        &[&["--mem", "256M", "--incremental=on"], opts].concat(),
         HOTSET,
         &[
             &out,
@@ -60,12 +60,35 @@ fn checkpointed_hotset(tmp: &TempDir, out: &Path, ck: &Path) {
 #[test]
 fn a_lazily_restored_chain_gives_the_native_output() {
     need_kvm!();
-    let tmp = TempDir::new("lazy-native");
+    lazily_restored_chain_gives_the_native_output("lazy-native", &[]);
+}
+
+/// The loader decompresses the chunks it reads (`--compress`) before it checks them.
+#[test]
+fn a_lazily_restored_compressed_chain_gives_the_native_output() {
+    need_kvm!();
+    lazily_restored_chain_gives_the_native_output("lazy-compressed", &["--compress=zstd"]);
+}
+
+fn lazily_restored_chain_gives_the_native_output(name: &str, opts: &[&str]) {
+    let tmp = TempDir::new(name);
     let native_out = tmp.join("native.txt");
     let native = native_hotset(&tmp, &native_out, MIB, HOT_KIB, ROUNDS);
     let out = tmp.join("vm.txt");
     let ck = tmp.join("ckpt");
-    checkpointed_hotset(&tmp, &out, &ck);
+    checkpointed_hotset(&tmp, &out, &ck, opts);
+    if !opts.is_empty() {
+        // The program's random fill does not compress, the rest of the VM does.
+        let compressed = ["gen-000001", "gen-000002"].map(|g| {
+            manifest(&ck.join(g))["memory"]["chunks"]
+                .as_array()
+                .expect("chunks")
+                .iter()
+                .filter(|c| c.get("compressed").is_some_and(|z| !z.is_null()))
+                .count()
+        });
+        assert!(compressed[0] > 0, "no chunk of generation 1 is compressed");
+    }
 
     let gen2 = ck.join("gen-000002");
     fs::OpenOptions::new()
@@ -100,7 +123,7 @@ fn a_damaged_chunk_found_by_the_background_load_stops_the_job_naming_it() {
     let tmp = TempDir::new("lazy-bad-chunk");
     let out = tmp.join("vm.txt");
     let ck = tmp.join("ckpt");
-    checkpointed_hotset(&tmp, &out, &ck);
+    checkpointed_hotset(&tmp, &out, &ck, &[]);
 
     // The last chunk of the full generation: the restored job waits for stdin and
     // touches none of it, so only the background load reads it.

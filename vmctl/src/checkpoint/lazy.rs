@@ -382,7 +382,8 @@ impl Staging {
     }
 }
 
-/// Reads chunk `chunk` of `link`'s image into `buf` and checks its CRC32.
+/// Reads chunk `chunk` of `link`'s image into `buf` (decompressing it if it is
+/// stored compressed) and checks its CRC32.
 fn read_verified(
     link: &LinkImage,
     (file, path): &(File, PathBuf),
@@ -395,16 +396,23 @@ fn read_verified(
         error,
     };
     buf.resize(c.bytes() as usize, 0);
-    file.read_exact_at(&mut buf, c.offset).map_err(|e| {
-        fail(if e.kind() == io::ErrorKind::UnexpectedEof {
-            CheckpointError::Corrupt(
-                path.clone(),
-                format!("ends inside chunk {chunk} (truncated)"),
-            )
-        } else {
-            CheckpointError::Io(path.clone(), e)
-        })
-    })?;
+    if c.compressed.is_some() {
+        // load_chain checked the image's shape: the stored size is at most the chunk's.
+        let mut stored = vec![0u8; c.stored_bytes() as usize];
+        super::read::read_compressed_chunk(file, path, chunk, c, &mut stored, &mut buf)
+            .map_err(fail)?;
+    } else {
+        file.read_exact_at(&mut buf, c.offset).map_err(|e| {
+            fail(if e.kind() == io::ErrorKind::UnexpectedEof {
+                CheckpointError::Corrupt(
+                    path.clone(),
+                    format!("ends inside chunk {chunk} (truncated)"),
+                )
+            } else {
+                CheckpointError::Io(path.clone(), e)
+            })
+        })?;
+    }
     if crc32fast::hash(&buf) != c.crc32 {
         return Err(fail(CheckpointError::Corrupt(
             path.clone(),
