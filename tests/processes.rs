@@ -571,7 +571,7 @@ fn a_version_1_checkpoint_is_refused_with_both_versions_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(
-        err.contains("checkpoint format 1") && err.contains("reads formats 2 to 3"),
+        err.contains("checkpoint format 1") && err.contains("reads formats 2 to 4"),
         "{err}"
     );
 }
