@@ -51,6 +51,14 @@ pub struct CheckpointArgs {
     /// ratios and speeds. Restores read any mix of compressed and plain generations.
     #[arg(long, value_name = "HOW", default_value = "off", value_parser = Compression::parse)]
     pub compress: Compression,
+
+    /// A program whose state is its connections (such as srun): a process running
+    /// it when a checkpoint is taken is not resumed by a restore but started again,
+    /// the same process with the same command line, environment (plus
+    /// VMCTL_REEXECUTED=1), descriptors and working directory. Repeatable; give it to
+    /// restore as well, for the programs the restored job starts.
+    #[arg(long, value_name = "PROGRAM")]
+    pub reexec: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

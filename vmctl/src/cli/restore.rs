@@ -129,6 +129,7 @@ pub fn restore(args: RestoreArgs) -> i32 {
                 if g != newest {
                     eprintln!("vmctl: restored generation {g}, the newest usable one");
                 }
+                kernel.set_reexec_programs(&args.checkpoint.reexec);
                 return match Runner::new(
                     kernel,
                     tasks,

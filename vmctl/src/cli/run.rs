@@ -136,6 +136,7 @@ pub fn run(args: RunArgs) -> i32 {
         }
     };
     kernel.files_journal.set_policy(args.checkpoint.files);
+    kernel.set_reexec_programs(&args.checkpoint.reexec);
     match Runner::new(
         kernel,
         vec![task],

@@ -127,6 +127,9 @@ pub struct Kernel {
     /// The guest's clocks, for the vDSO and the clock syscalls alike. The vDSO's
     /// frames, shared by every process, are `host.vdso`.
     pub clocks: Arc<vdso::GuestClocks>,
+    /// `--reexec`: programs (canonical paths) that a restore starts again instead of
+    /// resuming, because their state is their connections (see `ExecRecord`).
+    pub reexec_programs: std::sync::OnceLock<Vec<std::path::PathBuf>>,
     _clock_refresher: vdso::Refresher,
     /// VMCTL_COUNT_EXITS: every task's exits, reported when the job ends.
     exits: Option<exits::ExitCounter>,
@@ -171,6 +174,7 @@ impl Kernel {
             tsc_offset,
             tsc_trap,
             clean_fpu,
+            reexec_programs: std::sync::OnceLock::new(),
             _clock_refresher: clocks.start(),
             exits: exits::ExitCounter::from_env(),
             clocks,
@@ -186,6 +190,27 @@ impl Kernel {
 
     /// Starts the job's first process; returns the kernel and its first task, which
     /// the caller runs on a thread of its own.
+    /// Sets `--reexec`'s programs (once, before the tasks run). Each is made
+    /// canonical, so a program exec'd through a symlink or another spelling of its
+    /// path is recognised; one that does not exist here is ignored.
+    pub fn set_reexec_programs(&self, programs: &[std::path::PathBuf]) {
+        let canonical = programs
+            .iter()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect();
+        let _ = self.reexec_programs.set(canonical);
+    }
+
+    /// Whether a process exec'ing `exe` is to be started again on a restore.
+    pub fn reexecuted_on_restore(&self, exe: &std::path::Path) -> bool {
+        match self.reexec_programs.get() {
+            Some(list) if !list.is_empty() => std::fs::canonicalize(exe)
+                .map(|c| list.contains(&c))
+                .unwrap_or(false),
+            _ => false,
+        }
+    }
+
     pub fn boot(vm: Vm, launch: &Launch) -> Result<(Arc<Kernel>, Task), KernelError> {
         let mem = vm.memory().clone();
         let mut frames = FrameAllocator::new(machine::layout::SYSTEM_SIZE, mem.size());

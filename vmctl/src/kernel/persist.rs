@@ -16,7 +16,7 @@ use super::mm::{
 use super::pids::PidTable;
 use super::signals::ThreadSignals;
 use super::task::{Task, TaskHandle};
-use super::thread_group::{Resources, TgState, ThreadGroup};
+use super::thread_group::{Life, Resources, TgState, ThreadGroup};
 use super::vdso::{GuestClocks, ModelClock, SavedClocks, VdsoFrames};
 use super::{dup_stdio, Kernel};
 use crate::machine::{GuestMemory, MachineError, Vm};
@@ -709,9 +709,39 @@ impl Kernel {
             k.commit
                 .charge(mm.lock().expect("address space poisoned").committed);
         }
+        // A process marked for re-execution (`--reexec`) keeps one task, its main
+        // thread if it still has one: the exec it does first would end the others,
+        // which must not run a single instruction with their lost connections.
+        let mut reexec_task: HashMap<i32, i32> = HashMap::new();
+        for g in k.pids.lock().expect("pids poisoned").groups.values() {
+            let mut st = g.lock();
+            if st.reexec.is_some() && st.life == Life::Running {
+                let threads: Vec<i32> = state
+                    .tasks
+                    .iter()
+                    .filter(|t| t.snapshot.tgid == g.tgid)
+                    .map(|t| t.snapshot.tid)
+                    .collect();
+                let keep = if threads.contains(&g.tgid) {
+                    Some(g.tgid)
+                } else {
+                    threads.first().copied()
+                };
+                if let Some(tid) = keep {
+                    reexec_task.insert(g.tgid, tid);
+                    st.reexec_pending = true;
+                }
+            }
+        }
         let mut tasks = Vec::new();
         for ts in state.tasks {
             let snap = ts.snapshot;
+            if reexec_task
+                .get(&snap.tgid)
+                .is_some_and(|&keep| keep != snap.tid)
+            {
+                continue;
+            }
             let tg = k
                 .pids
                 .lock()
@@ -1107,6 +1137,17 @@ pub fn check_state(state: &KernelState, ram: u64) -> Result<(), String> {
         }
         if mm.brk < mm.brk_start || mm.brk > TASK_SIZE {
             return Err("a program break lies outside user space".into());
+        }
+    }
+    for p in &state.processes {
+        if let Some(r) = &p.state.reexec {
+            // execve's own limit on argv and environment (ARG_MAX).
+            if r.size() > 2 << 20 || r.argv.is_empty() {
+                return Err(format!(
+                    "process {}'s recorded command line for re-execution is not a possible one",
+                    p.tgid
+                ));
+            }
         }
     }
     if let Some(f) = state.fd_tables.iter().flatten().find(|f| f.fd < 0) {

@@ -368,6 +368,17 @@ impl Task {
         if self.h.flags() != 0 {
             self.h.kick();
         }
+        let reexec = {
+            let mut st = self.tg().lock();
+            if std::mem::take(&mut st.reexec_pending) {
+                st.reexec.clone()
+            } else {
+                None
+            }
+        };
+        if let Some(record) = reexec {
+            crate::syscalls::process::reexec_after_restore(&mut self, record);
+        }
         while self.service_interrupts() {
             if let Some(child) = self.thread.vfork_child {
                 if self.wait_for_vfork(child).is_err() {

@@ -61,9 +61,44 @@ pub struct TgState {
     /// prctl(PR_SET_PDEATHSIG): the signal this process gets when its parent ends.
     #[serde(default)]
     pub pdeath_signal: i32,
+    /// How the program was started, for a program vmctl starts again on a restore
+    /// (`--reexec`); None for every other process. Absent from older checkpoints.
+    #[serde(default)]
+    pub reexec: Option<ExecRecord>,
+    /// Set by a restore on a process it starts again: its one task execs
+    /// `reexec` before it runs (not saved: a checkpoint is never taken before).
+    #[serde(skip)]
+    pub reexec_pending: bool,
     /// Live threads, by tid (not saved: the tasks themselves are).
     #[serde(skip)]
     pub threads: Vec<Arc<TaskHandle>>,
+}
+
+/// What an execve was given, kept for a program whose state is its connections to
+/// the outside (srun: sockets to slurmctld and the nodes), which a checkpoint cannot
+/// carry. On a restore vmctl execs the same program again in the same process (pid,
+/// parent, descriptors, working directory), so its parent still waits for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRecord {
+    pub path: PathBuf,
+    pub argv: Vec<Vec<u8>>,
+    pub envp: Vec<Vec<u8>>,
+    /// The calling thread's signal mask and the ignored signals, as exec left them.
+    pub blocked: u64,
+    pub ignored: u64,
+}
+
+impl ExecRecord {
+    /// Bytes of argv and environment, bounded like execve's (ARG_MAX) when a
+    /// checkpoint is read.
+    pub fn size(&self) -> usize {
+        self.argv
+            .iter()
+            .chain(&self.envp)
+            .map(|a| a.len() + 1 + 8)
+            .sum::<usize>()
+            + self.path.as_os_str().len()
+    }
 }
 
 pub struct ThreadGroup {
@@ -107,6 +142,8 @@ impl TgState {
             itimers: [ITimer::default(); 3],
             vfork_done: true,
             pdeath_signal: 0,
+            reexec: None,
+            reexec_pending: false,
             threads: Vec::new(),
         }
     }

@@ -10,7 +10,7 @@ mod memory;
 mod misc;
 mod names;
 mod net;
-mod process;
+pub(crate) mod process;
 mod procfs;
 mod signal;
 mod time;

@@ -7,9 +7,9 @@ use crate::kernel::files::FdTable;
 use crate::kernel::loader::{self, ExecError};
 use crate::kernel::mm::AddressSpace;
 use crate::kernel::process::ExitStatus;
-use crate::kernel::signals::{SigAction, ThreadSignals, SIG_IGN};
+use crate::kernel::signals::{sig_bit, SigAction, ThreadSignals, SIG_IGN};
 use crate::kernel::task::{Task, TaskHandle, ThreadState, INTR_FREEZE};
-use crate::kernel::thread_group::{ITimer, Life, Resources, TgState, ThreadGroup};
+use crate::kernel::thread_group::{ExecRecord, ITimer, Life, Resources, TgState, ThreadGroup};
 use crate::kernel::{comm_of, Errno, SysResult, MAX_TASKS};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -205,6 +205,9 @@ pub fn clone(t: &mut Task, flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u6
             itimers: [ITimer::default(); 3],
             vfork_done: flags & CLONE_VFORK == 0,
             pdeath_signal: 0,
+            // A child is not the program its parent runs until it execs it.
+            reexec: None,
+            reexec_pending: false,
             threads: Vec::new(),
         };
         drop(parent);
@@ -363,6 +366,17 @@ pub fn execve(
         )
         .as_bytes(),
     ));
+    exec_program(t, &path, argv, envp)
+}
+
+/// The part of execve after its arguments are read: loads `path` with `argv` and
+/// `envp` into a new address space and starts it in this task.
+fn exec_program(
+    t: &mut Task,
+    path: &std::path::Path,
+    argv: Vec<Vec<u8>>,
+    envp: Vec<Vec<u8>>,
+) -> Result<Ret, Errno> {
     let stack = t
         .rlimit(libc::RLIMIT_STACK)
         .0
@@ -377,7 +391,7 @@ pub fn execve(
     let system = k.vm.system_half().clone();
     let loaded = t.with_mm(|_, ctx| {
         let mut mm = AddressSpace::new(ctx.mem, ctx.frames, &system).ok_or(Errno(libc::ENOMEM))?;
-        match loader::load_program(&mut mm, ctx, &path, &argv, &envp, stack, &k.host) {
+        match loader::load_program(&mut mm, ctx, path, &argv, &envp, stack, &k.host) {
             Ok(start) => Ok((mm, start)),
             Err(e) => {
                 mm.release(ctx);
@@ -421,6 +435,22 @@ pub fn execve(
                 *a = SigAction::default();
             }
         }
+        st.reexec = if k.reexecuted_on_restore(&start.exe) {
+            Some(ExecRecord {
+                path: path.to_path_buf(),
+                argv: argv.clone(),
+                envp: envp.clone(),
+                blocked: t.h.signals().blocked,
+                ignored: st
+                    .actions
+                    .iter()
+                    .enumerate()
+                    .filter(|(sig, a)| (1..=64).contains(sig) && a.handler == SIG_IGN)
+                    .fold(0u64, |m, (sig, _)| m | 1 << (sig - 1)),
+            })
+        } else {
+            None
+        };
         st.exe = start.exe.clone();
         st.cmdline = cmdline;
         let was_vfork = !st.vfork_done;
@@ -448,6 +478,53 @@ pub fn execve(
         t.group_exit(ExitStatus::Signal(libc::SIGKILL));
     }
     Ok(Ret::Registers)
+}
+
+/// Set in a re-executed program's environment: it was started again by a restore
+/// (its earlier run was checkpointed while it ran), with the value `1`.
+pub const REEXECUTED_ENV: &[u8] = b"VMCTL_REEXECUTED";
+
+/// Runs in the one task a restore kept of a process marked for re-execution
+/// (`--reexec`), before it runs any guest code: execs the recorded program again,
+/// with its recorded argv, environment (plus `VMCTL_REEXECUTED=1`), signal mask and
+/// ignored signals, in the same process: same pid and parent, its descriptors (those
+/// marked close-on-exec close; sockets came back as /dev/null), its working
+/// directory. If the program can no longer be loaded the process exits with 127
+/// (126 if it is not executable), and a line on stderr says why.
+pub fn reexec_after_restore(t: &mut Task, record: ExecRecord) {
+    let mut envp: Vec<Vec<u8>> = record
+        .envp
+        .iter()
+        .filter(|e| !(e.starts_with(REEXECUTED_ENV) && e.get(REEXECUTED_ENV.len()) == Some(&b'=')))
+        .cloned()
+        .collect();
+    let mut marker = REEXECUTED_ENV.to_vec();
+    marker.extend_from_slice(b"=1");
+    envp.push(marker);
+    {
+        let mut st = t.tg().lock();
+        for (i, a) in st.actions.iter_mut().enumerate() {
+            *a = SigAction::default();
+            if (1..=64).contains(&i) && record.ignored & (1 << (i - 1)) != 0 {
+                a.handler = SIG_IGN;
+            }
+        }
+    }
+    t.h.signals().blocked = record.blocked & !(sig_bit(libc::SIGKILL) | sig_bit(libc::SIGSTOP));
+    if let Err(e) = exec_program(t, &record.path, record.argv.clone(), envp) {
+        let code = if e.0 == libc::EACCES || e.0 == libc::ENOEXEC {
+            126
+        } else {
+            127
+        };
+        eprintln!(
+            "vmctl: process {}: cannot start {} again after the restore: {}; it exits with status {code}",
+            t.tgid(),
+            record.path.display(),
+            std::io::Error::from_raw_os_error(e.0)
+        );
+        t.group_exit(ExitStatus::Code(code));
+    }
 }
 
 fn start_root(mm: &Arc<Mutex<AddressSpace>>) -> u64 {
