@@ -215,24 +215,35 @@ fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// Five stages: shell arithmetic in a variable that lives across stages,
-/// and in stage 3 a Python program holding its running sum in memory,
-/// ticking slowly enough for a requeue to land in the middle. Each stage
-/// appends one line to result.txt; stdout shows each stage start and end.
+/// and in stages 3 and 4 a Python program holding its running sum in
+/// memory, ticking slowly enough for a requeue to land in the middle. Stage
+/// 3 runs in the script itself; stage 4 runs a short step that appends a
+/// line, then its Python program as an `srun` step when the script runs in a
+/// Slurm job (natively, the same commands without srun). Each stage appends
+/// to result.txt; stdout shows each stage start and end.
 const STAGES_SCRIPT: &str = r#"#!/bin/bash
+step() { if [ -n "$SLURM_JOB_ID" ]; then srun -n1 "$@"; else "$@"; fi; }
+ticking() {
+    python3 -u -c '
+import sys, time
+stage = int(sys.argv[1])
+total = 0
+for i in range(30):
+    total += i * i * stage
+    print("stage", stage, "tick", i)
+    time.sleep(0.25)
+with open("result.txt", "a") as f:
+    f.write("stage %d python total=%d\n" % (stage, total))
+' "$1"
+}
 counter=0
 for stage in 1 2 3 4 5; do
     echo "stage $stage start counter=$counter"
     if [ "$stage" = 3 ]; then
-        python3 -u -c '
-import sys, time
-total = 0
-for i in range(30):
-    total += i * i
-    print("tick", i)
-    time.sleep(0.25)
-with open("result.txt", "a") as f:
-    f.write("stage 3 python total=%d\n" % total)
-'
+        ticking 3
+    elif [ "$stage" = 4 ]; then
+        step sh -c 'echo "stage 4 short step" >> result.txt'
+        step bash -c "$(declare -f ticking); ticking 4"
     else
         for i in $(seq 1 20); do counter=$((counter + i * stage)); done
         echo "stage $stage counter=$counter" >> result.txt
@@ -242,10 +253,46 @@ done
 echo "done counter=$counter"
 "#;
 
-/// The issue's headline case: a batch script requeued during stage three
-/// resumes on the other node inside the Python program; stages one and two
-/// do not run again and the job's stdout and result file are exactly those
-/// of a run that was never interrupted (the same script run natively).
+/// Drains `from` and requeues `job`, which then runs again on another node
+/// (`while_pending` runs before it is released). Returns that node.
+fn requeue_to_another_node(
+    cleanup: &mut Cleanup,
+    job: &str,
+    from: &str,
+    while_pending: impl FnOnce(),
+) -> String {
+    cleanup.drained.push(from.to_string());
+    let out = run(
+        "scontrol",
+        &[
+            "update",
+            &format!("nodename={from}"),
+            "state=drain",
+            "reason=vmwrap-test",
+        ],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = run("scontrol", &["requeue", job], Path::new("/"));
+    assert_eq!(out.code, 0, "{out:?}");
+    let requeued_at = unix_now();
+    wait_pending(job);
+    while_pending();
+    release(job, requeued_at);
+    let node = wait_running(job);
+    assert_ne!(node, from);
+    node
+}
+
+/// The issue's headline cases, in one job requeued twice: a batch script
+/// requeued during stage three resumes on the other node inside the Python
+/// program of the script; requeued again while its `srun` step of stage four
+/// runs, the step's task resumes from its checkpoint (the srun is started
+/// again by vmctl and its new step restores the old one's task) on the first
+/// node, and the script continues after the step. Nothing runs twice: not
+/// stages one to three, not the short step that had finished, not the
+/// step's first ticks. The job's stdout and result file are exactly those of
+/// a run that was never interrupted (the same script run natively).
 #[test]
 #[ignore = "needs the local Slurm cluster: contrib/vmwrap-cluster up, then -- --ignored"]
 fn requeued_batch_script_continues_where_it_was() {
@@ -273,37 +320,31 @@ fn requeued_batch_script_continues_where_it_was() {
         &script,
     );
     let first_node = wait_running(&job);
-    wait_for_text(&output, "tick 5\n");
-
-    cleanup.drained.push(first_node.clone());
-    let out = run(
-        "scontrol",
-        &[
-            "update",
-            &format!("nodename={first_node}"),
-            "state=drain",
-            "reason=vmwrap-test",
-        ],
-        Path::new("/"),
-    );
-    assert_eq!(out.code, 0, "{out:?}");
-    let out = run("scontrol", &["requeue", &job], Path::new("/"));
-    assert_eq!(out.code, 0, "{out:?}");
-    let requeued_at = unix_now();
-    wait_pending(&job);
+    wait_for_text(&output, "stage 3 tick 5\n");
     // The script was edited on disk after the checkpoint: the restored job
     // runs the state it had (Slurm keeps its own copy, the plugin runs a
     // copy in the checkpoint directory, and bash has it in memory).
-    fs::write(&script, "#!/bin/bash\necho EDITED\n").unwrap();
-    release(&job, requeued_at);
-    let second_node = wait_running(&job);
-    assert_ne!(second_node, first_node);
+    let second_node = requeue_to_another_node(&mut cleanup, &job, &first_node, || {
+        fs::write(&script, "#!/bin/bash\necho EDITED\n").unwrap()
+    });
+
+    // Stage 4's Python runs as step 1 of this run (step 0 was the short
+    // one); the requeue lands while it ticks.
+    wait_for_text(&output, "stage 4 tick 5\n");
+    let out = run(
+        "scontrol",
+        &["update", &format!("nodename={first_node}"), "state=resume"],
+        Path::new("/"),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let third_node = requeue_to_another_node(&mut cleanup, &job, &second_node, || {});
+    assert_eq!(third_node, first_node);
 
     let state = wait_for_job(&job, JOB_TIMEOUT);
     let text = fs::read_to_string(&output).unwrap_or_default();
     let err_text = fs::read_to_string(&errors).unwrap_or_default();
     assert_eq!(state, "COMPLETED", "stdout:\n{text}\nstderr:\n{err_text}");
-    assert_eq!(job_field(&job, "Restarts"), "1");
+    assert_eq!(job_field(&job, "Restarts"), "2");
     assert_eq!(
         text,
         native.stdout_str(),
@@ -311,11 +352,23 @@ fn requeued_batch_script_continues_where_it_was() {
     );
     assert_eq!(
         fs::read_to_string(dir.join("result.txt")).unwrap(),
-        native_result
+        native_result,
+        "stderr:\n{err_text}"
     );
+    for restart in [1, 2] {
+        assert!(
+            err_text.contains(&format!(
+                "vmwrap: job {job} batch script: restart {restart}: resuming from its checkpoint"
+            )),
+            "{err_text}"
+        );
+    }
+    // The step resumed is step 1 of the second run, now step 0 of the third.
     assert!(
         err_text.contains(&format!(
-            "vmwrap: job {job} batch script: restart 1: resuming from its checkpoint"
+            "vmwrap: job {job}: the srun of step 1 was running when the job stopped; it runs again as step 0"
+        )) && err_text.contains(&format!(
+            "vmwrap: job {job} step 0 task 0: restart 2: resuming task 0 of step 1 from its checkpoint"
         )),
         "{err_text}"
     );

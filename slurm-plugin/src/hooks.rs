@@ -20,6 +20,7 @@ use crate::dirs::{self, Cleared, StepPath, BATCH_STEP_ID, FINISHED_MARKER, IDENT
 use crate::events;
 use crate::launch::{self, Env, Mode, StepIdentity, EXIT_CHECKPOINTED};
 use crate::options::{Config, WrapOptions};
+use crate::resume::{self, ResumedBy, SrunRecord};
 use crate::spank::{self, sys, Context, Spank};
 
 /// Step ids at and above this are Slurm's special steps (batch script,
@@ -460,6 +461,82 @@ fn user_name(uid: u32) -> Result<String, String> {
     }
 }
 
+/// In srun (local context), once its step exists and before its tasks are
+/// launched. Only an srun run by a wrapped batch script does anything: it
+/// records which step it runs, or, started again by vmctl after the job was
+/// restored (crate::resume), tells its new step's tasks which step's
+/// checkpoint to resume. Failures only cost the resume, and say so.
+#[no_mangle]
+pub extern "C" fn slurm_spank_local_user_init(
+    sp: sys::spank_t,
+    _ac: c_int,
+    _argv: *mut *mut c_char,
+) -> c_int {
+    guard("slurm_spank_local_user_init", || {
+        if spank::context() != Context::Local || !matches!(state().wrap, Some(Ok(_))) {
+            return OK;
+        }
+        let Some(batch_dir) = std::env::var_os("VMWRAP_CHECKPOINT_DIR").map(PathBuf::from) else {
+            return OK;
+        };
+        if batch_dir.file_name() != Some(OsStr::new(dirs::BATCH_DIR)) {
+            return OK;
+        }
+        // SAFETY: `sp` is this hook's handle.
+        let spank = unsafe { Spank::new(sp) };
+        let (Ok(job_id), Ok(step_id)) = (
+            spank.u32_item(sys::S_JOB_ID),
+            spank.u32_item(sys::S_JOB_STEPID),
+        ) else {
+            return OK;
+        };
+        // The guest pid: vmctl keeps it across a restore.
+        let record = resume::record_path(&batch_dir, std::process::id());
+        let reexecuted = std::env::var_os(resume::REEXECUTED_ENV).is_some_and(|v| v == "1");
+        let mut stderr = std::io::stderr();
+        if !reexecuted {
+            let rec = SrunRecord { job_id, step_id };
+            if let Err(e) = resume::write_json(&record, &rec) {
+                let _ = writeln!(
+                    stderr,
+                    "vmwrap: warning: job {job_id} step {step_id}: {e}; if the job is requeued while this step runs, the step starts afresh"
+                );
+            }
+            return OK;
+        }
+        // Not passed on: the step's tasks and later programs are not
+        // re-executed. srun calls this hook from its main thread, before the
+        // threads that launch the step exist.
+        std::env::remove_var(resume::REEXECUTED_ENV);
+        match resume::read_json::<SrunRecord>(&record) {
+            Ok(old) if old.job_id == job_id && old.step_id < MAX_NORMAL_STEP_ID => {
+                let _ = writeln!(
+                    stderr,
+                    "vmwrap: job {job_id}: the srun of step {} was running when the job stopped; it runs again as step {step_id}, whose tasks resume from step {}'s checkpoint",
+                    old.step_id, old.step_id
+                );
+                // srun builds its tasks' environment from its own after this hook.
+                std::env::set_var(resume::RESUME_ENV, old.step_id.to_string());
+            }
+            Ok(old) => {
+                let _ = writeln!(
+                    stderr,
+                    "vmwrap: warning: job {job_id} step {step_id}: {} is about job {}, not this one; the step starts afresh",
+                    record.display(),
+                    old.job_id
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    stderr,
+                    "vmwrap: warning: job {job_id} step {step_id}: this srun was started again after the job's restart but its record is unusable ({e}); the step starts afresh"
+                );
+            }
+        }
+        OK
+    })
+}
+
 #[no_mangle]
 pub extern "C" fn slurm_spank_task_init(
     sp: sys::spank_t,
@@ -634,7 +711,46 @@ fn build_exec(
         },
         cwd: cwd.to_string_lossy().into_owned(),
     };
-    let mode = if restarts > 0 {
+    // Set by an srun that vmctl started again after the batch script was
+    // restored (crate::resume): this step continues that old step.
+    let resume_from = env.get(resume::RESUME_ENV).map(<[u8]>::to_vec);
+    env.remove(resume::RESUME_ENV);
+    env.remove(resume::REEXECUTED_ENV);
+    let mut resumed = None;
+    if let (Some(text), false) = (resume_from, path.is_batch()) {
+        match resume::parse_step_id(&text, MAX_NORMAL_STEP_ID) {
+            Some(old_step) => {
+                resumed = resume_old_step(
+                    path, old_step, total, task_id, &identity, restarts, vmctl, &where_,
+                )?;
+                if let Some(old_dir) = &resumed {
+                    dir = old_dir.clone();
+                }
+            }
+            None => {
+                let msg = format!(
+                    "{where_}: {}={} is not a step id; the step starts afresh",
+                    resume::RESUME_ENV,
+                    String::from_utf8_lossy(&text)
+                );
+                spank::info(&msg);
+                let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+            }
+        }
+    }
+    if resumed.is_none() && restarts > 0 && !path.is_batch() {
+        if let Some(by) = resume::resumed_in_this_run(&dir, restarts) {
+            return Err(format!(
+                "{where_}: {} holds the checkpoint of step {}, which resumed it after the job's restart and is still running; this step cannot use it, nothing was changed there (run this step again once step {} has ended)",
+                dir.display(),
+                by.step_id,
+                by.step_id
+            ));
+        }
+    }
+    let mode = if resumed.is_some() {
+        Mode::Restore
+    } else if restarts > 0 {
         match resumable(&dir, &identity, vmctl) {
             Ok(()) => Mode::Restore,
             Err(why) => {
@@ -687,7 +803,7 @@ fn build_exec(
         }
         for (step, command, step_dir) in batch::interrupted_steps(&dir) {
             let msg = format!(
-                "{where_}: step {step} ({command}) was running when the job stopped; the restored srun cannot reconnect to it (a checkpoint does not carry sockets): srun reports errors, gives up after its step timeout, and the step is NOT resumed; its checkpoint stays in {}",
+                "{where_}: step {step} ({command}) had not ended when the job stopped; the srun that ran it starts again and the step's tasks resume from their checkpoint in {}",
                 step_dir.display()
             );
             spank::info(&msg);
@@ -713,7 +829,20 @@ fn build_exec(
     }
 
     program[0] = launch::resolve_program(&program[0], &env, &cwd);
-    let mut vm_argv = launch::vmctl_argv(mode, vmctl, kvm_fd, &dir, opts, &program);
+    // An srun of the script is started again by a restore, not resumed: its
+    // sockets cannot be carried (crate::resume).
+    let mut reexec = Vec::new();
+    if path.is_batch() {
+        let srun = launch::resolve_program(OsStr::new("srun"), &env, &cwd);
+        if Path::new(&srun).is_absolute() {
+            reexec.push(srun);
+        } else {
+            spank::verbose(&format!(
+                "{where_}: srun is not in the job's PATH; an srun step running at a requeue would not be resumed"
+            ));
+        }
+    }
+    let mut vm_argv = launch::vmctl_argv(mode, vmctl, kvm_fd, &dir, opts, &reexec, &program);
     let uffd = UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed);
     if mode == launch::Mode::Restore && uffd >= 0 {
         vm_argv.push("--uffd-fd".into());
@@ -728,6 +857,73 @@ fn build_exec(
             .join(" ")
     ));
     Ok((vm_argv, env))
+}
+
+/// A task of a step that continues step `old_step`, interrupted when the job
+/// stopped (crate::resume). Returns the old task's checkpoint directory to
+/// restore, or None (the reason said on the job's stderr) to start afresh in
+/// the step's own directory. A task that had already finished is not run again:
+/// the process exits here with the status it had.
+#[allow(clippy::too_many_arguments)]
+fn resume_old_step(
+    path: &StepPath,
+    old_step: u32,
+    total: u32,
+    task_id: u32,
+    identity: &StepIdentity,
+    restarts: u32,
+    vmctl: &Path,
+    where_: &str,
+) -> Result<Option<PathBuf>, String> {
+    let mut old_dir = StepPath {
+        step_id: old_step,
+        ..path.clone()
+    }
+    .step_dir();
+    if let Some(sub) = dirs::task_subdir(total, task_id) {
+        old_dir.push(sub);
+    }
+    let say = |msg: &str| {
+        spank::info(msg);
+        let _ = writeln!(std::io::stderr(), "vmwrap: {msg}");
+    };
+    if old_dir.join(FINISHED_MARKER).exists() {
+        // Its output was printed before the job stopped: nothing runs twice.
+        let status = resume::finished_status(&old_dir).unwrap_or(0);
+        say(&format!(
+            "{where_}: task {task_id} of step {old_step} had already finished (exit status {status}) when the job stopped; it does not run again"
+        ));
+        // SAFETY: ends this task process (forked by slurmstepd for the task)
+        // with the finished task's status, as its program would have.
+        unsafe { libc::_exit(status) };
+    }
+    let old_identity = StepIdentity {
+        step_id: old_step,
+        ..identity.clone()
+    };
+    match resumable(&old_dir, &old_identity, vmctl) {
+        Ok(()) => {
+            let by = ResumedBy {
+                restart: restarts,
+                step_id: path.step_id,
+            };
+            if let Err(e) = resume::write_json(&old_dir.join(resume::RESUMED_MARKER), &by) {
+                return Err(format!("{where_}: {e}"));
+            }
+            let generation = batch::latest_generation(&old_dir).unwrap_or_else(|| "?".into());
+            say(&format!(
+                "{where_}: restart {restarts}: resuming task {task_id} of step {old_step} from its checkpoint ({generation}) in {}",
+                old_dir.display()
+            ));
+            Ok(Some(old_dir))
+        }
+        Err(why) => {
+            say(&format!(
+                "{where_}: restart {restarts}: cannot resume task {task_id} of step {old_step}: {why}; starting afresh"
+            ));
+            Ok(None)
+        }
+    }
 }
 
 fn restart_count(spank: Spank, env: &Env) -> u32 {

@@ -30,6 +30,7 @@ pub fn vmctl_argv(
     kvm_fd: RawFd,
     dir: &Path,
     opts: &WrapOptions,
+    reexec: &[OsString],
     program: &[OsString],
 ) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![vmctl.as_os_str().to_owned()];
@@ -72,6 +73,10 @@ pub fn vmctl_argv(
     if let Some(files) = &opts.files {
         argv.push("--files".into());
         argv.push(files.into());
+    }
+    for program in reexec {
+        argv.push("--reexec".into());
+        argv.push(program.clone());
     }
     if mode == Mode::Run {
         argv.push("--".into());
@@ -244,6 +249,7 @@ mod tests {
             5,
             Path::new("/ck/u/1/0"),
             &opts,
+            &[],
             &["/bin/echo".into(), "hi there".into()],
         );
         assert_eq!(
@@ -287,6 +293,7 @@ mod tests {
             7,
             Path::new("/ck"),
             &opts,
+            &["/usr/bin/srun".into()],
             &["/bin/echo".into()],
         );
         assert_eq!(
@@ -304,7 +311,9 @@ mod tests {
                 "--mem",
                 "64M",
                 "--files",
-                "truncate"
+                "truncate",
+                "--reexec",
+                "/usr/bin/srun"
             ]
         );
     }

@@ -14,6 +14,7 @@ mod dirs;
 mod events;
 mod launch;
 mod options;
+mod resume;
 
 #[cfg(not(test))]
 mod hooks;
