@@ -415,6 +415,67 @@ fn python_script_checkpointed_and_restored_like_an_uninterrupted_run() {
     );
 }
 
+/// A program whose state is its connections (srun) cannot be resumed: with
+/// `--reexec PROGRAM`, a restore starts it again instead, in the same process
+/// (pid and parent, so its parent's wait gets its exit status), with the same
+/// arguments plus VMCTL_REEXECUTED=1, and without the threads it had. The
+/// script around it is resumed as usual: nothing it did before runs again.
+#[test]
+fn reexec_program_starts_again_in_the_same_process_after_a_restore() {
+    need_kvm!();
+    let tmp = TempDir::new("ckpt-reexec");
+    // Given by another name, as the plugin gives srun's: vmctl compares
+    // canonical paths.
+    let connected = tmp.join("connected");
+    std::os::unix::fs::symlink(PYTHON, &connected).unwrap();
+    tmp.write_file(
+        "child.py",
+        "import os, sys, threading, time\n\
+         threading.Thread(target=lambda: time.sleep(1000), daemon=True).start()\n\
+         print('child pid=%d ppid=%d reexec=%s args=%s' % (os.getpid(), os.getppid(),\n\
+               os.environ.get('VMCTL_REEXECUTED', '0'), sys.argv[1:]), flush=True)\n\
+         print('child got', sys.stdin.readline().strip(), flush=True)\n\
+         sys.exit(7)\n",
+        0o644,
+    );
+    let script = tmp.write_file(
+        "job.sh",
+        "#!/bin/bash\necho \"script pid=$$\"\n\"$1\" child.py a b\necho \"child exited $?\"\n",
+        0o755,
+    );
+    let ck = tmp.join("ckpt");
+    let reexec = connected.to_str().unwrap();
+    let opts = ["--on-signal", "TERM=checkpoint-exit", "--reexec", reexec];
+    let mut job = Job::run(tmp.path(), &ck, &opts, "/bin/bash", &[&script, &connected]);
+    job.wait_for("child pid=");
+    let before = term_checkpoint(job).stdout_str();
+    let script_pid = before
+        .lines()
+        .find_map(|l| l.strip_prefix("script pid="))
+        .expect("the script's pid")
+        .to_string();
+    let child_line = before
+        .lines()
+        .find(|l| l.starts_with("child pid="))
+        .unwrap()
+        .to_string();
+    assert!(
+        child_line.ends_with(&format!("ppid={script_pid} reexec=0 args=['a', 'b']")),
+        "{before}"
+    );
+
+    let after = restore(tmp.path(), &ck, &opts[2..], b"hello\n");
+    assert_eq!(after.code, 0, "restore:\n{after:?}");
+    assert_eq!(
+        after.stdout_str(),
+        format!(
+            "{}\nchild got hello\nchild exited 7\n",
+            child_line.replace("reexec=0", "reexec=1")
+        ),
+        "the program must start again as the same process, and the script resume: {after:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Damaged and interrupted checkpoints
 

@@ -28,7 +28,12 @@ pub const IDENTITY_FILE: &str = "step.json";
 pub const KEPT_PREFIX: &str = "kept-";
 /// What a fresh start may remove outright: they describe an earlier run and
 /// hold none of its state. Everything else is set aside.
-const DISPOSABLE: &[&str] = &[IDENTITY_FILE, FINISHED_MARKER, "control.sock"];
+const DISPOSABLE: &[&str] = &[
+    IDENTITY_FILE,
+    FINISHED_MARKER,
+    "control.sock",
+    crate::resume::RESUMED_MARKER,
+];
 
 /// An open directory, the anchor for *at() calls.
 pub struct Dir {

@@ -720,9 +720,8 @@ fn build_exec(
     if let (Some(text), false) = (resume_from, path.is_batch()) {
         match resume::parse_step_id(&text, MAX_NORMAL_STEP_ID) {
             Some(old_step) => {
-                resumed = resume_old_step(
-                    path, old_step, total, task_id, &identity, restarts, vmctl, &where_,
-                )?;
+                resumed =
+                    resume_old_step(path, old_step, total, task_id, &identity, vmctl, &where_)?;
                 if let Some(old_dir) = &resumed {
                     dir = old_dir.clone();
                 }
@@ -738,13 +737,17 @@ fn build_exec(
             }
         }
     }
-    if resumed.is_none() && restarts > 0 && !path.is_batch() {
-        if let Some(by) = resume::resumed_in_this_run(&dir, restarts) {
+    if resumed.is_none() && !path.is_batch() {
+        // Step ids start again at 0 in a requeued job: a new step may get the
+        // id of an older one whose checkpoint a resumed step is still using.
+        if let Some(by) = resume::in_use(&dir) {
+            let whose = by.map_or_else(
+                || "a step still running".to_string(),
+                |s| format!("step {s}, which resumed it after the job's restart and still runs"),
+            );
             return Err(format!(
-                "{where_}: {} holds the checkpoint of step {}, which resumed it after the job's restart and is still running; this step cannot use it, nothing was changed there (run this step again once step {} has ended)",
-                dir.display(),
-                by.step_id,
-                by.step_id
+                "{where_}: {} holds the checkpoint of {whose}; this step cannot use it and nothing was changed there (run this step again once that one has ended)",
+                dir.display()
             ));
         }
     }
@@ -871,7 +874,6 @@ fn resume_old_step(
     total: u32,
     task_id: u32,
     identity: &StepIdentity,
-    restarts: u32,
     vmctl: &Path,
     where_: &str,
 ) -> Result<Option<PathBuf>, String> {
@@ -904,7 +906,6 @@ fn resume_old_step(
     match resumable(&old_dir, &old_identity, vmctl) {
         Ok(()) => {
             let by = ResumedBy {
-                restart: restarts,
                 step_id: path.step_id,
             };
             if let Err(e) = resume::write_json(&old_dir.join(resume::RESUMED_MARKER), &by) {
@@ -912,14 +913,14 @@ fn resume_old_step(
             }
             let generation = batch::latest_generation(&old_dir).unwrap_or_else(|| "?".into());
             say(&format!(
-                "{where_}: restart {restarts}: resuming task {task_id} of step {old_step} from its checkpoint ({generation}) in {}",
+                "{where_}: resuming task {task_id} of step {old_step} from its checkpoint ({generation}) in {}",
                 old_dir.display()
             ));
             Ok(Some(old_dir))
         }
         Err(why) => {
             say(&format!(
-                "{where_}: restart {restarts}: cannot resume task {task_id} of step {old_step}: {why}; starting afresh"
+                "{where_}: cannot resume task {task_id} of step {old_step}: {why}; starting afresh"
             ));
             Ok(None)
         }

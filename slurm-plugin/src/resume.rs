@@ -21,9 +21,10 @@
 //!    had.
 //!
 //! The old step's directory stays the step's checkpoint directory: new
-//! generations go there, and a new step of the restored script that is given
-//! the same step id while it still runs is refused (`resumed.json`), never
-//! run in the same directory.
+//! generations go there (`resumed.json` says which step resumed it), and a new
+//! step of the restored script that is given the same step id while it still
+//! runs (its vmctl answers on the directory's control socket) is refused,
+//! never run in the same directory.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -49,10 +50,9 @@ pub struct SrunRecord {
     pub step_id: u32,
 }
 
-/// Who resumed a step directory's checkpoint, and in which run of the job.
+/// Which step resumed a step directory's checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResumedBy {
-    pub restart: u32,
     pub step_id: u32,
 }
 
@@ -103,12 +103,16 @@ pub fn finished_status(dir: &Path) -> Option<i32> {
         .map(|f| f.exit_status.clamp(0, 255))
 }
 
-/// Whether `dir` holds the live checkpoint of a step that resumed it in this
-/// run of the job (restart `restart`) and has not finished: a new step given
-/// the same id must not touch it.
-pub fn resumed_in_this_run(dir: &Path, restart: u32) -> Option<ResumedBy> {
-    let by: ResumedBy = read_json(&dir.join(RESUMED_MARKER)).ok()?;
-    (by.restart == restart && !dir.join(FINISHED_MARKER).exists()).then_some(by)
+/// Whether a vmctl is running on `dir`'s checkpoints: its control socket
+/// accepts a connection (an empty request, which it answers and forgets).
+/// Returns which step resumed them, if one did (`resumed.json`).
+pub fn in_use(dir: &Path) -> Option<Option<u32>> {
+    std::os::unix::net::UnixStream::connect(dir.join("control.sock")).ok()?;
+    Some(
+        read_json::<ResumedBy>(&dir.join(RESUMED_MARKER))
+            .ok()
+            .map(|by| by.step_id),
+    )
 }
 
 #[cfg(test)]
@@ -150,23 +154,18 @@ mod tests {
             .contains("too large"));
 
         assert_eq!(finished_status(&dir), None);
-        write_json(
-            &dir.join(RESUMED_MARKER),
-            &ResumedBy {
-                restart: 1,
-                step_id: 0,
-            },
-        )
-        .unwrap();
-        assert!(resumed_in_this_run(&dir, 1).is_some());
-        assert!(resumed_in_this_run(&dir, 2).is_none());
+        assert_eq!(in_use(&dir), None);
+        let listener = std::os::unix::net::UnixListener::bind(dir.join("control.sock")).unwrap();
+        write_json(&dir.join(RESUMED_MARKER), &ResumedBy { step_id: 5 }).unwrap();
+        assert_eq!(in_use(&dir), Some(Some(5)));
+        drop(listener);
+        assert_eq!(in_use(&dir), None);
         std::fs::write(
             dir.join(FINISHED_MARKER),
             r#"{"exit_status": 3, "ended_unix": 1}"#,
         )
         .unwrap();
         assert_eq!(finished_status(&dir), Some(3));
-        assert!(resumed_in_this_run(&dir, 1).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
