@@ -867,7 +867,6 @@ fn build_exec(
 /// restore, or None (the reason said on the job's stderr) to start afresh in
 /// the step's own directory. A task that had already finished is not run again:
 /// the process exits here with the status it had.
-#[allow(clippy::too_many_arguments)]
 fn resume_old_step(
     path: &StepPath,
     old_step: u32,
@@ -891,6 +890,8 @@ fn resume_old_step(
     };
     if old_dir.join(FINISHED_MARKER).exists() {
         // Its output was printed before the job stopped: nothing runs twice.
+        // vmctl writes the marker whole (renamed into place); one the user
+        // made unreadable still means the program ended.
         let status = resume::finished_status(&old_dir).unwrap_or(0);
         say(&format!(
             "{where_}: task {task_id} of step {old_step} had already finished (exit status {status}) when the job stopped; it does not run again"
