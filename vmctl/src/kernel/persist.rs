@@ -612,9 +612,27 @@ impl Kernel {
             mms.push(Arc::new(Mutex::new(mm)));
         }
         let pipes = make_pipes(&state.pipes)?;
+        // A process started again (`--reexec`) loses its connections by design:
+        // no warning for what only such processes had open.
+        let reexecuted: std::collections::HashSet<i32> = state
+            .processes
+            .iter()
+            .filter(|p| p.state.reexec.is_some() && p.state.life == Life::Running)
+            .map(|p| p.tgid)
+            .collect();
+        let mut warned_files = vec![false; state.files.len()];
+        for t in state
+            .tasks
+            .iter()
+            .filter(|t| !reexecuted.contains(&t.snapshot.tgid))
+        {
+            for fd in &state.fd_tables[t.files] {
+                warned_files[fd.file] = true;
+            }
+        }
         let mut files = Vec::new();
-        for f in &state.files {
-            files.push(reopen_file(f, &pipes)?);
+        for (f, warn) in state.files.iter().zip(warned_files) {
+            files.push(reopen_file(f, &pipes, warn)?);
         }
         let tables: Vec<Arc<Mutex<FdTable>>> = state
             .fd_tables
@@ -1026,7 +1044,12 @@ fn make_pipes(states: &[PipeState]) -> Result<Vec<(OwnedFd, OwnedFd)>, RestoreEr
     Ok(out)
 }
 
-fn reopen_file(f: &FileState, pipes: &[(OwnedFd, OwnedFd)]) -> Result<Arc<OpenFile>, RestoreError> {
+/// `warn`: say on stderr when a description comes back as /dev/null.
+fn reopen_file(
+    f: &FileState,
+    pipes: &[(OwnedFd, OwnedFd)],
+    warn: bool,
+) -> Result<Arc<OpenFile>, RestoreError> {
     match f {
         FileState::Stdio { stream } => dup_stdio(*stream).ok_or_else(|| {
             RestoreError::File(format!(
@@ -1081,9 +1104,11 @@ fn reopen_file(f: &FileState, pipes: &[(OwnedFd, OwnedFd)]) -> Result<Arc<OpenFi
             }))
         }
         FileState::Lost { what } => {
-            eprintln!(
-                "vmctl: warning: the job had a {what} open, which a checkpoint cannot carry; it is /dev/null now"
-            );
+            if warn {
+                eprintln!(
+                    "vmctl: warning: the job had a {what} open, which a checkpoint cannot carry; it is /dev/null now"
+                );
+            }
             let host = open_for(Path::new("/dev/null"), libc::O_RDWR)?;
             Ok(Arc::new(OpenFile {
                 host,
