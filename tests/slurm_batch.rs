@@ -374,10 +374,12 @@ fn requeued_batch_script_continues_where_it_was() {
         "{err_text}"
     );
     // srun's sockets are gone by design: no warning about them.
-    assert!(
-        !err_text.contains("which a checkpoint cannot carry"),
-        "{err_text}"
-    );
+    let lost: Vec<&str> = err_text
+        .lines()
+        .filter(|l| l.contains("which a checkpoint cannot carry"))
+        .collect();
+    eprintln!("descriptors lost at the restores: {lost:?}");
+    assert!(!lost.iter().any(|l| l.contains("(srun,")), "{err_text}");
     // The job's own checkpoint directory keeps the script it ran.
     let batch_dir = Path::new(CHECKPOINT_ROOT)
         .join(USER)

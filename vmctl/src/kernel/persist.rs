@@ -620,19 +620,29 @@ impl Kernel {
             .filter(|p| p.state.reexec.is_some() && p.state.life == Life::Running)
             .map(|p| p.tgid)
             .collect();
-        let mut warned_files = vec![false; state.files.len()];
+        // For each description, one process (pid and name) that warnings name.
+        let mut holders: Vec<Option<String>> = vec![None; state.files.len()];
         for t in state
             .tasks
             .iter()
             .filter(|t| !reexecuted.contains(&t.snapshot.tgid))
         {
             for fd in &state.fd_tables[t.files] {
-                warned_files[fd.file] = true;
+                holders[fd.file].get_or_insert_with(|| {
+                    let comm = &t.snapshot.comm;
+                    let len = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+                    format!(
+                        "process {} ({}, descriptor {})",
+                        t.snapshot.tgid,
+                        String::from_utf8_lossy(&comm[..len]),
+                        fd.fd
+                    )
+                });
             }
         }
         let mut files = Vec::new();
-        for (f, warn) in state.files.iter().zip(warned_files) {
-            files.push(reopen_file(f, &pipes, warn)?);
+        for (f, holder) in state.files.iter().zip(holders) {
+            files.push(reopen_file(f, &pipes, holder.as_deref())?);
         }
         let tables: Vec<Arc<Mutex<FdTable>>> = state
             .fd_tables
@@ -1044,11 +1054,12 @@ fn make_pipes(states: &[PipeState]) -> Result<Vec<(OwnedFd, OwnedFd)>, RestoreEr
     Ok(out)
 }
 
-/// `warn`: say on stderr when a description comes back as /dev/null.
+/// `holder`: the process a warning names when the description comes back as
+/// /dev/null; None: no warning.
 fn reopen_file(
     f: &FileState,
     pipes: &[(OwnedFd, OwnedFd)],
-    warn: bool,
+    holder: Option<&str>,
 ) -> Result<Arc<OpenFile>, RestoreError> {
     match f {
         FileState::Stdio { stream } => dup_stdio(*stream).ok_or_else(|| {
@@ -1104,9 +1115,9 @@ fn reopen_file(
             }))
         }
         FileState::Lost { what } => {
-            if warn {
+            if let Some(holder) = holder {
                 eprintln!(
-                    "vmctl: warning: the job had a {what} open, which a checkpoint cannot carry; it is /dev/null now"
+                    "vmctl: warning: {holder} had a {what} open, which a checkpoint cannot carry; it is /dev/null now"
                 );
             }
             let host = open_for(Path::new("/dev/null"), libc::O_RDWR)?;
