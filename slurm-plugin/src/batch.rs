@@ -70,7 +70,7 @@ pub fn latest_generation(dir: &Path) -> Option<String> {
 /// task) directory beside `batch_dir` holding a checkpoint but no
 /// `finished` marker. Returns (step directory name, its command, its path).
 /// Read as the job user when the batch script is restored, to say on the
-/// job's stderr which steps the restored script's sruns cannot reconnect to.
+/// job's stderr which steps are resumed by the restored script's sruns.
 pub fn interrupted_steps(batch_dir: &Path) -> Vec<(String, String, PathBuf)> {
     let Some(job_dir) = batch_dir.parent() else {
         return Vec::new();
