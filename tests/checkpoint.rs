@@ -418,7 +418,9 @@ fn python_script_checkpointed_and_restored_like_an_uninterrupted_run() {
 /// A program whose state is its connections (srun) cannot be resumed: with
 /// `--reexec PROGRAM`, a restore starts it again instead, in the same process
 /// (pid and parent, so its parent's wait gets its exit status), with the same
-/// arguments plus VMCTL_REEXECUTED=1, and without the threads it had. The
+/// arguments plus VMCTL_REEXECUTED=1, and without the threads it had. A
+/// process it had forked (like srun's shepherd, which acts when its parent's
+/// end of a pipe closes) is ended: only the new run's own one wakes. The
 /// script around it is resumed as usual: nothing it did before runs again.
 #[test]
 fn reexec_program_starts_again_in_the_same_process_after_a_restore() {
@@ -431,10 +433,20 @@ fn reexec_program_starts_again_in_the_same_process_after_a_restore() {
     tmp.write_file(
         "child.py",
         "import os, sys, threading, time\n\
+         r, w = os.pipe()\n\
+         shepherd = os.fork()\n\
+         if shepherd == 0:\n\
+         \x20   os.close(w)\n\
+         \x20   os.read(r, 1)\n\
+         \x20   print('shepherd of', os.getppid(), 'woke', flush=True)\n\
+         \x20   os._exit(0)\n\
+         os.close(r)\n\
          threading.Thread(target=lambda: time.sleep(1000), daemon=True).start()\n\
          print('child pid=%d ppid=%d reexec=%s args=%s' % (os.getpid(), os.getppid(),\n\
                os.environ.get('VMCTL_REEXECUTED', '0'), sys.argv[1:]), flush=True)\n\
          print('child got', sys.stdin.readline().strip(), flush=True)\n\
+         os.close(w)\n\
+         os.waitpid(shepherd, 0)\n\
          sys.exit(7)\n",
         0o644,
     );
@@ -463,16 +475,21 @@ fn reexec_program_starts_again_in_the_same_process_after_a_restore() {
         child_line.ends_with(&format!("ppid={script_pid} reexec=0 args=['a', 'b']")),
         "{before}"
     );
+    let child_pid = child_line
+        .strip_prefix("child pid=")
+        .and_then(|l| l.split(' ').next())
+        .unwrap();
 
     let after = restore(tmp.path(), &ck, &opts[2..], b"hello\n");
     assert_eq!(after.code, 0, "restore:\n{after:?}");
     assert_eq!(
         after.stdout_str(),
         format!(
-            "{}\nchild got hello\nchild exited 7\n",
+            "{}\nchild got hello\nshepherd of {child_pid} woke\nchild exited 7\n",
             child_line.replace("reexec=0", "reexec=1")
         ),
-        "the program must start again as the same process, and the script resume: {after:?}"
+        "the program must start again as the same process, its old fork must not \
+         wake, and the script resume: {after:?}"
     );
 }
 

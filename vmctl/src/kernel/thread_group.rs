@@ -65,8 +65,9 @@ pub struct TgState {
     /// (`--reexec`); None for every other process. Absent from older checkpoints.
     #[serde(default)]
     pub reexec: Option<ExecRecord>,
-    /// Set by a restore on a process it starts again: its one task execs
-    /// `reexec` before it runs (not saved: a checkpoint is never taken before).
+    /// Set by a restore on a process with a `reexec` record: its one task execs
+    /// the program again (or, for a forked copy, ends) before it runs any guest
+    /// code (not saved: no checkpoint can be taken before).
     #[serde(skip)]
     pub reexec_pending: bool,
     /// Live threads, by tid (not saved: the tasks themselves are).
@@ -86,6 +87,11 @@ pub struct ExecRecord {
     /// The calling thread's signal mask and the ignored signals, as exec left them.
     pub blocked: u64,
     pub ignored: u64,
+    /// A process forked by the program and still running it (srun's shepherd,
+    /// which ends the step when it sees srun go): it belongs to the run that is
+    /// replaced, so a restore ends it (SIGKILL) before it runs.
+    #[serde(default)]
+    pub forked: bool,
 }
 
 impl ExecRecord {

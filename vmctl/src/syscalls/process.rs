@@ -205,8 +205,11 @@ pub fn clone(t: &mut Task, flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u6
             itimers: [ITimer::default(); 3],
             vfork_done: flags & CLONE_VFORK == 0,
             pdeath_signal: 0,
-            // A child is not the program its parent runs until it execs it.
-            reexec: None,
+            // A forked copy of a program started again on a restore is ended there.
+            reexec: parent
+                .reexec
+                .clone()
+                .map(|r| ExecRecord { forked: true, ..r }),
             reexec_pending: false,
             threads: Vec::new(),
         };
@@ -447,6 +450,7 @@ fn exec_program(
                     .enumerate()
                     .filter(|(sig, a)| (1..=64).contains(sig) && a.handler == SIG_IGN)
                     .fold(0u64, |m, (sig, _)| m | 1 << (sig - 1)),
+                forked: false,
             })
         } else {
             None
@@ -490,8 +494,15 @@ pub const REEXECUTED_ENV: &[u8] = b"VMCTL_REEXECUTED";
 /// ignored signals, in the same process: same pid and parent, its descriptors (those
 /// marked close-on-exec close; sockets came back as /dev/null), its working
 /// directory. If the program can no longer be loaded the process exits with 127
-/// (126 if it is not executable), and a line on stderr says why.
+/// (126 if it is not executable), and a line on stderr says why. A process the
+/// program had forked (and that has not exec'd since) is ended with SIGKILL
+/// instead: it belonged to the replaced run (srun's shepherd would otherwise see
+/// its parent go and cancel a step by its old id).
 pub fn reexec_after_restore(t: &mut Task, record: ExecRecord) {
+    if record.forked {
+        t.group_exit(ExitStatus::Signal(libc::SIGKILL));
+        return;
+    }
     let mut envp: Vec<Vec<u8>> = record
         .envp
         .iter()
