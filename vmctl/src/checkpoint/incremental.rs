@@ -38,6 +38,29 @@ struct Lineage {
     full_bytes: u64,
 }
 
+impl Lineage {
+    /// The lineage once `written` is durable: one more increment on `base` when it was
+    /// written as an increment of it, otherwise a new chain starting with it.
+    fn after(base: Option<&Lineage>, incremental: bool, written: &Written) -> Lineage {
+        match base.filter(|_| incremental) {
+            Some(b) => Lineage {
+                generation: written.generation,
+                manifest_crc32: written.manifest_crc32,
+                increments: b.increments + 1,
+                increment_bytes: b.increment_bytes + written.memory_bytes,
+                full_bytes: b.full_bytes,
+            },
+            None => Lineage {
+                generation: written.generation,
+                manifest_crc32: written.manifest_crc32,
+                increments: 0,
+                increment_bytes: 0,
+                full_bytes: written.memory_bytes,
+            },
+        }
+    }
+}
+
 /// The chain a job was restored from, as `Tracker::restored` needs it.
 pub struct Restored(Lineage);
 
@@ -331,22 +354,8 @@ impl Tracker {
     ) {
         let _ = mem.set_dirty_logging(false);
         self.staged = Staged::None;
-        self.base = match (basis, &self.base) {
-            (super::precopy::Basis::Incremental { .. }, Some(b)) => Some(Lineage {
-                generation: written.generation,
-                manifest_crc32: written.manifest_crc32,
-                increments: b.increments + 1,
-                increment_bytes: b.increment_bytes + written.memory_bytes,
-                full_bytes: b.full_bytes,
-            }),
-            _ => Some(Lineage {
-                generation: written.generation,
-                manifest_crc32: written.manifest_crc32,
-                increments: 0,
-                increment_bytes: 0,
-                full_bytes: written.memory_bytes,
-            }),
-        };
+        let incremental = matches!(basis, super::precopy::Basis::Incremental { .. });
+        self.base = Some(Lineage::after(self.base.as_ref(), incremental, written));
         self.digests = Digests(digests);
         if !self.enabled {
             self.base = None;
@@ -379,21 +388,7 @@ impl Tracker {
         if !self.enabled {
             return;
         }
-        self.base = match (plan, &self.base) {
-            (Plan::Incremental { .. }, Some(b)) => Some(Lineage {
-                generation: written.generation,
-                manifest_crc32: written.manifest_crc32,
-                increments: b.increments + 1,
-                increment_bytes: b.increment_bytes + written.memory_bytes,
-                full_bytes: b.full_bytes,
-            }),
-            _ => Some(Lineage {
-                generation: written.generation,
-                manifest_crc32: written.manifest_crc32,
-                increments: 0,
-                increment_bytes: 0,
-                full_bytes: written.memory_bytes,
-            }),
-        };
+        let incremental = matches!(plan, Plan::Incremental { .. });
+        self.base = Some(Lineage::after(self.base.as_ref(), incremental, written));
     }
 }
