@@ -32,7 +32,6 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -391,34 +390,12 @@ fn read_verified(
     mut buf: Vec<u8>,
 ) -> Result<Vec<u8>, LateFailure> {
     let c: &Chunk = &link.memory.chunks[chunk];
-    let fail = |error| LateFailure {
-        generation: link.generation,
-        error,
-    };
-    buf.resize(c.bytes() as usize, 0);
-    if c.compressed.is_some() {
-        // load_chain checked the image's shape: the stored size is at most the chunk's.
-        let mut stored = vec![0u8; c.stored_bytes() as usize];
-        super::read::read_compressed_chunk(file, path, chunk, c, &mut stored, &mut buf)
-            .map_err(fail)?;
-    } else {
-        file.read_exact_at(&mut buf, c.offset).map_err(|e| {
-            fail(if e.kind() == io::ErrorKind::UnexpectedEof {
-                CheckpointError::Corrupt(
-                    path.clone(),
-                    format!("ends inside chunk {chunk} (truncated)"),
-                )
-            } else {
-                CheckpointError::Io(path.clone(), e)
-            })
-        })?;
-    }
-    if crc32fast::hash(&buf) != c.crc32 {
-        return Err(fail(CheckpointError::Corrupt(
-            path.clone(),
-            format!("chunk {chunk} at offset {} fails its CRC32", c.offset),
-        )));
-    }
+    super::read::read_chunk_verified(file, path, chunk, c, &mut Vec::new(), &mut buf).map_err(
+        |error| LateFailure {
+            generation: link.generation,
+            error,
+        },
+    )?;
     Ok(buf)
 }
 

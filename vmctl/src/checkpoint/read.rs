@@ -458,16 +458,7 @@ pub fn read_compressed_chunk(
     let z = c.compressed.as_ref().expect("a compressed chunk");
     // check_image_shape bounded both by the chunk's size, at most CHUNK_BYTES.
     let stored = &mut stored[..c.stored_bytes() as usize];
-    read_exact_at(f, stored, c.offset).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            CheckpointError::Corrupt(
-                path.to_path_buf(),
-                format!("ends inside chunk {i} (truncated)"),
-            )
-        } else {
-            CheckpointError::Io(path.to_path_buf(), e)
-        }
-    })?;
+    read_chunk_bytes(f, path, i, stored, c.offset)?;
     let data = &stored[..z.bytes as usize];
     if crc32fast::hash(data) != z.crc32 {
         return Err(CheckpointError::Corrupt(
@@ -520,9 +511,53 @@ pub(super) fn open_image(
     Ok((f, path))
 }
 
-fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+/// Reads `buf.len()` bytes of chunk `i` at `offset` of the image `path`; an image that
+/// ends before them is reported as truncated.
+fn read_chunk_bytes(
+    f: &File,
+    path: &Path,
+    i: usize,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), CheckpointError> {
     use std::os::unix::fs::FileExt;
-    f.read_exact_at(buf, offset)
+    f.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            CheckpointError::Corrupt(
+                path.to_path_buf(),
+                format!("ends inside chunk {i} (truncated)"),
+            )
+        } else {
+            CheckpointError::Io(path.to_path_buf(), e)
+        }
+    })
+}
+
+/// Reads chunk `i` (`c`) of the image `f` into `buf`, resized to the chunk's size
+/// (through `stored` when it is compressed), and checks its CRC32.
+pub(super) fn read_chunk_verified(
+    f: &File,
+    path: &Path,
+    i: usize,
+    c: &Chunk,
+    stored: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
+) -> Result<(), CheckpointError> {
+    // check_image_shape bounded the chunk's size (and its stored size) by CHUNK_BYTES.
+    buf.resize(c.bytes() as usize, 0);
+    if c.compressed.is_some() {
+        stored.resize(c.stored_bytes() as usize, 0);
+        read_compressed_chunk(f, path, i, c, stored, buf)?;
+    } else {
+        read_chunk_bytes(f, path, i, buf, c.offset)?;
+    }
+    if crc32fast::hash(buf) != c.crc32 {
+        return Err(CheckpointError::Corrupt(
+            path.to_path_buf(),
+            format!("chunk {i} at offset {} fails its CRC32", c.offset),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a checkpoint whose guest was shown CPU features this host lacks.
@@ -549,20 +584,7 @@ pub fn verify_memory(gen_dir: &Path, m: &Manifest) -> Result<(), CheckpointError
     let mut buf = Vec::new();
     let mut stored = Vec::new();
     for (i, c) in m.memory.chunks.iter().enumerate() {
-        buf.resize(c.bytes() as usize, 0);
-        if c.compressed.is_some() {
-            stored.resize(c.stored_bytes() as usize, 0);
-            read_compressed_chunk(&f, &path, i, c, &mut stored, &mut buf)?;
-        } else {
-            read_exact_at(&f, &mut buf, c.offset)
-                .map_err(|e| CheckpointError::Io(path.clone(), e))?;
-        }
-        if crc32fast::hash(&buf) != c.crc32 {
-            return Err(CheckpointError::Corrupt(
-                path,
-                format!("chunk {i} at offset {} fails its CRC32", c.offset),
-            ));
-        }
+        read_chunk_verified(&f, &path, i, c, &mut stored, &mut buf)?;
     }
     Ok(())
 }
