@@ -85,12 +85,6 @@ impl Restored {
 #[derive(Default)]
 struct Digests(Vec<u128>);
 
-fn is_zero(page: &[u8]) -> bool {
-    // SAFETY: reinterpreting initialized bytes as u64 words is always valid.
-    let (head, words, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
 /// The digest of an all-zero page (and of pages never saved, which are zero).
 pub const PAGE_DIGEST_ZERO: u128 = 0;
 /// A digest no page has: the page's content in the newest generation is not known,
@@ -98,7 +92,7 @@ pub const PAGE_DIGEST_ZERO: u128 = 0;
 const PAGE_DIGEST_UNKNOWN: u128 = u128::MAX;
 
 pub fn digest(seed: u64, page: &[u8]) -> u128 {
-    if is_zero(page) {
+    if super::write::is_zero(page) {
         PAGE_DIGEST_ZERO
     } else {
         xxhash_rust::xxh3::xxh3_128_with_seed(page, seed).clamp(1, PAGE_DIGEST_UNKNOWN - 1)
