@@ -207,7 +207,16 @@ fn try_generation(
     };
     let journal = files.mode != crate::filejournal::Mode::None
         && links.last().is_some_and(|l| l.manifest.files.is_some());
-    let plan_files = || crate::filejournal::undo::plan(dir, g);
+    let bring_files_back = || -> Result<_, String> {
+        let plan = journal
+            .then(|| crate::filejournal::undo::plan(dir, g))
+            .transpose()?;
+        if let Some(plan) = &plan {
+            plan.apply()?;
+            plan.abandon_newer(dir);
+        }
+        Ok(plan)
+    };
     let mut plan = None;
     let mut loading = None;
     if let Some(uffd) = uffd {
@@ -215,11 +224,7 @@ fn try_generation(
         // damaged chunk found meanwhile (which ends the process) never interrupts that.
         // It then ends the job as a crash right after the restore would: undoing the
         // journals again, down to an older generation, still leads back to it.
-        plan = journal.then(plan_files).transpose()?;
-        if let Some(plan) = &plan {
-            plan.apply()?;
-            plan.abandon_newer(dir);
-        }
+        plan = bring_files_back()?;
         let report_dir = dir.to_path_buf();
         loading = lazy::start(&links, vm.memory(), uffd, move |failure| {
             let why = lazy::describe(&failure, &report_dir);
@@ -234,11 +239,10 @@ fn try_generation(
     }
     if loading.is_none() {
         read::load_chain_memory(&links, vm.memory()).map_err(|e| e.to_string())?;
-        // Everything is checked before any file is touched.
-        plan = journal.then(plan_files).transpose()?;
-        if let Some(plan) = &plan {
-            plan.apply()?;
-            plan.abandon_newer(dir);
+        // Everything is checked before any file is touched, unless a lazy start that
+        // then found the chain unsuited brought the files back already: never twice.
+        if plan.is_none() {
+            plan = bring_files_back()?;
         }
     }
     // RAM now equals the generation (or will, as the lazy load goes on); later host
