@@ -13,13 +13,12 @@
 //! vmctl's own writes into guest RAM are not in the dirty log, and their marks are set
 //! before the write lands, so they are only taken in the last round, frozen.
 
-use super::compress::{Compression, Encoder};
+use super::compress::{ChunkBuf, Compression, Encoder};
 use super::format::*;
 use super::incremental::{Tracker, PAGE_DIGEST_ZERO};
 use super::write::{self, Written};
 use crate::machine::memory::{bitmap_words, PageBitmap};
 use crate::machine::GuestMemory;
-use std::alloc::{self, Layout};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,44 +53,6 @@ struct Image {
     compression: Compression,
     /// Bytes each round stored.
     rounds: Vec<u64>,
-}
-
-/// A page-aligned buffer for one chunk (O_DIRECT needs the alignment).
-struct Bounce {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl Bounce {
-    fn new() -> Bounce {
-        let layout =
-            Layout::from_size_align(CHUNK_BYTES as usize, PAGE as usize).expect("chunk layout");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc(layout) };
-        if ptr.is_null() {
-            alloc::handle_alloc_error(layout);
-        }
-        Bounce { ptr, layout }
-    }
-
-    fn page_mut(&mut self, index: usize) -> &mut [u8] {
-        // SAFETY: index < CHUNK_BYTES / PAGE (checked by callers), inside the allocation.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.ptr.add(index * PAGE as usize), PAGE as usize)
-        }
-    }
-
-    fn bytes(&self, len: usize) -> &[u8] {
-        // SAFETY: len <= CHUNK_BYTES, inside the allocation, initialized by page_mut users.
-        unsafe { std::slice::from_raw_parts(self.ptr, len) }
-    }
-}
-
-impl Drop for Bounce {
-    fn drop(&mut self) {
-        // SAFETY: allocated in new() with this layout.
-        unsafe { alloc::dealloc(self.ptr, self.layout) }
-    }
 }
 
 fn set_bit(bits: &mut [u64], page: u64, on: bool) {
@@ -189,41 +150,43 @@ fn copy_part(
     digests: &mut [u128],
     zero: &mut [u64],
 ) -> std::io::Result<(Vec<Chunk>, u64)> {
-    let mut buf = Bounce::new();
+    // Page-aligned, as O_DIRECT needs.
+    let mut buf = ChunkBuf::new();
     let mut encoder = Encoder::new(compression);
     let mut chunks = Vec::new();
     let mut runs: Vec<Run> = Vec::new();
     let mut used = 0usize;
     let mut bytes = 0u64;
     let per_chunk = (CHUNK_BYTES / PAGE) as usize;
-    let mut flush = |buf: &Bounce, runs: &mut Vec<Run>, used: &mut usize| -> std::io::Result<()> {
-        if *used == 0 {
-            return Ok(());
-        }
-        let len = *used * PAGE as usize;
-        let data = buf.bytes(len);
-        let crc32 = crc32fast::hash(data);
-        let (stored, compressed) = match encoder.as_mut().and_then(|e| e.encode(data)) {
-            Some((stored, c)) => (stored, Some(c)),
-            None => (data, None),
+    let mut flush =
+        |buf: &mut ChunkBuf, runs: &mut Vec<Run>, used: &mut usize| -> std::io::Result<()> {
+            if *used == 0 {
+                return Ok(());
+            }
+            let len = *used * PAGE as usize;
+            let data = &buf.as_mut_slice()[..len];
+            let crc32 = crc32fast::hash(data);
+            let (stored, compressed) = match encoder.as_mut().and_then(|e| e.encode(data)) {
+                Some((stored, c)) => (stored, Some(c)),
+                None => (data, None),
+            };
+            let offset = next_offset.fetch_add(stored.len() as u64, Ordering::Relaxed);
+            let iov = [libc::iovec {
+                iov_base: stored.as_ptr() as *mut _,
+                iov_len: stored.len(),
+            }];
+            write::write_all_iov(file, &iov, offset)?;
+            chunks.push(Chunk {
+                offset,
+                runs: std::mem::take(runs),
+                crc32,
+                round,
+                compressed,
+            });
+            bytes += stored.len() as u64;
+            *used = 0;
+            Ok(())
         };
-        let offset = next_offset.fetch_add(stored.len() as u64, Ordering::Relaxed);
-        let iov = [libc::iovec {
-            iov_base: stored.as_ptr() as *mut _,
-            iov_len: stored.len(),
-        }];
-        write::write_all_iov(file, &iov, offset)?;
-        chunks.push(Chunk {
-            offset,
-            runs: std::mem::take(runs),
-            crc32,
-            round,
-            compressed,
-        });
-        bytes += stored.len() as u64;
-        *used = 0;
-        Ok(())
-    };
     for (wi, &word) in words.iter().enumerate() {
         let mut w = word;
         while w != 0 {
@@ -234,7 +197,7 @@ fn copy_part(
             let Some(src) = mem.host_ptr_for_read(page * PAGE, PAGE) else {
                 continue;
             };
-            let dst = buf.page_mut(used);
+            let dst = &mut buf.as_mut_slice()[used * PAGE as usize..][..PAGE as usize];
             // SAFETY: src is PAGE readable bytes of guest RAM (which the guest may be
             // changing: the copy is what gets checksummed and stored), dst is a page of
             // our own buffer.
@@ -255,20 +218,14 @@ fn copy_part(
                 continue;
             }
             set_bit(zero, local, false);
-            match runs.last_mut() {
-                Some(r) if r.gpa + r.pages * PAGE == page * PAGE => r.pages += 1,
-                _ => runs.push(Run {
-                    gpa: page * PAGE,
-                    pages: 1,
-                }),
-            }
+            write::push_page(&mut runs, page * PAGE);
             used += 1;
             if used == per_chunk {
-                flush(&buf, &mut runs, &mut used)?;
+                flush(&mut buf, &mut runs, &mut used)?;
             }
         }
     }
-    flush(&buf, &mut runs, &mut used)?;
+    flush(&mut buf, &mut runs, &mut used)?;
     Ok((chunks, bytes))
 }
 
@@ -496,13 +453,7 @@ fn runs_of(bits: &[u64]) -> Vec<Run> {
         while w != 0 {
             let page = wi as u64 * 64 + w.trailing_zeros() as u64;
             w &= w - 1;
-            match runs.last_mut() {
-                Some(r) if r.gpa + r.pages * PAGE == page * PAGE => r.pages += 1,
-                _ => runs.push(Run {
-                    gpa: page * PAGE,
-                    pages: 1,
-                }),
-            }
+            write::push_page(&mut runs, page * PAGE);
         }
     }
     runs

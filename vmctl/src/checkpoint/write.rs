@@ -94,7 +94,8 @@ struct Scanned {
     zero_runs: Vec<Run>,
 }
 
-fn push_page(runs: &mut Vec<Run>, gpa: u64) {
+/// Adds the page at `gpa` to `runs`, extending the last run when it ends there.
+pub(super) fn push_page(runs: &mut Vec<Run>, gpa: u64) {
     match runs.last_mut() {
         Some(r) if r.gpa + r.pages * PAGE_SIZE == gpa => r.pages += 1,
         _ => runs.push(Run { gpa, pages: 1 }),
@@ -379,10 +380,10 @@ pub fn seal_generation(
         let mut f = create_file(&mpath)?;
         f.write_all(&json).map_err(|e| io(&mpath, e))?;
         f.sync_all().map_err(|e| io(&mpath, e))?;
+        let manifest_crc32 = crc32fast::hash(&json);
         let spath = tmp.join(MANIFEST_SUM);
         let mut s = create_file(&spath)?;
-        writeln!(s, "crc32 {:08x} {}", crc32fast::hash(&json), MANIFEST)
-            .map_err(|e| io(&spath, e))?;
+        writeln!(s, "crc32 {manifest_crc32:08x} {MANIFEST}").map_err(|e| io(&spath, e))?;
         s.sync_all().map_err(|e| io(&spath, e))?;
         fsync_dir(tmp)?;
         fs::rename(tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
@@ -390,7 +391,7 @@ pub fn seal_generation(
         update_latest(dir, generation)?;
         Ok((
             manifest.memory.data_bytes + json.len() as u64 + extra_bytes,
-            crc32fast::hash(&json),
+            manifest_crc32,
         ))
     })();
     match result {
