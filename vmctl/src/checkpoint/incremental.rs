@@ -185,23 +185,28 @@ pub enum Plan {
 
 impl Plan {
     pub fn describe(&self, manifest: &mut Manifest) {
-        match self {
-            Plan::Full => {
-                manifest.kind = KIND_FULL.into();
-                manifest.parent = None;
-                manifest.parent_manifest_crc32 = None;
-            }
+        let parent = match self {
+            Plan::Full => None,
             Plan::Incremental {
                 parent,
                 parent_manifest_crc32,
                 ..
-            } => {
-                manifest.kind = KIND_INCREMENTAL.into();
-                manifest.parent = Some(*parent);
-                manifest.parent_manifest_crc32 = Some(*parent_manifest_crc32);
-            }
-        }
+            } => Some((*parent, *parent_manifest_crc32)),
+        };
+        describe_parent(manifest, parent);
     }
+}
+
+/// Records in `manifest` what its generation builds on: `parent` (the parent's number
+/// and manifest CRC32) for an incremental generation, None for a full one.
+pub fn describe_parent(manifest: &mut Manifest, parent: Option<(u64, u32)>) {
+    manifest.kind = match parent {
+        Some(_) => KIND_INCREMENTAL,
+        None => KIND_FULL,
+    }
+    .into();
+    manifest.parent = parent.map(|(generation, _)| generation);
+    manifest.parent_manifest_crc32 = parent.map(|(_, crc32)| crc32);
 }
 
 /// How a pre-copy session starts: from `Tracker::precopy_start`.

@@ -376,21 +376,14 @@ impl Session {
                 .map_err(|e| format!("{}: {e}", image.path.display()))?;
             trace("image synced", t0);
             manifest.generation = self.generation;
-            match self.basis {
-                Basis::Full => {
-                    manifest.kind = KIND_FULL.into();
-                    manifest.parent = None;
-                    manifest.parent_manifest_crc32 = None;
-                }
+            let parent = match self.basis {
+                Basis::Full => None,
                 Basis::Incremental {
                     parent,
                     parent_crc32,
-                } => {
-                    manifest.kind = KIND_INCREMENTAL.into();
-                    manifest.parent = Some(parent);
-                    manifest.parent_manifest_crc32 = Some(parent_crc32);
-                }
-            }
+                } => Some((parent, parent_crc32)),
+            };
+            super::incremental::describe_parent(manifest, parent);
             let mut chunks = std::mem::take(&mut image.chunks);
             chunks.sort_by_key(|c| (c.round, c.offset));
             manifest.memory = MemoryImage {
