@@ -74,15 +74,7 @@ fn open_regular(path: &Path, max_len: u64, direct: bool) -> Result<(File, u64), 
             "not a regular file".into(),
         ));
     }
-    // SAFETY: getuid cannot fail.
-    let me = unsafe { libc::getuid() };
-    if md.uid() != me {
-        return Err(CheckpointError::Refused(format!(
-            "{}: owned by uid {}, not by you (uid {me}); a checkpoint is only restored by its owner",
-            path.display(),
-            md.uid()
-        )));
-    }
+    check_uid(path, md.uid())?;
     if md.len() > max_len {
         return Err(CheckpointError::Corrupt(
             path.to_path_buf(),
@@ -108,13 +100,17 @@ fn read_bounded(f: File, len: u64, path: &Path) -> Result<Vec<u8>, CheckpointErr
 
 fn check_owner(path: &Path) -> Result<(), CheckpointError> {
     let md = fs::symlink_metadata(path).map_err(|e| CheckpointError::Io(path.to_path_buf(), e))?;
+    check_uid(path, md.uid())
+}
+
+/// Refuses a file of a checkpoint (`path`, owned by `uid`) that is not the caller's.
+fn check_uid(path: &Path, uid: u32) -> Result<(), CheckpointError> {
     // SAFETY: getuid cannot fail.
     let me = unsafe { libc::getuid() };
-    if md.uid() != me {
+    if uid != me {
         return Err(CheckpointError::Refused(format!(
-            "{}: owned by uid {}, not by you (uid {me}); a checkpoint is only restored by its owner",
-            path.display(),
-            md.uid()
+            "{}: owned by uid {uid}, not by you (uid {me}); a checkpoint is only restored by its owner",
+            path.display()
         )));
     }
     Ok(())
