@@ -9,6 +9,7 @@ use crate::kernel::files::OpenFile;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -830,8 +831,19 @@ impl FileJournal {
         if !self.is_active() {
             return None;
         }
+        // Only a regular file is truncated: opening a FIFO would wait for a writer, and
+        // opening a device can act on it. O_NONBLOCK covers a swap after the check.
+        let st = std::fs::metadata(std::ffi::OsStr::from_bytes(path.to_bytes())).ok()?;
+        if !st.file_type().is_file() {
+            return None;
+        }
         // SAFETY: open with a valid C string; the result is owned below.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+        };
         // SAFETY: `fd` was just opened and nothing else owns it.
         (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
     }

@@ -17,7 +17,7 @@ use super::pids::PidTable;
 use super::signals::ThreadSignals;
 use super::task::{Task, TaskHandle};
 use super::thread_group::{Life, Resources, TgState, ThreadGroup};
-use super::vdso::{GuestClocks, ModelClock, SavedClocks, VdsoFrames};
+use super::vdso::{host_clock, GuestClocks, ModelClock, SavedClocks, VdsoFrames};
 use super::{dup_stdio, Kernel};
 use crate::machine::{GuestMemory, MachineError, Vm};
 use serde::{Deserialize, Serialize};
@@ -838,17 +838,6 @@ impl Kernel {
         }
         Ok((k, tasks))
     }
-}
-
-fn host_clock(id: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the local timespec (the raw syscall: rdtsc
-    // may be trapped on this thread).
-    unsafe { libc::syscall(libc::SYS_clock_gettime, id, &mut ts) };
-    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
 /// A checkpoint is untrusted: its vDSO frames must lie in its RAM, and a VMA of any

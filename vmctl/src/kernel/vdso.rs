@@ -237,7 +237,7 @@ struct Sample {
     at: [(u64, i64); NCLOCKS],
 }
 
-fn host_clock(id: libc::clockid_t) -> i64 {
+pub(super) fn host_clock(id: libc::clockid_t) -> i64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -101,6 +101,9 @@ fn journal_write<'k>(
     offset: Option<u64>,
     len: u64,
 ) -> Option<crate::filejournal::track::Pending<'k>> {
+    if !k.files_journal.is_active() {
+        return None;
+    }
     let file = t.files().get(fd as i32).map(|e| e.file.clone()).ok()?;
     k.files_journal.before_write(&file, offset, len)
 }

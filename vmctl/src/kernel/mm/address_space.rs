@@ -668,9 +668,15 @@ impl AddressSpace {
         for r in self.host_ranges(ctx, va, buf.len() as u64, Access::Read)? {
             let dst = &mut buf[done..done + r.iov_len];
             if in_ram(ctx.mem, &r) {
-                // SAFETY: host_ranges returned in-bounds pointers into guest RAM.
-                let src = unsafe { std::slice::from_raw_parts(r.iov_base as *const u8, r.iov_len) };
-                dst.copy_from_slice(src);
+                // SAFETY: host_ranges returned in-bounds pointers into guest RAM. A raw
+                // copy, no slice: another vCPU may store to these bytes meanwhile.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        r.iov_base as *const u8,
+                        dst.as_mut_ptr(),
+                        r.iov_len,
+                    )
+                };
             } else {
                 copy_shared(dst.as_mut_ptr(), r.iov_base as *const u8, r.iov_len)?;
             }
@@ -684,10 +690,11 @@ impl AddressSpace {
         for r in self.host_ranges(ctx, va, data.len() as u64, Access::Write)? {
             let src = &data[done..done + r.iov_len];
             if in_ram(ctx.mem, &r) {
-                // SAFETY: host_ranges returned in-bounds pointers into guest RAM.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(r.iov_base as *mut u8, r.iov_len) };
-                dst.copy_from_slice(src);
+                // SAFETY: host_ranges returned in-bounds pointers into guest RAM. A raw
+                // copy, no `&mut` slice: another vCPU may use these bytes meanwhile.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), r.iov_base as *mut u8, r.iov_len)
+                };
             } else {
                 copy_shared(r.iov_base as *mut u8, src.as_ptr(), r.iov_len)?;
             }
@@ -713,15 +720,15 @@ impl AddressSpace {
                 .host_ptr(ctx.mem, p, gpa, page_end - p)
                 .ok_or(Errno(libc::EFAULT))?;
             let len = (page_end - p) as usize;
-            let mut copy = Vec::new();
-            let chunk: &[u8] = if gpa < SHARED_WINDOW {
+            // Copied out, never borrowed: another vCPU may store to the page meanwhile.
+            let mut copy = vec![0u8; len];
+            if gpa < SHARED_WINDOW {
                 // SAFETY: host_ptr checked that the whole range lies in guest RAM.
-                unsafe { std::slice::from_raw_parts(ptr, len) }
+                unsafe { std::ptr::copy_nonoverlapping(ptr, copy.as_mut_ptr(), len) };
             } else {
-                copy.resize(len, 0);
                 copy_shared(copy.as_mut_ptr(), ptr, len)?;
-                &copy
-            };
+            }
+            let chunk = copy.as_slice();
             if let Some(nul) = chunk.iter().position(|&b| b == 0) {
                 out.extend_from_slice(&chunk[..nul]);
                 return Ok(out);
