@@ -158,7 +158,10 @@ pub struct Watch {
 /// Forks the time-limit watcher. Runs in the batch task (as the job user)
 /// before it execs vmctl; the watcher is the task's child, so vmctl stays
 /// the task itself and Slurm sees its exit status.
-pub fn start_watcher(watch: Watch, kvm_fd: RawFd, uffd_fd: RawFd) -> Result<(), String> {
+/// `step_fds` are the step's descriptors meant for vmctl alone (/dev/kvm,
+/// /dev/userfaultfd, the events pipe; -1 for none): the watcher closes its
+/// copies, so it neither holds them nor keeps the events pipe open.
+pub fn start_watcher(watch: Watch, step_fds: &[RawFd]) -> Result<(), String> {
     // SAFETY: the task process is single-threaded here (slurmstepd forked
     // it from its main thread), so the child may run ordinary Rust code.
     match unsafe { libc::fork() } {
@@ -167,12 +170,11 @@ pub fn start_watcher(watch: Watch, kvm_fd: RawFd, uffd_fd: RawFd) -> Result<(), 
             std::io::Error::last_os_error()
         )),
         0 => {
-            // SAFETY: plain syscalls in the child; the descriptor is the
-            // child's own copy of the step's /dev/kvm, which it must not keep.
+            // SAFETY: plain syscalls in the child; the descriptors are the
+            // child's own copies of the step's, which it must not keep.
             unsafe {
-                libc::close(kvm_fd);
-                if uffd_fd >= 0 {
-                    libc::close(uffd_fd);
+                for &fd in step_fds.iter().filter(|&&fd| fd >= 0) {
+                    libc::close(fd);
                 }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             }

@@ -109,9 +109,9 @@ pub fn relay(read_end: OwnedFd, job: u32, step: String, log: impl Fn(&str)) {
             Ok(_) => {}
         }
         if !line.ends_with(b"\n") {
-            // Over-long: skip the rest of it.
-            let mut rest = Vec::new();
-            if reader.read_until(b'\n', &mut rest).unwrap_or(0) == 0 {
+            // Over-long: skip the rest of it without holding it (a writer
+            // that never sends a newline must not grow slurmstepd).
+            if !skip_line(&mut reader) {
                 return;
             }
             log(&format!(
@@ -124,6 +124,26 @@ pub fn relay(read_end: OwnedFd, job: u32, step: String, log: impl Fn(&str)) {
             Err(_) => log(&format!(
                 "event=unknown job={job} step={step} result=failed error=\"unreadable event from vmctl\""
             )),
+        }
+    }
+}
+
+/// Discards input up to and including the next newline; false at the end of
+/// the input or on an error.
+fn skip_line(reader: &mut impl BufRead) -> bool {
+    loop {
+        let (found, used) = match reader.fill_buf() {
+            Ok([]) => return false,
+            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (true, i + 1),
+                None => (false, buf.len()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        };
+        reader.consume(used);
+        if found {
+            return true;
         }
     }
 }
@@ -176,6 +196,7 @@ mod tests {
         writeln!(w, "not json").unwrap();
         w.write_all(&vec![b'x'; 10_000]).unwrap();
         writeln!(w).unwrap();
+        writeln!(w, r#"{{"event":"checkpoint","generation":3,"kind":"incremental","bytes":1,"frozen_s":0.1,"result":"ok"}}"#).unwrap();
         drop(w);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
@@ -183,8 +204,10 @@ mod tests {
             s.lock().unwrap().push(l.to_string())
         });
         let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen.len(), 4, "{seen:?}");
         assert!(seen[0].starts_with("event=restore job=7 step=0 task=- gen=2"));
         assert!(seen[1].starts_with("event=unknown"));
+        assert!(seen[2].starts_with("event=unknown"));
+        assert!(seen[3].starts_with("event=checkpoint job=7 step=0 task=- gen=3"));
     }
 }

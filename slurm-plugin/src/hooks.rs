@@ -582,8 +582,11 @@ pub extern "C" fn slurm_spank_task_init(
             };
             if let Err(e) = batch::start_watcher(
                 watch,
-                kvm_fd,
-                UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed),
+                &[
+                    kvm_fd,
+                    UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed),
+                    events_fd.unwrap_or(-1),
+                ],
             ) {
                 // The job itself can run; only the continuation is lost.
                 spank::error(&e);
@@ -630,7 +633,13 @@ fn exec_vmctl(
                 return format!("cannot pass /dev/kvm (fd {kvm_fd}) to vmctl: {e}");
             }
             let uffd = UFFD_DEV_FD.load(std::sync::atomic::Ordering::Relaxed);
-            if uffd >= 0 && argv.iter().any(|a| a == "--uffd-fd") {
+            // Only vmctl's own options, before `--`: what follows is the
+            // user's program and arguments, which may spell anything.
+            let uffd_asked = argv
+                .iter()
+                .take_while(|a| *a != "--")
+                .any(|a| a == "--uffd-fd");
+            if uffd >= 0 && uffd_asked {
                 if let Err(e) = inherit_on_exec(uffd) {
                     return format!("cannot pass /dev/userfaultfd (fd {uffd}) to vmctl: {e}");
                 }

@@ -53,7 +53,14 @@ fn detach() -> bool {
             unsafe { libc::setsid() };
             // SAFETY: as above.
             match unsafe { libc::fork() } {
-                0 => true,
+                0 => {
+                    // The worker outlives the step and runs scontrol and sinfo:
+                    // whatever slurmstepd left open without close-on-exec must
+                    // reach neither. It needs none of it (stdio is /dev/null).
+                    // SAFETY: close_range with integer arguments only.
+                    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                    true
+                }
                 // SAFETY: _exit skips destructors the parent's copy still owns.
                 _ => unsafe { libc::_exit(0) },
             }

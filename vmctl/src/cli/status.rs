@@ -189,7 +189,9 @@ fn slurm_jobs(args: &StatusArgs) -> Result<Vec<SlurmJob>, String> {
             .get(&job.id)
             .is_some_and(|comment| is_wrap_mark(comment, job.uid));
         // A user sees their own jobs; only root reads other users' directories.
-        if args.jobs.is_empty() && euid != 0 && euid != job.uid {
+        // --ids reads none (it is Slurm's word alone), so a Slurm operator
+        // running vmwrap-drain gets every wrapped job on the node.
+        if args.jobs.is_empty() && !args.ids && euid != 0 && euid != job.uid {
             continue;
         }
         if job.wrapped || !args.jobs.is_empty() {
