@@ -14,8 +14,7 @@ use std::process::Command;
 
 // `checkpoint` here is `vmctl checkpoint --json`: these tests read its answer.
 use vmwrap_tests::checkpoint_dir::checkpoint_json as checkpoint;
-use vmwrap_tests::checkpoint_dir::{fd_offset, manifest, native_hotset};
-use vmwrap_tests::fixtures::HOTSET;
+use vmwrap_tests::checkpoint_dir::{fd_offset, hotset_job, manifest, native_hotset};
 use vmwrap_tests::{diff, need_kvm, tail_from, vmctl_path, Job, TempDir, EXIT_VMCTL_FAILED};
 
 const MIB: u64 = 64;
@@ -36,17 +35,14 @@ fn lazy_restore(cwd: &Path, ckpt: &Path) -> Job {
 /// Runs hotset in a VM (with `opts`) with incremental checkpoints: generation 1
 /// (full) after the fill, generation 2 (incremental) after round 1; then kills it.
 fn checkpointed_hotset(tmp: &TempDir, out: &Path, ck: &Path, opts: &[&str]) {
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = hotset_job(
+        tmp,
         ck,
         &[&["--mem", "256M", "--incremental=on"], opts].concat(),
-        HOTSET,
-        &[
-            &out,
-            &MIB.to_string(),
-            &HOT_KIB.to_string(),
-            &ROUNDS.to_string(),
-        ],
+        out,
+        MIB,
+        HOT_KIB,
+        ROUNDS,
     );
     job.wait_for("filled ");
     assert_eq!(checkpoint(ck)["kind"], "full");

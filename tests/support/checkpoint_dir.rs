@@ -221,3 +221,51 @@ pub fn native_hotset(
     assert_eq!(run.code, 0, "native hotset:\n{run:?}");
     run
 }
+
+/// tests/fixtures/hotset.c started in a VM by `vmctl run --checkpoint-dir CK
+/// OPTS...` in `tmp`, with the arguments [`native_hotset`] takes; the test sends
+/// it a stdin byte a round with [`crate::Job::send`].
+pub fn hotset_job(
+    tmp: &crate::TempDir,
+    ck: &Path,
+    opts: &[&str],
+    out: &Path,
+    mib: u64,
+    hot_kib: u64,
+    rounds: usize,
+) -> crate::Job {
+    crate::Job::run(
+        tmp.path(),
+        ck,
+        opts,
+        crate::fixtures::HOTSET,
+        &[
+            &out,
+            &mib.to_string(),
+            &hot_kib.to_string(),
+            &rounds.to_string(),
+        ],
+    )
+}
+
+/// Asks `job`'s vmctl for a checkpoint and SIGKILLs it as soon as the temporary
+/// directory of `generation` (gen-NNNNNN.tmp-*) appears, to test a write cut off
+/// half-way. Returns that directory's name, the killed job's output and the
+/// `vmctl checkpoint` client's.
+pub fn kill_while_writing(
+    job: crate::Job,
+    ck: &Path,
+    generation: u64,
+) -> (String, RunOutput, RunOutput) {
+    let client = {
+        let ck = ck.to_path_buf();
+        std::thread::spawn(move || vmctl(&[&"checkpoint", &ck]))
+    };
+    let prefix = format!("{}.tmp-", gen_name(generation));
+    let tmp_gen = crate::poll_until(&format!("a {prefix}* directory"), STEP, || {
+        entries(ck).into_iter().find(|n| n.starts_with(&prefix))
+    });
+    job.signal(libc::SIGKILL);
+    let killed = job.finish();
+    (tmp_gen, killed, client.join().unwrap())
+}
