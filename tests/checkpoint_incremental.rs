@@ -18,7 +18,8 @@ use serde_json::Value;
 use vmwrap_tests::checkpoint_dir::checkpoint_json as checkpoint;
 use vmwrap_tests::checkpoint_dir::{
     copy_generations, crc32, entries, fd_offset, flip_bit, gen_dir, hotset_job, inspect_json,
-    kill_while_writing, manifest, native_hotset, restore, rewrite_manifest, set_len, statuses,
+    kill_while_writing, manifest, native_fill, native_hotset, restore, rewrite_manifest, set_len,
+    statuses,
 };
 use vmwrap_tests::{assert_bytes_eq, assert_contains, assert_file_eq, poll_until, tail_from};
 use vmwrap_tests::{need_kvm, Invocation, Job, Rng, TempDir};
@@ -594,16 +595,7 @@ fn precopy_while_the_job_rewrites_all_its_memory_restores_like_native() {
     const MIB: usize = 128;
     let tmp = TempDir::new("incr-precopy");
     let native_out = tmp.join("native.bin");
-    let native = Invocation::new(FILL)
-        .args([
-            native_out.as_os_str(),
-            PASSES.to_string().as_ref(),
-            MIB.to_string().as_ref(),
-        ])
-        .stdin(vec![b'g'; 2 * PASSES])
-        .cwd(tmp.path())
-        .run_native();
-    assert_eq!(native.code, 0, "{native:?}");
+    let native = native_fill(&tmp, &native_out, PASSES, MIB);
     let final_line = tail_from(&native.stdout_str(), "final ").to_owned();
     let out = tmp.join("vm.bin");
     let ck = tmp.join("ckpt");

@@ -12,6 +12,8 @@ use serde_json::Value;
 
 use crate::{run_command, vmctl_path, RunOutput, STEP};
 
+const FILL: &str = env!("VMWRAP_FIXTURE_FILL");
+
 /// Runs `vmctl ARGS...` to completion with the given stdin, in `cwd`.
 pub fn vmctl_in(cwd: &Path, args: &[&dyn AsRef<OsStr>], stdin: &[u8]) -> RunOutput {
     let mut cmd = Command::new(vmctl_path());
@@ -268,4 +270,19 @@ pub fn kill_while_writing(
     job.signal(libc::SIGKILL);
     let killed = job.finish();
     (tmp_gen, killed, client.join().unwrap())
+}
+
+/// The uninterrupted native run of `fill OUT PASSES MIB` in `dir`.
+pub fn native_fill(dir: &crate::TempDir, out: &Path, passes: usize, mib: usize) -> RunOutput {
+    let run = crate::Invocation::new(FILL)
+        .args([
+            out.as_os_str(),
+            passes.to_string().as_ref(),
+            mib.to_string().as_ref(),
+        ])
+        .stdin(vec![b'g'; 2 * passes])
+        .cwd(dir.path())
+        .run_native();
+    assert_eq!(run.code, 0, "native fill:\n{run:?}");
+    run
 }
