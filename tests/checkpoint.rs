@@ -22,8 +22,8 @@ use std::time::Instant;
 use serde_json::Value;
 use vmwrap_tests::checkpoint_dir::{
     checkpoint_json, copy_generations, entries, fd_offset, flip_bit, gen_dir, gen_name,
-    generation_dirs, inspect_json, manifest, restore, rewrite_manifest, set_len, statuses, vmctl,
-    vmctl_in,
+    generation_dirs, inspect_json, kill_while_writing, manifest, native_fill, restore,
+    rewrite_manifest, set_len, statuses, vmctl, vmctl_in,
 };
 use vmwrap_tests::{assert_bytes_eq, assert_contains, assert_file_eq, poll_until, tail_from};
 use vmwrap_tests::{need_kvm, run_command, vmctl_path, Invocation, Job, Rng, STEP};
@@ -83,21 +83,6 @@ fn inspect_line(out: &RunOutput, generation: u64) -> String {
         .find(|l| l.starts_with(&format!("{prefix}:")) || l.starts_with(&format!("{prefix} ")))
         .unwrap_or_else(|| panic!("no line about {prefix} in vmctl inspect output:\n{out:?}"))
         .to_owned()
-}
-
-/// The uninterrupted native run of `fill OUT PASSES MIB` in `dir`.
-fn native_fill(dir: &TempDir, out: &Path, passes: usize, mib: usize) -> RunOutput {
-    let run = Invocation::new(FILL)
-        .args([
-            out.as_os_str(),
-            passes.to_string().as_ref(),
-            mib.to_string().as_ref(),
-        ])
-        .stdin(vec![b'g'; 2 * passes])
-        .cwd(dir.path())
-        .run_native();
-    assert_eq!(run.code, 0, "native fill:\n{run:?}");
-    run
 }
 
 /// A job of `fill OUT PASSES MIB` under `vmctl run --checkpoint-dir CKPT
@@ -647,19 +632,8 @@ fn sigkill_during_a_checkpoint_write_leaves_the_previous_generation_intact() {
     let gen1_manifest = fs::read(gen_dir(&ck, 1).join("manifest.json")).unwrap();
 
     // Ask for generation 2 and kill vmctl while it is being written.
-    let client = {
-        let ck = ck.clone();
-        std::thread::spawn(move || vmctl(&[&"checkpoint", &ck]))
-    };
-    let tmp_gen = poll_until("a gen-000002.tmp-* directory", STEP, || {
-        entries(&ck)
-            .into_iter()
-            .find(|n| n.starts_with("gen-000002.tmp-"))
-    });
-    job.signal(libc::SIGKILL);
-    let killed = job.finish();
+    let (tmp_gen, killed, answer) = kill_while_writing(job, &ck, 2);
     assert_eq!(killed.code, 128 + libc::SIGKILL, "{killed:?}");
-    let answer = client.join().unwrap();
     assert_ne!(
         answer.code, 0,
         "the checkpoint cannot have succeeded:\n{answer:?}"

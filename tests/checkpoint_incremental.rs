@@ -17,14 +17,14 @@ use serde_json::Value;
 // `checkpoint` here is `vmctl checkpoint --json`: these tests read its answer.
 use vmwrap_tests::checkpoint_dir::checkpoint_json as checkpoint;
 use vmwrap_tests::checkpoint_dir::{
-    copy_generations, crc32, entries, fd_offset, flip_bit, gen_dir, inspect_json, manifest,
-    native_hotset, restore, rewrite_manifest, set_len, statuses, vmctl,
+    copy_generations, crc32, entries, fd_offset, flip_bit, gen_dir, hotset_job, inspect_json,
+    kill_while_writing, manifest, native_fill, native_hotset, restore, rewrite_manifest, set_len,
+    statuses,
 };
 use vmwrap_tests::{assert_bytes_eq, assert_contains, assert_file_eq, poll_until, tail_from};
 use vmwrap_tests::{need_kvm, Invocation, Job, Rng, TempDir};
 use vmwrap_tests::{EXIT_VMCTL_FAILED, STEP};
 
-use vmwrap_tests::fixtures::HOTSET;
 /// tests/fixtures/readhold.c: `readhold FILE CHUNK PIECES`, 2 stdin bytes a piece.
 const READHOLD: &str = env!("VMWRAP_FIXTURE_READHOLD");
 /// tests/fixtures/memkinds.c: `memkinds OUTFILE KIND MIB ROUNDS`, 1 stdin byte a round.
@@ -58,17 +58,14 @@ fn incremental_generations_hold_the_hot_set_and_each_restores_like_native() {
     let native_stdout = native.stdout_str();
     let out = tmp.join("vm.txt");
     let ck = tmp.join("ckpt");
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = hotset_job(
+        &tmp,
         &ck,
         &["--mem", "512M", "--incremental=on", "--keep", "2"],
-        HOTSET,
-        &[
-            &out,
-            &MIB.to_string(),
-            &HOT_KIB.to_string(),
-            &ROUNDS.to_string(),
-        ],
+        &out,
+        MIB,
+        HOT_KIB,
+        ROUNDS,
     );
     job.wait_for("filled ");
     let first = checkpoint(&ck);
@@ -264,12 +261,14 @@ fn crafted_chains_are_refused_clearly() {
     let tmp = TempDir::new("incr-crafted");
     let out = tmp.join("vm.txt");
     let ck = tmp.join("ckpt");
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = hotset_job(
+        &tmp,
         &ck,
         &["--mem", "256M", "--incremental=on"],
-        HOTSET,
-        &[&out, &"8", &"256", &"2"],
+        &out,
+        8,
+        256,
+        2,
     );
     job.wait_for("filled ");
     assert_eq!(checkpoint(&ck)["kind"], "full");
@@ -388,17 +387,14 @@ fn a_restored_job_continues_its_chain() {
     let native = native_hotset(&tmp, &native_out, MIB, HOT_KIB, ROUNDS);
     let out = tmp.join("vm.txt");
     let ck = tmp.join("ckpt");
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = hotset_job(
+        &tmp,
         &ck,
         &["--mem", "256M", "--incremental=on"],
-        HOTSET,
-        &[
-            &out,
-            &MIB.to_string(),
-            &HOT_KIB.to_string(),
-            &ROUNDS.to_string(),
-        ],
+        &out,
+        MIB,
+        HOT_KIB,
+        ROUNDS,
     );
     job.wait_for("filled ");
     assert_eq!(checkpoint(&ck)["kind"], "full");
@@ -490,12 +486,14 @@ fn sigkill_during_an_incremental_write_leaves_earlier_generations_restorable() {
     let native = native_hotset(&tmp, &native_out, MIB, HOT_KIB, 3);
     let out = tmp.join("vm.txt");
     let ck = tmp.join("ckpt");
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = hotset_job(
+        &tmp,
         &ck,
         &["--mem", "1G", "--incremental=on"],
-        HOTSET,
-        &[&out, &MIB.to_string(), &HOT_KIB.to_string(), &"3"],
+        &out,
+        MIB,
+        HOT_KIB,
+        3,
     );
     job.wait_for("filled ");
     assert_eq!(checkpoint(&ck)["kind"], "full");
@@ -514,19 +512,9 @@ fn sigkill_during_an_incremental_write_leaves_earlier_generations_restorable() {
 
     job.send(b"g");
     job.wait_for("round 2 ");
-    let client = {
-        let ck = ck.clone();
-        std::thread::spawn(move || vmctl(&[&"checkpoint", &ck]))
-    };
-    let tmp_gen = poll_until("a gen-000003.tmp-* directory", STEP, || {
-        entries(&ck)
-            .into_iter()
-            .find(|n| n.starts_with("gen-000003.tmp-"))
-    });
-    job.signal(libc::SIGKILL);
-    let killed = job.finish();
+    let (tmp_gen, killed, answer) = kill_while_writing(job, &ck, 3);
     assert_eq!(killed.code, 128 + libc::SIGKILL, "{killed:?}");
-    assert_ne!(client.join().unwrap().code, 0);
+    assert_ne!(answer.code, 0);
     assert!(
         !gen_dir(&ck, 3).exists(),
         "generation 3 completed before the kill ({tmp_gen} was seen); the test tested nothing"
@@ -561,12 +549,14 @@ fn periodic_checkpoints_are_incremental_after_the_first() {
     let tmp = TempDir::new("incr-interval");
     let ck = tmp.join("ckpt");
     let out = tmp.join("vm.txt");
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = hotset_job(
+        &tmp,
         &ck,
         &["--mem", "256M", "--checkpoint-interval", "1", "--keep", "3"],
-        HOTSET,
-        &[&out, &"32", &"256", &"1"],
+        &out,
+        32,
+        256,
+        1,
     );
     job.wait_for("filled ");
     let v = poll_until("an incremental periodic generation", STEP, || {
@@ -605,16 +595,7 @@ fn precopy_while_the_job_rewrites_all_its_memory_restores_like_native() {
     const MIB: usize = 128;
     let tmp = TempDir::new("incr-precopy");
     let native_out = tmp.join("native.bin");
-    let native = Invocation::new(FILL)
-        .args([
-            native_out.as_os_str(),
-            PASSES.to_string().as_ref(),
-            MIB.to_string().as_ref(),
-        ])
-        .stdin(vec![b'g'; 2 * PASSES])
-        .cwd(tmp.path())
-        .run_native();
-    assert_eq!(native.code, 0, "{native:?}");
+    let native = native_fill(&tmp, &native_out, PASSES, MIB);
     let final_line = tail_from(&native.stdout_str(), "final ").to_owned();
     let out = tmp.join("vm.bin");
     let ck = tmp.join("ckpt");

@@ -14,8 +14,9 @@ use std::process::Command;
 
 // `checkpoint` here is `vmctl checkpoint --json`: these tests read its answer.
 use vmwrap_tests::checkpoint_dir::checkpoint_json as checkpoint;
-use vmwrap_tests::checkpoint_dir::{fd_offset, manifest, native_hotset};
-use vmwrap_tests::fixtures::HOTSET;
+use vmwrap_tests::checkpoint_dir::{
+    fd_offset, flip_bit, hotset_job, manifest, native_hotset, set_len,
+};
 use vmwrap_tests::{diff, need_kvm, tail_from, vmctl_path, Job, TempDir, EXIT_VMCTL_FAILED};
 
 const MIB: u64 = 64;
@@ -36,17 +37,14 @@ fn lazy_restore(cwd: &Path, ckpt: &Path) -> Job {
 /// Runs hotset in a VM (with `opts`) with incremental checkpoints: generation 1
 /// (full) after the fill, generation 2 (incremental) after round 1; then kills it.
 fn checkpointed_hotset(tmp: &TempDir, out: &Path, ck: &Path, opts: &[&str]) {
-    let mut job = Job::run(
-        tmp.path(),
+    let mut job = hotset_job(
+        tmp,
         ck,
         &[&["--mem", "256M", "--incremental=on"], opts].concat(),
-        HOTSET,
-        &[
-            &out,
-            &MIB.to_string(),
-            &HOT_KIB.to_string(),
-            &ROUNDS.to_string(),
-        ],
+        out,
+        MIB,
+        HOT_KIB,
+        ROUNDS,
     );
     job.wait_for("filled ");
     assert_eq!(checkpoint(ck)["kind"], "full");
@@ -91,11 +89,7 @@ fn lazily_restored_chain_gives_the_native_output(name: &str, opts: &[&str]) {
     }
 
     let gen2 = ck.join("gen-000002");
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&out)
-        .and_then(|f| f.set_len(fd_offset(&gen2, &out)))
-        .unwrap();
+    set_len(&out, fd_offset(&gen2, &out));
     let mut job = lazy_restore(tmp.path(), &ck);
     job.send(&[b'g'; ROUNDS - 1]);
     let r = job.finish();
@@ -135,9 +129,7 @@ fn a_damaged_chunk_found_by_the_background_load_stops_the_job_naming_it() {
     let last = chunks.len() - 1;
     let offset = chunks[last]["offset"].as_u64().unwrap() + 100;
     let image = gen1.join("memory.img");
-    let mut data = fs::read(&image).unwrap();
-    data[offset as usize] ^= 0x10;
-    fs::write(&image, data).unwrap();
+    flip_bit(&image, offset, 4);
 
     let job = lazy_restore(tmp.path(), &ck);
     let r = job.finish();

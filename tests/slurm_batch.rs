@@ -10,8 +10,9 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use vmwrap_tests::slurm::{job_field, job_fields, poll, release, unix_now};
 use vmwrap_tests::{run_command, RunOutput, TempDir};
 
 const USER: &str = "vmwrap-user";
@@ -75,46 +76,6 @@ impl Drop for Cleanup {
     }
 }
 
-fn job_fields(job: &str) -> Option<std::collections::HashMap<String, String>> {
-    let out = run("scontrol", &["show", "job", "-o", job], Path::new("/"));
-    if out.code != 0 {
-        return None;
-    }
-    let mut fields = std::collections::HashMap::new();
-    for word in out.stdout_str().split_whitespace() {
-        if let Some((k, v)) = word.split_once('=') {
-            fields.entry(k.to_string()).or_insert_with(|| v.to_string());
-        }
-    }
-    Some(fields)
-}
-
-fn job_field(job: &str, field: &str) -> String {
-    job_fields(job)
-        .and_then(|f| f.get(field).cloned())
-        .unwrap_or_default()
-}
-
-fn poll<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Option<T>,
-    describe: impl Fn() -> String,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; {}",
-            describe()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn wait_running(job: &str) -> String {
     poll(
         &format!("job {job} to run"),
@@ -145,30 +106,6 @@ fn wait_for_job(job: &str, timeout: Duration) -> String {
         },
         || format!("state {}", job_field(job, "JobState")),
     )
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// Releases a requeued job at least 2 whole seconds after its requeue (see
-/// tests/slurm_plugin.rs: slurmd refuses a job released in the same second).
-fn release(job: &str, requeued_at: u64) {
-    poll(
-        "2 whole seconds since the requeue",
-        Duration::from_secs(5),
-        || (unix_now() >= requeued_at + 2).then_some(()),
-        String::new,
-    );
-    let out = run(
-        "scontrol",
-        &["update", &format!("jobid={job}"), "starttime=now"],
-        Path::new("/"),
-    );
-    assert_eq!(out.code, 0, "releasing {job}: {out:?}");
 }
 
 fn wait_pending(job: &str) {

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use vmwrap_tests::checkpoint_dir::{manifest_sum, write_manifest};
+use vmwrap_tests::slurm::{job_field, job_fields, poll, release, unix_now};
 use vmwrap_tests::{run_command, RunOutput, TempDir};
 
 const USER: &str = "vmwrap-user";
@@ -360,48 +362,8 @@ fn job_name(test: &str) -> String {
     format!("vmwrap-test-{test}-{}", std::process::id())
 }
 
-/// Every `Key=Value` word of `scontrol show job -o JOB`, first one winning
-/// (e.g. NodeList, not ReqNodeList). None once Slurm has forgotten the job.
-fn job_fields(job: &str) -> Option<std::collections::HashMap<String, String>> {
-    let out = run("scontrol", &["show", "job", "-o", job], Path::new("/"));
-    if out.code != 0 {
-        return None;
-    }
-    let mut fields = std::collections::HashMap::new();
-    for word in out.stdout_str().split_whitespace() {
-        if let Some((k, v)) = word.split_once('=') {
-            fields.entry(k.to_string()).or_insert_with(|| v.to_string());
-        }
-    }
-    Some(fields)
-}
-
 fn job_state(job: &str) -> String {
-    job_fields(job)
-        .and_then(|f| f.get("JobState").cloned())
-        .unwrap_or_default()
-}
-
-/// Polls `probe` every 100 ms until it returns Some, failing the test after
-/// `timeout` with `what` and the last thing `describe` says.
-fn poll<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Option<T>,
-    describe: impl Fn() -> String,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; {}",
-            describe()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    job_field(job, "JobState")
 }
 
 /// Waits until the job runs and returns its node.
@@ -431,38 +393,11 @@ fn drain_helper() -> PathBuf {
         .unwrap_or_else(|| vmwrap_tests::workspace_root().join("contrib/vmwrap-drain"))
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 /// `scontrol requeue JOB`; returns the clock second it was done in.
 fn requeue(job: &str) -> u64 {
     let out = run("scontrol", &["requeue", job], Path::new("/"));
     assert_eq!(out.code, 0, "scontrol requeue {job}: {out:?}");
     unix_now()
-}
-
-/// Lets a requeued (or preempted) job start now instead of after Slurm's
-/// ~2 minute requeue hold. slurmd refuses a job released in the same clock
-/// second as its requeue ("Job credential revoked": the revocation is stamped
-/// in whole seconds), so this first waits, by the clock, until 2 whole seconds
-/// have passed since `requeued_at`.
-fn release(job: &str, requeued_at: u64) {
-    poll(
-        "2 whole seconds since the requeue",
-        Duration::from_secs(5),
-        || (unix_now() >= requeued_at + 2).then_some(()),
-        String::new,
-    );
-    let out = run(
-        "scontrol",
-        &["update", &format!("jobid={job}"), "starttime=now"],
-        Path::new("/"),
-    );
-    assert_eq!(out.code, 0, "releasing {job}: {out:?}");
 }
 
 fn wait_pending(job: &str) {
@@ -1606,22 +1541,6 @@ fn sixteen_jobs_checkpointed_at_once_all_resume() {
     }
 }
 
-/// CRC-32 (IEEE), as vmctl writes it in manifest.sum.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// The admin's and the user's memory limit holds for a restore as for the
 /// first run (the job also asks for compress=zstd, which must reach vmctl): a
 /// checkpoint whose manifest the user grew (and re-summed) past
@@ -1669,13 +1588,7 @@ fn restore_keeps_the_memory_limit_of_the_run() {
         .any(|c| c["compressed"]["codec"] == "zstd"));
     let ram = &mut manifest["memory"]["ram_bytes"];
     *ram = (ram.as_u64().unwrap() + (200 << 20)).into();
-    let bytes = serde_json::to_vec(&manifest).unwrap();
-    fs::write(gen.join("manifest.json"), &bytes).unwrap();
-    fs::write(
-        gen.join("manifest.sum"),
-        format!("crc32 {:08x} manifest.json\n", crc32(&bytes)),
-    )
-    .unwrap();
+    write_manifest(&gen, &manifest);
     release(&job, requeued_at);
 
     wait_for_job(&job);
@@ -1846,11 +1759,7 @@ fn checkpoint_needing_a_missing_cpu_feature_is_kept() {
     words[word]["bits"] = bits.into();
     let bytes = serde_json::to_vec(&manifest).unwrap();
     fs::write(gen.join("manifest.json"), &bytes).unwrap();
-    fs::write(
-        gen.join("manifest.sum"),
-        format!("crc32 {:08x} manifest.json\n", crc32(&bytes)),
-    )
-    .unwrap();
+    fs::write(gen.join("manifest.sum"), manifest_sum(&bytes)).unwrap();
     let image = fs::read(gen.join("memory.img")).unwrap();
     release(&job, requeued_at);
 

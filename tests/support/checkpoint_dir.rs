@@ -12,6 +12,8 @@ use serde_json::Value;
 
 use crate::{run_command, vmctl_path, RunOutput, STEP};
 
+const FILL: &str = env!("VMWRAP_FIXTURE_FILL");
+
 /// Runs `vmctl ARGS...` to completion with the given stdin, in `cwd`.
 pub fn vmctl_in(cwd: &Path, args: &[&dyn AsRef<OsStr>], stdin: &[u8]) -> RunOutput {
     let mut cmd = Command::new(vmctl_path());
@@ -219,5 +221,68 @@ pub fn native_hotset(
         .cwd(tmp.path())
         .run_native();
     assert_eq!(run.code, 0, "native hotset:\n{run:?}");
+    run
+}
+
+/// tests/fixtures/hotset.c started in a VM by `vmctl run --checkpoint-dir CK
+/// OPTS...` in `tmp`, with the arguments [`native_hotset`] takes; the test sends
+/// it a stdin byte a round with [`crate::Job::send`].
+pub fn hotset_job(
+    tmp: &crate::TempDir,
+    ck: &Path,
+    opts: &[&str],
+    out: &Path,
+    mib: u64,
+    hot_kib: u64,
+    rounds: usize,
+) -> crate::Job {
+    crate::Job::run(
+        tmp.path(),
+        ck,
+        opts,
+        crate::fixtures::HOTSET,
+        &[
+            &out,
+            &mib.to_string(),
+            &hot_kib.to_string(),
+            &rounds.to_string(),
+        ],
+    )
+}
+
+/// Asks `job`'s vmctl for a checkpoint and SIGKILLs it as soon as the temporary
+/// directory of `generation` (gen-NNNNNN.tmp-*) appears, to test a write cut off
+/// half-way. Returns that directory's name, the killed job's output and the
+/// `vmctl checkpoint` client's.
+pub fn kill_while_writing(
+    job: crate::Job,
+    ck: &Path,
+    generation: u64,
+) -> (String, RunOutput, RunOutput) {
+    let client = {
+        let ck = ck.to_path_buf();
+        std::thread::spawn(move || vmctl(&[&"checkpoint", &ck]))
+    };
+    let prefix = format!("{}.tmp-", gen_name(generation));
+    let tmp_gen = crate::poll_until(&format!("a {prefix}* directory"), STEP, || {
+        entries(ck).into_iter().find(|n| n.starts_with(&prefix))
+    });
+    job.signal(libc::SIGKILL);
+    let killed = job.finish();
+    (tmp_gen, killed, client.join().unwrap())
+}
+
+/// The uninterrupted native run of `fill OUT PASSES MIB` in `dir`.
+pub fn native_fill(dir: &crate::TempDir, out: &Path, passes: usize, mib: usize) -> RunOutput {
+    let run = crate::Invocation::new(FILL)
+        .args([
+            out.as_os_str(),
+            passes.to_string().as_ref(),
+            mib.to_string().as_ref(),
+        ])
+        .stdin(vec![b'g'; 2 * passes])
+        .cwd(dir.path())
+        .run_native();
+    assert_eq!(run.code, 0, "native fill:\n{run:?}");
     run
 }

@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub mod checkpoint_dir;
+pub mod slurm;
 
 /// Paths of the C test programs built by build.rs.
 pub mod fixtures {
