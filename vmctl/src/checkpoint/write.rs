@@ -431,8 +431,8 @@ pub fn write_generation(
 }
 
 /// The newest `keep` of `gens` and every generation they build on; None when that
-/// cannot be told (a kept manifest could not be read for a reason other than its
-/// content, such as too many open files), and nothing may go.
+/// cannot be told (a kept manifest could not be read, or was refused), and nothing
+/// may go.
 pub fn needed_generations(
     dir: &Path,
     gens: &[u64],
@@ -450,12 +450,12 @@ pub fn needed_generations(
                     }
                 }
             }
-            Err(CheckpointError::Io(_, e)) if e.kind() != std::io::ErrorKind::NotFound => {
-                return None
-            }
-            // A damaged or foreign manifest names no parent; what it built on goes
-            // unless another kept generation needs it (it is unusable either way).
-            Err(_) => {}
+            // Gone meanwhile: it needs nothing.
+            Err(CheckpointError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Unreadable, damaged, foreign or from a newer vmctl: what it builds on
+            // cannot be told, and an older generation may be the one a restore falls
+            // back to, so nothing goes this time.
+            Err(_) => return None,
         }
     }
     Some(needed)
