@@ -77,15 +77,14 @@ fn lazily_restored_chain_gives_the_native_output(name: &str, opts: &[&str]) {
     checkpointed_hotset(&tmp, &out, &ck, opts);
     if !opts.is_empty() {
         // The program's random fill does not compress, the rest of the VM does.
-        let compressed = ["gen-000001", "gen-000002"].map(|g| {
-            manifest(&ck.join(g))["memory"]["chunks"]
-                .as_array()
-                .expect("chunks")
-                .iter()
-                .filter(|c| c.get("compressed").is_some_and(|z| !z.is_null()))
-                .count()
-        });
-        assert!(compressed[0] > 0, "no chunk of generation 1 is compressed");
+        // (Generation 2, a few hot pages, may have nothing worth compressing.)
+        let compressed = manifest(&ck.join("gen-000001"))["memory"]["chunks"]
+            .as_array()
+            .expect("chunks")
+            .iter()
+            .filter(|c| c.get("compressed").is_some_and(|z| !z.is_null()))
+            .count();
+        assert!(compressed > 0, "no chunk of generation 1 is compressed");
     }
 
     let gen2 = ck.join("gen-000002");
