@@ -2276,3 +2276,27 @@ fn processes_writing_the_same_stdout_and_file_at_once_restore_to_an_uninterrupte
         sorted_between_markers(&fs::read_to_string(&data).unwrap(), is_end).as_bytes(),
     );
 }
+
+/// `--keep 2` with the newer kept generation's manifest damaged: the next
+/// checkpoint cannot tell what that generation builds on, so it removes
+/// nothing; the oldest generation, intact and the one a restore would fall
+/// back to, stays.
+#[test]
+fn pruning_keeps_everything_when_a_kept_manifest_is_damaged() {
+    need_kvm!();
+    let tmp = TempDir::new("prune-damaged");
+    let ck = tmp.join("ckpt");
+    let out = tmp.join("out.txt");
+    let job = fill_job(&tmp, &ck, &["--keep", "2"], &out, 4, 8);
+    assert_eq!(checkpoint(&ck), 1);
+    assert_eq!(checkpoint(&ck), 2);
+    flip_bit(&gen_dir(&ck, 2).join("manifest.json"), 40, 0);
+    assert_eq!(checkpoint(&ck), 3);
+    job.signal(libc::SIGKILL);
+    job.finish();
+    assert_eq!(
+        generation_dirs(&ck),
+        [gen_name(1), gen_name(2), gen_name(3)],
+        "a generation went although what the kept ones need could not be told"
+    );
+}
